@@ -1,0 +1,77 @@
+"""`numavm plan`: the layout as a readable table and as one stable JSON document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .layout import Layout
+from .units import format_list, format_size
+
+PLAN_SCHEMA = 1
+
+
+def plan_document(layout: Layout) -> dict[str, Any]:
+    """The plan as plain data; `end` is exclusive.  Keys only ever get added."""
+    topo = layout.topology
+    return {
+        "schema": PLAN_SCHEMA,
+        "numa": topo.numa,
+        "cpus": topo.cpus,
+        "memory": topo.memory,
+        "domains": [
+            {
+                "id": d.id,
+                "size": d.segment_size,
+                "cpus": list(d.domain.cpus),
+                "apic_ids": list(d.apic_ids),
+                "policy": {"mode": d.domain.policy.mode.label, "nodes": list(d.domain.policy.nodes)},
+                "ranges": [{"start": r.start, "end": r.end} for r in d.ranges],
+            }
+            for d in layout.domains
+        ],
+        "distances": [list(row) for row in topo.distances],
+        "e820": [{"start": e.start, "end": e.end, "type": e.type.label} for e in layout.e820],
+        "acpi": {"rsdp": layout.rsdp_addr,
+                 "tables": {"start": layout.table_area.start, "end": layout.table_area.end}},
+    }
+
+
+def _hex_range(start: int, end: int) -> str:
+    return f"{start:#012x}-{end - 1:#012x}"
+
+
+def plan_text(layout: Layout) -> str:
+    topo = layout.topology
+    lines: list[str] = []
+    kind = (f"{len(topo.domains)} NUMA domain{'s' * (len(topo.domains) != 1)}" if topo.numa
+            else "no NUMA (classic machine: no SRAT, no SLIT)")
+    lines.append(f"machine: {topo.cpus} vCPU{'s' * (topo.cpus != 1)}, "
+                 f"{format_size(topo.memory)} memory, {kind}")
+    lines.append("")
+    rows = [("domain", "size", "guest-physical ranges", "vCPUs", "APIC ids", "host policy")]
+    for d in layout.domains:
+        ranges = [_hex_range(r.start, r.end) for r in d.ranges] or ["-"]
+        kind = "" if d.domain.cpus and d.segment_size else (" (memory-only)" if d.segment_size else " (CPU-only)")
+        rows.append((f"{d.id}{kind}", format_size(d.segment_size) if d.segment_size else "0",
+                     ranges[0], format_list(d.domain.cpus) or "-", format_list(d.apic_ids) or "-",
+                     str(d.domain.policy)))
+        rows.extend(("", "", r, "", "", "") for r in ranges[1:])
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if topo.numa:
+        lines.append("")
+        lines.append("distances (SLIT)")
+        n = len(topo.domains)
+        w = max(3, len(str(n - 1)) + 1)
+        lines.append(" " * w + "".join(f"{j:>{w + 1}}" for j in range(n)))
+        for i, row in enumerate(topo.distances):
+            lines.append(f"{i:>{w}}" + "".join(f"{d:>{w + 1}}" for d in row))
+    lines.append("")
+    lines.append("e820 map")
+    for e in layout.e820:
+        lines.append(f"  {_hex_range(e.start, e.end)}  {e.type.label:<8} {format_size(e.end - e.start)}")
+    lines.append("")
+    lines.append(f"ACPI tables at {_hex_range(layout.table_area.start, layout.table_area.end)}, "
+                 f"RSDP at {layout.rsdp_addr:#x}")
+    return "\n".join(lines) + "\n"
