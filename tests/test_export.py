@@ -1,0 +1,444 @@
+"""numavm export: each peer's syntax, parsed back and compared option by option;
+the QEMU command line is also started (TCG, paused) and inspected over QMP."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import tomllib
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from numavm.errors import ConfigError
+from numavm.export import FORMATS, QEMU_BINARY, Export, export, qemu_args
+from numavm.policy import Mode, Policy
+from numavm.topology import DomainSpec, MachineSpec, Topology, parse_distance, parse_numa
+from numavm.units import GiB, MiB
+
+# ---------------------------------------------------------------- machines
+
+
+def example() -> Topology:
+    """4 vCPUs; 0: 1G vCPUs 0-1 bind:0; 1: 1G vCPUs 2-3; 2: 512M memory-only."""
+    return MachineSpec(
+        cpus=4,
+        domains=[DomainSpec(0, 1 * GiB, (0, 1), Policy(Mode.BIND, (0,))),
+                 DomainSpec(1, 1 * GiB, (2, 3)),
+                 DomainSpec(2, 512 * MiB)],
+        distances=[parse_distance("0:1=20"), parse_distance("0:2=30"), parse_distance("1:2=20")],
+    ).build(host_nodes=(0,))
+
+
+def machine(*numa: str, cpus: int | None = None, memory: int | None = None,
+            distances: tuple[str, ...] = (), host_nodes: tuple[int, ...] = (0,)) -> Topology:
+    return MachineSpec(cpus=cpus, memory=memory, domains=[parse_numa(n) for n in numa],
+                       distances=[parse_distance(d) for d in distances]).build(host_nodes=host_nodes)
+
+
+def classic() -> Topology:
+    return MachineSpec(cpus=2, memory=1 * GiB).build(host_nodes=(0,))
+
+
+def argv(e: Export) -> list[str]:
+    """The command line as the shell would split it, after checking its layout."""
+    lines = e.text.split("\n")
+    assert lines[-1] == "" and all(line.endswith(" \\") for line in lines[:-2])
+    assert not lines[-2].endswith("\\")
+    return shlex.split(e.text.replace("\\\n", " "))
+
+
+def options(words: list[str]) -> list[tuple[str, str]]:
+    """[-opt, value, -opt, value, ...] as pairs."""
+    assert len(words) % 2 == 0, words
+    pairs = list(zip(words[::2], words[1::2]))
+    assert all(o.startswith("-") for o, _ in pairs), pairs
+    return pairs
+
+
+# ---------------------------------------------------------------- QEMU text
+
+EXAMPLE_QEMU = [
+    ("-machine", "pc,max-ram-below-4g=3G"),
+    ("-smp", "4,sockets=2,cores=2"),
+    ("-m", "2560M"),
+    ("-object", "memory-backend-ram,id=mem0,size=1G,host-nodes=0,policy=bind"),
+    ("-object", "memory-backend-ram,id=mem1,size=1G"),
+    ("-object", "memory-backend-ram,id=mem2,size=512M"),
+    ("-numa", "node,nodeid=0,cpus=0-1,memdev=mem0"),
+    ("-numa", "node,nodeid=1,cpus=2-3,memdev=mem1"),
+    ("-numa", "node,nodeid=2,memdev=mem2"),
+    ("-numa", "dist,src=0,dst=1,val=20"),
+    ("-numa", "dist,src=0,dst=2,val=30"),
+    ("-numa", "dist,src=1,dst=2,val=20"),
+]
+
+
+def test_qemu_example_options():
+    e = export(example(), "qemu")
+    words = argv(e)
+    assert words[0] == QEMU_BINARY
+    assert options(words[1:]) == EXAMPLE_QEMU
+    assert e.warnings == []
+    assert qemu_args(example()) == words[1:]
+    assert len(e.text.splitlines()) == 1 + len(EXAMPLE_QEMU)  # one option per line
+
+
+def test_qemu_classic_is_smp_and_m_only():
+    e = export(classic(), "qemu")
+    assert options(argv(e)[1:]) == [("-machine", "pc,max-ram-below-4g=3G"), ("-smp", "2"), ("-m", "1G")]
+    assert e.warnings == []
+
+
+def test_qemu_non_contiguous_cpus_and_asymmetric_distances():
+    t = machine("id=0,size=1G,cpus=0+2", "id=1,size=1G,cpus=1+3", distances=("0:1=20", "1:0=30"))
+    warnings: list[str] = []
+    got = options(qemu_args(t, warnings))
+    assert ("-smp", "4") in got  # no sockets=: they would span domains
+    assert ("-numa", "node,nodeid=0,cpus=0,cpus=2,memdev=mem0") in got
+    assert ("-numa", "node,nodeid=1,cpus=1,cpus=3,memdev=mem1") in got
+    # asymmetric: QEMU needs both directions of every pair
+    assert [v for o, v in got if v.startswith("dist")] == ["dist,src=0,dst=1,val=20", "dist,src=1,dst=0,val=30"]
+    assert len(warnings) == 1 and "-smp" in warnings[0]
+
+
+def test_qemu_unequal_domains_get_plain_smp():
+    t = machine("id=0,size=64M,cpus=0-2", "id=1,size=64M,cpus=3")
+    got = options(qemu_args(t))
+    assert ("-smp", "4") in got
+
+
+def test_qemu_policies_and_host_node_ranges():
+    t = machine("id=0,size=64M,cpus=0,policy=bind:0-1+3", "id=1,size=64M,cpus=1,policy=preferred:2",
+                "id=2,size=64M,cpus=2,policy=interleave", "id=3,size=64M,cpus=3,policy=local",
+                "id=4,size=64M,cpus=4,policy=preferred-many:1+3",
+                "id=5,size=64M,cpus=5,policy=weighted-interleave:0-1",
+                host_nodes=(0, 1, 2, 3))
+    warnings: list[str] = []
+    objs = [v for o, v in options(qemu_args(t, warnings)) if o == "-object"]
+    assert objs == [
+        "memory-backend-ram,id=mem0,size=64M,host-nodes=0-1,host-nodes=3,policy=bind",
+        "memory-backend-ram,id=mem1,size=64M,host-nodes=2,policy=preferred",
+        "memory-backend-ram,id=mem2,size=64M,host-nodes=0-3,policy=interleave",
+        "memory-backend-ram,id=mem3,size=64M",
+        "memory-backend-ram,id=mem4,size=64M,host-nodes=1,host-nodes=3,policy=preferred",
+        "memory-backend-ram,id=mem5,size=64M,host-nodes=0-1,policy=interleave",
+    ]
+    assert len(warnings) == 2
+    assert warnings[0].startswith("domain 4:") and "preferred-many" in warnings[0]
+    assert warnings[1].startswith("domain 5:") and "weighted-interleave" in warnings[1]
+
+
+def test_unknown_format_is_a_config_error():
+    with pytest.raises(ConfigError) as err:
+        export(example(), "vmware")
+    msg = str(err.value)
+    assert msg.startswith("--to:") and "'vmware'" in msg
+    assert all(f in msg for f in FORMATS)
+
+
+# ---------------------------------------------------------------- QEMU runs
+
+needs_qemu = pytest.mark.skipif(shutil.which(QEMU_BINARY) is None, reason=f"{QEMU_BINARY} is not installed")
+
+
+def run_qemu(topo: Topology) -> dict[str, object]:
+    """Start QEMU paused with the exported options, ask QMP, quit; return answers by id."""
+    args = argv(export(topo, "qemu"))
+    assert args[1:] == qemu_args(topo)
+    cmd = [*args, "-S", "-display", "none", "-nodefaults", "-monitor", "none", "-serial", "none",
+           "-accel", "tcg", "-qmp", "stdio"]
+    asks = [{"execute": "qmp_capabilities", "id": "caps"},
+            {"execute": "query-status", "id": "status"},
+            {"execute": "query-memdev", "id": "memdev"},
+            {"execute": "query-cpus-fast", "id": "cpus"},
+            {"execute": "human-monitor-command", "arguments": {"command-line": "info numa"}, "id": "numa"},
+            {"execute": "quit", "id": "quit"}]
+    p = subprocess.run(cmd, input="".join(json.dumps(a) + "\n" for a in asks),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stderr == "", f"QEMU refused {shlex.join(cmd)}:\n{p.stderr}"
+    answers: dict[str, object] = {}
+    for line in p.stdout.splitlines():
+        msg = json.loads(line)
+        if "error" in msg:
+            raise AssertionError(f"QMP error: {msg}")
+        if "id" in msg:
+            answers[msg["id"]] = msg["return"]
+    assert set(answers) == {a["id"] for a in asks}
+    return answers
+
+
+def numa_info(text: str) -> dict[int, tuple[tuple[int, ...], int]]:
+    """HMP 'info numa' as {node: (cpus, size in MiB)}."""
+    cpus = {int(n): tuple(int(c) for c in v.split()) for n, v in re.findall(r"node (\d+) cpus:([ \d]*)", text)}
+    sizes = {int(n): int(v) for n, v in re.findall(r"node (\d+) size: (\d+) MB", text)}
+    assert int(re.match(r"(\d+) nodes", text).group(1)) == len(cpus) == len(sizes)
+    return {n: (cpus[n], sizes[n]) for n in cpus}
+
+
+def check_qemu_machine(topo: Topology) -> dict[str, object]:
+    got = run_qemu(topo)
+    assert got["status"]["status"] == "prelaunch"
+    memdevs = {m["id"]: m for m in got["memdev"]}
+    assert set(memdevs) == {f"mem{d.id}" for d in topo.domains if d.size}
+    for d in topo.domains:
+        if d.size:
+            assert memdevs[f"mem{d.id}"]["size"] == d.size
+    assert numa_info(got["numa"]) == {d.id: (d.cpus, d.size // MiB) for d in topo.domains}
+    cpus = sorted(got["cpus"], key=lambda c: c["cpu-index"])
+    assert [c["props"]["node-id"] for c in cpus] == [topo.domain_of_cpu(i).id for i in range(topo.cpus)]
+    return got
+
+
+@needs_qemu
+@pytest.mark.qemu
+def test_qemu_runs_example():
+    got = check_qemu_machine(example())
+    mem0 = next(m for m in got["memdev"] if m["id"] == "mem0")
+    assert (mem0["policy"], mem0["host-nodes"]) == ("bind", [0])
+    # one socket per domain with vCPUs, as numavm's packages
+    assert [c["props"]["socket-id"] for c in sorted(got["cpus"], key=lambda c: c["cpu-index"])] == [0, 0, 1, 1]
+
+
+@needs_qemu
+@pytest.mark.qemu
+def test_qemu_runs_memoryless_domain():
+    check_qemu_machine(machine("id=0,size=1G,cpus=0", "id=1,size=0,cpus=1"))
+
+
+@needs_qemu
+@pytest.mark.qemu
+def test_qemu_runs_domain_crossing_3g():
+    got = check_qemu_machine(machine("id=0,size=2G,cpus=0", "id=1,size=3G,cpus=1"))
+    assert sum(m["size"] for m in got["memdev"]) == 5 * GiB
+
+
+@needs_qemu
+@pytest.mark.qemu
+def test_qemu_runs_policies_on_host_node_0():
+    t = machine("id=0,size=64M,cpus=0,policy=bind:0", "id=1,size=64M,cpus=1,policy=preferred:0",
+                "id=2,size=64M,cpus=2,policy=interleave:0", "id=3,size=64M,cpus=3,policy=local",
+                "id=4,size=64M,cpus=4,policy=preferred-many:0",
+                "id=5,size=64M,cpus=5,policy=weighted-interleave:0")
+    got = check_qemu_machine(t)
+    seen = {m["id"]: (m["policy"], m["host-nodes"]) for m in got["memdev"]}
+    assert seen == {"mem0": ("bind", [0]), "mem1": ("preferred", [0]), "mem2": ("interleave", [0]),
+                    "mem3": ("default", []), "mem4": ("preferred", [0]), "mem5": ("interleave", [0])}
+
+
+@needs_qemu
+@pytest.mark.qemu
+def test_qemu_runs_split_cpus_and_asymmetric_distances():
+    check_qemu_machine(machine("id=0,size=64M,cpus=0+2", "id=1,size=64M,cpus=1+3",
+                               "id=2,size=64M", distances=("0:1=20", "1:0=30", "0:2=255")))
+
+
+@needs_qemu
+@pytest.mark.qemu
+def test_qemu_runs_classic():
+    got = run_qemu(classic())
+    assert got["status"]["status"] == "prelaunch"
+    # plain -m: only the machine's own RAM backend
+    assert [(m["id"], m["size"], m["policy"]) for m in got["memdev"]] == [("pc.ram", 1 * GiB, "default")]
+    assert len(got["cpus"]) == 2
+
+
+# ---------------------------------------------------------------- libvirt
+
+
+def test_libvirt_example_elements():
+    e = export(example(), "libvirt")
+    assert e.warnings == []
+    root = ET.fromstring(e.text)
+    assert root.tag == "domain" and root.attrib == {"type": "kvm"}
+    assert [c.tag for c in root] == ["name", "memory", "vcpu", "numatune", "os", "features", "cpu"]
+    assert root.findtext("name") == "numavm"
+    assert (root.find("memory").attrib, root.findtext("memory")) == ({"unit": "KiB"}, str(2560 * 1024))
+    assert root.findtext("vcpu") == "4"
+    assert [m.attrib for m in root.find("numatune")] == [{"cellid": "0", "mode": "strict", "nodeset": "0"}]
+    assert root.find("os/type").attrib == {"arch": "x86_64", "machine": "pc"}
+    assert root.find("features/acpi") is not None
+    assert root.find("cpu/topology").attrib == {"sockets": "2", "dies": "1", "cores": "2", "threads": "1"}
+    cells = root.findall("cpu/numa/cell")
+    assert [c.attrib for c in cells] == [
+        {"id": "0", "cpus": "0-1", "memory": "1048576", "unit": "KiB"},
+        {"id": "1", "cpus": "2-3", "memory": "1048576", "unit": "KiB"},
+        {"id": "2", "memory": "524288", "unit": "KiB"},  # memory-only: no cpus
+    ]
+    matrix = [[int(s.get("value")) for s in c.findall("distances/sibling")] for c in cells]
+    assert matrix == [list(r) for r in example().distances]
+    assert [[s.get("id") for s in c.findall("distances/sibling")] for c in cells] == [["0", "1", "2"]] * 3
+
+
+def test_libvirt_classic_has_no_numa():
+    root = ET.fromstring(export(classic(), "libvirt").text)
+    assert root.find("cpu") is None and root.find("numatune") is None
+    assert root.findtext("memory") == str(1024 * 1024) and root.findtext("vcpu") == "2"
+
+
+def test_libvirt_policies_and_warnings():
+    t = machine("id=0,size=64M,cpus=0+2,policy=interleave", "id=1,size=64M,cpus=1,policy=preferred:1",
+                "id=2,size=64M,cpus=3,policy=preferred-many:0+2", "id=3,size=64M,cpus=4,policy=local",
+                "id=4,size=0,cpus=5", host_nodes=(0, 1, 2))
+    e = export(t, "libvirt")
+    root = ET.fromstring(e.text)
+    assert [m.attrib for m in root.find("numatune")] == [
+        {"cellid": "0", "mode": "interleave", "nodeset": "0-2"},
+        {"cellid": "1", "mode": "preferred", "nodeset": "1"},
+        {"cellid": "2", "mode": "preferred", "nodeset": "0,2"},
+    ]
+    assert root.find("cpu/numa/cell[@id='0']").get("cpus") == "0,2"
+    assert root.find("cpu/topology") is None
+    assert root.find("cpu/numa/cell[@id='4']").get("memory") == "0"
+    assert len(e.warnings) == 3
+    assert e.warnings[0].startswith("domain 2:") and "preferred-many" in e.warnings[0]
+    assert "own package" in e.warnings[1]
+    assert e.warnings[2].startswith("domain 4 is CPU-only")
+
+
+def test_libvirt_warns_about_max_ram_below_4g():
+    e = export(machine("id=0,size=2G,cpus=0", "id=1,size=3G,cpus=1"), "libvirt")
+    assert len(e.warnings) == 1 and "max-ram-below-4g" in e.warnings[0]
+
+
+# ---------------------------------------------------------------- Cloud Hypervisor
+
+
+def test_cloud_hypervisor_example_options():
+    e = export(example(), "cloud-hypervisor")
+    assert e.warnings == []
+    assert argv(e) == [
+        "cloud-hypervisor",
+        "--cpus", "boot=4,topology=1:2:1:2",
+        "--memory", "size=0",
+        "--memory-zone", "id=mem0,size=1G,host_numa_node=0", "id=mem1,size=1G", "id=mem2,size=512M",
+        "--numa",
+        "guest_numa_id=0,cpus=[0-1],distances=[1@20,2@30],memory_zones=mem0",
+        "guest_numa_id=1,cpus=[2-3],distances=[0@20,2@20],memory_zones=mem1",
+        "guest_numa_id=2,distances=[0@30,1@20],memory_zones=mem2",
+    ]
+
+
+def test_cloud_hypervisor_classic():
+    assert argv(export(classic(), "cloud-hypervisor")) == ["cloud-hypervisor", "--cpus", "boot=2", "--memory", "size=1G"]
+
+
+def test_cloud_hypervisor_policies_warn():
+    t = machine("id=0,size=64M,cpus=0,policy=interleave", "id=1,size=64M,cpus=1,policy=bind:0-1",
+                "id=2,size=64M,cpus=2,policy=preferred:1", "id=3,size=0,cpus=3+5",
+                "id=4,size=64M,cpus=4,policy=bind:1", host_nodes=(0, 1))
+    e = export(t, "cloud-hypervisor")
+    words = argv(e)
+    zones = words[words.index("--memory-zone") + 1: words.index("--numa")]
+    assert zones == ["id=mem0,size=64M", "id=mem1,size=64M,host_numa_node=0",
+                     "id=mem2,size=64M,host_numa_node=1", "id=mem4,size=64M,host_numa_node=1"]
+    nodes = words[words.index("--numa") + 1:]
+    assert nodes[3] == "guest_numa_id=3,cpus=[3,5],distances=[0@20,1@20,2@20,4@20]"  # no memory_zones
+    assert "topology=" not in words[words.index("--cpus") + 1]
+    policy_warnings = [w for w in e.warnings if w.startswith("domain ")]
+    assert [w.split(":")[0] for w in policy_warnings] == ["domain 0", "domain 1", "domain 2"]
+    assert "cannot interleave" in policy_warnings[0]
+    assert "one host node" in policy_warnings[1]
+    assert "cannot prefer" in policy_warnings[2]
+
+
+# ---------------------------------------------------------------- bhyve
+
+
+def test_bhyve_example_options_and_warnings():
+    e = export(example(), "bhyve")
+    assert argv(e) == ["bhyve", "-c", "4", "-m", "2G",
+                       "-n", "id=0,size=1G,cpus=0-1,domain_policy=first-touch:0",
+                       "-n", "id=1,size=1G,cpus=2-3",
+                       "numavm"]
+    assert len(e.warnings) == 3
+    assert "distances" in e.warnings[0]
+    assert "memory-only domain 2" in e.warnings[1] and "2G instead of 2560M" in e.warnings[1]
+    assert e.warnings[2].startswith("domain 0:") and "strict bind" in e.warnings[2]
+
+
+def test_bhyve_classic():
+    e = export(classic(), "bhyve")
+    assert argv(e) == ["bhyve", "-c", "2", "-m", "1G", "numavm"] and e.warnings == []
+
+
+def test_bhyve_policy_names_lists_and_renumbering():
+    t = machine("id=0,size=64M,cpus=0+2,policy=prefer:1", "id=1,size=64M",
+                "id=2,size=64M,cpus=1,policy=round-robin:0+2", "id=3,size=64M,cpus=3,policy=first-touch",
+                "id=4,size=64M,cpus=4,policy=weighted-interleave:0-1", host_nodes=(0, 1, 2))
+    e = export(t, "bhyve")
+    assert options(argv(e)[1:-1]) == [
+        ("-c", "5"), ("-m", "256M"),
+        ("-n", "id=0,size=64M,domain_policy=prefer:1"), ("-o", "domains.0.cpus=0,2"),
+        ("-n", "id=1,size=64M,cpus=1"), ("-o", "domains.1.domain_policy=round-robin:0,2"),
+        ("-n", "id=2,size=64M,cpus=3,domain_policy=first-touch"),
+        ("-n", "id=3,size=64M,cpus=4,domain_policy=round-robin:0-1"),
+    ]
+    assert len(e.warnings) == 3  # distances are all default: no distance warning
+    assert "memory-only domain 1" in e.warnings[0]
+    assert "renumbered 2->1, 3->2, 4->3" in e.warnings[1]
+    assert e.warnings[2].startswith("domain 4:") and "weighted-interleave" in e.warnings[2]
+
+
+# ---------------------------------------------------------------- TOML
+
+
+def test_toml_example_document():
+    e = export(example(), "toml")
+    assert e.warnings == []
+    assert tomllib.loads(e.text) == {
+        "version": 1, "cpus": 4, "memory": "2560M",
+        "distances": [[10, 20, 30], [20, 10, 20], [30, 20, 10]],
+        "domain": [{"id": 0, "size": "1G", "cpus": "0-1", "policy": "bind:0"},
+                   {"id": 1, "size": "1G", "cpus": "2-3"},
+                   {"id": 2, "size": "512M"}],
+    }
+
+
+def test_toml_classic_writes_version_cpus_memory_only():
+    assert tomllib.loads(export(classic(), "toml").text) == {"version": 1, "cpus": 2, "memory": "1G"}
+
+
+TOML_MACHINES = {
+    "example": example,
+    "classic": classic,
+    "mixed": lambda: machine("id=0,size=1536M,cpus=0-1+4,policy=interleave", "id=1,size=0,cpus=2-3",
+                             "id=2,size=2G,cpus=5,policy=preferred-many:0+2",
+                             distances=("0:1=15", "1:0=25", "0:2=255"), host_nodes=(0, 1, 2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TOML_MACHINES))
+def test_toml_round_trips(name):
+    topo = TOML_MACHINES[name]()
+    doc = tomllib.loads(export(topo, "toml").text)
+    from numavm.units import parse_list, parse_size
+    from numavm.policy import parse_policy
+
+    assert doc["cpus"] == topo.cpus
+    assert parse_size(doc["memory"], "memory") == topo.memory
+    if not topo.numa:
+        assert set(doc) == {"version", "cpus", "memory"}
+        return
+    assert tuple(tuple(r) for r in doc["distances"]) == topo.distances
+    got = tuple((d["id"], parse_size(d["size"], "size"), parse_list(d["cpus"], "cpus") if "cpus" in d else (),
+                 parse_policy(d["policy"], "policy") if "policy" in d else Policy())
+                for d in doc["domain"])
+    assert got == tuple((d.id, d.size, d.cpus, d.policy) for d in topo.domains)
+
+
+@pytest.mark.parametrize("name", sorted(TOML_MACHINES))
+def test_toml_loads_back_through_numavm_config(name):
+    config = pytest.importorskip("numavm.config")
+    if not hasattr(config, "loads"):
+        pytest.skip("numavm.config has no loads()")
+    topo = TOML_MACHINES[name]()
+    assert config.loads(export(topo, "toml").text, "export").build(host_nodes=(0, 1, 2)) == topo
+
+
+def test_every_format_ends_with_newline():
+    for f in FORMATS:
+        assert export(example(), f).text.endswith("\n")
