@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
+from typing import NoReturn
 
 from .errors import NumavmError
 
@@ -25,11 +27,11 @@ class HostError(NumavmError, OSError):
         return str(self.strerror)
 
 
-def _raise(err: int, what: str) -> None:
+def _raise(err: int, what: str) -> NoReturn:
     raise HostError(err, what)
 
 
-def raise_from_oserror(exc: OSError, what: str) -> None:
+def raise_from_oserror(exc: OSError, what: str) -> NoReturn:
     """Re-raise an OSError from the stdlib (fcntl.ioctl, os.*) as a HostError."""
     raise HostError(exc.errno or 0, what) from None
 
@@ -37,7 +39,7 @@ def raise_from_oserror(exc: OSError, what: str) -> None:
 libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _errcheck(result: int, func: object, args: tuple) -> int:
+def _errcheck(result: int, func: object, args: tuple[object, ...]) -> int:
     if result == -1:
         _raise(ctypes.get_errno(), getattr(func, "__name__", "libc"))
     return result
@@ -55,3 +57,49 @@ def declare(name: str, restype: type, *argtypes: type) -> ctypes._CFuncPtr:  # t
 # syscall(2) for calls glibc wraps late or not at all (mbind, get_mempolicy).
 syscall = declare("syscall", ctypes.c_long, ctypes.c_long)
 syscall.argtypes = None  # variadic: callers pass ctypes-typed arguments
+
+
+def _syscall_numbers() -> dict[str, int]:
+    import platform  # only here: the table is per architecture
+
+    return {
+        "x86_64": {"mbind": 237, "get_mempolicy": 239},
+        "aarch64": {"mbind": 235, "get_mempolicy": 236},
+    }.get(platform.machine(), {})
+
+
+_SYSCALLS = _syscall_numbers()
+
+
+def declare_syscall(name: str, restype: type, *argtypes: type) -> "functools.partial[int]":
+    """Bind the system call `name` through syscall(2), for calls glibc does not wrap.
+
+    Each gets its own function pointer (``libc["syscall"]`` is not cached), so
+    its fixed signature and its name in errors are its own.
+    """
+    number = _SYSCALLS.get(name)
+    fn = libc["syscall"]
+    fn.restype = restype
+    fn.argtypes = (ctypes.c_long, *argtypes)
+    fn.errcheck = _errcheck  # type: ignore[assignment]
+    fn.__name__ = name
+    if number is None:
+        def missing(*args: object) -> int:
+            _raise(errno.ENOSYS, f"{name} (no system call number known for this architecture)")
+        return functools.partial(missing)
+    return functools.partial(fn, number)
+
+
+# Memory: madvise(2) through glibc; the NUMA policy calls through syscall(2)
+# (glibc leaves them to libnuma).  The nodemask arguments follow the kernel's
+# convention: `maxnode` is the number of bits in the mask plus one.
+madvise = declare("madvise", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+# long mbind(unsigned long start, unsigned long len, unsigned long mode,
+#            const unsigned long *nmask, unsigned long maxnode, unsigned flags)
+mbind = declare_syscall("mbind", ctypes.c_long, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.POINTER(ctypes.c_ulong), ctypes.c_ulong, ctypes.c_uint)
+# long get_mempolicy(int *policy, unsigned long *nmask, unsigned long maxnode,
+#                    unsigned long addr, unsigned long flags)
+get_mempolicy = declare_syscall("get_mempolicy", ctypes.c_long, ctypes.POINTER(ctypes.c_int),
+                                ctypes.POINTER(ctypes.c_ulong), ctypes.c_ulong, ctypes.c_void_p,
+                                ctypes.c_ulong)

@@ -1,0 +1,778 @@
+"""Host memory for the guest: one memfd segment per guest NUMA domain.
+
+Each domain with memory gets a `Segment`: a memfd (``numavm:<machine>:domain<ID>``)
+sized to the domain and mapped once, shared.  The domain's host policy is
+applied with mbind(2) over the whole mapping before any page is touched, then
+read back with get_mempolicy(2) so what the kernel holds is on record.  A
+policy naming offline host nodes, a mode the kernel lacks, or huge pages the
+host has not reserved are refused before anything is allocated.
+
+`GuestMemory` builds the segments of a `Layout` and routes guest-physical
+accesses to them; `regions()` gives KVM its memory slots (a domain split by
+the 3-4 GiB hole keeps one segment and gets two slots).  `Segment.prefault`
+populates pages from threads pinned to the CPUs of the policy's nodes, and
+`placement()` / `audit()` report where the pages really are, from
+/proc/self/numa_maps.
+
+No access loops over pages or bytes in Python: copies are slice assignments
+on memoryviews, population is madvise(MADV_POPULATE_WRITE) over large chunks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import errno
+import mmap
+import os
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, NamedTuple
+
+from . import _libc
+from ._libc import HostError
+from .errors import ConfigError, NumavmError
+from .layout import HIGH_RAM_BASE, LOW_RAM_LIMIT, Layout
+from .policy import Mode, Policy, host_online_nodes
+from .units import GiB, KiB, MiB, format_list, format_size, parse_list
+
+# include/uapi/linux/mempolicy.h
+MPOL_F_NODE = 1 << 0
+MPOL_F_ADDR = 1 << 1
+MPOL_MF_STRICT = 1 << 0
+MPOL_F_NUMA_BALANCING = 1 << 13
+MPOL_F_RELATIVE_NODES = 1 << 14
+MPOL_F_STATIC_NODES = 1 << 15
+MPOL_MODE_FLAGS = MPOL_F_STATIC_NODES | MPOL_F_RELATIVE_NODES | MPOL_F_NUMA_BALANCING
+
+# include/uapi/asm-generic/mman-common.h
+MADV_HUGEPAGE = 14
+MADV_POPULATE_WRITE = 23
+
+# include/uapi/linux/memfd.h
+MFD_CLOEXEC = 0x1
+MFD_HUGETLB = 0x4
+MEMFD_NAME_MAX = 249  # NAME_MAX - len("memfd:")
+
+# The first kernel that knows each mode (MPOL_PREFERRED_MANY: 5.15, b27abaccf8e8;
+# MPOL_WEIGHTED_INTERLEAVE: 6.9, fa3bea4e1f82) and MADV_POPULATE_WRITE (5.14).
+MODE_SINCE: dict[Mode, tuple[int, int]] = {
+    Mode.PREFERRED_MANY: (5, 15),
+    Mode.WEIGHTED_INTERLEAVE: (6, 9),
+}
+POPULATE_SINCE = (5, 14)
+
+HUGEPAGES = ("thp", "hugetlbfs")
+_NEEDS_NODES = {Mode.PREFERRED, Mode.BIND, Mode.INTERLEAVE, Mode.PREFERRED_MANY,
+                Mode.WEIGHTED_INTERLEAVE}
+READBACK_BITS = 1024  # MAX_NUMNODES at its largest (NODES_SHIFT 10)
+
+NODE_DIR = Path("/sys/devices/system/node")
+MEMINFO = Path("/proc/meminfo")
+NUMA_MAPS = Path("/proc/self/numa_maps")
+THP_DIR = Path("/sys/kernel/mm/transparent_hugepage")
+
+ProgressFn = Callable[[int, int], None]
+
+
+class GuestAddressError(NumavmError, ValueError):
+    """A guest-physical access outside RAM or across a memory slot boundary."""
+
+
+# ---------------------------------------------------------------- host facts
+
+
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    """(major, minor) of the running kernel, from uname's release string."""
+    m = re.match(r"(\d+)\.(\d+)", release if release is not None else os.uname().release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _kernel_text() -> str:
+    return os.uname().release
+
+
+def node_cpus(node: int, root: Path = NODE_DIR) -> tuple[int, ...]:
+    """Host CPUs of `node` (its sysfs cpulist); () for a memory-only node."""
+    try:
+        text = (root / f"node{node}" / "cpulist").read_text().strip()
+    except OSError:
+        return ()
+    return parse_list(text.replace(",", "+"), f"node{node}/cpulist") if text else ()
+
+
+def _possible_nodes_bits() -> int:
+    try:
+        text = (NODE_DIR / "possible").read_text().strip()
+        top = max(parse_list(text.replace(",", "+"), "possible")) + 1
+    except (OSError, ValueError, NumavmError):
+        top = 1
+    return max(READBACK_BITS, -(-top // 64) * 64)
+
+
+def meminfo(path: Path = MEMINFO) -> dict[str, int]:
+    """/proc/meminfo as numbers (kB fields stay in kB, counts stay counts)."""
+    out: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[key.strip()] = int(parts[0])
+    return out
+
+
+def _thp_shmem_mode() -> str:
+    """The effective shmem THP setting for 2 MiB pages ("never", "advise", ...)."""
+
+    def selected(path: Path) -> str | None:
+        try:
+            m = re.search(r"\[([^\]]+)\]", path.read_text())
+        except OSError:
+            return None
+        return m.group(1) if m else None
+
+    per_size = selected(THP_DIR / "hugepages-2048kB" / "shmem_enabled")
+    if per_size not in (None, "inherit"):
+        return per_size
+    return selected(THP_DIR / "shmem_enabled") or "unknown"
+
+
+# ---------------------------------------------------------------- nodemasks
+
+
+def nodemask(nodes: tuple[int, ...] | list[int]) -> tuple[ctypes.Array[ctypes.c_ulong], int]:
+    """A nodemask for mbind: the c_ulong array and its `maxnode` (bits + 1).
+
+    The kernel decrements `maxnode` before reading that many bits, so a mask
+    of 64 bits is passed as 65; passing 64 would silently drop node 63.
+    """
+    words = max(nodes) // 64 + 1 if nodes else 1
+    mask = (ctypes.c_ulong * words)()
+    for n in nodes:
+        mask[n // 64] |= 1 << (n % 64)
+    return mask, words * 64 + 1
+
+
+def _mask_nodes(mask: ctypes.Array[ctypes.c_ulong]) -> tuple[int, ...]:
+    return tuple(w * 64 + b for w, word in enumerate(mask) if word
+                 for b in range(64) if word >> b & 1)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_policy(policy: Policy, online: tuple[int, ...], what: str) -> Policy:
+    """The policy resolved against `online`, or a ConfigError naming `what`.
+
+    Everything that can be said before a byte is allocated: nodes online,
+    nodes present when the mode needs them, the mode known to this kernel.
+    """
+    policy = policy.resolve(online)
+    if policy.mode in _NEEDS_NODES and not policy.nodes:
+        raise ConfigError(f"{what}: {policy.mode.label} needs host nodes, e.g. {policy.mode.label}:0")
+    if policy.mode not in _NEEDS_NODES and policy.nodes:
+        raise ConfigError(f"{what}: {policy.mode.label} takes no nodes, got {policy}")
+    policy.check_nodes(online, what)
+    since = MODE_SINCE.get(policy.mode)
+    if since and kernel_version() < since:
+        raise ConfigError(
+            f"{what}: policy {policy.mode.label} needs Linux {since[0]}.{since[1]} or later; "
+            f"this kernel is {_kernel_text()}")
+    return policy
+
+
+def hugetlb_page_size() -> int:
+    """The default hugetlbfs page size (what MFD_HUGETLB uses), in bytes."""
+    return meminfo().get("Hugepagesize", 2048) * KiB
+
+
+def check_hugetlb(sizes: Mapping[int, int], policies: Mapping[int, Policy]) -> int:
+    """Refuse hugetlbfs backing the host cannot give; returns the page size.
+
+    `sizes` and `policies` are per domain.  Counts the pool's free, unreserved
+    pages (/proc/meminfo), and for bound domains the free pages on the bound
+    nodes, before anything is allocated.
+    """
+    info = meminfo()
+    page = info.get("Hugepagesize", 2048) * KiB
+    for dom, size in sizes.items():
+        if size % page:
+            raise ConfigError(
+                f"domain {dom}: size {format_size(size)} is not a multiple of the "
+                f"{format_size(page)} huge page size (hugepages=hugetlbfs)")
+    need = sum(sizes.values()) // page
+    free = info.get("HugePages_Free", 0) - info.get("HugePages_Rsvd", 0)
+    if free < need:
+        doms = format_list(sorted(sizes))
+        raise ConfigError(
+            f"domain{'s' if len(sizes) > 1 else ''} {doms}: hugepages=hugetlbfs needs {need} free "
+            f"{format_size(page)} huge pages, the host has {max(free, 0)} "
+            f"(HugePages_Total {info.get('HugePages_Total', 0)}, HugePages_Free "
+            f"{info.get('HugePages_Free', 0)}, HugePages_Rsvd {info.get('HugePages_Rsvd', 0)} in "
+            f"/proc/meminfo); reserve them first, e.g. sysctl vm.nr_hugepages={need}")
+    for dom, size in sizes.items():
+        pol = policies.get(dom, Policy())
+        if pol.mode is not Mode.BIND:
+            continue
+        on_nodes = sum(_node_free_hugepages(n, page) for n in pol.nodes)
+        if on_nodes < size // page:
+            raise ConfigError(
+                f"domain {dom}: hugepages=hugetlbfs under {pol} needs {size // page} free "
+                f"{format_size(page)} huge pages on node{'s' if len(pol.nodes) > 1 else ''} "
+                f"{format_list(pol.nodes)}, which have {on_nodes} "
+                f"(/sys/devices/system/node/nodeN/hugepages/)")
+    return page
+
+
+def _node_free_hugepages(node: int, page: int) -> int:
+    path = NODE_DIR / f"node{node}" / "hugepages" / f"hugepages-{page // KiB}kB" / "free_hugepages"
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def _check_hugepages(hugepages: str | None, what: str) -> None:
+    if hugepages is not None and hugepages not in HUGEPAGES:
+        raise ConfigError(f"{what}: hugepages must be one of {', '.join(HUGEPAGES)} (or none), "
+                          f"got {hugepages!r}")
+
+
+def _rewrap(exc: HostError, what: str) -> HostError:
+    return HostError(exc.errno or 0, what)
+
+
+# ---------------------------------------------------------------- numa_maps
+
+_KERNEL_MODES = {
+    "default": Mode.DEFAULT,
+    "prefer": Mode.PREFERRED,
+    "bind": Mode.BIND,
+    "interleave": Mode.INTERLEAVE,
+    "local": Mode.LOCAL,
+    "prefer (many)": Mode.PREFERRED_MANY,
+    "weighted interleave": Mode.WEIGHTED_INTERLEAVE,
+}
+# mpol_to_str(): MODE[=static|relative[|balancing]][:NODELIST]; two modes hold a space.
+_NUMA_MAPS_RE = re.compile(
+    r"^([0-9a-f]+) (prefer \(many\)|weighted interleave|[a-z]+)(=[a-z|]+)?(?::([0-9,\-]+))?(?= |$)(.*)$")
+_NODE_PAGES_RE = re.compile(r"N(\d+)=(\d+)")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a segment's pages are, as /proc/self/numa_maps tells it."""
+
+    policy_text: str  # as the kernel writes it, e.g. "bind:0", "prefer (many):0"
+    policy: Policy | None  # the same, parsed; None for a word numavm does not know
+    pages: Mapping[int, int]  # host node -> resident pages
+    page_size: int  # bytes per counted page (kernelpagesize_kB)
+
+    @property
+    def resident(self) -> int:
+        """Resident bytes, all nodes."""
+        return sum(self.pages.values()) * self.page_size
+
+    def bytes_on(self, node: int) -> int:
+        return self.pages.get(node, 0) * self.page_size
+
+    def __str__(self) -> str:
+        nodes = " ".join(f"N{n}={_human(c * self.page_size)}" for n, c in sorted(self.pages.items()))
+        return f"{self.policy_text}, resident {_human(self.resident)}" + (f" ({nodes})" if nodes else "")
+
+
+def parse_numa_maps_line(line: str) -> tuple[int, Placement]:
+    """(start address, Placement) of one numa_maps line."""
+    m = _NUMA_MAPS_RE.match(line.rstrip("\n"))
+    if not m:
+        raise ValueError(f"unexpected numa_maps line: {line!r}")
+    start, word, flags, nodes_text, rest = m.groups()
+    mode = _KERNEL_MODES.get(word)
+    policy = None
+    if mode is not None:
+        nodes = parse_list(nodes_text.replace(",", "+"), "numa_maps nodes") if nodes_text else ()
+        policy = Policy(mode, nodes)
+    pages: dict[int, int] = {}
+    page_size = mmap.PAGESIZE
+    for token in rest.split():
+        key, _, value = token.partition("=")
+        if key == "kernelpagesize_kB" and value.isdigit():
+            page_size = int(value) * KiB
+        elif _NODE_PAGES_RE.fullmatch(token):
+            pages[int(key[1:])] = int(value)
+    text = word + (flags or "") + (f":{nodes_text}" if nodes_text else "")
+    return int(start, 16), Placement(text, policy, pages, page_size)
+
+
+def read_numa_maps(addrs: set[int] | None = None, path: Path = NUMA_MAPS) -> dict[int, Placement]:
+    """Placement of the mappings starting at `addrs` (all mappings if None)."""
+    out: dict[int, Placement] = {}
+    for line in path.read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        try:
+            start = int(head, 16)
+        except ValueError:
+            continue
+        if addrs is None or start in addrs:
+            out[start] = parse_numa_maps_line(line)[1]
+    return out
+
+
+# ---------------------------------------------------------------- segment
+
+
+@dataclass(frozen=True)
+class PrefaultResult:
+    bytes: int
+    seconds: float
+    threads: int
+    cpus: tuple[int, ...]  # the host CPUs the threads were pinned to
+
+    @property
+    def gib_per_s(self) -> float:
+        return self.bytes / GiB / self.seconds if self.seconds > 0 else float("inf")
+
+
+class Segment:
+    """One guest domain's host memory: a memfd mapped once, shared, under a policy.
+
+    Creation order: checks (nodes online, mode known, huge pages reserved),
+    memfd_create, ftruncate, mmap, madvise(MADV_HUGEPAGE) for THP, mbind,
+    get_mempolicy readback.  Nothing is touched, so the memfd stays sparse
+    until the guest (or `prefault`) writes.  Any failure releases what was
+    made.
+    """
+
+    def __init__(self, size: int, policy: Policy = Policy(), *, domain: int = 0,
+                 machine: str = "vm", hugepages: str | None = None,
+                 online: tuple[int, ...] | None = None, _checked: bool = False) -> None:
+        self.domain = domain
+        self.size = size
+        self.hugepages = hugepages
+        self.fd = -1
+        self.addr = 0
+        self._map: mmap.mmap | None = None
+        self.notes: list[str] = []
+        what = f"domain {domain}"
+        if size <= 0 or size % mmap.PAGESIZE:
+            raise ConfigError(f"{what}: segment size must be a positive multiple of "
+                              f"{mmap.PAGESIZE}, got {size}")
+        _check_hugepages(hugepages, what)
+        self.policy = check_policy(policy, online if online is not None else host_online_nodes(),
+                                   f"{what} domain_policy")
+        self.page_size = mmap.PAGESIZE
+        if hugepages == "hugetlbfs":
+            self.page_size = (hugetlb_page_size() if _checked
+                              else check_hugetlb({domain: size}, {domain: self.policy}))
+        self.name = _memfd_name(machine, domain)
+        try:
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+        self.policy_readback = self._readback()
+        if self.policy_readback != self.policy:
+            pol, back = self.policy, self.policy_readback
+            self.close()
+            raise NumavmError(f"{what}: mbind({pol}) succeeded but the kernel reports {back}")
+
+    @property
+    def closed(self) -> bool:
+        return self._map is None
+
+    def _create(self) -> None:
+        what = f"domain {self.domain}"
+        flags = MFD_CLOEXEC | (MFD_HUGETLB if self.hugepages == "hugetlbfs" else 0)
+        try:
+            self.fd = os.memfd_create(self.name, flags)
+        except OSError as e:
+            _libc.raise_from_oserror(e, f"{what}: memfd_create({self.name!r})")
+        try:
+            os.ftruncate(self.fd, self.size)
+        except OSError as e:
+            _libc.raise_from_oserror(e, f"{what}: ftruncate({format_size(self.size)})")
+        try:
+            mapping = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            _libc.raise_from_oserror(e, f"{what}: mmap({format_size(self.size)})")
+        self._map = mapping
+        # The address stays valid for the mapping's life; the temporary
+        # export ends with the expression.
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+        if self.hugepages == "thp":
+            try:
+                _libc.madvise(self.addr, self.size, MADV_HUGEPAGE)
+            except HostError as e:
+                raise _rewrap(e, f"{what}: madvise(MADV_HUGEPAGE)") from None
+            mode = _thp_shmem_mode()
+            if mode in ("never", "deny"):
+                self.notes.append(f"hugepages=thp has no effect: shmem THP is '{mode}' "
+                                  f"({THP_DIR}/shmem_enabled); pages stay {format_size(mmap.PAGESIZE)}")
+        self._mbind()
+
+    def _mbind(self) -> None:
+        pol = self.policy
+        mask, maxnode = nodemask(pol.nodes)
+        flags = 0 if pol.mode is Mode.DEFAULT else MPOL_MF_STRICT
+        try:
+            _libc.mbind(self.addr, self.size, int(pol.mode), mask, maxnode, flags)
+        except HostError as e:
+            hint = ""
+            since = MODE_SINCE.get(pol.mode)
+            if e.errno == errno.EINVAL and since:
+                hint = f" (mode {pol.mode.label} needs Linux {since[0]}.{since[1]}+; kernel {_kernel_text()})"
+            raise _rewrap(e, f"domain {self.domain}: mbind({pol}){hint}") from None
+
+    def _readback(self) -> Policy:
+        mode = ctypes.c_int()
+        bits = _possible_nodes_bits()
+        mask = (ctypes.c_ulong * (bits // 64))()
+        try:
+            _libc.get_mempolicy(ctypes.byref(mode), mask, bits + 1, self.addr, MPOL_F_ADDR)
+        except HostError as e:
+            self.close()
+            raise _rewrap(e, f"domain {self.domain}: get_mempolicy(MPOL_F_ADDR)") from None
+        return Policy(Mode(mode.value & ~MPOL_MODE_FLAGS), _mask_nodes(mask))
+
+    # ---- access
+
+    def _check(self, offset: int, n: int) -> mmap.mmap:
+        if self._map is None:
+            raise NumavmError(f"domain {self.domain}: segment {self.name} is closed")
+        if n < 0 or offset < 0 or offset + n > self.size:
+            raise GuestAddressError(
+                f"domain {self.domain}: offset {offset:#x}+{n:#x} is outside the "
+                f"{format_size(self.size)} segment")
+        return self._map
+
+    def view(self, offset: int, n: int) -> memoryview:
+        """Zero-copy view of [offset, offset+n); close() waits for views to go."""
+        return memoryview(self._check(offset, n))[offset:offset + n]
+
+    def read(self, offset: int, n: int) -> bytes:
+        return self._check(offset, n)[offset:offset + n]
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        src = memoryview(data).cast("B")
+        self._check(offset, src.nbytes)[offset:offset + src.nbytes] = src
+
+    # ---- prefault
+
+    def prefault_cpus(self) -> tuple[int, ...]:
+        """The host CPUs first touch should run on: those of the policy's nodes
+        that this process may use, else every CPU it may use."""
+        allowed = os.sched_getaffinity(0)
+        cpus = {c for n in self.policy.nodes for c in node_cpus(n)} & allowed
+        return tuple(sorted(cpus or allowed))
+
+    def prefault(self, threads: int | None = None,
+                 progress: ProgressFn | None = None) -> PrefaultResult:
+        """Populate every page with madvise(MADV_POPULATE_WRITE), in chunks,
+        from threads pinned to the CPUs of the policy's nodes; `progress`
+        (bytes_done, total) runs in the calling thread after each chunk."""
+        what = f"domain {self.domain}: madvise(MADV_POPULATE_WRITE)"
+        self._check(0, 0)
+        if kernel_version() < POPULATE_SINCE:
+            raise NumavmError(f"{what} needs Linux {POPULATE_SINCE[0]}.{POPULATE_SINCE[1]} or later "
+                              f"to prefault; this kernel is {_kernel_text()}")
+        cpus = self.prefault_cpus()
+        align = max(self.page_size, 2 * MiB)
+        nthreads = max(1, min(threads or len(cpus), -(-self.size // align)))
+        chunk = min(256 * MiB, max(align, self.size // (nthreads * 8)))
+        chunk = -(-chunk // align) * align
+        work: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+        for off in range(0, self.size, chunk):  # one item per chunk, not per page
+            work.put((off, min(chunk, self.size - off)))
+        done_q: queue.SimpleQueue[int | BaseException] = queue.SimpleQueue()
+        stop = threading.Event()
+        addr = self.addr
+
+        def worker() -> None:
+            try:
+                os.sched_setaffinity(0, cpus)  # this thread only
+                while not stop.is_set():
+                    try:
+                        off, n = work.get_nowait()
+                    except queue.Empty:
+                        return
+                    _libc.madvise(addr + off, n, MADV_POPULATE_WRITE)
+                    done_q.put(n)
+            except BaseException as e:  # reported by the caller's thread
+                done_q.put(e)
+
+        start = time.monotonic()
+        pool = [threading.Thread(target=worker, name=f"prefault-d{self.domain}-{i}", daemon=True)
+                for i in range(nthreads)]
+        for t in pool:
+            t.start()
+        done, error = 0, None
+        try:
+            while done < self.size:
+                item = done_q.get()
+                if isinstance(item, BaseException):
+                    error = item
+                    break
+                done += item
+                if progress is not None:
+                    progress(done, self.size)
+        finally:
+            stop.set()
+            for t in pool:
+                t.join()
+        if error is not None:
+            if isinstance(error, HostError):
+                hint = ""
+                if error.errno == errno.EINVAL:
+                    hint = f" (MADV_POPULATE_WRITE needs Linux 5.14+; kernel {_kernel_text()})"
+                elif error.errno in (errno.ENOMEM, errno.EFAULT):
+                    hint = f" (not enough memory under {self.policy} for {format_size(self.size)})"
+                raise _rewrap(error, what + hint) from None
+            raise error
+        return PrefaultResult(self.size, time.monotonic() - start, nthreads, cpus)
+
+    # ---- audit
+
+    def placement(self) -> Placement:
+        """The policy the kernel reports for the mapping and its resident pages per node."""
+        self._check(0, 0)
+        found = read_numa_maps({self.addr}).get(self.addr)
+        if found is None:
+            raise NumavmError(f"domain {self.domain}: no /proc/self/numa_maps line at {self.addr:#x}")
+        return found
+
+    def describe(self, placement: Placement | None = None) -> str:
+        if self.closed:
+            return f"domain {self.domain}: {self.name} (closed)"
+        placement = placement or self.placement()
+        pages = {"hugetlbfs": f"hugetlbfs {format_size(self.page_size)}",
+                 "thp": "4K + THP"}.get(self.hugepages or "", format_size(mmap.PAGESIZE))
+        lines = [f"domain {self.domain}: {format_size(self.size)} memfd {self.name!r} fd {self.fd}, "
+                 f"mapped at {self.addr:#x}, {pages} pages",
+                 f"  policy {self.policy}, kernel reports {self.policy_readback} (get_mempolicy) "
+                 f"and {placement.policy_text} (numa_maps)",
+                 f"  resident {_human(placement.resident)}"
+                 + "".join(f", N{n} {_human(c * placement.page_size)}"
+                           for n, c in sorted(placement.pages.items()))]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    # ---- life
+
+    def close(self) -> None:
+        """Unmap and close the memfd; idempotent.  Refused while views are alive."""
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                raise NumavmError(
+                    f"domain {self.domain}: cannot unmap {self.name}: memoryviews of it are "
+                    "still alive; release them first") from None
+            self._map = None
+            self.addr = 0
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> "Segment":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd={self.fd} addr={self.addr:#x}"
+        return f"<Segment domain={self.domain} {format_size(self.size)} {self.policy} {state}>"
+
+
+def _memfd_name(machine: str, domain: int) -> str:
+    tail = f":domain{domain}"
+    room = MEMFD_NAME_MAX - len("numavm:") - len(tail)
+    name = machine.encode()[:room].decode(errors="ignore")
+    return f"numavm:{name}{tail}"
+
+
+# ---------------------------------------------------------------- guest memory
+
+
+class Region(NamedTuple):
+    """One KVM memory slot."""
+
+    slot: int
+    guest_phys: int
+    size: int
+    host_addr: int
+
+
+@dataclass(frozen=True)
+class _Route:
+    start: int
+    end: int
+    segment: Segment
+    offset: int
+    slot: int
+
+
+@dataclass(eq=False)
+class GuestMemory:
+    """Every domain's segment, and the map from guest-physical RAM to them."""
+
+    layout: Layout
+    machine: str = "vm"
+    hugepages: str | None = None
+    online: tuple[int, ...] | None = None  # host nodes; None reads sysfs
+    segments: dict[int, Segment] = field(default_factory=dict, init=False)
+    _routes: list[_Route] = field(default_factory=list, init=False, repr=False)
+    _starts: list[int] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        online = self.online if self.online is not None else host_online_nodes()
+        with_memory = [d for d in self.layout.domains if d.segment_size and d.slots]
+        # Every check first, for every domain, then the first allocation.
+        policies = {}
+        for d in with_memory:
+            what = f"domain {d.id}"
+            _check_hugepages(self.hugepages, what)
+            policies[d.id] = check_policy(d.domain.policy, online, f"{what} domain_policy")
+        if self.hugepages == "hugetlbfs" and with_memory:
+            check_hugetlb({d.id: d.segment_size for d in with_memory}, policies)
+        try:
+            for d in with_memory:
+                seg = Segment(d.segment_size, policies[d.id], domain=d.id, machine=self.machine,
+                              hugepages=self.hugepages, online=online, _checked=True)
+                self.segments[d.id] = seg
+                for s in d.slots:
+                    self._routes.append(_Route(s.guest.start, s.guest.end, seg, s.offset, 0))
+        except BaseException:
+            self.close()
+            raise
+        self._routes.sort(key=lambda r: r.start)
+        self._routes = [_Route(r.start, r.end, r.segment, r.offset, i) for i, r in enumerate(self._routes)]
+        self._starts = [r.start for r in self._routes]
+
+    # ---- routing
+
+    def locate(self, gpa: int, n: int = 1) -> tuple[Segment, int]:
+        """(segment, offset) of guest range [gpa, gpa+n); one slot or an error."""
+        if n < 0:
+            raise GuestAddressError(f"negative length {n} at guest address {gpa:#x}")
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i < 0 or gpa >= self._routes[i].end:
+            raise GuestAddressError(f"guest address {gpa:#x} is outside RAM{self._where(gpa)}")
+        r = self._routes[i]
+        if gpa + n > r.end:
+            nxt = self._routes[i + 1] if i + 1 < len(self._routes) else None
+            if nxt is not None and nxt.start == r.end:
+                why = (f"spans two memory slots (slot {r.slot} of domain {r.segment.domain} ends at "
+                       f"{r.end:#x}, slot {nxt.slot} of domain {nxt.segment.domain} follows)")
+            else:
+                why = f"runs past the end of RAM at {r.end:#x}{self._where(r.end)}"
+            raise GuestAddressError(f"guest range {gpa:#x}-{gpa + n:#x} ({n} bytes) {why}")
+        return r.segment, r.offset + gpa - r.start
+
+    def _where(self, gpa: int) -> str:
+        if LOW_RAM_LIMIT <= gpa < HIGH_RAM_BASE:
+            return " (in the 3-4 GiB hole)"
+        if gpa >= self.layout.ram_top:
+            return f" (RAM ends at {self.layout.ram_top:#x})"
+        return ""
+
+    def read(self, gpa: int, n: int) -> bytes:
+        seg, off = self.locate(gpa, n)
+        return seg.read(off, n)
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        src = memoryview(data).cast("B")
+        seg, off = self.locate(gpa, src.nbytes)
+        seg.write(off, src)
+
+    def view(self, gpa: int, n: int) -> memoryview:
+        seg, off = self.locate(gpa, n)
+        return seg.view(off, n)
+
+    # ---- for KVM and QEMU
+
+    def regions(self) -> Iterator[Region]:
+        """KVM memory slots in guest-physical order."""
+        for r in self._routes:
+            if r.segment.closed:
+                raise NumavmError(f"domain {r.segment.domain}: segment is closed")
+            yield Region(r.slot, r.start, r.end - r.start, r.segment.addr + r.offset)
+
+    def fds(self) -> dict[int, int]:
+        """Domain id -> memfd, for handing the segments to another process."""
+        return {d: s.fd for d, s in self.segments.items() if not s.closed}
+
+    # ---- prefault and audit
+
+    def prefault(self, threads: int | None = None,
+                 progress: ProgressFn | None = None) -> dict[int, PrefaultResult]:
+        """Prefault each segment in turn; `progress` sees totals across all."""
+        total = sum(s.size for s in self.segments.values())
+        base = 0
+        out = {}
+        for d, seg in self.segments.items():
+            cb = None
+            if progress is not None:
+                cb = (lambda b: lambda done, _t: progress(b + done, total))(base)
+            out[d] = seg.prefault(threads, cb)
+            base += seg.size
+        return out
+
+    def audit(self) -> dict[int, Placement]:
+        """Per domain: the kernel's policy and resident pages per host node."""
+        found = read_numa_maps({s.addr for s in self.segments.values() if not s.closed})
+        out = {}
+        for d, seg in self.segments.items():
+            if seg.closed:
+                continue
+            if seg.addr not in found:
+                raise NumavmError(f"domain {d}: no /proc/self/numa_maps line at {seg.addr:#x}")
+            out[d] = found[seg.addr]
+        return out
+
+    def describe(self) -> str:
+        placements = self.audit()
+        lines = []
+        for d, seg in self.segments.items():
+            lines.append(seg.describe(placements.get(d)))
+            lines += [f"  slot {r.slot}: guest {r.start:#011x}-{r.end:#011x} -> segment +{r.offset:#x}"
+                      for r in self._routes if r.segment is seg]
+        return "\n".join(lines)
+
+    # ---- life
+
+    def close(self) -> None:
+        """Release every mapping and fd; idempotent.  The first error is raised
+        after every segment has been tried."""
+        first: BaseException | None = None
+        for seg in self.segments.values():
+            try:
+                seg.close()
+            except BaseException as e:  # keep closing the others
+                first = first or e
+        if first is not None:
+            raise first
+
+    def __enter__(self) -> "GuestMemory":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _human(n: int) -> str:
+    for unit, name in ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
+        if n >= unit:
+            return f"{n / unit:.1f} {name}"
+    return f"{n} B"
