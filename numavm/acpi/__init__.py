@@ -1,0 +1,56 @@
+"""What the guest is told: ACPI tables (RSDP, XSDT, FADT, DSDT, MADT, SRAT, SLIT).
+
+`build_tables(layout)` returns every table as a value with its guest-physical
+address; `AcpiTables.placements()` gives the (address, bytes) pairs to copy
+into guest memory.  See `tables` for the power-off/reset contract
+(`S5_SLEEP_CONTROL_VALUE` etc.) the devices layer must honour.
+"""
+
+from . import aml
+from .tables import (
+    FADT_LENGTH,
+    IOAPIC_ID,
+    NMI_LINT,
+    S5_SLEEP_CONTROL_VALUE,
+    S5_SLP_TYP,
+    SLEEP_ENABLE,
+    SLEEP_STATUS_WAK_STS,
+    SLEEP_TYPE_MASK,
+    SLEEP_TYPE_SHIFT,
+    TIMER_GSI,
+    TIMER_IRQ,
+    AcpiTables,
+    BootArch,
+    Dsdt,
+    Fadt,
+    FadtFlags,
+    Gas,
+    InterruptSourceOverride,
+    IoApic,
+    LocalApic,
+    LocalApicNmi,
+    LocalX2Apic,
+    LocalX2ApicNmi,
+    Madt,
+    MemoryAffinity,
+    ProcessorAffinity,
+    Rsdp,
+    Slit,
+    Srat,
+    X2ApicAffinity,
+    Xsdt,
+    build_dsdt,
+    build_madt,
+    build_srat,
+    build_tables,
+    checksum,
+)
+
+__all__ = [
+    "aml", "FADT_LENGTH", "IOAPIC_ID", "NMI_LINT", "S5_SLEEP_CONTROL_VALUE", "S5_SLP_TYP", "SLEEP_ENABLE",
+    "SLEEP_STATUS_WAK_STS", "SLEEP_TYPE_MASK", "SLEEP_TYPE_SHIFT", "TIMER_GSI", "TIMER_IRQ",
+    "AcpiTables", "BootArch", "Dsdt", "Fadt", "FadtFlags", "Gas", "InterruptSourceOverride", "IoApic",
+    "LocalApic", "LocalApicNmi", "LocalX2Apic", "LocalX2ApicNmi", "Madt", "MemoryAffinity",
+    "ProcessorAffinity", "Rsdp", "Slit", "Srat", "X2ApicAffinity", "Xsdt", "build_dsdt", "build_madt",
+    "build_srat", "build_tables", "checksum",
+]
