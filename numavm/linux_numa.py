@@ -41,14 +41,11 @@ class KernelView:
 
 
 def expected_pxm_to_node(layout: Layout) -> dict[int, int]:
-    order: list[int] = []
-    for cpu in range(layout.topology.cpus):
-        pxm = layout.topology.domain_of_cpu(cpu).id
-        if pxm not in order:
-            order.append(pxm)
-    for d in layout.domains:
-        if d.ranges and d.id not in order:
-            order.append(d.id)
+    """Linux numbers nodes by first appearance in the SRAT, processor entries
+    first; ours list processors by domain id, so domains with vCPUs come
+    first in id order, then memory-only domains in id order."""
+    order = [d.id for d in layout.domains if d.apic_ids]
+    order += [d.id for d in layout.domains if not d.apic_ids and d.ranges]
     return {pxm: node for node, pxm in enumerate(order)}
 
 

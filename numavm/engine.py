@@ -1,0 +1,74 @@
+"""Which engine runs the guest: KVM, or QEMU's TCG where KVM cannot run it well.
+
+`auto` picks KVM where hardware virtualization is usable, and TCG where
+/dev/kvm is missing, not accessible, or backed by a KVM that emulates guest
+kernel code (kvm_pvm and the like: a KVM module on a CPU without VT-x/AMD-V,
+~1000x slower than native and unable to run some instructions).  The choice
+comes with a one-line reason that the commands print.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+ACCELS = ("auto", "kvm", "tcg")
+KVM_DEV = Path("/dev/kvm")
+# KVM modules that run guests without hardware virtualization, by emulation.
+EMULATING_MODULES = ("kvm_pvm",)
+
+
+@dataclass(frozen=True)
+class HostVirt:
+    kvm_usable: bool  # /dev/kvm opens read-write
+    emulated: bool  # ... but guest kernel code is emulated, not run natively
+    reason: str  # one line: what was found
+
+
+def detect(dev: Path = KVM_DEV, sysfs: Path = Path("/sys/module"),
+           cpuinfo: Path = Path("/proc/cpuinfo")) -> HostVirt:
+    if not dev.exists():
+        return HostVirt(False, False, f"{dev} does not exist (no KVM module loaded)")
+    if not os.access(dev, os.R_OK | os.W_OK):
+        return HostVirt(False, False, f"{dev} is not accessible to this user (add it to the kvm group)")
+    for mod in EMULATING_MODULES:
+        if (sysfs / mod).exists():
+            return HostVirt(True, True, f"{dev} is {mod}, which emulates guest kernel code")
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if flags and not {"vmx", "svm"} & set(flags):
+        return HostVirt(True, True, f"{dev} works but the CPU has no VT-x/AMD-V, so guest code is emulated")
+    return HostVirt(True, False, f"{dev} has hardware virtualization")
+
+
+def qemu_binary() -> str | None:
+    return shutil.which("qemu-system-x86_64")
+
+
+def choose(accel: str, host: HostVirt | None = None) -> tuple[str, str]:
+    """(engine, one-line reason) for --accel; ConfigError when it cannot run here."""
+    if accel not in ACCELS:
+        raise ConfigError(f"--accel: must be one of {', '.join(ACCELS)}, got {accel!r}")
+    host = host or detect()
+    if accel == "kvm":
+        if not host.kvm_usable:
+            raise ConfigError(f"--accel kvm: {host.reason}")
+        return "kvm", f"engine kvm (asked for): {host.reason}"
+    if accel == "tcg":
+        if not qemu_binary():
+            raise ConfigError("--accel tcg: qemu-system-x86_64 not found (Debian: apt-get install qemu-system-x86)")
+        return "tcg", "engine tcg (asked for): QEMU software emulation"
+    if host.kvm_usable and not host.emulated:
+        return "kvm", f"engine kvm: {host.reason}"
+    if qemu_binary():
+        return "tcg", f"engine tcg: {host.reason}; QEMU's TCG is faster here"
+    if host.kvm_usable:
+        return "kvm", f"engine kvm: {host.reason}, and no qemu-system-x86_64 for TCG; expect a slow boot"
+    raise ConfigError(f"--accel auto: no engine: {host.reason}, and qemu-system-x86_64 is not installed")
