@@ -60,19 +60,19 @@ SEG_TYPE_DATA_RW_ACCESSED = 0x3
 SEG_TYPE_TSS_BUSY = 0xB
 
 
-def _le_bytes(table: array) -> bytes:
+def _le_bytes(table: array[int]) -> bytes:
     # array('Q') is native-endian; guest tables are little-endian.
     if sys.byteorder != "little":
         table.byteswap()
     return table.tobytes()
 
 
-def _entries(first: int, count: int, step: int, flags: int) -> array:
+def _entries(first: int, count: int, step: int, flags: int) -> array[int]:
     """`count` consecutive entries first|flags, first+step|flags, ... built in C."""
     return array("Q", range(first | flags, first + count * step, step))
 
 
-def _pad_table(table: array) -> array:
+def _pad_table(table: array[int]) -> array[int]:
     table.frombytes(bytes(8 * (-len(table) % ENTRIES_PER_TABLE)))
     return table
 

@@ -19,15 +19,17 @@ import fcntl
 import mmap
 import os
 import struct
+import sys
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, TypeVar, cast
 
 from numavm.cpu import CpuState, DescriptorTable, Segment
+from numavm._libc import HostError
 from numavm.errors import NumavmError
 
 __all__ = [
-    "KVM_API_VERSION", "KVM_PATH", "KvmError", "KvmCap", "KvmExit", "KvmIoDirection",
+    "KVM_API_VERSION", "KVM_PATH", "KvmError", "KvmIoctlError", "KvmCap", "KvmExit", "KvmIoDirection",
     "KvmInternalError", "KvmSystemEvent", "MpState", "REQUIRED_CAPS",
     "KvmRegs", "KvmSegment", "KvmDtable", "KvmSregs", "KvmFpu", "KvmLapicState",
     "KvmVcpuEvents", "KvmUserspaceMemoryRegion", "KvmCpuidEntry2", "KvmCpuid2",
@@ -41,11 +43,14 @@ KVM_API_VERSION = 12  # the only stable version there has ever been
 
 
 class KvmError(NumavmError):
-    """A failed KVM call; the message names the call and the errno."""
+    """A KVM problem reported in one line (missing capability, closed handle, ...)."""
 
-    def __init__(self, message: str, errno_: int | None = None) -> None:
-        super().__init__(message)
-        self.errno = errno_
+
+class KvmIoctlError(KvmError, HostError):
+    """A failed ioctl: "KVM_CREATE_VCPU: EEXIST (File exists)"; `errno` is set."""
+
+    def __init__(self, err: int, what: str) -> None:
+        HostError.__init__(self, err, what)
 
 
 def _errno_text(err: int) -> str:
@@ -64,7 +69,8 @@ _IOC_READ = 2
 _IOC_SIZEMASK = (1 << 14) - 1
 KVMIO = 0xAE
 
-_CType = type[ctypes._SimpleCData] | type[ctypes.Structure] | type[ctypes.Union]
+if TYPE_CHECKING:
+    _CType = type[ctypes._SimpleCData[Any]] | type[ctypes.Structure] | type[ctypes.Union]
 
 
 def _IOC(direction: int, type_: int, nr: int, size: int) -> int:
@@ -452,7 +458,7 @@ _EXITS: dict[int, KvmExit] = {int(e): e for e in KvmExit}
 
 # --- the one ioctl wrapper ------------------------------------------------
 
-_Buffer = ctypes.Structure | ctypes.Array | bytearray  # type: ignore[type-arg]
+_Buffer = ctypes.Structure | ctypes.Array | ctypes.c_uint64 | bytearray  # type: ignore[type-arg]
 
 
 def _ioctl(fd: int, name: str, request: int, arg: int | _Buffer = 0) -> int:
@@ -463,15 +469,15 @@ def _ioctl(fd: int, name: str, request: int, arg: int | _Buffer = 0) -> int:
     try:
         if isinstance(arg, int):
             if not -(1 << 31) <= arg < 1 << 32:
-                raise KvmError(f"{name}: argument {arg:#x} does not fit 32 bits", errno.EINVAL)
+                raise KvmIoctlError(errno.EINVAL, f"{name} with argument {arg:#x}")
             # fcntl.ioctl takes a C int; the kernel reads these arguments as
             # 32-bit unsigned values (e.g. the TSS address), so wrap, not refuse.
             if arg >= 1 << 31:
                 arg -= 1 << 32
-            return fcntl.ioctl(fd, request, arg)
-        return fcntl.ioctl(fd, request, arg, True)
+            return int(fcntl.ioctl(fd, request, arg))
+        return int(fcntl.ioctl(fd, request, arg, True))
     except OSError as e:
-        raise KvmError(f"{name}: {_errno_text(e.errno or 0)}", e.errno) from None
+        raise KvmIoctlError(e.errno or 0, name) from None
 
 
 def _close_fd(fd: int) -> None:
@@ -508,7 +514,8 @@ def host_address(buf: mmap.mmap | bytearray | ctypes.Array) -> int:  # type: ign
 
 
 def _cpuid_list(buf: _FlexBuffer) -> list[KvmCpuidEntry2]:
-    return [_copy(e) for e in buf.entries[: buf.header.nent]]
+    entries = cast("ctypes.Array[KvmCpuidEntry2]", buf.entries)
+    return [_copy(e) for e in entries[: buf.header.nent]]
 
 
 # --- exit data ------------------------------------------------------------
@@ -627,7 +634,7 @@ class Kvm:
             try:
                 _ioctl(self.fd, "KVM_GET_SUPPORTED_CPUID", KVM_GET_SUPPORTED_CPUID, buf.raw)
                 return _cpuid_list(buf)
-            except KvmError as e:
+            except KvmIoctlError as e:
                 # E2BIG: the table has more leaves than we offered room for.
                 if e.errno != errno.E2BIG or count >= 1 << 16:
                     raise
@@ -749,13 +756,21 @@ def _load_dtable(dst: KvmDtable, table: DescriptorTable) -> None:
     dst.base, dst.limit = table.base, table.limit
 
 
+# Before Python 3.13 an mmap of a file keeps a dup() of its fd: two fds per
+# vCPU, which matters against RLIMIT_NOFILE with hundreds of vCPUs.
+_MMAP_NO_DUP: dict[str, bool] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+FDS_PER_VCPU = 1 if _MMAP_NO_DUP else 2
+
+
 class Vcpu:
     """One vCPU fd (id = APIC id) and its mmap'ed kvm_run page; created by `Vm.create_vcpu`."""
 
     def __init__(self, fd: int, apic_id: int, mmap_size: int) -> None:
         self._fd = fd
         self.apic_id = apic_id
-        self._mmap = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._mmap: mmap.mmap | None = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED,
+                                                 mmap.PROT_READ | mmap.PROT_WRITE,
+                                                 **_MMAP_NO_DUP)
         self._page: memoryview | None = memoryview(self._mmap)
         self._run: KvmRun | None = KvmRun.from_buffer(self._mmap)
 
@@ -824,7 +839,7 @@ class Vcpu:
         return _cpuid_list(buf)
 
     def set_cpuid(self, entries: Sequence[KvmCpuidEntry2]) -> None:
-        """KVM_SET_CPUID2. Long mode needs a table with CPUID.80000001h:EDX.LM."""
+        """KVM_SET_CPUID2; before the first run() (KVM may refuse changes after it)."""
         buf = _FlexBuffer(KvmCpuid2, KvmCpuidEntry2, len(entries))
         buf.header.nent = len(entries)
         for dst, src in zip(buf.entries, entries):
@@ -890,13 +905,13 @@ class Vcpu:
         except InterruptedError:
             return KvmExit.INTR
         except OSError as e:
-            raise KvmError(f"KVM_RUN: {_errno_text(e.errno or 0)}", e.errno) from None
-        reason = run.exit_reason
+            raise KvmIoctlError(e.errno or 0, "KVM_RUN") from None
+        reason = int(run.exit_reason)
         return _EXITS.get(reason, reason)
 
     @property
     def exit_reason(self) -> KvmExit | int:
-        reason = self.run_state.exit_reason
+        reason = int(self.run_state.exit_reason)
         return _EXITS.get(reason, reason)
 
     @property
@@ -957,10 +972,12 @@ class Vcpu:
         page, self._page = self._page, None
         if page is not None:
             page.release()
-        try:
-            self._mmap.close()
-        except BufferError:
-            pass
+        mapping, self._mmap = self._mmap, None
+        if mapping is not None:
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # a view is still held: the mapping goes when the last view does
         if fd >= 0:
             _close_fd(fd)
 
