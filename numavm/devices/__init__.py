@@ -1,0 +1,36 @@
+"""Device models: pure state machines behind the port I/O bus.
+
+No KVM, threads or file descriptors in here: a device gets port accesses as
+method calls (``read(offset, size)`` / ``write(offset, size, value)``) and
+reaches the outside world only through callbacks given at construction
+(``irq(line, level)``, ``output(data)``, ``on_event(event)``), so each one is
+unit-tested alone and the machine wires them to KVM.
+"""
+
+from .bus import PORT_LIMIT, Device, IoBus, all_ones
+from .power import (
+    I8042,
+    IO_DELAY_PORT,
+    POST_PORT,
+    S5_SLEEP_CONTROL_VALUE,
+    S5_SLP_TYP,
+    SLP_EN,
+    SLP_TYP_MASK,
+    SLP_TYP_SHIFT,
+    WAK_STS,
+    AcpiPower,
+    PowerDevices,
+    PowerEvent,
+    Register,
+    SinkPort,
+    attach_power_devices,
+)
+from .serial import UART_PORTS, Serial16550
+
+__all__ = [
+    "PORT_LIMIT", "Device", "IoBus", "all_ones",
+    "Serial16550", "UART_PORTS",
+    "PowerEvent", "S5_SLP_TYP", "SLP_TYP_SHIFT", "SLP_TYP_MASK", "SLP_EN", "WAK_STS",
+    "S5_SLEEP_CONTROL_VALUE", "POST_PORT", "IO_DELAY_PORT",
+    "Register", "AcpiPower", "I8042", "SinkPort", "PowerDevices", "attach_power_devices",
+]
