@@ -1,0 +1,368 @@
+"""The machine on KVM: assembles memory, vCPUs and devices, and runs them.
+
+One host memory segment per domain (numavm.memory) becomes one KVM slot per
+guest range; one Python thread per vCPU runs KVM_RUN (which releases the
+GIL); exits are dispatched to the device models by port.  Any vCPU can end
+the machine (power-off, reset, triple fault, emulation failure, error); then
+every vCPU is kicked out of KVM_RUN, joined, and every fd, mapping and
+thread is released, on every path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import signal
+import struct
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from . import cpu as cpumode
+from .acpi import build_tables
+from .devices import IoBus, PowerEvent, Serial16550, attach_power_devices
+from .errors import NumavmError
+from .kvm import Kvm, KvmExit, KvmInternalError, KvmIoDirection, MpState, Vcpu, Vm
+from .layout import COM1_PORT, Layout
+from .memory import GuestMemory, node_cpus
+from .policy import Mode
+
+# KVM's private pages for VMX (TSS and identity map), in the 3-4 GiB hole,
+# clear of the IOAPIC and LAPIC.
+KVM_TSS_ADDR = 0xFFFB_D000
+KVM_IDENTITY_MAP_ADDR = 0xFFFB_C000
+KICK_SIGNAL = signal.SIGUSR1
+_INT3 = 0xCC
+_BP_VECTOR = 3
+
+
+class Outcome(enum.Enum):
+    """How a run ended; the commands map each to a documented exit status."""
+
+    POWEROFF = "poweroff"
+    RESET = "reset"
+    TRIPLE_FAULT = "triple-fault"
+    PANIC = "panic"
+    EMULATION_FAILURE = "emulation-failure"
+    TIMEOUT = "timeout"
+    STOPPED = "stopped"  # the host asked (e.g. check saw what it needed)
+    INTERRUPTED = "interrupted"  # SIGINT/SIGTERM
+    ERROR = "error"
+
+
+@dataclass
+class RunResult:
+    outcome: Outcome
+    detail: str
+    seconds: float
+    exits: Counter[str] = field(default_factory=Counter)
+    unhandled_reads: Counter[int] = field(default_factory=Counter)
+    unhandled_writes: Counter[int] = field(default_factory=Counter)
+    vcpus_ran: frozenset[int] = frozenset()  # APIC ids that entered KVM_RUN
+
+
+def emulation_failure_text(data: tuple[int, ...], rip: int) -> str:
+    """KVM's emulation-failure report: flags, then insn_size and up to 15 bytes."""
+    if len(data) >= 3 and data[0] & 1:  # KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+        raw = struct.pack("<QQ", data[1], data[2])
+        insn = raw[1:1 + min(raw[0], 15)]
+        return f"guest RIP {rip:#x}, instruction bytes {insn.hex(' ')}"
+    return f"guest RIP {rip:#x} (no instruction bytes reported)"
+
+
+class KvmMachine:
+    """A VM on /dev/kvm built from a Layout.  Use as a context manager."""
+
+    def __init__(self, layout: Layout, *, name: str = "numavm",
+                 console: Callable[[bytes], None] | None = None,
+                 pin: bool = True, hugepages: str | None = None,
+                 kvm_path: str = "/dev/kvm", cpuid: bool = True) -> None:
+        self.layout = layout
+        self.name = name
+        self.pin = pin
+        self._console = console or (lambda data: None)
+        self._stop = threading.Event()
+        self._outcome: tuple[Outcome, str] | None = None
+        self._outcome_lock = threading.Lock()
+        self._io_lock = threading.Lock()  # the device models are not thread-safe
+        self._threads: list[threading.Thread] = []
+        self._exits: list[Counter[str]] = []
+        self._ran: set[int] = set()
+        self.memory: GuestMemory | None = None
+        self.kvm: Kvm | None = None
+        self.vm: Vm | None = None
+        self.vcpus: list[Vcpu] = []
+        try:
+            self._build(hugepages, kvm_path, cpuid)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ assembly
+
+    def _build(self, hugepages: str | None, kvm_path: str, use_cpuid: bool) -> None:
+        layout = self.layout
+        # Memory first: a bad policy is refused before KVM is even opened.
+        self.memory = GuestMemory(layout, machine=self.name, hugepages=hugepages)
+        self.kvm = Kvm(kvm_path)
+        if layout.topology.cpus > self.kvm.max_vcpus:
+            raise NumavmError(f"-c/--cpus: this host's KVM allows at most {self.kvm.max_vcpus} vCPUs")
+        if max(layout.apic_ids) >= self.kvm.max_vcpu_id:
+            raise NumavmError(f"APIC id {max(layout.apic_ids)} exceeds this KVM's limit "
+                              f"({self.kvm.max_vcpu_id - 1})")
+        vm = self.vm = self.kvm.create_vm()
+        vm.set_tss_addr(KVM_TSS_ADDR)
+        vm.set_identity_map_addr(KVM_IDENTITY_MAP_ADDR)
+        vm.create_irqchip()
+        vm.create_pit2()
+        for region in self.memory.regions():
+            vm.set_user_memory_region(*region)
+        vm.set_boot_cpu_id(layout.apic_ids[0])
+        supported = self.kvm.supported_cpuid() if use_cpuid else []
+        vcpu_cpuid = _cpuid_builder() if use_cpuid else None
+        for index, apic in enumerate(layout.apic_ids):
+            vcpu = vm.create_vcpu(apic)
+            self.vcpus.append(vcpu)
+            if vcpu_cpuid is not None:
+                vcpu.set_cpuid(vcpu_cpuid(supported, layout, index))
+        for addr, blob in build_tables(layout).placements():
+            self.memory.write(addr, blob)
+        self.bus = IoBus()
+        self.serial = Serial16550(self._console, self._irq)
+        self.bus.register(COM1_PORT, 8, self.serial)
+        self.power = attach_power_devices(self.bus, self._power_event)
+
+    def _irq(self, line: int, level: bool) -> None:
+        assert self.vm is not None
+        self.vm.irq_line(line, 1 if level else 0)
+
+    def _power_event(self, event: str) -> None:
+        if event == PowerEvent.POWEROFF:
+            self.stop(Outcome.POWEROFF, "guest powered off (ACPI S5)")
+        else:
+            self.stop(Outcome.RESET, f"guest asked for a reset ({event})")
+
+    # ------------------------------------------------------------ loading
+
+    def load(self, writes: Iterable[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        """Copy (guest-physical address, data) pairs into guest memory."""
+        assert self.memory is not None
+        for addr, data in writes:
+            self.memory.write(addr, data)
+
+    def set_boot_state(self, state: cpumode.CpuState) -> None:
+        """The boot vCPU starts here; the others wait for INIT/SIPI, as on hardware."""
+        self.vcpus[0].load_cpu_state(state)
+
+    def start_all(self, state_for: Callable[[int], cpumode.CpuState]) -> None:
+        """Every vCPU starts running at once (small guest programs, no SIPI)."""
+        for index, vcpu in enumerate(self.vcpus):
+            vcpu.load_cpu_state(state_for(index))
+            vcpu.set_mp_state(MpState.RUNNABLE)
+
+    def feed_input(self, data: bytes) -> None:
+        """Host input for the guest's serial console."""
+        with self._io_lock:
+            self.serial.feed(data)
+
+    # ------------------------------------------------------------ running
+
+    def stop(self, outcome: Outcome, detail: str) -> None:
+        """End the run from any thread; the first reason given wins."""
+        with self._outcome_lock:
+            if self._outcome is None:
+                self._outcome = (outcome, detail)
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self, timeout: float | None = None) -> RunResult:
+        """Run every vCPU until one ends the machine, `stop()` or the timeout."""
+        if threading.current_thread() is not threading.main_thread():
+            raise NumavmError("KvmMachine.run must be called from the main thread (it handles signals)")
+        start = time.monotonic()
+        old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        old[KICK_SIGNAL] = signal.signal(KICK_SIGNAL, lambda *_: None)  # only to interrupt KVM_RUN
+        try:
+            for index, vcpu in enumerate(self.vcpus):
+                exits: Counter[str] = Counter()
+                self._exits.append(exits)
+                t = threading.Thread(target=self._vcpu_thread, args=(index, vcpu, exits),
+                                     name=f"{self.name}-vcpu{index}", daemon=True)
+                self._threads.append(t)
+                t.start()
+            deadline = None if timeout is None else start + timeout
+            # Short waits keep the main thread responsive to SIGINT/SIGTERM.
+            while not self._stop.wait(0.05):
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.stop(Outcome.TIMEOUT, f"no end after {timeout:g} s")
+            self._join_vcpus()
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        with self._io_lock:
+            self.serial.flush()
+        outcome, detail = self._outcome or (Outcome.STOPPED, "stopped")
+        total: Counter[str] = Counter()
+        for c in self._exits:
+            total.update(c)
+        return RunResult(outcome, detail, time.monotonic() - start, total,
+                         Counter(self.bus.unhandled_reads), Counter(self.bus.unhandled_writes),
+                         frozenset(self._ran))
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stop(Outcome.INTERRUPTED, f"stopped by {signal.Signals(signum).name}")
+
+    def _join_vcpus(self) -> None:
+        for vcpu, t in zip(self.vcpus, self._threads):
+            while t.is_alive():
+                vcpu.immediate_exit = True
+                if t.ident is not None:
+                    try:
+                        signal.pthread_kill(t.ident, KICK_SIGNAL)
+                    except ProcessLookupError:
+                        pass  # the thread ended between the check and the kick
+                t.join(0.05)
+        self._threads.clear()
+
+    def _pin(self, index: int) -> None:
+        """Keep a vCPU on the host CPUs of its domain's policy nodes."""
+        if not self.pin:
+            return
+        pol = self.layout.topology.domain_of_cpu(index).policy
+        if pol.mode in (Mode.DEFAULT, Mode.LOCAL) or not pol.nodes:
+            return
+        allowed = os.sched_getaffinity(0)
+        cpus = {c for n in pol.nodes for c in node_cpus(n)} & allowed
+        if cpus:
+            os.sched_setaffinity(0, cpus)  # 0 = this thread on Linux
+
+    def _vcpu_thread(self, index: int, vcpu: Vcpu, exits: Counter[str]) -> None:
+        try:
+            self._pin(index)
+            self._ran.add(vcpu.apic_id)
+            self._vcpu_loop(vcpu, exits)
+        except BaseException as e:  # any failure ends the machine, with its reason
+            self.stop(Outcome.ERROR, f"vCPU {index}: {e}")
+
+    def _vcpu_loop(self, vcpu: Vcpu, exits: Counter[str]) -> None:
+        bus, lock, stop = self.bus, self._io_lock, self._stop
+        IO, MMIO, INTR = KvmExit.IO, KvmExit.MMIO, KvmExit.INTR
+        while not stop.is_set():
+            reason = vcpu.run()
+            if reason == IO:  # the hot path: keep it short
+                io = vcpu.io_exit()
+                size, data = io.size, io.data
+                with lock:
+                    if io.direction == KvmIoDirection.OUT:
+                        for k in range(io.count):
+                            bus.write(io.port, size, int.from_bytes(data[k * size:(k + 1) * size], "little"))
+                    else:
+                        for k in range(io.count):
+                            data[k * size:(k + 1) * size] = bus.read(io.port, size).to_bytes(size, "little")
+                exits["io"] += 1
+            elif reason == INTR:
+                exits["intr"] += 1
+            elif reason == MMIO:
+                m = vcpu.mmio_exit()
+                if not m.is_write:  # no MMIO devices: reads float high, as on a bus with nothing there
+                    m.data[:] = b"\xff" * len(m.data)
+                exits["mmio"] += 1
+            else:
+                exits[getattr(reason, "name", str(reason)).lower()] += 1
+                self._slow_exit(vcpu, reason)
+
+    def _slow_exit(self, vcpu: Vcpu, reason: KvmExit | int) -> None:
+        if reason == KvmExit.HLT:
+            return  # only without an in-kernel LAPIC; ours has one
+        if reason == KvmExit.SHUTDOWN:
+            self.stop(Outcome.TRIPLE_FAULT, f"vCPU {vcpu.apic_id}: triple fault (shutdown) at RIP "
+                                            f"{vcpu.get_regs().rip:#x}")
+        elif reason == KvmExit.SYSTEM_EVENT:
+            ev = vcpu.system_event()
+            kind = getattr(ev.type, "name", str(ev.type))
+            if kind == "SHUTDOWN":
+                self.stop(Outcome.POWEROFF, "guest powered off")
+            elif kind == "RESET":
+                self.stop(Outcome.RESET, "guest asked for a reset")
+            elif kind == "CRASH":
+                self.stop(Outcome.PANIC, "guest reported a crash")
+            else:
+                self.stop(Outcome.ERROR, f"vCPU {vcpu.apic_id}: system event {kind}")
+        elif reason == KvmExit.INTERNAL_ERROR:
+            err = vcpu.internal_error()
+            rip = vcpu.get_regs().rip
+            if err.suberror == KvmInternalError.EMULATION:
+                if self._emulate_int3(vcpu, err.data, rip):
+                    return
+                self.stop(Outcome.EMULATION_FAILURE,
+                          f"vCPU {vcpu.apic_id}: KVM could not emulate an instruction: "
+                          + emulation_failure_text(err.data, rip))
+            else:
+                self.stop(Outcome.ERROR, f"vCPU {vcpu.apic_id}: KVM internal error {err.suberror!r} at RIP {rip:#x}")
+        elif reason == KvmExit.FAIL_ENTRY:
+            f = vcpu.fail_entry()
+            self.stop(Outcome.ERROR, f"vCPU {vcpu.apic_id}: VM entry failed "
+                                     f"(reason {f.hardware_entry_failure_reason:#x})")
+        else:
+            self.stop(Outcome.ERROR, f"vCPU {vcpu.apic_id}: unexpected KVM exit {reason!r}")
+
+    def _emulate_int3(self, vcpu: Vcpu, data: tuple[int, ...], rip: int) -> bool:
+        """An emulating KVM may fail on int3; deliver the #BP it means, as the CPU would."""
+        if not (len(data) >= 3 and data[0] & 1):
+            return False
+        raw = struct.pack("<QQ", data[1], data[2])
+        if raw[0] < 1 or raw[1] != _INT3:
+            return False
+        regs = vcpu.get_regs()
+        regs.rip = rip + 1  # #BP is a trap: it reports the address after int3
+        vcpu.set_regs(regs)
+        events = vcpu.get_vcpu_events()
+        events.exception.injected = 1
+        events.exception.nr = _BP_VECTOR
+        events.exception.has_error_code = 0
+        vcpu.set_vcpu_events(events)
+        return True
+
+    # ------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        """Release vCPUs, the VM, /dev/kvm and guest memory; safe to call twice."""
+        if self._threads:
+            self._stop.set()
+            self._join_vcpus()
+        vm, self.vm = self.vm, None
+        if vm is not None:
+            vm.close()
+        self.vcpus = []
+        kvm, self.kvm = self.kvm, None
+        if kvm is not None:
+            kvm.close()
+        memory, self.memory = self.memory, None
+        if memory is not None:
+            memory.close()
+
+    def __enter__(self) -> "KvmMachine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cpuid_builder() -> Callable[..., list] | None:  # type: ignore[type-arg]
+    """numavm.cpuid's per-vCPU CPUID, when present."""
+    try:
+        from .cpuid import vcpu_cpuid
+    except ImportError:
+        return None
+    return vcpu_cpuid
+
+
+def with_regs(state: cpumode.CpuState, **regs: int) -> cpumode.CpuState:
+    """`state` with more general registers set."""
+    return dataclasses.replace(state, regs={**state.regs, **regs})

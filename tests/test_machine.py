@@ -1,0 +1,235 @@
+"""The machine on real KVM: small guest programs prove memory routing and vCPUs.
+
+Every vCPU runs, in 64-bit mode, a program that writes a signature at the
+first and last byte of every guest range of every domain, then reports its
+APIC id (read from its own LAPIC) through a port.  The test then reads the
+host segments: each write landed in the right domain's segment at the
+right offset, nothing landed anywhere else, every vCPU ran.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+
+import pytest
+
+from numavm import cpu as cpumode
+from numavm.acpi import build_tables
+from numavm.engine import detect
+from numavm.layout import Layout, plan_layout
+from numavm.machine import KvmMachine, Outcome, with_regs
+from numavm.topology import MachineSpec, parse_distance, parse_numa
+
+host = detect()
+pytestmark = pytest.mark.skipif(not host.kvm_usable, reason=f"needs a usable /dev/kvm: {host.reason}")
+
+PAGE = 4096
+GDT_ADDR = 0x7000
+PROGRAM_ADDR = 0x8000
+TABLE_ADDR = 0x9000
+PT_ADDR = 0x10000
+REPORT_PORT = 0x90
+SIGNATURE = 0x5A
+
+# rsi = table of guest addresses, rcx = how many (> 0), dl = signature.
+PROGRAM = bytes.fromhex(
+    "488b06"          # loop: mov rax, [rsi]
+    "8810"            #       mov [rax], dl
+    "4883c608"        #       add rsi, 8
+    "48ffc9"          #       dec rcx
+    "75f2"            #       jnz loop
+    "48bb200e0efe00000000"  # mov rbx, 0xfe0e0e20 (patched below)
+    "8b03"            #       mov eax, [rbx]        ; LAPIC ID register
+    "c1e818"          #       shr eax, 24
+    "e7" + f"{REPORT_PORT:02x}" +  # out REPORT_PORT, eax
+    "f4"              # halt: hlt
+    "ebfd"            #       jmp halt
+)
+PROGRAM = PROGRAM.replace(struct.pack("<Q", 0xFE0E0E20), struct.pack("<Q", 0xFEE00020))
+
+
+class Reporter:
+    """A port that collects each vCPU's report and stops the machine after the last."""
+
+    def __init__(self, machine: KvmMachine, expected: int) -> None:
+        self.machine, self.expected = machine, expected
+        self.ids: list[int] = []
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.ids.append(value)
+        if len(self.ids) == self.expected:
+            self.machine.stop(Outcome.STOPPED, "every vCPU reported")
+
+
+def targets(layout: Layout) -> list[int]:
+    return [a for d in layout.domains for r in d.ranges for a in (r.start, r.end - 1)]
+
+
+def populated_pages(fd: int, size: int) -> set[int]:
+    """Pages of a memfd that hold data (SEEK_DATA/SEEK_HOLE: no per-page loop over holes)."""
+    pages: set[int] = set()
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError:
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        pages.update(range(start // PAGE, (end + PAGE - 1) // PAGE))
+        off = end
+    return pages
+
+
+def run_program(layout: Layout) -> tuple[KvmMachine, list[int], set[int]]:
+    m = KvmMachine(layout, name="test")
+    reporter = Reporter(m, layout.topology.cpus)
+    m.bus.register(REPORT_PORT, 4, reporter)
+    addrs = targets(layout)
+    tables = cpumode.identity_page_tables(PT_ADDR, max(layout.ram_top, 4 << 30))
+    host_written = [(GDT_ADDR, cpumode.gdt_bytes()), (PROGRAM_ADDR, PROGRAM),
+                    (TABLE_ADDR, struct.pack(f"<{len(addrs)}Q", *addrs)), (PT_ADDR, tables)]
+    m.load(host_written)
+    state = cpumode.long_mode_state(PT_ADDR, GDT_ADDR, PROGRAM_ADDR)
+    m.start_all(lambda i: with_regs(state, rsi=TABLE_ADDR, rcx=len(addrs), rdx=SIGNATURE))
+    result = m.run(timeout=120)
+    assert result.outcome is Outcome.STOPPED, result.detail
+    assert result.vcpus_ran == frozenset(layout.apic_ids)
+    assert result.exits["io"] >= layout.topology.cpus
+    host_written += build_tables(layout).placements()  # the machine wrote the ACPI tables
+    host_pages = {p for addr, data in host_written for p in range(addr // PAGE, (addr + len(data) - 1) // PAGE + 1)}
+    return m, reporter.ids, host_pages
+
+
+MACHINES = {
+    "example": MachineSpec(domains=[parse_numa("id=0,size=1G,cpus=0-1"), parse_numa("id=1,size=1G,cpus=2-3"),
+                                    parse_numa("id=2,size=512M")],
+                           distances=[parse_distance("0:1=20"), parse_distance("0:2=30")]),
+    "crossing-3G": MachineSpec(domains=[parse_numa("id=0,size=2G,cpus=0"),
+                                        parse_numa("id=1,size=3G,cpus=1,domain_policy=bind:0")]),
+    "memoryless+interleaved": MachineSpec(domains=[parse_numa("id=0,size=64M,cpus=0+2"),
+                                                   parse_numa("id=1,size=0,cpus=1"),
+                                                   parse_numa("id=2,size=96M,cpus=3,domain_policy=preferred:0")]),
+    "classic": MachineSpec(cpus=2, memory=256 << 20),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MACHINES))
+def test_every_vcpu_writes_every_range_edge(name: str) -> None:
+    layout = plan_layout(MACHINES[name].build(host_nodes=(0,)))
+    m, ids, host_pages = run_program(layout)
+    try:
+        assert sorted(ids) == sorted(layout.apic_ids), "each vCPU reports its own planned APIC id"
+        assert m.memory is not None
+        for d in layout.domains:
+            if not d.slots:
+                assert d.id not in m.memory.segments
+                continue
+            seg = m.memory.segments[d.id]
+            expected_pages: set[int] = set()
+            for slot in d.slots:
+                first, last = slot.offset, slot.offset + slot.guest.size - 1
+                assert seg.read(first, 1)[0] == SIGNATURE, f"domain {d.id}: first byte of {slot.guest}"
+                assert seg.read(last, 1)[0] == SIGNATURE, f"domain {d.id}: last byte of {slot.guest}"
+                expected_pages |= {first // PAGE, last // PAGE}
+                # The guest's write is the only non-zero byte on that page (unless the host wrote there).
+                for off in (first, last):
+                    page = off // PAGE
+                    if d.slots[0].guest.start == 0 and page in host_pages:
+                        continue
+                    data = seg.read(page * PAGE, PAGE)
+                    assert data.count(0) == PAGE - 1, f"domain {d.id}: stray bytes on page {page}"
+            populated = populated_pages(seg.fd, seg.size)
+            stray = populated - expected_pages - (host_pages if d.slots[0].guest.start == 0 else set())
+            assert not stray, f"domain {d.id}: pages touched that the program never wrote: {sorted(stray)[:8]}"
+            assert expected_pages <= populated
+    finally:
+        m.close()
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_everything_released() -> None:
+    layout = plan_layout(MACHINES["example"].build(host_nodes=(0,)))
+    fds, threads = _fds(), threading.active_count()
+    m, _, _ = run_program(layout)
+    m.close()
+    m.close()  # idempotent
+    assert _fds() == fds
+    assert threading.active_count() == threads
+
+
+def test_released_when_construction_fails() -> None:
+    layout = plan_layout(MACHINES["example"].build(host_nodes=(0,)))
+    fds = _fds()
+    with pytest.raises(Exception):
+        KvmMachine(layout, kvm_path="/nonexistent/kvm")
+    assert _fds() == fds
+
+
+def test_triple_fault_ends_the_machine() -> None:
+    layout = plan_layout(MachineSpec(cpus=1, memory=64 << 20).build())
+    with KvmMachine(layout) as m:
+        m.load([(GDT_ADDR, cpumode.gdt_bytes()), (PROGRAM_ADDR, b"\x0f\x0b"),  # ud2, no IDT
+                (PT_ADDR, cpumode.identity_page_tables(PT_ADDR))])
+        m.set_boot_state(cpumode.long_mode_state(PT_ADDR, GDT_ADDR, PROGRAM_ADDR))
+        result = m.run(timeout=60)
+    assert result.outcome is Outcome.TRIPLE_FAULT, result.detail
+
+
+def test_timeout_stops_a_spinning_guest() -> None:
+    layout = plan_layout(MachineSpec(cpus=2, memory=64 << 20).build())
+    with KvmMachine(layout) as m:
+        m.load([(GDT_ADDR, cpumode.gdt_bytes()), (PROGRAM_ADDR, b"\xeb\xfe"),  # jmp $
+                (PT_ADDR, cpumode.identity_page_tables(PT_ADDR))])
+        state = cpumode.long_mode_state(PT_ADDR, GDT_ADDR, PROGRAM_ADDR)
+        m.start_all(lambda i: state)
+        result = m.run(timeout=0.5)
+    assert result.outcome is Outcome.TIMEOUT
+    assert result.vcpus_ran == frozenset(layout.apic_ids)
+
+
+def test_unknown_ports_read_all_ones_and_writes_are_counted() -> None:
+    layout = plan_layout(MachineSpec(cpus=1, memory=64 << 20).build())
+    program = bytes.fromhex(
+        "66ba3412"   # mov dx, 0x1234
+        "ed"         # in eax, dx           ; nothing there: 0xffffffff
+        "e7" + f"{REPORT_PORT:02x}" +  # out REPORT_PORT, eax
+        "66ba3512"   # mov dx, 0x1235
+        "ee"         # out dx, al           ; dropped and counted
+        "ee"         # out dx, al
+        "e7" + f"{REPORT_PORT:02x}" +
+        "f4ebfd")    # hlt; jmp hlt
+    with KvmMachine(layout) as m:
+        reporter = Reporter(m, 2)
+        m.bus.register(REPORT_PORT, 4, reporter)
+        m.load([(GDT_ADDR, cpumode.gdt_bytes()), (PROGRAM_ADDR, program),
+                (PT_ADDR, cpumode.identity_page_tables(PT_ADDR))])
+        m.set_boot_state(cpumode.long_mode_state(PT_ADDR, GDT_ADDR, PROGRAM_ADDR))
+        result = m.run(timeout=60)
+    assert result.outcome is Outcome.STOPPED, result.detail
+    assert reporter.ids[0] == 0xFFFFFFFF
+    assert result.unhandled_reads[0x1234] == 1
+    assert result.unhandled_writes[0x1235] == 2
+
+
+def test_power_off_through_the_acpi_sleep_register() -> None:
+    from numavm.devices import S5_SLEEP_CONTROL_VALUE
+    from numavm.layout import SLEEP_CONTROL_PORT
+
+    layout = plan_layout(MachineSpec(cpus=1, memory=64 << 20).build())
+    program = bytes.fromhex(f"66ba{SLEEP_CONTROL_PORT & 0xff:02x}{SLEEP_CONTROL_PORT >> 8:02x}"  # mov dx, port
+                            f"b0{S5_SLEEP_CONTROL_VALUE:02x}"  # mov al, SLP_TYP<<2|SLP_EN
+                            "ee" "f4ebfd")  # out dx, al; hlt; jmp hlt
+    with KvmMachine(layout) as m:
+        m.load([(GDT_ADDR, cpumode.gdt_bytes()), (PROGRAM_ADDR, program),
+                (PT_ADDR, cpumode.identity_page_tables(PT_ADDR))])
+        m.set_boot_state(cpumode.long_mode_state(PT_ADDR, GDT_ADDR, PROGRAM_ADDR))
+        result = m.run(timeout=60)
+    assert result.outcome is Outcome.POWEROFF, result.detail
