@@ -97,6 +97,7 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
         spec.memory = parse_size(args.memory, "-m/--memory")
     if args.numa:
         spec.domains = [parse_numa(t) for t in args.numa]
+        spec.distances = []  # a file's distances belong to the file's domains
     if args.distance:
         spec.distances = [parse_distance(t) for t in args.distance]
     return spec
@@ -161,6 +162,11 @@ def _write(path: Path, data: str | bytes, option: str) -> None:
         raise ConfigError(f"{option}: cannot write {path}: {e.strerror}") from None
 
 
+def _one_line(e: Exception) -> str:
+    """Errors quote user input, which may hold newlines; the promise is one line."""
+    return " ".join(str(e).splitlines())
+
+
 COMMANDS = {"plan": cmd_plan, "acpi": cmd_acpi, "export": cmd_export}
 
 
@@ -173,10 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         return COMMANDS[args.command](args)
     except ConfigError as e:
-        print(f"numavm: error: {e}", file=sys.stderr)
+        print(f"numavm: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except NumavmError as e:
-        print(f"numavm: error: {e}", file=sys.stderr)
+        print(f"numavm: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

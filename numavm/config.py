@@ -99,8 +99,11 @@ def from_dict(doc: dict[str, Any], name: str) -> MachineSpec:
     if "distances" in doc and "distance" in doc:
         raise ConfigError(f"{name}: give distances (a matrix) or distance (I:J=D entries), not both")
     if "distances" in doc:
-        spec.distances = _matrix(doc["distances"], f"{name}: distances")
-    for k, entry in enumerate(doc.get("distance", [])):
+        spec.distances = _matrix(doc["distances"], len(spec.domains), f"{name}: distances")
+    entries = doc.get("distance", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{name}: distance must be an array of \"I:J=D\" strings, got {entries!r}")
+    for k, entry in enumerate(entries):
         spec.distances.append(parse_distance(str(entry), f"{name}: distance[{k}]"))
     return spec
 
@@ -132,8 +135,11 @@ def _domain(d: dict[str, Any], k: int, name: str) -> DomainSpec:
     )
 
 
-def _matrix(m: Any, field: str) -> list[tuple[int, int, int, str]]:
+def _matrix(m: Any, domains: int, field: str) -> list[tuple[int, int, int, str]]:
     if not isinstance(m, list) or not all(isinstance(r, list) and len(r) == len(m) for r in m):
         raise ConfigError(f"{field}: expected a square matrix (an array of equal-length rows)")
+    if len(m) != domains:
+        raise ConfigError(f"{field}: a {len(m)}x{len(m)} matrix for {domains} domains; "
+                          f"give one row and column per domain")
     return [(i, j, _int(v, f"{field}[{i}][{j}]"), f"{field}[{i}][{j}]")
             for i, row in enumerate(m) for j, v in enumerate(row)]

@@ -134,11 +134,14 @@ def parse_distance(text: str, opt: str = DISTANCE_OPT) -> tuple[int, int, int, s
     i, colon, j = pair.partition(":")
     if not (eq and colon):
         raise ConfigError(f"{opt}: expected I:J=D (e.g. 0:1=20), got {text!r}")
-    return (_parse_id(i, opt), _parse_id(j, opt), _parse_int(d, opt), f"{opt} {text.strip()}")
+    # The argument is quoted in errors with its whitespace collapsed: one line.
+    return (_parse_id(i, opt), _parse_id(j, opt), _parse_int(d, opt), f"{opt} {' '.join(text.split())}")
 
 
 def _parse_int(text: str, field: str) -> int:
     try:
+        if len(text.strip()) > 20:  # no id or distance is that long; int() would refuse >4300 digits
+            raise ValueError
         return int(text.strip(), 10)
     except ValueError:
         raise ConfigError(f"{field}: expected a whole number, got {text.strip()!r}") from None

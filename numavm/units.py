@@ -8,6 +8,7 @@ ranges the same way, and ``,`` is left free to separate option keys.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from .errors import ConfigError
 
@@ -17,8 +18,9 @@ GiB = 1 << 30
 TiB = 1 << 40
 
 _SUFFIX = {"": 1, "B": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTB]?)(?:I?B)?\s*$", re.IGNORECASE)
-_LIST_ITEM_RE = re.compile(r"^(\d+)(?:-(\d+))?$")
+# Bounded digit counts: no real value needs more, and int() refuses >4300 digits.
+_SIZE_RE = re.compile(r"^\s*(\d{1,20})\s*([KMGTB]?)(?:I?B)?\s*$", re.IGNORECASE)
+_LIST_ITEM_RE = re.compile(r"^(\d{1,9})(?:-(\d{1,9}))?$")
 
 # A list may not expand beyond this many members: no option of numavm needs
 # more (1024 vCPUs), and it keeps a typo like 0-99999999 from eating memory.
@@ -57,6 +59,8 @@ def parse_list(text: str | int | list[int], field: str) -> tuple[int, ...]:
     if isinstance(text, bool):
         raise ConfigError(f"{field}: expected a list such as 0-3+6, got {text!r}")
     if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(f"{field}: expected non-negative integers, got {text}")
         items: list[int] = [text]
     elif isinstance(text, list):
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in text):
@@ -80,7 +84,7 @@ def parse_list(text: str | int | list[int], field: str) -> tuple[int, ...]:
                 raise ConfigError(f"{field}: list {text!r} is too long (at most {MAX_LIST_MEMBERS} members)")
             items.extend(range(lo, hi + 1))
     if len(set(items)) != len(items):
-        dup = sorted({x for x in items if items.count(x) > 1})
+        dup = sorted(x for x, n in Counter(items).items() if n > 1)
         raise ConfigError(f"{field}: {format_list(dup)} named more than once")
     return tuple(sorted(items))
 

@@ -101,9 +101,6 @@ def test_format_size(n, text):
     assert parse_size(text, "x") == n
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_size lets int()'s 4300-digit limit escape as ValueError "
-                                       "instead of a ConfigError (and `numavm plan -m 1<5000 zeros>` "
-                                       "prints a traceback)")
 def test_parse_size_huge_number_is_a_config_error():
     with pytest.raises(ConfigError):
         parse_size("1" + "0" * 5000, "-m/--memory")
@@ -159,21 +156,16 @@ def test_parse_list_rejects_non_integers(value):
         parse_list(value, "f")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_list accepts a negative scalar int (TOML `cpus = -1`) "
-                                       "while it rejects [-1]")
 def test_parse_list_rejects_negative_scalar():
     with pytest.raises(ConfigError):
         parse_list(-1, "f")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_list lets int()'s 4300-digit limit escape as ValueError")
 def test_parse_list_huge_number_is_a_config_error():
     with pytest.raises(ConfigError):
         parse_list("1" * 5000, "-n/--numa cpus")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_list finds duplicates with items.count() per item, "
-                                       "O(n^2): `cpus=0-32767+0-32767` takes ~30 s before its error")
 def test_parse_list_duplicate_report_is_fast():
     code = textwrap.dedent("""
         from numavm.units import parse_list
@@ -467,8 +459,6 @@ def test_distance_unreachable_255():
     assert t.distances[1][2] == t.distances[2][1] == 255
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --distance errors quote the raw argument, so a newline inside it "
-                                       "(`--distance $'0:1=\\n5'`) makes the error two lines")
 def test_distance_error_is_one_line_even_with_newline():
     with pytest.raises(ConfigError) as ei:
         build(*THREE, distances=("0:1=\n5",))
