@@ -1,30 +1,41 @@
-"""Host memory for the guest: one memfd segment per guest NUMA domain.
+"""Host memory for the guest: memfds, one per guest NUMA domain or one for all.
 
-Each domain with memory gets a `Segment`: a memfd (``numavm:<machine>:domain<ID>``)
-sized to the domain and mapped once, shared.  The domain's host policy is
-applied with mbind(2) over the whole mapping before any page is touched, then
-read back with get_mempolicy(2) so what the kernel holds is on record.  A
-policy naming offline host nodes, a mode the kernel lacks, or huge pages the
-host has not reserved are refused before anything is allocated.
+Host memory is a `Memfd`: a memfd mapped once, shared, which owns the fd and
+the mapping.  Each domain with memory gets a `Segment`, a window of a memfd
+under the domain's host policy.  Per domain (the default) each segment has a
+memfd of its own (``numavm:<machine>:domain<ID>``); unified (for QEMU, whose
+``pc`` machine takes its RAM from one memory backend) one memfd
+(``numavm:<machine>:ram``) holds the domains end to end, in QEMU's RAM offset
+order, and each segment is its domain's range of it.  The policy is applied
+with mbind(2) over the window before any page is touched, then read back with
+get_mempolicy(2) at the window's start so what the kernel holds is on record.
+A policy on a shared memory object holds for every mapping of it (shmem keeps
+it per range of the object), so another process mapping the memfd allocates
+under it too.  A policy naming offline host nodes, a mode the kernel lacks,
+or huge pages the host has not reserved are refused before anything is
+allocated.
 
 `GuestMemory` builds the segments of a `Layout` and routes guest-physical
 accesses to them; `regions()` gives KVM its memory slots (a domain split by
-the 3-4 GiB hole keeps one segment and gets two slots).  `Segment.prefault`
-populates pages from threads pinned to the CPUs of the policy's nodes, and
-`placement()` / `audit()` report where the pages really are, from
-/proc/self/numa_maps.
+the 3-4 GiB hole keeps one segment and gets two slots) and `backing_fds()`
+the memfds for another process.  `Segment.prefault` populates pages from
+threads pinned to the CPUs of the policy's nodes, and `placement()` /
+`audit()` report where the pages really are, from /proc/self/numa_maps (and
+move_pages(2) where the kernel merged neighbouring windows into one VMA).
 
 No access loops over pages or bytes in Python: copies are slice assignments
 on memoryviews, population is madvise(MADV_POPULATE_WRITE) over large chunks.
 """
-
 from __future__ import annotations
 
+import array
 import bisect
+import collections
 import ctypes
 import errno
 import mmap
 import os
+import platform
 import queue
 import re
 import threading
@@ -36,7 +47,7 @@ from typing import Callable, Iterator, Mapping, NamedTuple
 from . import _libc
 from ._libc import HostError
 from .errors import ConfigError, NumavmError
-from .layout import HIGH_RAM_BASE, LOW_RAM_LIMIT, Layout
+from .layout import HIGH_RAM_BASE, LOW_RAM_LIMIT, DomainLayout, Layout
 from .policy import Mode, Policy, host_online_nodes
 from .units import GiB, KiB, MiB, format_list, format_size, parse_list
 
@@ -66,6 +77,11 @@ MODE_SINCE: dict[Mode, tuple[int, int]] = {
 }
 POPULATE_SINCE = (5, 14)
 
+# move_pages(2), only to report pages' nodes (glibc leaves it to libnuma);
+# arch/x86/entry/syscalls/syscall_64.tbl, include/uapi/asm-generic/unistd.h.
+_MOVE_PAGES = {"x86_64": 279, "aarch64": 239}
+MOVE_PAGES_BATCH = 65536  # pages per call: 512 KiB of addresses
+
 HUGEPAGES = ("thp", "hugetlbfs")
 _NEEDS_NODES = {Mode.PREFERRED, Mode.BIND, Mode.INTERLEAVE, Mode.PREFERRED_MANY,
                 Mode.WEIGHTED_INTERLEAVE}
@@ -74,6 +90,7 @@ READBACK_BITS = 1024  # MAX_NUMNODES at its largest (NODES_SHIFT 10)
 NODE_DIR = Path("/sys/devices/system/node")
 MEMINFO = Path("/proc/meminfo")
 NUMA_MAPS = Path("/proc/self/numa_maps")
+MAPS = Path("/proc/self/maps")
 THP_DIR = Path("/sys/kernel/mm/transparent_hugepage")
 
 ProgressFn = Callable[[int, int], None]
@@ -322,6 +339,170 @@ def read_numa_maps(addrs: set[int] | None = None, path: Path = NUMA_MAPS) -> dic
     return out
 
 
+def _vmas(path: Path = MAPS) -> list[tuple[int, int]]:
+    """[start, end) of every mapping of this process, in address order."""
+    out = []
+    for line in path.read_text().splitlines():
+        start, _, end = line.split(" ", 1)[0].partition("-")
+        out.append((int(start, 16), int(end, 16)))
+    return out
+
+
+def range_placements(ranges: Mapping[int, tuple[int, int, int]]) -> dict[int, Placement]:
+    """Placement of each (address, size, page size) range of this process's memory.
+
+    mbind(2) splits a mapping into one VMA, and one numa_maps line, per range
+    whose policy differs from its neighbour's, and the kernel merges adjacent
+    ranges under equal policies back into one VMA.  A range made of whole VMAs
+    is read from their numa_maps lines; when a VMA reaches past the range (a
+    neighbouring domain under the same policy), its pages are counted per node
+    with move_pages(2) over the range, and the policy still comes from numa_maps.
+    A key whose range has no mapping is left out.
+    """
+    lines = read_numa_maps()
+    vmas = _vmas()
+    out: dict[int, Placement] = {}
+    for key, (addr, size, page_size) in ranges.items():
+        end = addr + size
+        mine = [(s, e) for s, e in vmas if s < end and e > addr and s in lines]
+        if not mine:
+            continue
+        found = [lines[s] for s, _ in mine]
+        texts = list(dict.fromkeys(p.policy_text for p in found))
+        policy = found[0].policy if len(texts) == 1 else None
+        if mine[0][0] < addr or mine[-1][1] > end:
+            pages, unit = pages_per_node(addr, size, page_size), page_size
+        else:
+            counts: collections.Counter[int] = collections.Counter()
+            for p in found:
+                counts.update(p.pages)
+            pages, unit = dict(counts), found[0].page_size
+        out[key] = Placement(" + ".join(texts), policy, pages, unit)
+    return out
+
+
+def pages_per_node(addr: int, size: int, page_size: int = mmap.PAGESIZE) -> dict[int, int]:
+    """Pages of [addr, addr+size) mapped in this process, per host node.
+
+    move_pages(2) with no target nodes only reports each page's node; pages
+    not mapped here (never touched, or touched only by another process) are
+    not counted, as in numa_maps.  One call per batch of pages, not per page.
+    """
+    number = _MOVE_PAGES.get(platform.machine())
+    if number is None:
+        raise HostError(errno.ENOSYS, "move_pages (no system call number known for this architecture)")
+    counts: collections.Counter[int] = collections.Counter()
+    step = MOVE_PAGES_BATCH * page_size
+    for start in range(addr, addr + size, step):
+        pages = array.array("Q", range(start, min(start + step, addr + size), page_size))
+        status = array.array("i", bytes(4 * len(pages)))
+        try:
+            _libc.syscall(ctypes.c_long(number), ctypes.c_int(0), ctypes.c_ulong(len(pages)),
+                          ctypes.c_void_p(pages.buffer_info()[0]), None,
+                          ctypes.c_void_p(status.buffer_info()[0]), ctypes.c_int(0))
+        except HostError as e:
+            raise _rewrap(e, f"move_pages({start:#x}, {len(pages)} pages)") from None
+        counts.update(status)  # a node, or -ENOENT / -EFAULT for a page not mapped
+    return {n: c for n, c in sorted(counts.items()) if n >= 0}
+
+
+# ---------------------------------------------------------------- memfd
+
+
+class Memfd:
+    """A memfd mapped once, shared, read-write: the object that owns host memory.
+
+    Creation: memfd_create, ftruncate, mmap, and madvise(MADV_HUGEPAGE) over
+    the mapping for THP.  Nothing is touched, so the memfd stays sparse.  It
+    owns the fd and the mapping; a failure releases what was made.  Segments
+    are windows of it and apply the policies.
+    """
+
+    def __init__(self, machine: str, id: str, size: int, *, hugepages: str | None = None,
+                 page_size: int = mmap.PAGESIZE, what: str = "") -> None:
+        self.id = id  # "domain<ID>" or "ram"; the memfd is named numavm:<machine>:<id>
+        self.name = _memfd_name(machine, id)
+        self.size = size
+        self.hugepages = hugepages
+        self.page_size = page_size
+        self.what = what or id
+        self.fd = -1
+        self.addr = 0
+        self.map: mmap.mmap | None = None
+        self.notes: list[str] = []
+        try:
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def closed(self) -> bool:
+        return self.map is None
+
+    def _create(self) -> None:
+        what = self.what
+        flags = MFD_CLOEXEC | (MFD_HUGETLB if self.hugepages == "hugetlbfs" else 0)
+        try:
+            self.fd = os.memfd_create(self.name, flags)
+        except OSError as e:
+            _libc.raise_from_oserror(e, f"{what}: memfd_create({self.name!r})")
+        try:
+            os.ftruncate(self.fd, self.size)
+        except OSError as e:
+            _libc.raise_from_oserror(e, f"{what}: ftruncate({format_size(self.size)})")
+        try:
+            mapping = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            _libc.raise_from_oserror(e, f"{what}: mmap({format_size(self.size)})")
+        self.map = mapping
+        # The address stays valid for the mapping's life; the temporary
+        # export ends with the expression.
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+        if self.hugepages == "thp":
+            try:
+                _libc.madvise(self.addr, self.size, MADV_HUGEPAGE)
+            except HostError as e:
+                raise _rewrap(e, f"{what}: madvise(MADV_HUGEPAGE)") from None
+            mode = _thp_shmem_mode()
+            if mode in ("never", "deny"):
+                self.notes.append(f"hugepages=thp has no effect: shmem THP is '{mode}' "
+                                  f"({THP_DIR}/shmem_enabled); pages stay {format_size(mmap.PAGESIZE)}")
+
+    def close(self) -> None:
+        """Unmap and close the memfd; idempotent.  Refused while views are alive."""
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:
+                raise NumavmError(
+                    f"{self.what}: cannot unmap {self.name}: memoryviews of it are "
+                    "still alive; release them first") from None
+            self.map = None
+            self.addr = 0
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd={self.fd} addr={self.addr:#x}"
+        return f"<Memfd {self.name!r} {format_size(self.size)} {state}>"
+
+
+def _memfd_name(machine: str, id: str) -> str:
+    tail = f":{id}"
+    room = MEMFD_NAME_MAX - len("numavm:") - len(tail)
+    name = machine.encode()[:room].decode(errors="ignore")
+    return f"numavm:{name}{tail}"
+
+
 # ---------------------------------------------------------------- segment
 
 
@@ -338,25 +519,28 @@ class PrefaultResult:
 
 
 class Segment:
-    """One guest domain's host memory: a memfd mapped once, shared, under a policy.
+    """One guest domain's host memory under its policy: a window of a `Memfd`.
+
+    Made alone, a segment has a memfd of its own (``numavm:<machine>:domain<ID>``)
+    and is the whole of it; close() releases it.  Made `within` a Memfd at
+    `offset` (GuestMemory's unified mode), it is that range of the shared
+    memfd, whose owner releases it; the segment's close() leaves it alone.
 
     Creation order: checks (nodes online, mode known, huge pages reserved),
-    memfd_create, ftruncate, mmap, madvise(MADV_HUGEPAGE) for THP, mbind,
-    get_mempolicy readback.  Nothing is touched, so the memfd stays sparse
-    until the guest (or `prefault`) writes.  Any failure releases what was
-    made.
+    the memfd when it is its own, mbind over the window, get_mempolicy readback
+    at the window's start.  Nothing is touched.  Any failure releases what
+    was made.
     """
 
     def __init__(self, size: int, policy: Policy = Policy(), *, domain: int = 0,
                  machine: str = "vm", hugepages: str | None = None,
-                 online: tuple[int, ...] | None = None, _checked: bool = False) -> None:
+                 online: tuple[int, ...] | None = None, within: Memfd | None = None,
+                 offset: int = 0, _checked: bool = False) -> None:
         self.domain = domain
         self.size = size
-        self.hugepages = hugepages
-        self.fd = -1
-        self.addr = 0
-        self._map: mmap.mmap | None = None
-        self.notes: list[str] = []
+        self.offset = offset  # of the window in its memfd
+        self.memfd: Memfd | None = None
+        self.owner = within is None  # whether close() releases the memfd
         what = f"domain {domain}"
         if size <= 0 or size % mmap.PAGESIZE:
             raise ConfigError(f"{what}: segment size must be a positive multiple of "
@@ -364,56 +548,63 @@ class Segment:
         _check_hugepages(hugepages, what)
         self.policy = check_policy(policy, online if online is not None else host_online_nodes(),
                                    f"{what} domain_policy")
-        self.page_size = mmap.PAGESIZE
-        if hugepages == "hugetlbfs":
-            self.page_size = (hugetlb_page_size() if _checked
-                              else check_hugetlb({domain: size}, {domain: self.policy}))
-        self.name = _memfd_name(machine, domain)
+        if within is not None:
+            if hugepages not in (None, within.hugepages):
+                raise ValueError(f"{what}: hugepages={hugepages} inside a memfd made with "
+                                 f"hugepages={within.hugepages}")
+            if offset < 0 or offset % within.page_size or offset + size > within.size:
+                raise ValueError(f"{what}: window +{offset:#x} of {format_size(size)} does not fit "
+                                 f"{within.name} ({format_size(within.size)}, "
+                                 f"{format_size(within.page_size)} pages)")
+            self.memfd = within
+        else:
+            page = mmap.PAGESIZE
+            if hugepages == "hugetlbfs":
+                page = (hugetlb_page_size() if _checked
+                        else check_hugetlb({domain: size}, {domain: self.policy}))
+            self.memfd = Memfd(machine, f"domain{domain}", size, hugepages=hugepages,
+                               page_size=page, what=what)
         try:
-            self._create()
+            self._mbind()
+            self.policy_readback = self._readback()
         except BaseException:
             self.close()
             raise
-        self.policy_readback = self._readback()
         if self.policy_readback != self.policy:
             pol, back = self.policy, self.policy_readback
             self.close()
             raise NumavmError(f"{what}: mbind({pol}) succeeded but the kernel reports {back}")
 
+    # The memfd's facts, as seen from the window.
     @property
     def closed(self) -> bool:
-        return self._map is None
+        return self.memfd is None or self.memfd.closed
 
-    def _create(self) -> None:
-        what = f"domain {self.domain}"
-        flags = MFD_CLOEXEC | (MFD_HUGETLB if self.hugepages == "hugetlbfs" else 0)
-        try:
-            self.fd = os.memfd_create(self.name, flags)
-        except OSError as e:
-            _libc.raise_from_oserror(e, f"{what}: memfd_create({self.name!r})")
-        try:
-            os.ftruncate(self.fd, self.size)
-        except OSError as e:
-            _libc.raise_from_oserror(e, f"{what}: ftruncate({format_size(self.size)})")
-        try:
-            mapping = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED,
-                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as e:
-            _libc.raise_from_oserror(e, f"{what}: mmap({format_size(self.size)})")
-        self._map = mapping
-        # The address stays valid for the mapping's life; the temporary
-        # export ends with the expression.
-        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-        if self.hugepages == "thp":
-            try:
-                _libc.madvise(self.addr, self.size, MADV_HUGEPAGE)
-            except HostError as e:
-                raise _rewrap(e, f"{what}: madvise(MADV_HUGEPAGE)") from None
-            mode = _thp_shmem_mode()
-            if mode in ("never", "deny"):
-                self.notes.append(f"hugepages=thp has no effect: shmem THP is '{mode}' "
-                                  f"({THP_DIR}/shmem_enabled); pages stay {format_size(mmap.PAGESIZE)}")
-        self._mbind()
+    @property
+    def addr(self) -> int:
+        """Host address of the window's first byte (0 once closed)."""
+        return 0 if self.memfd is None or self.memfd.closed else self.memfd.addr + self.offset
+
+    @property
+    def fd(self) -> int:
+        """The memfd the window lies in (in unified mode, shared by every domain)."""
+        return -1 if self.memfd is None else self.memfd.fd
+
+    @property
+    def name(self) -> str:
+        return "" if self.memfd is None else self.memfd.name
+
+    @property
+    def hugepages(self) -> str | None:
+        return None if self.memfd is None else self.memfd.hugepages
+
+    @property
+    def page_size(self) -> int:
+        return mmap.PAGESIZE if self.memfd is None else self.memfd.page_size
+
+    @property
+    def notes(self) -> list[str]:
+        return [] if self.memfd is None else self.memfd.notes
 
     def _mbind(self) -> None:
         pol = self.policy
@@ -435,31 +626,35 @@ class Segment:
         try:
             _libc.get_mempolicy(ctypes.byref(mode), mask, bits + 1, self.addr, MPOL_F_ADDR)
         except HostError as e:
-            self.close()
             raise _rewrap(e, f"domain {self.domain}: get_mempolicy(MPOL_F_ADDR)") from None
         return Policy(Mode(mode.value & ~MPOL_MODE_FLAGS), _mask_nodes(mask))
 
     # ---- access
 
-    def _check(self, offset: int, n: int) -> mmap.mmap:
-        if self._map is None:
+    def _check(self, offset: int, n: int) -> tuple[mmap.mmap, int]:
+        """The mapping and the position of `offset` in it, or an error."""
+        mapping = None if self.memfd is None else self.memfd.map
+        if mapping is None:
             raise NumavmError(f"domain {self.domain}: segment {self.name} is closed")
         if n < 0 or offset < 0 or offset + n > self.size:
             raise GuestAddressError(
                 f"domain {self.domain}: offset {offset:#x}+{n:#x} is outside the "
                 f"{format_size(self.size)} segment")
-        return self._map
+        return mapping, self.offset + offset
 
     def view(self, offset: int, n: int) -> memoryview:
         """Zero-copy view of [offset, offset+n); close() waits for views to go."""
-        return memoryview(self._check(offset, n))[offset:offset + n]
+        mapping, at = self._check(offset, n)
+        return memoryview(mapping)[at:at + n]
 
     def read(self, offset: int, n: int) -> bytes:
-        return self._check(offset, n)[offset:offset + n]
+        mapping, at = self._check(offset, n)
+        return mapping[at:at + n]
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         src = memoryview(data).cast("B")
-        self._check(offset, src.nbytes)[offset:offset + src.nbytes] = src
+        mapping, at = self._check(offset, src.nbytes)
+        mapping[at:at + src.nbytes] = src
 
     # ---- prefault
 
@@ -538,9 +733,9 @@ class Segment:
     # ---- audit
 
     def placement(self) -> Placement:
-        """The policy the kernel reports for the mapping and its resident pages per node."""
+        """The policy the kernel reports for the window and its resident pages per node."""
         self._check(0, 0)
-        found = read_numa_maps({self.addr}).get(self.addr)
+        found = range_placements({0: (self.addr, self.size, self.page_size)}).get(0)
         if found is None:
             raise NumavmError(f"domain {self.domain}: no /proc/self/numa_maps line at {self.addr:#x}")
         return found
@@ -551,7 +746,8 @@ class Segment:
         placement = placement or self.placement()
         pages = {"hugetlbfs": f"hugetlbfs {format_size(self.page_size)}",
                  "thp": "4K + THP"}.get(self.hugepages or "", format_size(mmap.PAGESIZE))
-        lines = [f"domain {self.domain}: {format_size(self.size)} memfd {self.name!r} fd {self.fd}, "
+        where = "" if self.owner else f"at +{self.offset:#x} of "
+        lines = [f"domain {self.domain}: {format_size(self.size)} {where}memfd {self.name!r} fd {self.fd}, "
                  f"mapped at {self.addr:#x}, {pages} pages",
                  f"  policy {self.policy}, kernel reports {self.policy_readback} (get_mempolicy) "
                  f"and {placement.policy_text} (numa_maps)",
@@ -564,19 +760,10 @@ class Segment:
     # ---- life
 
     def close(self) -> None:
-        """Unmap and close the memfd; idempotent.  Refused while views are alive."""
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:
-                raise NumavmError(
-                    f"domain {self.domain}: cannot unmap {self.name}: memoryviews of it are "
-                    "still alive; release them first") from None
-            self._map = None
-            self.addr = 0
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
+        """Unmap and close the segment's own memfd; idempotent.  Refused while
+        views are alive.  A window of a memfd it does not own leaves it alone."""
+        if self.owner and self.memfd is not None:
+            self.memfd.close()
 
     def __enter__(self) -> "Segment":
         return self
@@ -584,22 +771,10 @@ class Segment:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self.fd} addr={self.addr:#x}"
-        return f"<Segment domain={self.domain} {format_size(self.size)} {self.policy} {state}>"
-
-
-def _memfd_name(machine: str, domain: int) -> str:
-    tail = f":domain{domain}"
-    room = MEMFD_NAME_MAX - len("numavm:") - len(tail)
-    name = machine.encode()[:room].decode(errors="ignore")
-    return f"numavm:{name}{tail}"
+        where = "" if self.owner else f" at +{self.offset:#x}"
+        return f"<Segment domain={self.domain} {format_size(self.size)}{where} {self.policy} {state}>"
 
 
 # ---------------------------------------------------------------- guest memory
@@ -614,6 +789,20 @@ class Region(NamedTuple):
     host_addr: int
 
 
+class BackingFd(NamedTuple):
+    """One memfd holding guest RAM, for handing to another process."""
+
+    id: str  # "ram" (unified) or "domain<ID>"; the memfd is numavm:<machine>:<id>
+    fd: int
+    size: int
+
+
+def qemu_ram_offset(gpa: int) -> int:
+    """Offset in QEMU pc's main RAM (``max-ram-below-4g=3G``) of guest RAM
+    address `gpa`: [0, 3 GiB) is RAM [0, 3 GiB), the rest comes from 4 GiB."""
+    return gpa - (HIGH_RAM_BASE - LOW_RAM_LIMIT) if gpa >= HIGH_RAM_BASE else gpa
+
+
 @dataclass(frozen=True)
 class _Route:
     start: int
@@ -625,13 +814,22 @@ class _Route:
 
 @dataclass(eq=False)
 class GuestMemory:
-    """Every domain's segment, and the map from guest-physical RAM to them."""
+    """Every domain's segment, and the map from guest-physical RAM to them.
+
+    Per domain (the default), each domain has a memfd of its own.  With
+    `unified`, one memfd (``numavm:<machine>:ram``) holds all guest RAM with
+    the domains end to end in domain order, which is QEMU pc's RAM offset
+    order, and each domain's segment is its window of it, under its own
+    policy: what QEMU's single ``memory-backend-file`` needs.
+    """
 
     layout: Layout
     machine: str = "vm"
     hugepages: str | None = None
     online: tuple[int, ...] | None = None  # host nodes; None reads sysfs
+    unified: bool = False
     segments: dict[int, Segment] = field(default_factory=dict, init=False)
+    memfd: Memfd | None = field(default=None, init=False)  # the one memfd when unified
     _routes: list[_Route] = field(default_factory=list, init=False, repr=False)
     _starts: list[int] = field(default_factory=list, init=False, repr=False)
 
@@ -644,12 +842,18 @@ class GuestMemory:
             what = f"domain {d.id}"
             _check_hugepages(self.hugepages, what)
             policies[d.id] = check_policy(d.domain.policy, online, f"{what} domain_policy")
+        page = mmap.PAGESIZE
         if self.hugepages == "hugetlbfs" and with_memory:
-            check_hugetlb({d.id: d.segment_size for d in with_memory}, policies)
+            page = check_hugetlb({d.id: d.segment_size for d in with_memory}, policies)
+        offsets = _ram_offsets(with_memory) if self.unified else {}
         try:
+            if self.unified and with_memory:
+                self.memfd = Memfd(self.machine, "ram", sum(d.segment_size for d in with_memory),
+                                   hugepages=self.hugepages, page_size=page, what="guest RAM")
             for d in with_memory:
                 seg = Segment(d.segment_size, policies[d.id], domain=d.id, machine=self.machine,
-                              hugepages=self.hugepages, online=online, _checked=True)
+                              hugepages=self.hugepages, online=online, within=self.memfd,
+                              offset=offsets.get(d.id, 0), _checked=True)
                 self.segments[d.id] = seg
                 for s in d.slots:
                     self._routes.append(_Route(s.guest.start, s.guest.end, seg, s.offset, 0))
@@ -703,14 +907,25 @@ class GuestMemory:
     # ---- for KVM and QEMU
 
     def regions(self) -> Iterator[Region]:
-        """KVM memory slots in guest-physical order."""
+        """KVM memory slots in guest-physical order (host addresses into the
+        domain memfds, or into the one memfd when unified)."""
         for r in self._routes:
             if r.segment.closed:
                 raise NumavmError(f"domain {r.segment.domain}: segment is closed")
             yield Region(r.slot, r.start, r.end - r.start, r.segment.addr + r.offset)
 
+    def backing_fds(self) -> list[BackingFd]:
+        """The memfds holding guest RAM, in either mode: [("ram", fd, total)]
+        when unified, else ("domain<ID>", fd, size) per domain in domain order."""
+        memfds = [self.memfd] if self.memfd is not None else [s.memfd for s in self.segments.values()]
+        return [BackingFd(m.id, m.fd, m.size) for m in memfds if m is not None and not m.closed]
+
     def fds(self) -> dict[int, int]:
-        """Domain id -> memfd, for handing the segments to another process."""
+        """Domain id -> memfd, for handing the segments to another process
+        (per-domain mode; a unified guest has one memfd: `backing_fds`)."""
+        if self.unified:
+            raise NumavmError("unified guest memory has one memfd for every domain: "
+                              "use backing_fds()")
         return {d: s.fd for d, s in self.segments.items() if not s.closed}
 
     # ---- prefault and audit
@@ -731,19 +946,19 @@ class GuestMemory:
 
     def audit(self) -> dict[int, Placement]:
         """Per domain: the kernel's policy and resident pages per host node."""
-        found = read_numa_maps({s.addr for s in self.segments.values() if not s.closed})
-        out = {}
-        for d, seg in self.segments.items():
-            if seg.closed:
-                continue
-            if seg.addr not in found:
+        live = {d: s for d, s in self.segments.items() if not s.closed}
+        found = range_placements({d: (s.addr, s.size, s.page_size) for d, s in live.items()})
+        for d, seg in live.items():
+            if d not in found:
                 raise NumavmError(f"domain {d}: no /proc/self/numa_maps line at {seg.addr:#x}")
-            out[d] = found[seg.addr]
-        return out
+        return found
 
     def describe(self) -> str:
         placements = self.audit()
         lines = []
+        if self.memfd is not None and not self.memfd.closed:
+            lines.append(f"guest RAM: {format_size(self.memfd.size)} memfd {self.memfd.name!r} "
+                         f"fd {self.memfd.fd}, mapped at {self.memfd.addr:#x}, domains end to end")
         for d, seg in self.segments.items():
             lines.append(seg.describe(placements.get(d)))
             lines += [f"  slot {r.slot}: guest {r.start:#011x}-{r.end:#011x} -> segment +{r.offset:#x}"
@@ -754,11 +969,14 @@ class GuestMemory:
 
     def close(self) -> None:
         """Release every mapping and fd; idempotent.  The first error is raised
-        after every segment has been tried."""
+        after every memfd has been tried."""
         first: BaseException | None = None
-        for seg in self.segments.values():
+        owners: list[Segment | Memfd] = [*self.segments.values()]
+        if self.memfd is not None:
+            owners.append(self.memfd)
+        for owner in owners:
             try:
-                seg.close()
+                owner.close()
             except BaseException as e:  # keep closing the others
                 first = first or e
         if first is not None:
@@ -769,6 +987,25 @@ class GuestMemory:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _ram_offsets(domains: list[DomainLayout]) -> dict[int, int]:
+    """Each domain's offset in the one memfd: the domains end to end, in order.
+
+    Checked against QEMU pc's RAM order, so that the memfd's offsets are
+    QEMU's and each domain's policy covers its own guest ranges under QEMU.
+    """
+    out, base = {}, 0
+    for d in domains:
+        for s in d.slots:
+            if qemu_ram_offset(s.guest.start) != base + s.offset:
+                raise NumavmError(
+                    f"domain {d.id}: guest range {s.guest} is at RAM offset "
+                    f"{qemu_ram_offset(s.guest.start):#x}, not {base + s.offset:#x} as the "
+                    "domains end to end would put it; unified memory needs the layout's order")
+        out[d.id] = base
+        base += d.segment_size
+    return out
 
 
 def _human(n: int) -> str:

@@ -7,17 +7,22 @@ other nodes are refused or rejected by the kernel, which the tests use.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from numavm import _libc
 from numavm.errors import ConfigError, NumavmError
-from numavm.layout import plan_layout
-from numavm.memory import (MODE_SINCE, GuestAddressError, GuestMemory, Placement, Segment,
-                           check_hugetlb, kernel_version, meminfo, nodemask,
-                           parse_numa_maps_line, read_numa_maps)
+from numavm.layout import Layout, plan_layout
+from numavm.memory import (MODE_SINCE, MPOL_F_ADDR, MPOL_F_NODE, BackingFd, GuestAddressError,
+                           GuestMemory, Placement, Segment, check_hugetlb, kernel_version, meminfo,
+                           nodemask, pages_per_node, parse_numa_maps_line, qemu_ram_offset,
+                           read_numa_maps)
 from numavm.policy import Mode, Policy, host_online_nodes, parse_policy
 from numavm.topology import MachineSpec, parse_numa
 from numavm.units import GiB, KiB, MiB
@@ -56,7 +61,20 @@ def _memfds() -> list[str]:
     return out
 
 
-def _layout(*specs: str, host_nodes: tuple[int, ...] = (0,)):
+def _memfd_files() -> set[tuple[int, int]]:
+    """numavm's memfds open here, as files (an mmap object holds its own dup of the fd)."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:numavm:"):
+                st = os.stat(f"/proc/self/fd/{fd}")
+                out.add((st.st_dev, st.st_ino))
+        except OSError:
+            continue
+    return out
+
+
+def _layout(*specs: str, host_nodes: tuple[int, ...] = (0,)) -> Layout:
     return plan_layout(MachineSpec(domains=[parse_numa(s) for s in specs]).build(host_nodes=host_nodes))
 
 
@@ -129,14 +147,15 @@ def test_offline_node_refused_before_anything_is_allocated() -> None:
     assert _counts() == before and _memfds() == memfds
 
 
-def test_kernel_rejection_names_domain_and_policy() -> None:
+@pytest.mark.parametrize("unified", [False, True])
+def test_kernel_rejection_names_domain_and_policy(unified: bool) -> None:
     # Pretend the node is online: the kernel itself refuses it, after domain 0
-    # was already made; everything made is released.
+    # (and, unified, the one memfd) was already made; everything made is released.
     layout = _layout("id=0,size=64M,cpus=0", f"id=1,size=64M,cpus=1,domain_policy=bind:{NOT_ONLINE}",
                      host_nodes=tuple(range(NOT_ONLINE + 1)))
     before, memfds = _counts(), _memfds()
     with pytest.raises(_libc.HostError) as e:
-        GuestMemory(layout, machine="t", online=tuple(range(NOT_ONLINE + 1)))
+        GuestMemory(layout, machine="t", online=tuple(range(NOT_ONLINE + 1)), unified=unified)
     assert str(e.value).startswith(f"domain 1: mbind(bind:{NOT_ONLINE}): E")
     assert _counts() == before and _memfds() == memfds
 
@@ -332,3 +351,184 @@ def test_read_numa_maps_finds_the_segment() -> None:
         found = read_numa_maps({seg.addr})
         assert isinstance(found[seg.addr], Placement)
         assert found[seg.addr].policy_text == "prefer:0"
+
+
+# ---------------------------------------------------------------- unified (one memfd, for QEMU)
+
+UNIFIED = ("id=0,size=2G,cpus=0,domain_policy=preferred:0", "id=1,size=3G,cpus=1,domain_policy=bind:0")
+PREFERRED0, BIND0 = Policy(Mode.PREFERRED, (0,)), Policy(Mode.BIND, (0,))
+
+
+def _policy_at(addr: int) -> Policy:
+    """get_mempolicy(MPOL_F_ADDR) at one host address of this process."""
+    mode, mask = ctypes.c_int(), (ctypes.c_ulong * 16)()
+    _libc.get_mempolicy(ctypes.byref(mode), mask, 16 * 64 + 1, addr, MPOL_F_ADDR)
+    return Policy(Mode(mode.value), tuple(n for n in range(16 * 64) if mask[n // 64] >> (n % 64) & 1))
+
+
+def _node_of(addr: int) -> int:
+    """The host node of the page at `addr` (get_mempolicy MPOL_F_NODE | MPOL_F_ADDR)."""
+    node = ctypes.c_int()
+    _libc.get_mempolicy(ctypes.byref(node), None, 0, addr, MPOL_F_NODE | MPOL_F_ADDR)
+    return node.value
+
+
+def _lines_in(addr: int, size: int) -> dict[int, Placement]:
+    """numa_maps lines of the mappings starting in [addr, addr+size), by offset."""
+    return {a - addr: p for a, p in read_numa_maps().items() if addr <= a < addr + size}
+
+
+def test_unified_one_memfd_routes_to_qemu_ram_offsets() -> None:
+    files = _memfd_files()
+    with GuestMemory(_layout(*UNIFIED), machine="uni", unified=True) as mem:
+        ram = mem.memfd
+        assert ram is not None
+        s0, s1 = mem.segments[0], mem.segments[1]
+        # one memfd, named for the whole RAM, sized for both domains
+        assert len(_memfd_files() - files) == 1
+        assert mem.backing_fds() == [BackingFd("ram", ram.fd, 5 * GiB)]
+        assert os.readlink(f"/proc/self/fd/{ram.fd}").startswith("/memfd:numavm:uni:ram")
+        assert os.fstat(ram.fd).st_size == 5 * GiB
+        with pytest.raises(NumavmError, match="use backing_fds"):
+            mem.fds()
+        # each domain is a window of it, end to end in domain order
+        assert (s0.offset, s0.size, s1.offset, s1.size) == (0, 2 * GiB, 2 * GiB, 3 * GiB)
+        assert s0.fd == s1.fd == ram.fd
+        assert (s0.addr, s1.addr) == (ram.addr, ram.addr + 2 * GiB)
+        assert [(r.guest_phys, r.size, r.host_addr - ram.addr) for r in mem.regions()] == [
+            (0, 2 * GiB, 0), (2 * GiB, 1 * GiB, 2 * GiB), (4 * GiB, 2 * GiB, 3 * GiB)]
+        # (guest address, offset in the memfd = QEMU's RAM offset): first and last byte of each range
+        cases = [(0, 0), (2 * GiB - 1, 2 * GiB - 1), (2 * GiB, 2 * GiB), (3 * GiB - 1, 3 * GiB - 1),
+                 (4 * GiB, 3 * GiB), (6 * GiB - 1, 5 * GiB - 1)]
+        for i, (gpa, off) in enumerate(cases):
+            mem.write(gpa, bytes([0x60 + i]))
+        for i, (gpa, off) in enumerate(cases):
+            assert qemu_ram_offset(gpa) == off
+            assert ctypes.string_at(ram.addr + off, 1) == bytes([0x60 + i]), hex(gpa)
+            assert mem.read(gpa, 1) == bytes([0x60 + i])
+            seg, seg_off = mem.locate(gpa)
+            assert seg.offset + seg_off == off
+        v = mem.view(4 * GiB + 4096, 8)
+        v[:] = b"viewtest"
+        assert ctypes.string_at(ram.addr + 3 * GiB + 4096, 8) == b"viewtest"
+        v.release()
+        # each domain's policy, read back at its start and holding to its last byte
+        assert s0.policy_readback == PREFERRED0 and s1.policy_readback == BIND0
+        assert _policy_at(ram.addr + 2 * GiB - PAGE) == PREFERRED0
+        assert _policy_at(ram.addr + 5 * GiB - PAGE) == BIND0
+        # numa_maps: the one mapping split at the domain boundary, each part with its policy
+        lines = _lines_in(ram.addr, ram.size)
+        assert sorted(lines) == [0, 2 * GiB]
+        assert lines[0].policy == PREFERRED0 and lines[2 * GiB].policy == BIND0
+        assert lines[0].policy_text == "prefer:0" and lines[2 * GiB].policy_text == "bind:0"
+        audit = mem.audit()
+        assert audit[0].policy == PREFERRED0 and audit[1].policy == BIND0
+        # pages touched: domain 0 two (first, last byte), domain 1 four and the view's
+        assert audit[0].bytes_on(0) == 2 * PAGE and audit[1].bytes_on(0) == 5 * PAGE
+        assert s1.placement() == audit[1]
+        text = mem.describe()
+        assert "guest RAM: 5G memfd 'numavm:uni:ram'" in text
+        assert "domain 1: 3G at +0x80000000 of memfd 'numavm:uni:ram'" in text
+        assert "slot 2: guest 0x100000000-0x180000000 -> segment +0x40000000" in text
+
+
+def test_unified_equal_policies_share_a_vma_yet_audit_per_domain() -> None:
+    # Neighbouring ranges under one policy are one VMA (one numa_maps line):
+    # the audit then counts each domain's pages over its own range.
+    layout = _layout("id=0,size=16M,cpus=0,domain_policy=bind:0", "id=1,size=32M,cpus=1,domain_policy=bind:0")
+    with GuestMemory(layout, machine="merge", unified=True) as mem:
+        assert mem.memfd is not None
+        mem.write(0, b"\1" * (4 * MiB))
+        mem.write(16 * MiB, b"\2" * (8 * MiB))
+        assert sorted(_lines_in(mem.memfd.addr, mem.memfd.size)) == [0]  # merged
+        audit = mem.audit()
+        assert audit[0].policy == audit[1].policy == BIND0
+        assert audit[0].bytes_on(0) == 4 * MiB and audit[1].bytes_on(0) == 8 * MiB
+        assert set(audit[0].pages) == set(audit[1].pages) == {0}
+        assert pages_per_node(mem.memfd.addr, mem.memfd.size) == {0: 12 * MiB // PAGE}
+        results = mem.prefault(threads=1)
+        assert results[0].bytes == 16 * MiB and results[1].bytes == 32 * MiB
+        audit = mem.audit()
+        assert audit[0].bytes_on(0) == 16 * MiB and audit[1].bytes_on(0) == 32 * MiB
+
+
+def test_unified_skips_memoryless_domains() -> None:
+    layout = _layout("id=0,size=64M,cpus=0", "id=1,size=0,cpus=1", "id=2,size=32M,domain_policy=bind:0")
+    with GuestMemory(layout, machine="ml", unified=True) as mem:
+        assert list(mem.segments) == [0, 2]
+        assert mem.segments[2].offset == 64 * MiB
+        assert mem.backing_fds()[0].size == 96 * MiB
+        assert mem.audit()[2].policy == BIND0 and mem.audit()[0].policy == Policy()
+
+
+CHILD = textwrap.dedent("""
+    # What QEMU does with mem-path=/proc/self/fd/N,share=on: open, map shared, write.
+    import ctypes, json, mmap, os, sys
+    from numavm import _libc
+    from numavm.memory import MPOL_F_ADDR, MPOL_F_NODE
+    fd, size, sig_at, fill_at, fill = (int(a) for a in sys.argv[1:6])
+    f = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+    m = mmap.mmap(f, size, flags=mmap.MAP_SHARED)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    m[sig_at:sig_at + 12] = b"qemu was here"[:12]
+    m[fill_at:fill_at + fill] = b"\\x5a" * fill
+    def policy(off):
+        mode, mask = ctypes.c_int(), (ctypes.c_ulong * 16)()
+        _libc.get_mempolicy(ctypes.byref(mode), mask, 16 * 64 + 1, addr + off, MPOL_F_ADDR)
+        return [mode.value, [n for n in range(1024) if mask[n // 64] >> (n % 64) & 1]]
+    def node(off):
+        n = ctypes.c_int()
+        _libc.get_mempolicy(ctypes.byref(n), None, 0, addr + off, MPOL_F_NODE | MPOL_F_ADDR)
+        return n.value
+    print(json.dumps({"policy0": policy(0), "policy1": policy(fill_at), "policy1_high": policy(sig_at),
+                      "node_sig": node(sig_at), "node_fill": node(fill_at)}))
+""")
+
+
+def test_unified_memfd_mapped_by_another_process_follows_the_domain_policy() -> None:
+    with GuestMemory(_layout(*UNIFIED), machine="qemu", unified=True) as mem:
+        (ram,) = mem.backing_fds()
+        sig_at = qemu_ram_offset(4 * GiB + 8192)  # domain 1, above the hole
+        fill_at, fill = 2 * GiB, 1 * MiB  # domain 1's first MiB
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        out = subprocess.run([sys.executable, "-c", CHILD, str(ram.fd), str(ram.size), str(sig_at),
+                              str(fill_at), str(fill)],
+                             pass_fds=(ram.fd,), env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        child = json.loads(out.stdout)
+        # the other process's mapping sees each range's policy (shmem keeps it per range) ...
+        assert child["policy0"] == [int(Mode.PREFERRED), [0]]
+        assert child["policy1"] == child["policy1_high"] == [int(Mode.BIND), [0]]
+        # ... and allocated its pages under it
+        assert child["node_sig"] == 0 and child["node_fill"] == 0
+        # The pages are the child's: none is mapped here yet.
+        assert mem.audit()[1].resident == 0
+        assert mem.read(4 * GiB + 8192, 12) == b"qemu was her"
+        assert mem.read(2 * GiB, fill) == b"\x5a" * fill
+        assert _node_of(mem.segments[1].addr) == 0
+        audit = mem.audit()
+        assert audit[1].policy == BIND0
+        assert audit[1].bytes_on(0) >= fill + PAGE and set(audit[1].pages) == {0}
+        assert audit[0].resident == 0
+
+
+def test_unified_close_releases_everything() -> None:
+    before, memfds = _counts(), _memfds()
+    files = _memfd_files()
+    mem = GuestMemory(_layout(*UNIFIED), machine="uc", unified=True)
+    assert len(_memfd_files() - files) == 1
+    mem.write(4 * GiB, b"x")
+    v = mem.view(0, 16)
+    with pytest.raises(NumavmError, match="memoryviews of it are still alive"):
+        mem.close()
+    assert mem.read(4 * GiB, 1) == b"x"  # still mapped, still routed
+    v.release()
+    mem.close()
+    assert _counts() == before and _memfds() == memfds
+    assert mem.backing_fds() == [] and all(s.closed for s in mem.segments.values())
+    mem.close()
+    assert _counts() == before
+    with pytest.raises(NumavmError, match="closed"):
+        mem.read(0, 1)
+    with pytest.raises(NumavmError, match="closed"):
+        list(mem.regions())
