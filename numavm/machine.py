@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 
 from . import cpu as cpumode
 from .acpi import build_tables
+from .cpuid import vcpu_cpuid
 from .devices import IoBus, PowerEvent, Serial16550, attach_power_devices
 from .errors import NumavmError
 from .kvm import Kvm, KvmExit, KvmInternalError, KvmIoDirection, MpState, Vcpu, Vm
@@ -122,11 +123,10 @@ class KvmMachine:
             vm.set_user_memory_region(*region)
         vm.set_boot_cpu_id(layout.apic_ids[0])
         supported = self.kvm.supported_cpuid() if use_cpuid else []
-        vcpu_cpuid = _cpuid_builder() if use_cpuid else None
         for index, apic in enumerate(layout.apic_ids):
             vcpu = vm.create_vcpu(apic)
             self.vcpus.append(vcpu)
-            if vcpu_cpuid is not None:
+            if use_cpuid:
                 vcpu.set_cpuid(vcpu_cpuid(supported, layout, index))
         for addr, blob in build_tables(layout).placements():
             self.memory.write(addr, blob)
@@ -352,15 +352,6 @@ class KvmMachine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _cpuid_builder() -> Callable[..., list] | None:  # type: ignore[type-arg]
-    """numavm.cpuid's per-vCPU CPUID, when present."""
-    try:
-        from .cpuid import vcpu_cpuid
-    except ImportError:
-        return None
-    return vcpu_cpuid
 
 
 def with_regs(state: cpumode.CpuState, **regs: int) -> cpumode.CpuState:
