@@ -1,0 +1,295 @@
+"""Guest assets from Debian's packages: a kernel image and a static busybox.
+
+`fetch()` asks apt which versioned kernel package `linux-image-amd64` points
+at, downloads that package and `busybox-static` with `apt-get download` (no
+install on the host), takes `boot/vmlinuz-*` and `bin/busybox` out of the
+.deb files and keeps them in numavm's cache with a small manifest.  A second
+call is a no-op while apt's candidate versions match the manifest.
+
+Reading a .deb needs nothing but the stdlib: it is an `ar` archive whose
+`data.tar.{xz,gz,bz2}` member holds the files (`dpkg-deb` is used for a
+compression Python cannot read, such as zstd).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+from .errors import NumavmError
+
+KERNEL_META_PACKAGE = "linux-image-amd64"
+BUSYBOX_PACKAGE = "busybox-static"
+MANIFEST = "assets.json"
+MANIFEST_SCHEMA = 1
+
+Log = Callable[[str], object]
+
+
+@dataclass(frozen=True)
+class Assets:
+    kernel: Path  # the bzImage
+    busybox: Path  # a static busybox
+    kernel_version: str  # the kernel release, as `uname -r` prints it (6.1.0-56-amd64)
+    kernel_package: str = ""  # linux-image-6.1.0-56-amd64
+    kernel_package_version: str = ""  # 6.1.192-2
+    busybox_version: str = ""  # 1:1.35.0-4+deb12u1+b1
+
+
+def cache_root() -> Path:
+    """numavm's cache: ``$XDG_CACHE_HOME/numavm`` or ``~/.cache/numavm``."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "numavm"
+
+
+def fetch(cache_dir: Path | None = None, log: Log = print) -> Assets:
+    """The Debian kernel and busybox-static in `cache_dir` (default `cache_root()`)."""
+    cache = Path(cache_dir) if cache_dir is not None else cache_root()
+    if not (shutil.which("apt-get") and shutil.which("apt-cache")):
+        raise NumavmError("no apt-get on this machine to fetch Debian's kernel and busybox; "
+                          "pass --kernel (and --initrd) instead")
+    cached = _read_manifest(cache)
+    kpkg, kver, bver = _resolve(log, cached)
+    if cached is not None and _current(cached, cache, kpkg, kver, bver):
+        assets = _assets(cache, cached)
+        log(f"assets: cached {assets.kernel_package} {assets.kernel_package_version} -> {assets.kernel}; "
+            f"{BUSYBOX_PACKAGE} {assets.busybox_version} -> {assets.busybox}")
+        return assets
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="numavm-assets-") as tmp:
+        work = Path(tmp)  # private (0700): as root, apt downloads unsandboxed here
+        kernel_deb = _download(kpkg, kver, work, log)
+        busybox_deb = _download(BUSYBOX_PACKAGE, bver, work, log)
+        kname, kdata = _extract_one(kernel_deb, re.compile(r"^(?:\./)?boot/(vmlinuz-[^/]+)$"))
+        _, bdata = _extract_one(busybox_deb, re.compile(r"^(?:\./)?bin/(busybox)$"))
+    release = kname.removeprefix("vmlinuz-")
+    kernel_path = cache / kname
+    busybox_path = cache / "busybox"
+    _write_atomic(kernel_path, kdata, 0o644)
+    _write_atomic(busybox_path, bdata, 0o755)
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "kernel": {"package": kpkg, "version": kver, "file": kname, "release": release},
+        "busybox": {"package": BUSYBOX_PACKAGE, "version": bver, "file": "busybox"},
+    }
+    _write_atomic(cache / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), 0o644)
+    if cached is not None:  # drop an older kernel the new manifest no longer names
+        old = cached.get("kernel", {}).get("file")
+        if isinstance(old, str) and old != kname and "/" not in old:
+            (cache / old).unlink(missing_ok=True)
+    assets = _assets(cache, manifest)
+    log(f"assets: fetched {kpkg} {kver} -> {kernel_path} (kernel {release}); "
+        f"{BUSYBOX_PACKAGE} {bver} -> {busybox_path}")
+    return assets
+
+
+# ---------------------------------------------------------------- apt
+
+
+def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, LC_ALL="C")
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+
+
+def kernel_package_of(depends_output: str) -> str | None:
+    """The versioned image package in `apt-cache depends linux-image-amd64` output."""
+    for line in depends_output.splitlines():
+        m = re.match(r"^\s*\|?Depends:\s*(linux-image-\S+)", line)
+        if m and m.group(1) != KERNEL_META_PACKAGE and not m.group(1).startswith("<"):
+            return m.group(1)
+    return None
+
+
+def candidates_of(policy_output: str) -> dict[str, str]:
+    """{package: candidate version} from `apt-cache policy PKG...` output ('(none)' left out)."""
+    out: dict[str, str] = {}
+    pkg = None
+    for line in policy_output.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith(":"):
+            pkg = line.rstrip()[:-1]
+            continue
+        m = re.match(r"^\s+Candidate:\s*(\S+)", line)
+        if m and pkg is not None and m.group(1) != "(none)":
+            out[pkg] = m.group(1)
+    return out
+
+
+def _lookup() -> tuple[str, str, str] | None:
+    dep = _run(["apt-cache", "depends", KERNEL_META_PACKAGE])
+    kpkg = kernel_package_of(dep.stdout) if dep.returncode == 0 else None
+    if kpkg is None:
+        return None
+    cands = candidates_of(_run(["apt-cache", "policy", kpkg, BUSYBOX_PACKAGE]).stdout)
+    kver, bver = cands.get(kpkg), cands.get(BUSYBOX_PACKAGE)
+    if kver is None or bver is None:
+        return None
+    return kpkg, kver, bver
+
+
+def _resolve(log: Log, cached: dict[str, Any] | None) -> tuple[str, str, str]:
+    found = _lookup()
+    if found is None:
+        log("assets: apt knows no kernel package yet; running apt-get update")
+        upd = _run(["apt-get", "update"])
+        found = _lookup()
+        if found is None:
+            if cached is not None:  # offline, with a cache: use what we have
+                k, b = cached["kernel"], cached["busybox"]
+                log("assets: apt cannot say which versions are current; using the cache")
+                return k["package"], k["version"], b["version"]
+            tail = (upd.stderr or upd.stdout).strip().splitlines()[-1:] or [""]
+            raise NumavmError(f"apt knows no package behind {KERNEL_META_PACKAGE} or {BUSYBOX_PACKAGE} "
+                              f"(apt-get update: {tail[0] or 'exit ' + str(upd.returncode)}); "
+                              "pass --kernel instead")
+    return found
+
+
+def _download(pkg: str, version: str, work: Path, log: Log) -> Path:
+    log(f"assets: downloading {pkg} {version}")
+    r = _run(["apt-get", "download", f"{pkg}={version}"], cwd=work)
+    debs = sorted(work.glob(f"{pkg}_*.deb"))
+    if r.returncode != 0 or not debs:
+        msg = (r.stderr or r.stdout).strip().splitlines()
+        raise NumavmError(f"apt-get download {pkg}={version} failed: "
+                          f"{msg[-1] if msg else 'exit ' + str(r.returncode)}; pass --kernel instead")
+    return debs[0]
+
+
+# ---------------------------------------------------------------- .deb reading
+
+
+def ar_members(f: IO[bytes]) -> Iterator[tuple[str, int, int]]:
+    """(name, offset, size) of each member of an `ar` archive (a .deb)."""
+    if f.read(8) != b"!<arch>\n":
+        raise NumavmError("not a .deb (ar) archive")
+    pos = 8
+    while True:
+        f.seek(pos)
+        hdr = f.read(60)
+        if len(hdr) < 60:
+            return
+        if hdr[58:60] != b"`\n":
+            raise NumavmError("corrupt ar member header in .deb")
+        name = hdr[0:16].decode("ascii", "replace").strip().rstrip("/")
+        size = int(hdr[48:58].decode("ascii").strip() or "0")
+        yield name, pos + 60, size
+        pos += 60 + size + (size & 1)
+
+
+class _Window:
+    """A read-only file object over [offset, offset+size) of another one."""
+
+    def __init__(self, f: IO[bytes], offset: int, size: int) -> None:
+        self._f, self._off, self._size, self._pos = f, offset, size, 0
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._size - self._pos
+        if n is None or n < 0 or n > left:
+            n = left
+        self._f.seek(self._off + self._pos)
+        data = self._f.read(n)
+        self._pos += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
+def _extract_one(deb: Path, pattern: re.Pattern[str]) -> tuple[str, bytes]:
+    """The first regular file in `deb`'s data whose path matches: (group 1, contents)."""
+    with open(deb, "rb") as f:
+        for name, off, size in ar_members(f):
+            if not name.startswith("data.tar"):
+                continue
+            comp = name[len("data.tar"):]
+            if comp in ("", ".gz", ".xz", ".bz2"):
+                found = _scan_tar(_Window(f, off, size), pattern)  # type: ignore[arg-type]
+            else:  # e.g. .zst: let dpkg-deb unpack it
+                found = _scan_with_dpkg(deb, pattern)
+            if found is None:
+                raise NumavmError(f"{deb.name}: no file matching {pattern.pattern}")
+            return found
+    raise NumavmError(f"{deb.name}: no data.tar member")
+
+
+def _scan_tar(stream: IO[bytes], pattern: re.Pattern[str]) -> tuple[str, bytes] | None:
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            m = pattern.match(member.name)
+            if m and member.isfile():
+                fobj = tar.extractfile(member)
+                assert fobj is not None
+                return m.group(1), fobj.read()
+    return None
+
+
+def _scan_with_dpkg(deb: Path, pattern: re.Pattern[str]) -> tuple[str, bytes] | None:
+    if not shutil.which("dpkg-deb"):
+        raise NumavmError(f"{deb.name}: data compression Python cannot read and no dpkg-deb")
+    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        return _scan_tar(proc.stdout, pattern)
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+        proc.kill()
+        proc.wait()
+
+
+# ---------------------------------------------------------------- cache
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_manifest(cache: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads((cache / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        if doc["schema"] != MANIFEST_SCHEMA:
+            return None
+        for key in ("package", "version", "file", "release"):
+            if not isinstance(doc["kernel"][key], str):
+                return None
+        for key in ("version", "file"):
+            if not isinstance(doc["busybox"][key], str):
+                return None
+    except (KeyError, TypeError):
+        return None
+    return doc  # type: ignore[no-any-return]
+
+
+def _current(doc: dict[str, Any], cache: Path, kpkg: str, kver: str, bver: str) -> bool:
+    k, b = doc["kernel"], doc["busybox"]
+    return bool(k["package"] == kpkg and k["version"] == kver and b["version"] == bver
+                and (cache / k["file"]).is_file() and (cache / b["file"]).is_file())
+
+
+def _assets(cache: Path, doc: dict[str, Any]) -> Assets:
+    k, b = doc["kernel"], doc["busybox"]
+    return Assets(kernel=cache / k["file"], busybox=cache / b["file"], kernel_version=k["release"],
+                  kernel_package=k["package"], kernel_package_version=k["version"],
+                  busybox_version=b["version"])

@@ -1,0 +1,338 @@
+"""Does a booted Linux guest see the machine numavm planned?
+
+The guest's /init (see `initramfs`) reports what sysfs says: nodes, their
+CPUs, MemTotal and distance rows.  `compare_userspace()` holds that report
+against the plan (`plan.plan_document()`) and returns one line per
+difference; `numavm check` and the QEMU oracle test both use it.
+
+Linux numbers its nodes by first appearance in the SRAT, processor entries
+before memory entries, so node N is not necessarily proximity domain N.  The
+comparison therefore takes the PXM -> node map explicitly: from the guest's
+kernel log (`pxm_to_node_from_log`), or predicted from the SRAT bytes by
+Linux's rule (`pxm_to_node_from_srat`); the two should agree.
+
+MemTotal tolerance (`memory_bounds`)
+------------------------------------
+A node's MemTotal (its managed pages) is never more than its domain's size,
+and is less by what the kernel keeps for itself on that node:
+
+* the memory map: one 64-byte `struct page` per 4 KiB page, 1/64 of the
+  node, allocated per 128 MiB section (2 MiB of map each) on the node that
+  owns the section's first page -- so a small node may pay for a whole
+  section, or for nothing.  Allowed: size/64 + 2 MiB.
+* fixed per-node costs: pg_data_t (~170 KiB), page tables, early memblock
+  allocations that go to the highest node (~3 MiB with 64 nodes), the
+  first 1 MiB that x86 keeps.  Allowed: 8 MiB (`NODE_SLACK`), plus 512 KiB
+  a vCPU of the domain for its per-CPU area (~250 KiB each measured).
+* the kernel image: with ``nokaslr`` it sits at 16 MiB; Debian's 6.1 image is
+  ~46 MiB (text, data, bss).  Allowed: the overlap of the node's RAM with the
+  `KERNEL_WINDOW` [16 MiB, 80 MiB).
+* swiotlb: when RAM reaches above 4 GiB, the kernel takes 64 MiB of bounce
+  buffers as high as it can below 4 GiB, i.e. at the top of low RAM.
+  Allowed: the overlap with [top of low RAM - 80 MiB, top of low RAM).
+
+The tolerance is deliberately additive and per-range rather than a flat
+percentage: it keeps a 32 MiB node honest (it must still show ~21 MiB
+unless the kernel image sits on it; measured: 29-32 MiB) while letting the
+node that holds the kernel or the bounce buffers lose what they cost.
+Measured under QEMU with Debian's 6.1 kernel, what a node lost beyond its
+memory map, the kernel image and swiotlb was at most ~3 MiB.
+
+MemTotal alone cannot see a few MiB put in the wrong node, so the report's
+``present_kb`` (pages the kernel found present in the node's ranges, from
+/proc/zoneinfo) is held tighter: never above the domain's size and at most
+`PRESENT_SLACK` (2 MiB) below it -- the e820 holes inside RAM: page 0, the
+640 KiB-1 MiB hole, QEMU's 128 KiB of firmware tables at the top of low RAM.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import Any, Iterable, Mapping
+
+MiB = 1 << 20
+GiB = 1 << 30
+LOCAL_DISTANCE = 10
+
+NODE_SLACK = 8 * MiB
+CPU_SLACK = 512 * 1024
+PRESENT_SLACK = 2 * MiB
+MEMMAP_SECTION_SLACK = 2 * MiB
+KERNEL_WINDOW = (16 * MiB, 80 * MiB)
+SWIOTLB_SIZE = 64 * MiB
+SWIOTLB_WINDOW = 80 * MiB  # below the top of low RAM: the buffers plus alignment and neighbours
+FOUR_GIB = 4 * GiB
+
+
+# ---------------------------------------------------------------- LIST syntax
+
+
+def parse_cpulist(text: str) -> set[int]:
+    """Linux's list format ("0-3,8,10-11"; "" is empty) as a set."""
+    out: set[int] = set()
+    for part in text.strip().split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, dash, hi = part.partition("-")
+        if dash:
+            out.update(range(int(lo), int(hi) + 1))
+        else:
+            out.add(int(lo))
+    return out
+
+
+def format_cpulist(items: Iterable[int]) -> str:
+    """A set in Linux's list format ("0-3,8")."""
+    s = sorted(set(items))
+    runs: list[str] = []
+    k = 0
+    while k < len(s):
+        j = k
+        while j + 1 < len(s) and s[j + 1] == s[j] + 1:
+            j += 1
+        runs.append(str(s[k]) if j == k else f"{s[k]}-{s[j]}")
+        k = j + 1
+    return ",".join(runs)
+
+
+# ---------------------------------------------------------------- PXM -> node
+
+
+_PROC_LINE = re.compile(r"SRAT: PXM (\d+) -> (?:X2)?APIC 0x[0-9a-fA-F]+ -> Node (\d+)")
+_MEM_LINE = re.compile(r"ACPI: SRAT: Node (\d+) PXM (\d+) \[mem")
+
+
+def pxm_to_node_from_log(console_text: str) -> dict[int, int]:
+    """The PXM -> node map in a Linux guest's kernel log.
+
+    From ``SRAT: PXM P -> APIC 0xA -> Node N`` and ``ACPI: SRAT: Node N PXM P
+    [mem ...]`` lines (printed at KERN_INFO/DEBUG: not on a ``quiet`` console,
+    so numavm's /init copies them from dmesg).  Empty when there are none.
+    """
+    out: dict[int, int] = {}
+    for m in _PROC_LINE.finditer(console_text):
+        out.setdefault(int(m.group(1)), int(m.group(2)))
+    for m in _MEM_LINE.finditer(console_text):
+        out.setdefault(int(m.group(2)), int(m.group(1)))
+    return out
+
+
+def pxm_to_node_from_srat(srat: bytes) -> dict[int, int]:
+    """The PXM -> node map Linux (x86) will make of an SRAT.
+
+    Linux walks the processor entries (local APIC and x2APIC affinity, in
+    table order) before the memory entries, and gives each proximity domain
+    the next node number the first time an enabled entry names it.
+    """
+    procs: list[int] = []
+    mems: list[int] = []
+    pos = 48  # 36-byte header + 4 reserved + 8 reserved
+    while pos + 2 <= len(srat):
+        kind, length = srat[pos], srat[pos + 1]
+        if length < 2:
+            break
+        e = srat[pos:pos + length]
+        if kind == 0 and length >= 16:  # processor local APIC/SAPIC affinity
+            flags, = struct.unpack_from("<I", e, 4)
+            if flags & 1:
+                procs.append(e[2] | e[9] << 8 | e[10] << 16 | e[11] << 24)
+        elif kind == 2 and length >= 24:  # processor local x2APIC affinity
+            pxm, _, flags = struct.unpack_from("<III", e, 4)
+            if flags & 1:
+                procs.append(pxm)
+        elif kind == 1 and length >= 40:  # memory affinity
+            pxm, = struct.unpack_from("<I", e, 2)
+            size, = struct.unpack_from("<Q", e, 16)
+            flags, = struct.unpack_from("<I", e, 28)
+            if flags & 1 and size:
+                mems.append(pxm)
+        pos += length
+    out: dict[int, int] = {}
+    for pxm in procs + mems:
+        if pxm not in out:
+            out[pxm] = len(out)
+    return out
+
+
+def pxm_to_node_from_plan(plan_doc: Mapping[str, Any]) -> dict[int, int]:
+    """The map for numavm's own SRAT order (domains with vCPUs by id, then memory-only ones)."""
+    if not plan_doc.get("numa", True):
+        return {0: 0}
+    doms = sorted(plan_doc["domains"], key=lambda d: d["id"])
+    order = [d["id"] for d in doms if d["cpus"]] + [d["id"] for d in doms if not d["cpus"] and d["size"]]
+    return {pxm: node for node, pxm in enumerate(order)}
+
+
+# ---------------------------------------------------------------- memory bounds
+
+
+def _overlap(ranges: Iterable[tuple[int, int]], lo: int, hi: int) -> int:
+    return sum(max(0, min(e, hi) - max(s, lo)) for s, e in ranges)
+
+
+def memory_bounds(plan_doc: Mapping[str, Any]) -> dict[int, tuple[int, int, list[str]]]:
+    """{domain id: (lowest, highest acceptable MemTotal in kB, what the allowance is made of)}."""
+    doms = plan_doc["domains"]
+    ranges = {d["id"]: [(r["start"], r["end"]) for r in d["ranges"]] for d in doms}
+    low_top = max((e for rs in ranges.values() for _, e in rs if e <= FOUR_GIB), default=0)
+    high_ram = any(e > FOUR_GIB for rs in ranges.values() for _, e in rs)
+    out: dict[int, tuple[int, int, list[str]]] = {}
+    for d in doms:
+        size = d["size"]
+        if size == 0:
+            out[d["id"]] = (0, 0, ["CPU-only"])
+            continue
+        parts = [("memmap", size // 64 + MEMMAP_SECTION_SLACK),
+                 ("node", NODE_SLACK + CPU_SLACK * len(d["cpus"]))]
+        k = _overlap(ranges[d["id"]], *KERNEL_WINDOW)
+        if k:
+            parts.append(("kernel image", k))
+        if high_ram:
+            s = _overlap(ranges[d["id"]], max(0, low_top - SWIOTLB_WINDOW), low_top)
+            if s:
+                parts.append(("swiotlb", min(s, SWIOTLB_WINDOW)))
+        allowance = sum(v for _, v in parts)
+        lo = max(0, size - allowance) // 1024
+        out[d["id"]] = (lo, size // 1024, [f"{n} {v // 1024} kB" for n, v in parts])
+    return out
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def compare_userspace(plan_doc: Mapping[str, Any], observed: Mapping[str, Any],
+                      pxm_to_node: Mapping[int, int] | None) -> list[str]:
+    """Differences between the plan and the guest's report; an empty list means they match.
+
+    `observed` is what `initramfs.parse_guest_report()` returns.  `pxm_to_node`
+    maps proximity domains (numavm's domain ids) to the guest's node numbers;
+    None or empty means the identity map for the classic machine and Linux's
+    SRAT rule (`pxm_to_node_from_plan`) otherwise.  Checked: the set of nodes,
+    each node's CPUs, MemTotal within `memory_bounds`, the distance matrix
+    (permuted by the map), and the online CPUs.
+    """
+    out: list[str] = []
+    doms = sorted(plan_doc["domains"], key=lambda d: d["id"])
+    numa = plan_doc.get("numa", True)
+    if not numa:  # one domain, no SRAT: Linux fakes node 0
+        pmap = {0: 0}
+    else:
+        pmap = dict(pxm_to_node) if pxm_to_node else pxm_to_node_from_plan(plan_doc)
+    nodes: Mapping[str, Any] = observed.get("nodes") or {}
+    seen = {int(k) for k in nodes}
+    want_nodes = {pmap[d["id"]] for d in doms if d["id"] in pmap}
+
+    for d in doms:
+        if d["id"] not in pmap:
+            out.append(f"domain {d['id']}: the guest mapped PXM {d['id']} to no node")
+    if len(set(pmap[d["id"]] for d in doms if d["id"] in pmap)) != len(want_nodes) or \
+            len(want_nodes) != len([d for d in doms if d["id"] in pmap]):
+        out.append(f"PXM -> node map is not one-to-one: {dict(sorted(pmap.items()))}")
+    if seen != want_nodes:
+        out.append(f"nodes: guest has {format_cpulist(seen) or 'none'} ({len(seen)}), "
+                   f"plan wants {format_cpulist(want_nodes)} ({len(want_nodes)})")
+    online = observed.get("online_nodes")
+    if online is not None and parse_cpulist(online) != want_nodes:
+        out.append(f"online nodes: guest {online!r}, plan wants {format_cpulist(want_nodes)!r}")
+
+    all_cpus = set(range(plan_doc["cpus"]))
+    online_cpus = observed.get("online_cpus")
+    if online_cpus is not None and parse_cpulist(online_cpus) != all_cpus:
+        out.append(f"online CPUs: guest {online_cpus!r}, plan wants {format_cpulist(all_cpus)!r}")
+
+    bounds = memory_bounds(plan_doc)
+    for d in doms:
+        node = pmap.get(d["id"])
+        if node is None:
+            continue
+        n = nodes.get(str(node))
+        where = f"domain {d['id']} (node {node})"
+        if n is None:
+            out.append(f"{where}: not in the guest's sysfs")
+            continue
+        cpus = parse_cpulist(n.get("cpulist") or "")
+        if cpus != set(d["cpus"]):
+            out.append(f"{where}: CPUs {format_cpulist(cpus) or 'none'}, plan wants "
+                       f"{format_cpulist(d['cpus']) or 'none'}")
+        mt = n.get("memtotal_kb")
+        lo, hi, why = bounds[d["id"]]
+        if not isinstance(mt, int):
+            out.append(f"{where}: no MemTotal in the report")
+        elif not lo <= mt <= hi:
+            out.append(f"{where}: MemTotal {mt} kB, plan wants {lo}..{hi} kB "
+                       f"(size {d['size'] // 1024} kB less at most {', '.join(why)})")
+        present = n.get("present_kb")
+        if isinstance(present, int):
+            plo = max(0, d["size"] - PRESENT_SLACK) // 1024
+            if not plo <= present <= d["size"] // 1024:
+                out.append(f"{where}: {present} kB present in the node's ranges, plan wants "
+                           f"{plo}..{d['size'] // 1024} kB")
+        if numa:
+            row = n.get("distance") or []
+            want = plan_doc["distances"][d["id"]]
+            # the guest's row is indexed by node: put the plan's row in node order
+            by_node = {pmap[j]: want[j] for j in range(len(want)) if j in pmap}
+            want_row = [by_node.get(k) for k in range(len(row))] if len(row) == len(by_node) else None
+            if want_row is None or want_row != list(row):
+                exp = [by_node[k] for k in sorted(by_node)]
+                out.append(f"{where}: distances {list(row)}, plan wants {exp} (in node order)")
+        elif n.get("distance") not in (None, [LOCAL_DISTANCE]):
+            out.append(f"{where}: distances {n.get('distance')}, the classic machine wants [10]")
+    return out
+
+
+# ---------------------------------------------------------------- QEMU as the oracle
+
+
+def _ceil_log2(n: int) -> int:
+    return (n - 1).bit_length()
+
+
+def qemu_smp(plan_doc: Mapping[str, Any]) -> str | None:
+    """A QEMU ``-smp`` value whose APIC ids are the plan's, or None if QEMU has none.
+
+    QEMU numbers vCPU i as APIC id ``(i // cores) << ceil(log2(cores)) | i % cores``
+    (one thread a core, one die); numavm's SRAT names the plan's APIC ids, so
+    the two must agree for the guest's CPUs to land in their domains.
+    """
+    n = plan_doc["cpus"]
+    want = [0] * n
+    for d in plan_doc["domains"]:
+        for cpu, apic in zip(d["cpus"], d["apic_ids"]):
+            want[cpu] = apic
+    packages = len([d for d in plan_doc["domains"] if d["cpus"]])
+    candidates = [packages] + [s for s in range(1, n + 1) if s != packages]
+    for sockets in candidates:
+        if n % sockets:
+            continue
+        cores = n // sockets
+        ids = [(i // cores) << _ceil_log2(cores) | (i % cores) for i in range(n)]
+        if ids == want:
+            return f"{n},sockets={sockets},cores={cores},threads=1"
+    return None
+
+
+def qemu_argv(plan_doc: Mapping[str, Any], kernel: str, initrd: str, tables: Mapping[str, str],
+              append: str = "console=ttyS0 nokaslr panic=-1 quiet", serial: str = "stdio",
+              qemu: str = "qemu-system-x86_64") -> list[str]:
+    """QEMU (TCG) booting `kernel` on the plan's RAM layout with numavm's SRAT and SLIT.
+
+    `tables` maps a signature ("SRAT", "SLIT") to a file with that table's
+    bytes; QEMU supplies the rest (MADT, FADT, DSDT) and no SRAT of its own,
+    since no ``-numa`` option is given.  ``max-ram-below-4g=3G`` puts RAM where
+    numavm's layout does: [0, 3 GiB) and from 4 GiB.  One TCG thread for all
+    vCPUs: with many vCPUs on few host cores it boots several times faster.
+    """
+    smp = qemu_smp(plan_doc)
+    if smp is None:
+        raise ValueError("QEMU cannot number the vCPUs as the plan does (APIC ids)")
+    argv = [qemu, "-M", "pc,max-ram-below-4g=3G", "-accel", "tcg,thread=single", "-cpu", "qemu64",
+            "-m", f"{plan_doc['memory'] // MiB}M", "-smp", smp]
+    for sig in ("SRAT", "SLIT"):
+        if sig in tables:
+            argv += ["-acpitable", f"file={tables[sig]}"]
+    argv += ["-kernel", kernel, "-initrd", initrd, "-append", append,
+             "-nographic", "-no-reboot", "-monitor", "none", "-serial", serial, "-net", "none"]
+    return argv

@@ -1,0 +1,382 @@
+"""numavm's own initramfs: busybox, an /init that reports the guest's topology, a command.
+
+`build_initramfs()` writes a cpio ``newc`` archive itself (110-byte ASCII
+headers, names and data padded to 4 bytes, a ``TRAILER!!!`` entry) and
+compresses it with gzip (or xz, or not at all).  Every mtime, owner and
+inode number is fixed, so the same inputs give the same bytes and the result
+can be cached by content hash.
+
+The /init script (busybox sh) mounts proc, sysfs and devtmpfs, prints the
+kernel's SRAT/NUMA log lines, then the guest's topology as ONE line of
+compact JSON between the lines ``@@NUMAVM-TOPOLOGY-BEGIN@@`` and
+``@@NUMAVM-TOPOLOGY-END@@``::
+
+    {"nodes": {"0": {"cpulist": "0-1", "memtotal_kb": 985208, "present_kb": 1048188,
+                     "distance": [10, 20, 30]}, ...},
+     "online_cpus": "0-3", "possible_cpus": "0-3", "possible_nodes": "0-2",
+     "online_nodes": "0-2", "memtotal_kb": 2530452, "acpi_tables": ["APIC", ...],
+     "kernel": "6.1.0-56-amd64", "uptime": 3.54, "cmdline": "console=ttyS0 ..."}
+
+then runs the user's command, if any, with its argv exactly as given (each
+argument is a file under /etc/numavm/argv/, read back by the script, never
+pasted into it), prints ``@@NUMAVM-EXIT <status>@@`` and powers off.
+`parse_guest_report()` finds both in captured console output.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+import os
+import re
+import shutil
+import stat
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Sequence
+
+from .errors import NumavmError
+
+TOPOLOGY_BEGIN = "@@NUMAVM-TOPOLOGY-BEGIN@@"
+TOPOLOGY_END = "@@NUMAVM-TOPOLOGY-END@@"
+EXIT_MARK = "@@NUMAVM-EXIT"
+ARGV_DIR = "/etc/numavm/argv"
+MTIME = 0  # every entry's mtime: deterministic output
+
+COMPRESSIONS = ("gzip", "xz", "none")
+
+# Applets /init uses; linked at build time so /init runs before `busybox --install`.
+INIT_APPLETS = ("sh", "mount", "cat", "echo", "printf", "sed", "tr", "ls", "grep", "dmesg", "awk",
+                "uname", "poweroff", "reboot", "sync", "sleep", "mkdir", "test", "[")
+
+INIT_SCRIPT = r"""#!/bin/sh
+# numavm guest init: report the topology, run the command, power off.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/ TERM=linux
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+/bin/busybox --install -s 2>/dev/null
+cd /
+
+rd() { [ -r "$1" ] && cat "$1" 2>/dev/null; }
+# a JSON string: backslash and quote escaped, control characters made spaces
+js() { printf '"%s"' "$(printf '%s' "$1" | tr '\000-\037' ' ' | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g')"; }
+
+dmesg 2>/dev/null | grep -E 'SRAT|NUMA|software IO TLB' | sed 's/^/numavm-dmesg: /'
+
+# pages the kernel found present in each node's ranges (all zones), in kB
+zi=$(awk '$1 == "Node" { n = $2; sub(",", "", n) } $1 == "present" { p[n] += $2 }
+          END { for (k in p) print k, p[k] * 4 }' /proc/zoneinfo 2>/dev/null)
+nodes=""
+for d in /sys/devices/system/node/node[0-9]*; do
+  [ -d "$d" ] || continue
+  n=${d##*/node}
+  mt=$(sed -n 's/.*MemTotal: *\([0-9][0-9]*\) kB.*/\1/p' "$d/meminfo" 2>/dev/null)
+  pk=$(echo "$zi" | sed -n "s/^$n \([0-9][0-9]*\)$/\1/p")
+  dist=$(echo $(rd "$d/distance") | tr ' ' ',')
+  nodes="$nodes${nodes:+,}\"$n\":{\"cpulist\":$(js "$(rd "$d/cpulist")"),\"memtotal_kb\":${mt:-null},\"present_kb\":${pk:-0},\"distance\":[$dist]}"
+done
+tables=""
+for t in /sys/firmware/acpi/tables/*; do
+  [ -f "$t" ] && tables="$tables${tables:+,}$(js "${t##*/}")"
+done
+mt=$(sed -n 's/^MemTotal: *\([0-9][0-9]*\) kB.*/\1/p' /proc/meminfo)
+up=$(sed 's/ .*//' /proc/uptime)
+N=/sys/devices/system/node
+C=/sys/devices/system/cpu
+j="{\"nodes\":{$nodes}"
+j="$j,\"online_cpus\":$(js "$(rd $C/online)"),\"possible_cpus\":$(js "$(rd $C/possible)")"
+j="$j,\"possible_nodes\":$(js "$(rd $N/possible)"),\"online_nodes\":$(js "$(rd $N/online)")"
+j="$j,\"has_cpu_nodes\":$(js "$(rd $N/has_cpu)"),\"has_memory_nodes\":$(js "$(rd $N/has_memory)")"
+j="$j,\"memtotal_kb\":${mt:-null},\"acpi_tables\":[$tables]"
+j="$j,\"kernel\":$(js "$(uname -r)"),\"uptime\":${up:-null},\"cmdline\":$(js "$(rd /proc/cmdline)")}"
+printf '\n@@NUMAVM-TOPOLOGY-BEGIN@@\n%s\n@@NUMAVM-TOPOLOGY-END@@\n' "$j"
+
+st=0
+if [ -d /etc/numavm/argv ]; then
+  set --
+  i=0
+  while [ -e "/etc/numavm/argv/$i" ]; do
+    a=$(cat "/etc/numavm/argv/$i"; echo x)
+    set -- "$@" "${a%x}"
+    i=$((i + 1))
+  done
+  "$@"
+  st=$?
+fi
+printf '\n@@NUMAVM-EXIT %d@@\n' "$st"
+sync
+poweroff -f
+sleep 5
+reboot -f
+"""
+
+
+# ---------------------------------------------------------------- cpio newc
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One archive member; `path` without a leading slash."""
+
+    path: str
+    mode: int  # file type and permission bits, as st_mode
+    data: bytes = b""  # file contents, or a symlink's target
+    rdev: tuple[int, int] = (0, 0)  # (major, minor) of a device node
+
+
+def _pad4(n: int) -> bytes:
+    return b"\0" * (-n & 3)
+
+
+def cpio_newc(entries: Iterable[Entry]) -> bytes:
+    """A cpio ``newc`` archive of `entries` in the order given, with the trailer."""
+    parts: list[bytes] = []
+    ino = 0
+    for e in list(entries) + [Entry("TRAILER!!!", 0)]:
+        ino += 1
+        trailer = e.path == "TRAILER!!!"
+        name = e.path.encode() + b"\0"
+        fields = (
+            0 if trailer else ino,  # c_ino
+            e.mode,  # c_mode
+            0, 0,  # c_uid, c_gid
+            2 if stat.S_ISDIR(e.mode) else 1 if not trailer else 0,  # c_nlink
+            MTIME,  # c_mtime
+            len(e.data),  # c_filesize
+            0, 0,  # c_devmajor, c_devminor
+            e.rdev[0], e.rdev[1],  # c_rdevmajor, c_rdevminor
+            len(name),  # c_namesize
+            0,  # c_check
+        )
+        header = b"070701" + b"".join(b"%08X" % f for f in fields)
+        parts += [header, name, _pad4(len(header) + len(name)), e.data, _pad4(len(e.data))]
+    return b"".join(parts)
+
+
+def read_cpio_newc(data: bytes) -> list[Entry]:
+    """Parse a ``newc`` archive back into entries (trailer excluded); for tests and `check`."""
+    out: list[Entry] = []
+    pos = 0
+    while True:
+        hdr = data[pos:pos + 110]
+        if len(hdr) < 110 or hdr[:6] != b"070701":
+            raise ValueError(f"bad cpio newc header at offset {pos}")
+        f = [int(hdr[6 + 8 * k:14 + 8 * k], 16) for k in range(13)]
+        mode, size, rmaj, rmin, namesize = f[1], f[6], f[9], f[10], f[11]
+        name_start = pos + 110
+        name = data[name_start:name_start + namesize - 1].decode()
+        data_start = name_start + namesize
+        data_start += -data_start & 3
+        body = data[data_start:data_start + size]
+        pos = data_start + size
+        pos += -pos & 3
+        if name == "TRAILER!!!":
+            return out
+        out.append(Entry(name, mode, body, (rmaj, rmin)))
+
+
+# ---------------------------------------------------------------- building
+
+
+def _guest_path(path: str) -> str:
+    p = PurePosixPath("/" + path.lstrip("/"))
+    parts = [x for x in p.parts[1:] if x not in ("", ".")]
+    if not parts or ".." in parts:
+        raise NumavmError(f"initramfs: guest path {path!r} must be absolute, without '..'")
+    return "/".join(parts)
+
+
+def _is_elf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+_LDD_LINE = re.compile(r"^\s*(?:(\S+)\s+=>\s+)?(/\S+)\s+\(0x[0-9a-fA-F]+\)\s*$")
+_LOADERS = ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-x86-64.so.2")
+
+
+def parse_ldd(output: str) -> list[str]:
+    """Absolute paths of the libraries (and the loader) in `ldd`/`ld.so --list` output."""
+    out: list[str] = []
+    for line in output.splitlines():
+        if "=> not found" in line:
+            raise NumavmError(f"initramfs: a shared library is missing on the host: {line.strip()}")
+        m = _LDD_LINE.match(line)
+        if m and m.group(2) not in out:
+            out.append(m.group(2))
+    return out
+
+
+def shared_libraries(path: Path) -> list[str]:
+    """The host paths of the shared libraries an ELF executable needs, loader included.
+
+    Resolved by the host's dynamic loader (`ldd`, or the loader's ``--list``);
+    a static executable needs none.
+    """
+    if not _is_elf(path):
+        return []
+    cmds: list[list[str]] = []
+    if shutil.which("ldd"):
+        cmds.append(["ldd", str(path)])
+    cmds += [[ld, "--list", str(path)] for ld in _LOADERS if os.access(ld, os.X_OK)]
+    if not cmds:
+        raise NumavmError(f"initramfs: no ldd or dynamic loader on the host to resolve {path}'s libraries")
+    for cmd in cmds:
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                           env=dict(os.environ, LC_ALL="C"))
+        text = r.stdout + r.stderr
+        if "not a dynamic executable" in text or "statically linked" in text:
+            return []
+        if r.returncode == 0:
+            return parse_ldd(r.stdout)
+    raise NumavmError(f"initramfs: cannot resolve the shared libraries of {path}: {text.strip()}")
+
+
+class _Tree:
+    """Archive members by path; parents are created as directories."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Entry] = {}
+
+    def _dirs(self, path: str) -> None:
+        parts = path.split("/")[:-1]
+        for k in range(1, len(parts) + 1):
+            d = "/".join(parts[:k])
+            e = self.entries.get(d)
+            if e is None:
+                self.entries[d] = Entry(d, stat.S_IFDIR | 0o755)
+            elif not stat.S_ISDIR(e.mode):
+                raise NumavmError(f"initramfs: /{d} is a file but /{path} needs it to be a directory")
+
+    def add(self, entry: Entry, replace: bool = True) -> None:
+        self._dirs(entry.path)
+        old = self.entries.get(entry.path)
+        if old is not None and stat.S_ISDIR(old.mode) and stat.S_ISDIR(entry.mode):
+            return
+        if old is not None and not replace:
+            return
+        if old is not None and stat.S_ISDIR(old.mode):
+            raise NumavmError(f"initramfs: /{entry.path} is a directory")
+        self.entries[entry.path] = entry
+
+    def sorted(self) -> list[Entry]:
+        # parents sort before their children ("a" < "a/b"); "/" sorts before other bytes we use
+        return [self.entries[k] for k in sorted(self.entries, key=lambda p: p.split("/"))]
+
+
+def _host_file(path: Path) -> tuple[int, bytes]:
+    try:
+        st = os.stat(path)  # follows symlinks: the guest gets the file itself
+        if not stat.S_ISREG(st.st_mode):
+            raise NumavmError(f"initramfs: {path} is not a regular file")
+        return (st.st_mode & 0o7777) or 0o644, path.read_bytes()
+    except OSError as e:
+        raise NumavmError(f"initramfs: cannot read {path}: {e.strerror}") from None
+
+
+def initramfs_entries(busybox: Path, command: Sequence[str] | None = None,
+                      add: Iterable[tuple[Path, str]] = ()) -> list[Entry]:
+    """The archive's members, sorted, before compression."""
+    tree = _Tree()
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run"):
+        tree.add(Entry(d, stat.S_IFDIR | (0o1777 if d == "tmp" else 0o755)))
+    tree.add(Entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)))
+    tree.add(Entry("dev/null", stat.S_IFCHR | 0o666, rdev=(1, 3)))
+    _, bb = _host_file(Path(busybox))
+    if not bb.startswith(b"\x7fELF"):
+        raise NumavmError(f"initramfs: {busybox} is not an ELF executable")
+    tree.add(Entry("bin/busybox", stat.S_IFREG | 0o755, bb))
+    for applet in INIT_APPLETS:
+        tree.add(Entry(f"bin/{applet}", stat.S_IFLNK | 0o777, b"busybox"))
+    tree.add(Entry("init", stat.S_IFREG | 0o755, INIT_SCRIPT.encode()))
+    tree.add(Entry("etc/passwd", stat.S_IFREG | 0o644, b"root:x:0:0:root:/root:/bin/sh\n"))
+    tree.add(Entry("etc/group", stat.S_IFREG | 0o644, b"root:x:0:\n"))
+    libs: list[str] = []
+    for host, guest in add:
+        host = Path(host)
+        mode, data = _host_file(host)
+        tree.add(Entry(_guest_path(guest), stat.S_IFREG | mode, data))
+        libs += [lib for lib in shared_libraries(host) if lib not in libs]
+    for lib in libs:
+        mode, data = _host_file(Path(lib))
+        # a user's own file at that path wins over the host's library
+        tree.add(Entry(_guest_path(lib), stat.S_IFREG | mode, data), replace=False)
+    if command is not None:
+        if not command:
+            raise NumavmError("initramfs: the command is empty")
+        tree.add(Entry(ARGV_DIR.lstrip("/"), stat.S_IFDIR | 0o755))
+        for k, arg in enumerate(command):
+            if "\0" in arg:
+                raise NumavmError(f"initramfs: argument {k} of the command holds a NUL byte")
+            tree.add(Entry(f"{ARGV_DIR.lstrip('/')}/{k}", stat.S_IFREG | 0o644, arg.encode()))
+    return tree.sorted()
+
+
+def compress(data: bytes, method: str = "gzip") -> bytes:
+    if method == "gzip":
+        return gzip.compress(data, compresslevel=6, mtime=0)
+    if method == "xz":  # the kernel's xz decoder wants CRC32 (or no) checks
+        return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
+    if method == "none":
+        return data
+    raise NumavmError(f"initramfs: compression must be one of {', '.join(COMPRESSIONS)}, got {method!r}")
+
+
+def build_initramfs(busybox: Path, command: list[str] | None = None,
+                    add: Iterable[tuple[Path, str]] = (), compress: str = "gzip") -> bytes:
+    """The initramfs as bytes: cpio newc, compressed with `compress` (gzip, xz or none)."""
+    return _compress(cpio_newc(initramfs_entries(busybox, command, add)), compress)
+
+
+_compress = compress
+
+
+# ---------------------------------------------------------------- reading the console
+
+
+_KLOG = re.compile(r"\[\s*\d+\.\d+\][^\n]*(?:\n|$)")
+_EXIT = re.compile(re.escape(EXIT_MARK) + r" (-?\d+)@@")
+
+
+def _parse_block(block: str) -> dict[str, Any] | None:
+    text = block.replace("\r", "")
+    for candidate in (text.strip(), _KLOG.sub("", text).replace("\n", "").strip(),
+                      text.replace("\n", "").strip()):
+        try:
+            doc = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            return doc
+    return None
+
+
+def parse_guest_report(console_text: str) -> dict[str, Any] | None:
+    """The guest's topology report in captured console output, or None.
+
+    Returns the JSON object the /init printed, plus ``exit_status``: the
+    command's status (0 when there was no command), or None when the guest
+    never printed it.  Kernel log lines that land inside the block are
+    dropped.  The last complete block wins.
+    """
+    text = console_text.replace("\r", "")
+    doc = None
+    end = len(text)
+    while doc is None:
+        e = text.rfind(TOPOLOGY_END, 0, end)
+        if e < 0:
+            return None
+        b = text.rfind(TOPOLOGY_BEGIN, 0, e)
+        if b < 0:
+            return None
+        doc = _parse_block(text[b + len(TOPOLOGY_BEGIN):e])
+        end = b
+    statuses = _EXIT.findall(text[e:])
+    doc["exit_status"] = int(statuses[-1]) if statuses else None
+    return doc
