@@ -76,7 +76,42 @@ def build_parser() -> argparse.ArgumentParser:
     _machine_options(se)
     se.add_argument("--to", required=True, metavar="FORMAT",
                     help="qemu, libvirt, cloud-hypervisor, bhyve or toml")
+    sr = sub.add_parser("run", help="boot Linux on the machine and run a command in it",
+                        description="Boot Linux on the planned machine, stream its console, and exit "
+                                    "with the guest command's status (0 on clean power-off). "
+                                    "Exit codes: 70 guest panic, 71 triple fault, 72 emulation failure, "
+                                    "73 timeout, 74 guest reset, 130 interrupted.")
+    _machine_options(sr, host_nodes=False)
+    _guest_options(sr)
+    sr.add_argument("--append", metavar="ARGS", default="", help="more kernel command-line parameters")
+    sr.add_argument("--add", metavar="HOST_PATH[:GUEST_PATH]", action="append", default=[],
+                    help="copy a host file (and its shared libraries) into the guest, repeatable")
+    sr.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- CMD ...",
+                    help="the command to run in the guest")
+
+    sc = sub.add_parser("check", help="boot the built-in guest and compare what it saw with the plan",
+                        description="Boot the built-in guest and compare the NUMA topology it saw "
+                                    "with the plan. Stage kernel reads the guest kernel's log (SRAT "
+                                    "ranges, APIC->node, zonelist order); stage userspace adds the "
+                                    "guest's sysfs (CPUs, MemTotal and distances per node). Exits 0 on "
+                                    "match, 1 on mismatch. Without machine options: the built-in example.")
+    _machine_options(sc, host_nodes=False)
+    _guest_options(sc)
+    sc.add_argument("--stage", choices=("kernel", "userspace"),
+                    help="default: kernel where the engine is a KVM that emulates guest code, else userspace")
+    sc.add_argument("--json", action="store_true", help="print one JSON document")
     return p
+
+
+def _guest_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("guest and engine")
+    g.add_argument("--accel", default="auto", metavar="kvm|tcg|auto",
+                   help="engine: KVM, QEMU's TCG, or auto (KVM with hardware virtualization, else TCG)")
+    g.add_argument("--kernel", metavar="FILE", help="a bzImage or vmlinux (default: Debian's, fetched)")
+    g.add_argument("--initrd", metavar="FILE", help="an initramfs (default: numavm's own)")
+    g.add_argument("--timeout", metavar="S", type=float, default=None, help="stop the guest after S seconds")
+    g.add_argument("--verbose", "-v", action="store_true", help="print engine details (e.g. QEMU's arguments)")
+    g.add_argument("--no-pin", action="store_true", help="do not pin vCPU threads to their policy's host nodes")
 
 
 def machine_spec(args: argparse.Namespace) -> MachineSpec:
@@ -167,7 +202,83 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).splitlines())
 
 
-COMMANDS = {"plan": cmd_plan, "acpi": cmd_acpi, "export": cmd_export}
+def _prepare_guest(args: argparse.Namespace, stage: str | None):  # type: ignore[no-untyped-def]
+    """Validate everything, pick the engine, say which and why; nothing allocated yet."""
+    from . import engine as eng
+    from .layout import plan_layout
+
+    layout = plan_layout(build_topology(args))
+    if args.timeout is not None and args.timeout <= 0:
+        raise ConfigError(f"--timeout: must be more than 0 seconds, got {args.timeout:g}")
+    host = eng.detect()
+    engine, why = eng.choose(args.accel, host)
+    emulated_kvm = engine == "kvm" and host.emulated
+    if stage is None:
+        stage = "kernel" if emulated_kvm else "userspace"
+    if stage == "userspace" and emulated_kvm:
+        raise ConfigError("--stage userspace: this host's KVM emulates guest code and cannot reach the "
+                          "guest's userspace; use --accel tcg (or auto)")
+    print(f"numavm: {why}", file=sys.stderr)
+    return layout, engine, host, emulated_kvm, stage
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .guest import OUTCOME_EXIT, Boot, Console, ExitCode, boot, guest_assets, guest_initrd, kernel_cmdline
+    from .initramfs import parse_guest_report
+    from .machine import Outcome
+
+    command = list(args.guest_command)
+    if command and command[0] == "--":
+        command = command[1:]
+    layout, engine, host, emulated_kvm, stage = _prepare_guest(args, None)
+    log = _stderr
+    assets = guest_assets(args.kernel, log)
+    initrd = guest_initrd(args.initrd, assets.busybox, command, args.add)
+    cmdline = kernel_cmdline(stage, emulated_kvm, args.append)
+    if emulated_kvm:
+        print("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
+              "the emulator cannot run", file=sys.stderr)
+    console = Console(echo=sys.stdout.buffer)
+    result = boot(Boot(layout, engine, assets, initrd, cmdline, args.timeout, console,
+                       verbose=args.verbose, log=log))
+    if result.outcome is Outcome.POWEROFF:
+        report = parse_guest_report(console.text) if args.initrd is None else None
+        status = report.get("exit_status") if report else None
+        return int(status) & 0xFF if isinstance(status, int) else ExitCode.OK
+    print(f"numavm: guest {result.outcome.value}: {result.detail}", file=sys.stderr)
+    return OUTCOME_EXIT.get(result.outcome, ExitCode.FAILURE)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import evaluate, render
+    from .guest import Boot, Console, KernelStageWatch, boot, guest_assets, guest_initrd, kernel_cmdline
+    from .machine import Outcome
+
+    layout, engine, host, emulated_kvm, stage = _prepare_guest(args, args.stage)
+    log = _stderr
+    assets = guest_assets(args.kernel, log)
+    initrd = guest_initrd(args.initrd, assets.busybox, None, []) if stage == "userspace" else None
+    cmdline = kernel_cmdline(stage, emulated_kvm)
+    watch = KernelStageWatch(until_smp=not emulated_kvm) if stage == "kernel" else None
+    console = Console(echo=sys.stderr.buffer if args.verbose else None, watch=watch)
+    result = boot(Boot(layout, engine, assets, initrd, cmdline, args.timeout, console, watch,
+                       verbose=args.verbose, log=log))
+    wanted = Outcome.STOPPED if stage == "kernel" else Outcome.POWEROFF
+    report = evaluate(layout, stage, engine, console.text, result.outcome is wanted,
+                      f"{result.outcome.value} after {result.seconds:.1f} s ({result.detail})")
+    if args.json:
+        print(json.dumps(report.document(), indent=2))
+    else:
+        from .check import render
+        sys.stdout.write(render(report, layout))
+    return EXIT_OK if report.match else EXIT_FAILURE
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+COMMANDS = {"plan": cmd_plan, "acpi": cmd_acpi, "export": cmd_export, "run": cmd_run, "check": cmd_check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -132,7 +132,10 @@ def parse_kernel_log(text: str) -> KernelView:
         elif m := _RE["srat_mem"].search(line):
             node, pxm = int(m[1]), int(m[2])
             v.pxm_to_node.setdefault(pxm, node)
-            v.srat_ranges.setdefault(node, []).append((int(m[3], 16), int(m[4], 16) + 1))
+            span = (int(m[3], 16), int(m[4], 16) + 1)
+            ranges = v.srat_ranges.setdefault(node, [])
+            if span not in ranges:  # the same log may reach the console twice (early and via dmesg)
+                ranges.append(span)
         elif m := _RE["initmem"].search(line):
             v.initmem[int(m[1])] = (int(m[2], 16), int(m[3], 16) + 1)
         elif m := _RE["fallback"].search(line):

@@ -1,0 +1,119 @@
+"""`numavm check`: boot the built-in guest and hold what it saw against the plan.
+
+Stage `kernel` reads the guest kernel's own log (SRAT node ranges, APIC to
+node, node count, zonelist fallback order, which must agree with the
+distances); stage `userspace` adds the guest's sysfs view (CPUs, MemTotal
+and distances per node) reported by numavm's /init.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .guestcheck import compare_userspace
+from .initramfs import parse_guest_report
+from .layout import Layout
+from .linux_numa import KernelView, compare_kernel, expected_view, parse_kernel_log
+from .plan import plan_document
+from .units import format_list, format_size
+
+STAGES = ("kernel", "userspace")
+
+
+@dataclass
+class CheckReport:
+    stage: str
+    engine: str
+    expected: dict[str, Any]
+    observed: dict[str, Any]
+    mismatches: list[str] = field(default_factory=list)
+    boot: str = ""  # how the boot ended
+
+    @property
+    def match(self) -> bool:
+        return not self.mismatches
+
+    def document(self) -> dict[str, Any]:
+        return {"match": self.match, "stage": self.stage, "engine": self.engine, "boot": self.boot,
+                "expected": self.expected, "observed": self.observed, "mismatches": self.mismatches}
+
+
+def _view_doc(v: KernelView) -> dict[str, Any]:
+    d = dataclasses.asdict(v)
+    d["srat_ranges"] = {str(k): [{"start": s, "end": e} for s, e in r] for k, r in v.srat_ranges.items()}
+    d["initmem"] = {str(k): {"start": s, "end": e} for k, (s, e) in v.initmem.items()}
+    for key in ("pxm_to_node", "apic_to_node", "fallback"):
+        d[key] = {str(k): val for k, val in d[key].items()}
+    return d
+
+
+def evaluate(layout: Layout, stage: str, engine: str, console_text: str, boot_ok: bool,
+             boot_detail: str) -> CheckReport:
+    plan = plan_document(layout)
+    seen = parse_kernel_log(console_text)
+    observed: dict[str, Any] = {"kernel": _view_doc(seen)}
+    report = CheckReport(stage, engine, plan, observed, boot=boot_detail)
+    if not boot_ok:
+        report.mismatches.append(f"boot: {boot_detail}")
+    if layout.topology.numa:
+        report.mismatches += compare_kernel(expected_view(layout), seen)
+    elif seen.numa_off is None and len(seen.fallback) > 1:
+        report.mismatches.append(f"the classic machine should have one node, the guest built {len(seen.fallback)}")
+    if stage == "userspace":
+        guest = parse_guest_report(console_text)
+        if guest is None:
+            report.mismatches.append("the guest's /init printed no topology report")
+        else:
+            observed["userspace"] = guest
+            pmap = seen.pxm_to_node or None
+            report.mismatches += compare_userspace(plan, guest, pmap)
+    return report
+
+
+def render(report: CheckReport, layout: Layout) -> str:
+    """Expected beside observed, one row per fact."""
+    rows: list[tuple[str, str, str]] = [("", "expected", "observed")]
+    kern = report.observed["kernel"]
+    user = report.observed.get("userspace") or {}
+    exp = expected_view(layout) if layout.topology.numa else None
+    p2n = {int(k): v for k, v in kern["pxm_to_node"].items()}
+    for d in layout.domains:
+        node = exp.pxm_to_node.get(d.id) if exp else 0
+        seen_node = p2n.get(d.id, "-" if layout.topology.numa else 0)
+        rows.append((f"domain {d.id}: node", str(node), str(seen_node)))
+        ranges = ", ".join(f"{r.start:#x}-{r.end - 1:#x}" for r in d.ranges) or "none"
+        got = kern["srat_ranges"].get(str(seen_node), [])
+        got_text = ", ".join(f"{r['start']:#x}-{r['end'] - 1:#x}" for r in got) or (
+            "-" if layout.topology.numa else "(no SRAT)")
+        rows.append(("  memory ranges", ranges, got_text))
+        apics = [a for a, n in kern["apic_to_node"].items() if n == seen_node]
+        rows.append(("  APIC ids", format_list(d.apic_ids) or "none",
+                     format_list([int(a) for a in apics]) or ("none" if layout.topology.numa else "-")))
+        if user:
+            n = (user.get("nodes") or {}).get(str(seen_node), {})
+            rows.append(("  vCPUs", format_list(d.domain.cpus) or "none", n.get("cpulist", "-") or "none"))
+            mt = n.get("memtotal_kb")
+            rows.append(("  MemTotal", f"<= {format_size(d.segment_size) if d.segment_size else '0'}",
+                         f"{mt // 1024} MiB" if isinstance(mt, int) else "-"))
+            if layout.topology.numa and exp is not None:
+                # the guest's rows are indexed by node number, so show the plan's that way too
+                row = layout.topology.distances[d.id]
+                by_node = sorted((exp.pxm_to_node[j], row[j]) for j in exp.pxm_to_node)
+                rows.append(("  distances (by node)", " ".join(str(v) for _, v in by_node),
+                             " ".join(map(str, n.get("distance") or []))))
+        if exp is not None:
+            rows.append(("  fallback order", " ".join(map(str, exp.fallback.get(node, []))),
+                         " ".join(map(str, kern["fallback"].get(str(seen_node), []))) or "-"))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = [f"{a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
+    lines.append("")
+    lines.append(f"stage {report.stage}, engine {report.engine}: {report.boot}")
+    if report.match:
+        lines.append("MATCH: the guest saw the planned topology")
+    else:
+        lines.append(f"MISMATCH ({len(report.mismatches)}):")
+        lines += [f"  - {m}" for m in report.mismatches]
+    return "\n".join(lines) + "\n"

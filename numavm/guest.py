@@ -1,0 +1,245 @@
+"""A Linux guest on either engine: what `numavm run` and `numavm check` share.
+
+The guest is Debian's kernel (host-side unpacked, entered directly) with
+numavm's own initramfs, booted on the machine the plan describes.  This
+module picks the kernel command line for the engine and host, prepares the
+assets, streams the console, and turns how the run ended into numavm's
+documented exit codes.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from .assets import cache_root, fetch
+from .boot import emulation_safe_cmdline, load_kernel, plan_boot
+from .boot.elf import parse_elf  # noqa: F401  (documents that ELF kernels are accepted)
+from .errors import ConfigError, NumavmError
+from .layout import Layout
+from .machine import Outcome, RunResult
+
+Log = Callable[[str], None]
+
+
+class ExitCode(enum.IntEnum):
+    """numavm's exit statuses for commands that run a guest (see README)."""
+
+    OK = 0
+    FAILURE = 1  # a host-side failure, or (check) a mismatch
+    USAGE = 2
+    PANIC = 70
+    TRIPLE_FAULT = 71
+    EMULATION_FAILURE = 72
+    TIMEOUT = 73
+    RESET = 74  # the guest rebooted instead of powering off
+    INTERRUPTED = 130
+
+
+OUTCOME_EXIT = {
+    Outcome.PANIC: ExitCode.PANIC,
+    Outcome.TRIPLE_FAULT: ExitCode.TRIPLE_FAULT,
+    Outcome.EMULATION_FAILURE: ExitCode.EMULATION_FAILURE,
+    Outcome.TIMEOUT: ExitCode.TIMEOUT,
+    Outcome.RESET: ExitCode.RESET,
+    Outcome.INTERRUPTED: ExitCode.INTERRUPTED,
+    Outcome.ERROR: ExitCode.FAILURE,
+}
+
+# The console is the serial port in both engines; earlyprintk puts the early
+# boot log (SRAT, node ranges, zonelists) on it before the console driver
+# exists.  nokaslr keeps the kernel image on the same node from boot to boot.
+BASE_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr panic=-1"
+KERNEL_STAGE_CMDLINE = "ignore_loglevel"
+USERSPACE_CMDLINE = "loglevel=7"  # info: SRAT, node ranges and zonelists reach the console
+
+
+def kernel_cmdline(stage: str, emulated_kvm: bool, append: str = "") -> str:
+    parts = [BASE_CMDLINE, KERNEL_STAGE_CMDLINE if stage == "kernel" else USERSPACE_CMDLINE]
+    if emulated_kvm:
+        parts.append(emulation_safe_cmdline())
+    if append:
+        parts.append(append)
+    return " ".join(parts)
+
+
+@dataclass
+class GuestAssets:
+    kernel: Path  # what the user gave or the cached Debian bzImage
+    vmlinux: Path  # the unpacked ELF (same as kernel when given an ELF)
+    busybox: Path | None
+
+
+def guest_assets(kernel: str | None, log: Log) -> GuestAssets:
+    """The kernel (fetched from Debian's packages unless given) and its unpacked ELF."""
+    busybox = None
+    if kernel is None:
+        assets = fetch(log=log)
+        path, busybox = assets.kernel, assets.busybox
+    else:
+        path = Path(kernel)
+        if not path.is_file():
+            raise ConfigError(f"--kernel: {path} is not a file")
+    return GuestAssets(path, unpacked_kernel(path, log), busybox)
+
+
+def unpacked_kernel(path: Path, log: Log) -> Path:
+    """An ELF vmlinux for `path`, unpacked once and cached by content.
+
+    QEMU's PVH boot wants the ELF, and the KVM engine then skips a 1.5 s
+    decompression on every boot.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head == b"\x7fELF":
+            return path
+        digest = hashlib.sha256(head + f.read()).hexdigest()[:16]
+    out = cache_root() / f"vmlinux-{digest}"
+    if out.is_file():
+        return out
+    image = load_kernel(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")
+    try:
+        tmp.write_bytes(image.vmlinux)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log(f"numavm: unpacked {path.name} ({image.compression}) to {out} in {image.unpack_seconds:.1f} s")
+    return out
+
+
+def guest_initrd(initrd: str | None, busybox: Path | None, command: list[str] | None,
+                 add: list[str]) -> bytes:
+    from .initramfs import build_initramfs
+
+    if initrd is not None:
+        try:
+            return Path(initrd).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"--initrd: cannot read {initrd}: {e.strerror}") from None
+    if busybox is None:
+        busybox = fetch(log=lambda s: None).busybox
+    pairs = []
+    for spec in add:
+        host, _, guest = spec.partition(":")
+        if not Path(host).exists():
+            raise ConfigError(f"--add: {host} does not exist")
+        pairs.append((Path(host), guest or host))
+    return build_initramfs(busybox, command or None, pairs)
+
+
+class Console:
+    """Collects the guest console, echoes it, and asks `watch` after each chunk."""
+
+    def __init__(self, echo: BinaryIO | None = None, watch: Callable[[str], None] | None = None) -> None:
+        self._echo = echo
+        self._watch = watch
+        self._chunks: list[bytes] = []
+        self._text = ""
+
+    def __call__(self, data: bytes) -> None:
+        self._chunks.append(data)
+        if self._echo is not None:
+            self._echo.write(data)
+            self._echo.flush()
+        if self._watch is not None:
+            self._watch(data.decode(errors="replace"))
+
+    @property
+    def text(self) -> str:
+        if self._chunks:
+            self._text += b"".join(self._chunks).decode(errors="replace")
+            self._chunks.clear()
+        return self._text
+
+
+class KernelStageWatch:
+    """Stops the machine once the guest kernel has finished its NUMA setup."""
+
+    READY = re.compile(r"Built \d+ zonelists")
+
+    def __init__(self, until_smp: bool) -> None:
+        self.stop: Callable[[Outcome, str], None] | None = None
+        self._tail = ""
+        self._ready = False
+        self._until_smp = until_smp  # also wait for SMP bring-up (llc-sibling warnings come then)
+
+    def __call__(self, text: str) -> None:
+        self._tail = (self._tail + text)[-4096:]
+        if not self._ready and self.READY.search(self._tail):
+            self._ready = True
+        if self._ready and (not self._until_smp or "smp: Brought up" in self._tail
+                            or "Brought up" in self._tail):
+            if self.stop is not None:
+                self.stop(Outcome.STOPPED, "guest kernel finished its NUMA setup")
+
+
+@dataclass
+class Boot:
+    """Everything a guest boot needs, engine-independent."""
+
+    layout: Layout
+    engine: str
+    assets: GuestAssets
+    initrd: bytes | None
+    cmdline: str
+    timeout: float | None
+    console: Console
+    watch: KernelStageWatch | None = None
+    verbose: bool = False
+    log: Log = field(default=lambda s: print(s, file=sys.stderr))
+
+
+def boot(b: Boot) -> RunResult:
+    if b.engine == "kvm":
+        return _boot_kvm(b)
+    return _boot_tcg(b)
+
+
+# Where the machine puts the boot CPU's page tables and GDT: the scratch area
+# numavm.boot leaves free below the zero page.
+from .boot.linux import BOOT_SCRATCH_START  # noqa: E402
+
+PAGE_TABLES_ADDR = BOOT_SCRATCH_START
+GDT_ADDR = BOOT_SCRATCH_START + 0x6000
+
+
+def _boot_kvm(b: Boot) -> RunResult:
+    from . import cpu as cpumode
+    from .machine import KvmMachine
+
+    kernel = load_kernel(b.assets.vmlinux)
+    plan = plan_boot(b.layout, kernel, b.initrd, b.cmdline)
+    with KvmMachine(b.layout, console=b.console) as m:
+        if b.watch is not None:
+            b.watch.stop = m.stop
+        m.load(plan.writes)
+        m.load([(PAGE_TABLES_ADDR, cpumode.identity_page_tables(PAGE_TABLES_ADDR)),
+                (GDT_ADDR, cpumode.gdt_bytes())])
+        m.set_boot_state(cpumode.long_mode_state(PAGE_TABLES_ADDR, GDT_ADDR, plan.rip, rsi=plan.rsi))
+        return m.run(timeout=b.timeout)
+
+
+def _boot_tcg(b: Boot) -> RunResult:
+    from .tcg import QemuMachine
+
+    with QemuMachine(b.layout, console=b.console, log=b.log if b.verbose else None) as m:
+        if b.watch is not None:
+            b.watch.stop = m.stop
+        return m.run(b.assets.vmlinux, b.initrd, b.cmdline, timeout=b.timeout,
+                     stdin_tty=False)
+
+
+def describe_failure(result: RunResult) -> str:
+    return f"{result.outcome.value}: {result.detail}"
+
+
+__all__ = ["ExitCode", "OUTCOME_EXIT", "kernel_cmdline", "guest_assets", "guest_initrd",
+           "Console", "KernelStageWatch", "Boot", "boot", "NumavmError"]
