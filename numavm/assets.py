@@ -50,6 +50,17 @@ def cache_root() -> Path:
     return (Path(base) if base else Path.home() / ".cache") / "numavm"
 
 
+def cached(cache_dir: Path | None = None) -> Assets | None:
+    """What the cache holds, without asking apt: `run` and `check` use this,
+    `numavm fetch` refreshes it (asking apt costs over a second)."""
+    cache = Path(cache_dir) if cache_dir is not None else cache_root()
+    doc = _read_manifest(cache)
+    if doc is None:
+        return None
+    assets = _assets(cache, doc)
+    return assets if assets.kernel.is_file() and assets.busybox.is_file() else None
+
+
 def fetch(cache_dir: Path | None = None, log: Log = print) -> Assets:
     """The Debian kernel and busybox-static in `cache_dir` (default `cache_root()`)."""
     cache = Path(cache_dir) if cache_dir is not None else cache_root()

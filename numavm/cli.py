@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- CMD ...",
                     help="the command to run in the guest")
 
+    sf = sub.add_parser("fetch", help="put Debian's kernel and busybox-static into numavm's cache",
+                        description="Download (apt-get download; nothing is installed on the host) the "
+                                    "kernel image package linux-image-amd64 depends on and busybox-static, "
+                                    "and extract the kernel and busybox into numavm's cache "
+                                    "($XDG_CACHE_HOME/numavm). A no-op when the cache is current.")
+    sf.add_argument("--cache", metavar="DIR", help="another cache directory")
+
     sc = sub.add_parser("check", help="boot the built-in guest and compare what it saw with the plan",
                         description="Boot the built-in guest and compare the NUMA topology it saw "
                                     "with the plan. Stage kernel reads the guest kernel's log (SRAT "
@@ -111,7 +118,13 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--initrd", metavar="FILE", help="an initramfs (default: numavm's own)")
     g.add_argument("--timeout", metavar="S", type=float, default=None, help="stop the guest after S seconds")
     g.add_argument("--verbose", "-v", action="store_true", help="print engine details (e.g. QEMU's arguments)")
-    g.add_argument("--no-pin", action="store_true", help="do not pin vCPU threads to their policy's host nodes")
+    g.add_argument("--no-pin", action="store_true",
+                   help="KVM engine: do not pin vCPU threads to the CPUs of their domain's policy nodes")
+    g.add_argument("--prefault", action="store_true",
+                   help="populate every domain's memory under its policy before the guest starts")
+    g.add_argument("--hugepages", choices=("thp", "hugetlbfs"),
+                   help="back guest memory with transparent huge pages or hugetlbfs pages")
+    g.add_argument("--stats", action="store_true", help="print VM exit statistics after the run")
 
 
 def machine_spec(args: argparse.Namespace) -> MachineSpec:
@@ -236,11 +249,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     initrd = guest_initrd(args.initrd, assets.busybox, command, args.add)
     cmdline = kernel_cmdline(stage, emulated_kvm, args.append)
     if emulated_kvm:
-        print("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
-              "the emulator cannot run", file=sys.stderr)
+        _stderr("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
+                "the emulator cannot run")
     console = Console(echo=sys.stdout.buffer)
     result = boot(Boot(layout, engine, assets, initrd, cmdline, args.timeout, console,
-                       verbose=args.verbose, log=log))
+                       verbose=args.verbose, log=log, pin=not args.no_pin, prefault=args.prefault,
+                       hugepages=args.hugepages, interactive=sys.stdin.isatty()))
+    _report_run(args, result)
     if result.outcome is Outcome.POWEROFF:
         report = parse_guest_report(console.text) if args.initrd is None else None
         status = report.get("exit_status") if report else None
@@ -261,8 +276,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     cmdline = kernel_cmdline(stage, emulated_kvm)
     watch = KernelStageWatch(until_smp=not emulated_kvm) if stage == "kernel" else None
     console = Console(echo=sys.stderr.buffer if args.verbose else None, watch=watch)
+    if emulated_kvm:
+        _stderr("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
+                "the emulator cannot run")
     result = boot(Boot(layout, engine, assets, initrd, cmdline, args.timeout, console, watch,
-                       verbose=args.verbose, log=log))
+                       verbose=args.verbose, log=log, pin=not args.no_pin, prefault=args.prefault,
+                       hugepages=args.hugepages))
+    _report_run(args, result)
     wanted = Outcome.STOPPED if stage == "kernel" else Outcome.POWEROFF
     report = evaluate(layout, stage, engine, console.text, result.outcome is wanted,
                       f"{result.outcome.value} after {result.seconds:.1f} s ({result.detail})")
@@ -274,11 +294,34 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if report.match else EXIT_FAILURE
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from .assets import fetch
+
+    a = fetch(Path(args.cache) if args.cache else None, log=print)
+    print(f"kernel {a.kernel_version}: {a.kernel}")
+    print(f"busybox: {a.busybox}")
+    return EXIT_OK
+
+
+def _report_run(args: argparse.Namespace, result) -> None:  # type: ignore[no-untyped-def]
+    """What every command that runs a VM prints after it: the placement audit, and --stats."""
+    if result.placement:
+        _stderr("numavm: guest memory placement:\n" + result.placement.rstrip())
+    if args.stats:
+        exits = ", ".join(f"{k} {v}" for k, v in result.exits.most_common()) or "none counted (TCG engine)"
+        _stderr(f"numavm: exits: {exits}")
+        for what, counter in (("reads", result.unhandled_reads), ("writes", result.unhandled_writes)):
+            if counter:
+                ports = ", ".join(f"{p:#x}x{n}" for p, n in counter.most_common(8))
+                _stderr(f"numavm: unhandled port {what}: {ports}")
+
+
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-COMMANDS = {"plan": cmd_plan, "acpi": cmd_acpi, "export": cmd_export, "run": cmd_run, "check": cmd_check}
+COMMANDS = {"plan": cmd_plan, "acpi": cmd_acpi, "export": cmd_export, "run": cmd_run, "check": cmd_check,
+            "fetch": cmd_fetch}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

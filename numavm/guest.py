@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from .assets import cache_root, fetch
+from .assets import cache_root, cached, fetch
 from .boot import emulation_safe_cmdline, load_kernel, plan_boot
 from .boot.elf import parse_elf  # noqa: F401  (documents that ELF kernels are accepted)
 from .errors import ConfigError, NumavmError
 from .layout import Layout
 from .machine import Outcome, RunResult
+from .memory import GuestMemory
 
 Log = Callable[[str], None]
 
@@ -80,7 +81,7 @@ def guest_assets(kernel: str | None, log: Log) -> GuestAssets:
     """The kernel (fetched from Debian's packages unless given) and its unpacked ELF."""
     busybox = None
     if kernel is None:
-        assets = fetch(log=log)
+        assets = cached() or fetch(log=log)
         path, busybox = assets.kernel, assets.busybox
     else:
         path = Path(kernel)
@@ -125,7 +126,7 @@ def guest_initrd(initrd: str | None, busybox: Path | None, command: list[str] | 
         except OSError as e:
             raise ConfigError(f"--initrd: cannot read {initrd}: {e.strerror}") from None
     if busybox is None:
-        busybox = fetch(log=lambda s: None).busybox
+        busybox = (cached() or fetch(log=lambda s: None)).busybox
     pairs = []
     for spec in add:
         host, _, guest = spec.partition(":")
@@ -194,6 +195,10 @@ class Boot:
     console: Console
     watch: KernelStageWatch | None = None
     verbose: bool = False
+    pin: bool = True
+    prefault: bool = False
+    hugepages: str | None = None
+    interactive: bool = False
     log: Log = field(default=lambda s: print(s, file=sys.stderr))
 
 
@@ -217,9 +222,14 @@ def _boot_kvm(b: Boot) -> RunResult:
 
     kernel = load_kernel(b.assets.vmlinux)
     plan = plan_boot(b.layout, kernel, b.initrd, b.cmdline)
-    with KvmMachine(b.layout, console=b.console) as m:
+    with KvmMachine(b.layout, console=b.console, pin=b.pin, hugepages=b.hugepages) as m:
         if b.watch is not None:
             b.watch.stop = m.stop
+        if b.prefault:
+            assert m.memory is not None
+            prefault(m.memory, b.log)
+        if b.interactive:
+            m.read_input_from(sys.stdin.fileno())
         m.load(plan.writes)
         m.load([(PAGE_TABLES_ADDR, cpumode.identity_page_tables(PAGE_TABLES_ADDR)),
                 (GDT_ADDR, cpumode.gdt_bytes())])
@@ -230,11 +240,42 @@ def _boot_kvm(b: Boot) -> RunResult:
 def _boot_tcg(b: Boot) -> RunResult:
     from .tcg import QemuMachine
 
-    with QemuMachine(b.layout, console=b.console, log=b.log if b.verbose else None) as m:
+    with QemuMachine(b.layout, console=b.console, hugepages=b.hugepages,
+                     log=b.log if b.verbose else None) as m:
         if b.watch is not None:
             b.watch.stop = m.stop
+        if b.prefault:
+            assert m.memory is not None
+            prefault(m.memory, b.log)
         return m.run(b.assets.vmlinux, b.initrd, b.cmdline, timeout=b.timeout,
-                     stdin_tty=False)
+                     stdin_tty=b.interactive)
+
+
+def prefault(memory: "GuestMemory", log: Log) -> None:
+    """Populate every domain under its policy first; a progress bar on a terminal for big guests."""
+    total = sum(seg.size for seg in memory.segments.values())
+    show = sys.stderr.isatty() and total >= 1 << 30
+    last = [-1]
+
+    def progress(done: int, whole: int) -> None:
+        pct = done * 100 // max(whole, 1)
+        if show and pct != last[0]:
+            last[0] = pct
+            bar = "#" * (pct // 4)
+            sys.stderr.write(f"\rnumavm: prefault [{bar:<25}] {pct:3d}% of {whole >> 20} MiB")
+            sys.stderr.flush()
+
+    results = memory.prefault(progress=progress)
+    if show:
+        sys.stderr.write("\n")
+    for dom, r in sorted(results.items()):
+        log(f"numavm: prefaulted domain {dom}: {r.bytes >> 20} MiB in {r.seconds:.2f} s "
+            f"({r.gib_per_s:.2f} GiB/s, {r.threads} thread(s) on CPUs {_cpus(r.cpus)})")
+
+
+def _cpus(cpus: tuple[int, ...]) -> str:
+    from .units import format_list
+    return format_list(cpus) or "any"
 
 
 def describe_failure(result: RunResult) -> str:

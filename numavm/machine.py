@@ -63,6 +63,7 @@ class RunResult:
     unhandled_reads: Counter[int] = field(default_factory=Counter)
     unhandled_writes: Counter[int] = field(default_factory=Counter)
     vcpus_ran: frozenset[int] = frozenset()  # APIC ids that entered KVM_RUN
+    placement: str = ""  # the memory audit at the end of the run (memory.describe())
 
 
 def emulation_failure_text(data: tuple[int, ...], rip: int) -> str:
@@ -90,6 +91,7 @@ class KvmMachine:
         self._outcome_lock = threading.Lock()
         self._io_lock = threading.Lock()  # the device models are not thread-safe
         self._threads: list[threading.Thread] = []
+        self._aux: list[threading.Thread] = []  # helpers (stdin reader) joined at the end
         self._exits: list[Counter[str]] = []
         self._ran: set[int] = set()
         self.memory: GuestMemory | None = None
@@ -163,6 +165,23 @@ class KvmMachine:
             vcpu.load_cpu_state(state_for(index))
             vcpu.set_mp_state(MpState.RUNNABLE)
 
+    def read_input_from(self, fd: int) -> None:
+        """Feed the guest console from a host fd (an interactive stdin) until the run ends."""
+        import select
+
+        def reader() -> None:
+            while not self._stop.is_set():
+                ready, _, _ = select.select([fd], [], [], 0.1)
+                if ready:
+                    data = os.read(fd, 4096)
+                    if not data:
+                        return
+                    self.feed_input(data)
+
+        t = threading.Thread(target=reader, name=f"{self.name}-stdin", daemon=True)
+        self._aux.append(t)
+        t.start()
+
     def feed_input(self, data: bytes) -> None:
         """Host input for the guest's serial console."""
         with self._io_lock:
@@ -202,18 +221,22 @@ class KvmMachine:
                 if deadline is not None and time.monotonic() >= deadline:
                     self.stop(Outcome.TIMEOUT, f"no end after {timeout:g} s")
             self._join_vcpus()
+            for t in self._aux:
+                t.join()
+            self._aux.clear()
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
         with self._io_lock:
             self.serial.flush()
         outcome, detail = self._outcome or (Outcome.STOPPED, "stopped")
+        assert self.memory is not None
         total: Counter[str] = Counter()
         for c in self._exits:
             total.update(c)
         return RunResult(outcome, detail, time.monotonic() - start, total,
                          Counter(self.bus.unhandled_reads), Counter(self.bus.unhandled_writes),
-                         frozenset(self._ran))
+                         frozenset(self._ran), self.memory.describe())
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop(Outcome.INTERRUPTED, f"stopped by {signal.Signals(signum).name}")

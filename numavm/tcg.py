@@ -193,8 +193,9 @@ class QemuMachine:
                 first = stderr.splitlines()[0] if stderr else f"exit status {rc}"
                 self._outcome = (Outcome.ERROR, f"QEMU failed: {first}")
         outcome, detail = self._outcome
+        assert self.memory is not None
         return RunResult(outcome, detail, time.monotonic() - start, Counter(),
-                         vcpus_ran=frozenset(self.layout.apic_ids))
+                         vcpus_ran=frozenset(self.layout.apic_ids), placement=self.memory.describe())
 
     def _start_guest(self, start: float, timeout: float | None) -> None:
         """Check QEMU's RAM layout against the plan over QMP, then let the guest run."""
