@@ -32,7 +32,7 @@ def _text(x: float, y: float, s: str, size: int = 12, anchor: str = "start",
 def plan_svg(layout: Layout) -> str:
     topo = layout.topology
     parts: list[str] = []
-    y = PAD + 16
+    y: float = PAD + 16
     title = (f"{topo.cpus} vCPUs, {format_size(topo.memory)}, "
              + (f"{len(topo.domains)} NUMA domains" if topo.numa else "classic machine (no NUMA)"))
     parts.append(_text(PAD, y, title, 16, weight="bold"))
