@@ -225,6 +225,15 @@ def _prepare_guest(args: argparse.Namespace, stage: str | None):  # type: ignore
         raise ConfigError(f"--timeout: must be more than 0 seconds, got {args.timeout:g}")
     host = eng.detect()
     engine, why = eng.choose(args.accel, host)
+    if engine == "tcg":
+        from .tcg import tcg_topology
+        try:
+            tcg_topology(layout)
+        except ConfigError:
+            if args.accel != "auto" or not host.kvm_usable:
+                raise
+            engine, why = "kvm", (f"engine kvm: QEMU cannot give this layout's vCPUs their APIC ids "
+                                  f"(interleaved cpus=), so not TCG though {host.reason}")
     emulated_kvm = engine == "kvm" and host.emulated
     if stage is None:
         stage = "kernel" if emulated_kvm else "userspace"
