@@ -622,3 +622,20 @@ def test_emulation_safe_cmdline() -> None:
     for f in ("xsave", "smap", "cx16", "avx", "ssse3", "fsgsbase"):
         assert f in feats
     assert "noxsave" not in params  # not a 6.1 parameter
+
+
+def test_emulation_safe_cmdline_speedups_keep_the_topology() -> None:
+    from numavm.boot.linux import _EMULATION_SAFE_PARAMS
+    from numavm.topology import MAX_CPUS
+
+    params = emulation_safe_cmdline().split()
+    assert "percpu_alloc=page" in params
+    # the possible-CPU cap must never hide a vCPU numavm can build
+    caps = [p for p in params if p.startswith(("nr_cpus=", "possible_cpus=", "maxcpus="))]
+    assert caps == [f"nr_cpus={MAX_CPUS}"]
+    # nothing that changes what the guest derives from SRAT/SLIT/e820
+    for p in params:
+        assert not p.startswith(("numa=", "mem=", "memmap=", "acpi=", "movablecore=", "kernelcore=",
+                                 "numa_balancing", "noapic", "nosmp"))
+    # every parameter is explained
+    assert all(why for _p, why in _EMULATION_SAFE_PARAMS)
