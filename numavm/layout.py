@@ -23,6 +23,7 @@ IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
 
 EBDA_START = 0x9_FC00  # top 1 KiB of conventional memory, as BIOSes leave it
+MP_POINTER_ADDR = EBDA_START  # the MP floating pointer: the first place Linux scans after 0-1K
 TABLE_AREA_START = 0xA_0000  # ACPI tables: XSDT, FADT, DSDT, MADT, SRAT, SLIT
 RSDP_ADDR = 0xE_0000  # inside the 0xE0000-0xFFFFF range Linux scans for "RSD PTR "
 LEGACY_END = 1 * MiB
@@ -108,6 +109,7 @@ class Layout:
     table_area: Range  # XSDT and the tables it points to
     rsdp_addr: int
     ram_top: int  # highest guest-physical RAM address + 1
+    mp_pointer_addr: int = MP_POINTER_ADDR
 
     def domain_at(self, addr: int) -> DomainLayout | None:
         for d in self.domains:

@@ -274,7 +274,8 @@ def test_builder_gives_every_table_with_placement(example: Layout) -> None:
     assert tuple(blobs) == ALL_SIGS
     places = t.placements()
     assert places[0] == (example.rsdp_addr, blobs["RSDP"])
-    assert [b for _, b in places[1:]] == [blobs[n] for n, _ in t.addresses]
+    assert [b for _, b in places[1:-2]] == [blobs[n] for n, _ in t.addresses]
+    assert t.mptable is not None and places[-2:] == t.mptable.placements()  # the MP table comes last
     end = 0
     for name, addr in t.addresses:
         assert addr % 16 == 0 and addr >= end
@@ -478,7 +479,7 @@ def test_classic_machine_has_no_srat_or_slit(work: Path) -> None:
         t.address_of("FACP"), t.address_of("APIC")]
     m = disassemble(blobs["APIC"], work, "classic-APIC")
     assert madt_procs(m) == [("lapic", 0, 0), ("lapic", 1, 1)]
-    assert len(t.placements()) == 5
+    assert len(t.placements()) == 5 + 2  # RSDP, XSDT, FACP, DSDT, APIC; MP pointer and table
 
 
 def test_asymmetric_and_unreachable_distances(work: Path) -> None:
@@ -654,3 +655,48 @@ def test_power_off_contract() -> None:
     v = acpi.S5_SLEEP_CONTROL_VALUE
     assert (v & acpi.SLEEP_TYPE_MASK) >> acpi.SLEEP_TYPE_SHIFT == acpi.S5_SLP_TYP
     assert v & acpi.SLEEP_ENABLE
+
+
+def _mp_entries(table: bytes) -> list[tuple[int, bytes]]:
+    """(type, entry bytes) of an MP configuration table, by the spec's entry sizes."""
+    out, off = [], 44
+    while off < len(table):
+        kind = table[off]
+        size = 20 if kind == 0 else 8
+        out.append((kind, table[off:off + size]))
+        off += size
+    return out
+
+
+def test_mp_table_lists_xapic_cpus_ioapic_and_isa_irqs(example: Layout) -> None:
+    """The MP floating pointer sits where Linux looks first and points at a valid table."""
+    from numavm.acpi.mptable import MpTable
+
+    t = acpi.build_tables(example)
+    mp = t.mptable
+    assert isinstance(mp, MpTable)
+    (paddr, ptr), (taddr, table) = mp.placements()
+    assert paddr == 0x9FC00 and ptr[:4] == b"_MP_" and len(ptr) == 16 and sum(ptr) % 256 == 0
+    assert struct.unpack_from("<I", ptr, 4)[0] == taddr and ptr[8] == 1 and ptr[9] == 4
+    assert ptr[11] == 0  # feature byte 1: a configuration table is present, no default config
+    assert taddr in example.table_area and taddr + len(table) <= example.table_area.end
+    assert all(taddr >= a + len(t.blobs()[n]) or taddr + len(table) <= a for n, a in t.addresses)
+    assert table[:4] == b"PCMP" and sum(table) % 256 == 0
+    assert struct.unpack_from("<H", table, 4)[0] == len(table)
+    assert struct.unpack_from("<I", table, 36)[0] == 0xFEE00000
+    entries = _mp_entries(table)
+    assert struct.unpack_from("<H", table, 34)[0] == len(entries)
+    cpus = [(e[1], e[3]) for k, e in entries if k == 0]
+    assert cpus == [(0, 3), (1, 1), (2, 1), (3, 1)]  # APIC ids in vCPU order; enabled, the first is the BSP
+    assert [e for k, e in entries if k == 2] == [struct.pack("<BBBBI", 2, 0, 0x11, 1, 0xFEC00000)]
+    irqs = {e[5]: e[7] for k, e in entries if k == 3}
+    assert irqs[0] == 2 and 2 not in irqs and all(irqs[i] == i for i in range(3, 16)) and irqs[1] == 1
+
+
+def test_mp_table_leaves_out_x2apic_ids() -> None:
+    lay = machine(*(f"id={i},size=4M,cpus={i * 4}-{i * 4 + 3}" for i in range(128)))
+    t = acpi.build_tables(lay)
+    assert t.mptable is not None
+    table = t.mptable.table()
+    cpus = [e[1] for k, e in _mp_entries(table) if k == 0]
+    assert cpus == [a for a in lay.apic_ids if a < 255]

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import ClassVar, Union
+from typing import TYPE_CHECKING, ClassVar, Union
 
 from .. import layout as _lay
 from ..errors import NumavmError
 from ..layout import Layout
+
+if TYPE_CHECKING:  # mptable imports this module
+    from .mptable import MpTable
 from . import aml
 
 OEM_ID = b"NUMAVM"
@@ -547,6 +550,7 @@ class AcpiTables:
     rsdp_addr: int
     # (name, guest-physical address) of every table but the RSDP, in memory order
     addresses: tuple[tuple[str, int], ...] = field(default=())
+    mptable: "MpTable | None" = None  # not ACPI: the MP spec's table, for the pre-ACPI scan
 
     def tables(self) -> tuple[Table, ...]:
         """The XSDT and the tables in memory order (RSDP excluded)."""
@@ -572,7 +576,9 @@ class AcpiTables:
     def placements(self) -> list[tuple[int, bytes]]:
         """(guest-physical address, bytes) for every table, RSDP first."""
         blobs = self.blobs()
-        return [(self.rsdp_addr, blobs["RSDP"])] + [(addr, blobs[n]) for n, addr in self.addresses]
+        out = [(self.rsdp_addr, blobs["RSDP"])] + [(addr, blobs[n]) for n, addr in self.addresses
+                                                   if n in blobs]
+        return out + (self.mptable.placements() if self.mptable is not None else [])
 
 
 def build_tables(layout: Layout) -> AcpiTables:
@@ -596,7 +602,9 @@ def build_tables(layout: Layout) -> AcpiTables:
     area = layout.table_area
     addr = _align(area.start)
     addresses: list[tuple[str, int]] = []
-    for name, size in [("XSDT", xsdt_len)] + pointed:
+    from .mptable import MpTable, table_size
+
+    for name, size in [("XSDT", xsdt_len)] + pointed + [("MPTABLE", table_size(layout))]:
         addresses.append((name, addr))
         end = addr + size
         if end > area.end:
@@ -613,6 +621,7 @@ def build_tables(layout: Layout) -> AcpiTables:
     assert len(xsdt.to_bytes()) == xsdt_len
     return AcpiTables(
         rsdp=Rsdp(at["XSDT"]), xsdt=xsdt, fadt=fadt, dsdt=dsdt, madt=madt, srat=srat, slit=slit,
-        rsdp_addr=layout.rsdp_addr, addresses=tuple(addresses),
+        rsdp_addr=layout.rsdp_addr, addresses=tuple(a for a in addresses if a[0] != "MPTABLE"),
+        mptable=MpTable(layout.apic_ids, layout.mp_pointer_addr, at["MPTABLE"]),
     )
 
