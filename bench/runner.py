@@ -208,7 +208,7 @@ def write_report(path: Path, benches: list[Bench], argv: list[str], host_lines: 
 
 # ---------------------------------------------------------------- main
 
-GROUPS = ("boot", "setup", "prefault", "rss", "exits", "scale")
+GROUPS = ("boot", "setup", "prefault", "rss", "exits", "scale", "check")
 
 
 def build(quick: bool, only: set[str] | None) -> list[Bench]:

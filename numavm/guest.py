@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from .assets import cache_root, cached, fetch
-from .boot import emulation_safe_cmdline, load_kernel, plan_boot
-from .boot.elf import parse_elf  # noqa: F401  (documents that ELF kernels are accepted)
+# numavm.boot (kernel loading, boot plans) is imported where used: the TCG engine needs
+# neither, and every import is paid at every `numavm check`.
 from .errors import ConfigError, NumavmError
 from .layout import Layout
 from .machine import Outcome, RunResult
@@ -58,16 +58,55 @@ OUTCOME_EXIT = {
 # exists.  nokaslr keeps the kernel image on the same node from boot to boot.
 BASE_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr panic=-1"
 KERNEL_STAGE_CMDLINE = "ignore_loglevel"
-USERSPACE_CMDLINE = "loglevel=7"  # info: SRAT, node ranges and zonelists reach the console
+# Userspace: warnings and worse reach the console (an llc-sibling warning among
+# them), the info lines do not: a serial console costs an emulated guest about
+# 1.5 s for the ~400 lines of a full boot log.  numavm's /init copies the NUMA
+# lines the check reads (SRAT, node ranges, zonelists, fallback order) from
+# dmesg; `--append loglevel=7` brings the whole log back.
+USERSPACE_CMDLINE = "loglevel=5"
 
 
 def kernel_cmdline(stage: str, emulated_kvm: bool, append: str = "") -> str:
     parts = [BASE_CMDLINE, KERNEL_STAGE_CMDLINE if stage == "kernel" else USERSPACE_CMDLINE]
     if emulated_kvm:
+        from .boot import emulation_safe_cmdline
         parts.append(emulation_safe_cmdline())
     if append:
         parts.append(append)
     return " ".join(parts)
+
+
+def tcg_cmdline(cmdline: str) -> str:
+    """`cmdline` with what spares an emulated guest slow calibrations, unless given already.
+
+    Under TCG each secondary CPU's delay-loop calibration fails ("calibrate_delay_direct()
+    failed") and falls back to a slow converging loop, ~0.15 s per CPU; `lpj=` presets
+    the value.  QEMU's TCG reads the host's TSC, so the host's clock rate gives the right
+    value (Debian's kernel runs at HZ=250; the boot CPU computes the same value itself); a
+    host whose `cpu MHz` is not its TSC rate only changes udelay() lengths, which QEMU's
+    device models do not depend on.  An `lpj=` already on the line (`--append`) is kept.
+    """
+    if "lpj=" in cmdline:
+        return cmdline
+    mhz = _host_mhz()
+    if mhz is None:
+        return cmdline
+    return f"{cmdline} lpj={int(mhz * 1_000_000 / GUEST_HZ)}"
+
+
+GUEST_HZ = 250  # Debian's kernels: CONFIG_HZ_250
+
+
+def _host_mhz() -> float | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    mhz = float(line.split(":", 1)[1])
+                    return mhz if 100 <= mhz <= 10_000 else None
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 @dataclass
@@ -100,10 +139,21 @@ def unpacked_kernel(path: Path, log: Log) -> Path:
         head = f.read(4)
         if head == b"\x7fELF":
             return path
-        digest = hashlib.sha256(head + f.read()).hexdigest()[:16]
+        # hashing an 8 MB bzImage costs ~40 ms a run: remember the digest per (file, size, mtime)
+        st = os.fstat(f.fileno())
+        key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()[:16]
+        known = cache_root() / f"vmlinux-src-{key}"
+        try:
+            digest = known.read_text().strip()
+        except OSError:
+            digest = ""
+        if not (len(digest) == 16 and (cache_root() / f"vmlinux-{digest}").is_file()):
+            digest = hashlib.sha256(head + f.read()).hexdigest()[:16]
+            _write_small(known, digest)
     out = cache_root() / f"vmlinux-{digest}"
     if out.is_file():
         return out
+    from .boot import load_kernel
     image = load_kernel(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}")
@@ -116,9 +166,20 @@ def unpacked_kernel(path: Path, log: Log) -> Path:
     return out
 
 
+def _write_small(path: Path, text: str) -> None:
+    """Best effort: a cache that cannot be written only costs time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def guest_initrd(initrd: str | None, busybox: Path | None, command: list[str] | None,
                  add: list[str]) -> bytes:
-    from .initramfs import build_initramfs
+    from .initramfs import cached_initramfs
 
     if initrd is not None:
         try:
@@ -133,7 +194,7 @@ def guest_initrd(initrd: str | None, busybox: Path | None, command: list[str] | 
         if not Path(host).exists():
             raise ConfigError(f"--add: {host} does not exist")
         pairs.append((Path(host), guest or host))
-    return build_initramfs(busybox, command or None, pairs)
+    return cached_initramfs(busybox, command or None, pairs)
 
 
 class Console:
@@ -162,22 +223,37 @@ class Console:
 
 
 class KernelStageWatch:
-    """Stops the machine once the guest kernel has finished its NUMA setup."""
+    """Stops the machine once the guest kernel has finished its NUMA setup.
+
+    Ready at the kernel's "Built N zonelists" line, or, with `until_smp`, once
+    the secondary CPUs are up as well (the scheduler's llc-sibling warnings come
+    then).  The TCG engine turns `until_smp` off: it checks QEMU's CPUs against
+    the plan before the guest runs (see `numavm.tcg.check_cpus`), which settles
+    what SMP bring-up would show, and saves the ~1.5 s bring-up costs there.
+    """
 
     READY = re.compile(r"Built \d+ zonelists")
+    SMP = "Brought up"  # "smp: Brought up N nodes, M CPUs"
 
     def __init__(self, until_smp: bool) -> None:
         self.stop: Callable[[Outcome, str], None] | None = None
         self._tail = ""
         self._ready = False
-        self._until_smp = until_smp  # also wait for SMP bring-up (llc-sibling warnings come then)
+        self._done = False
+        self.until_smp = until_smp  # also wait for SMP bring-up (llc-sibling warnings come then)
 
     def __call__(self, text: str) -> None:
-        self._tail = (self._tail + text)[-4096:]
-        if not self._ready and self.READY.search(self._tail):
+        if self._done:
+            return
+        # only the new text and the end of the previous chunks: a marker may arrive in pieces
+        window = self._tail + text
+        self._tail = window[-160:]
+        if not self._ready and self.READY.search(window):
             self._ready = True
-        if self._ready and (not self._until_smp or "smp: Brought up" in self._tail
-                            or "Brought up" in self._tail):
+            window = window[self.READY.search(window).end():]  # type: ignore[union-attr]
+            self._tail = window[-160:]
+        if self._ready and (not self.until_smp or self.SMP in window):
+            self._done = True
             if self.stop is not None:
                 self.stop(Outcome.STOPPED, "guest kernel finished its NUMA setup")
 
@@ -208,17 +284,26 @@ def boot(b: Boot) -> RunResult:
     return _boot_tcg(b)
 
 
-# Where the machine puts the boot CPU's page tables and GDT: the scratch area
-# numavm.boot leaves free below the zero page.
-from .boot.linux import BOOT_SCRATCH_START  # noqa: E402
+def __getattr__(name: str) -> int:
+    """PAGE_TABLES_ADDR and GDT_ADDR, computed on first use (numavm.boot is imported lazily)."""
+    if name in ("PAGE_TABLES_ADDR", "GDT_ADDR"):
+        return _boot_addresses()[name == "GDT_ADDR"]
+    raise AttributeError(name)
 
-PAGE_TABLES_ADDR = BOOT_SCRATCH_START
-GDT_ADDR = BOOT_SCRATCH_START + 0x6000
+
+def _boot_addresses() -> tuple[int, int]:
+    """Where the machine puts the boot CPU's page tables and GDT: the scratch area
+    numavm.boot leaves free below the zero page."""
+    from .boot.linux import BOOT_SCRATCH_START
+    return BOOT_SCRATCH_START, BOOT_SCRATCH_START + 0x6000
 
 
 def _boot_kvm(b: Boot) -> RunResult:
     from . import cpu as cpumode
+    from .boot import load_kernel, plan_boot
     from .machine import KvmMachine
+
+    PAGE_TABLES_ADDR, GDT_ADDR = _boot_addresses()
 
     kernel = load_kernel(b.assets.vmlinux)
     plan = plan_boot(b.layout, kernel, b.initrd, b.cmdline)
@@ -244,10 +329,11 @@ def _boot_tcg(b: Boot) -> RunResult:
                      log=b.log if b.verbose else None) as m:
         if b.watch is not None:
             b.watch.stop = m.stop
+            b.watch.until_smp = False  # QemuMachine checks QEMU's CPUs before the guest runs
         if b.prefault:
             assert m.memory is not None
             prefault(m.memory, b.log)
-        return m.run(b.assets.vmlinux, b.initrd, b.cmdline, timeout=b.timeout,
+        return m.run(b.assets.vmlinux, b.initrd, tcg_cmdline(b.cmdline), timeout=b.timeout,
                      stdin_tty=b.interactive)
 
 

@@ -53,49 +53,66 @@ INIT_APPLETS = ("sh", "mount", "cat", "echo", "printf", "sed", "tr", "ls", "grep
 
 INIT_SCRIPT = r"""#!/bin/sh
 # numavm guest init: report the topology, run the command, power off.
+# Every process costs milliseconds in an emulated guest: one awk reads the
+# kernel log and sysfs and writes the whole report.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/ TERM=linux
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
-/bin/busybox --install -s 2>/dev/null
 cd /
 
-rd() { [ -r "$1" ] && cat "$1" 2>/dev/null; }
-# a JSON string: backslash and quote escaped, control characters made spaces
-js() { printf '"%s"' "$(printf '%s' "$1" | tr '\000-\037' ' ' | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g')"; }
-
-dmesg 2>/dev/null | grep -E 'SRAT|NUMA|software IO TLB' | sed 's/^/numavm-dmesg: /'
-
-# pages the kernel found present in each node's ranges (all zones), in kB
-zi=$(awk '$1 == "Node" { n = $2; sub(",", "", n) } $1 == "present" { p[n] += $2 }
-          END { for (k in p) print k, p[k] * 4 }' /proc/zoneinfo 2>/dev/null)
 nodes=""
 for d in /sys/devices/system/node/node[0-9]*; do
-  [ -d "$d" ] || continue
-  n=${d##*/node}
-  mt=$(sed -n 's/.*MemTotal: *\([0-9][0-9]*\) kB.*/\1/p' "$d/meminfo" 2>/dev/null)
-  pk=$(echo "$zi" | sed -n "s/^$n \([0-9][0-9]*\)$/\1/p")
-  dist=$(echo $(rd "$d/distance") | tr ' ' ',')
-  nodes="$nodes${nodes:+,}\"$n\":{\"cpulist\":$(js "$(rd "$d/cpulist")"),\"memtotal_kb\":${mt:-null},\"present_kb\":${pk:-0},\"distance\":[$dist]}"
+  [ -d "$d" ] && nodes="$nodes ${d##*/node}"
 done
 tables=""
 for t in /sys/firmware/acpi/tables/*; do
-  [ -f "$t" ] && tables="$tables${tables:+,}$(js "${t##*/}")"
+  [ -f "$t" ] && tables="$tables ${t##*/}"
 done
-mt=$(sed -n 's/^MemTotal: *\([0-9][0-9]*\) kB.*/\1/p' /proc/meminfo)
-up=$(sed 's/ .*//' /proc/uptime)
-N=/sys/devices/system/node
-C=/sys/devices/system/cpu
-j="{\"nodes\":{$nodes}"
-j="$j,\"online_cpus\":$(js "$(rd $C/online)"),\"possible_cpus\":$(js "$(rd $C/possible)")"
-j="$j,\"possible_nodes\":$(js "$(rd $N/possible)"),\"online_nodes\":$(js "$(rd $N/online)")"
-j="$j,\"has_cpu_nodes\":$(js "$(rd $N/has_cpu)"),\"has_memory_nodes\":$(js "$(rd $N/has_memory)")"
-j="$j,\"memtotal_kb\":${mt:-null},\"acpi_tables\":[$tables]"
-j="$j,\"kernel\":$(js "$(uname -r)"),\"uptime\":${up:-null},\"cmdline\":$(js "$(rd /proc/cmdline)")}"
-printf '\n@@NUMAVM-TOPOLOGY-BEGIN@@\n%s\n@@NUMAVM-TOPOLOGY-END@@\n' "$j"
+# the kernel's NUMA lines (the console may be quiet), then the report as one line of JSON
+dmesg 2>/dev/null | awk -v nodes="$nodes" -v tables="$tables" '
+function rd(f,   r, l, sep) { r = ""; sep = ""; while ((getline l < f) > 0) { r = r sep l; sep = "\n" }
+  close(f); sub(/\n+$/, "", r); return r }
+function js(s,   o, i, c, n) { o = ""; n = length(s)
+  for (i = 1; i <= n; i++) { c = substr(s, i, 1)
+    if (c == "\\" || c == "\"") o = o "\\" c; else if (c < " ") o = o " "; else o = o c }
+  return "\"" o "\"" }
+function num(s) { return s ~ /^[0-9]+$/ ? s : "null" }
+/SRAT|SLIT|NUMA|Initmem setup|Fallback order|zonelists|sibling|not on the same node|software IO TLB/ {
+  print "numavm-dmesg: " $0 }
+END {
+  # pages the kernel found present in each node s ranges (all zones), in kB
+  f = "/proc/zoneinfo"
+  while ((getline l < f) > 0) { split(l, w, " ")
+    if (w[1] == "Node") { n = w[2]; sub(",", "", n) } else if (w[1] == "present") p[n] += w[2] }
+  close(f)
+  N = "/sys/devices/system/node"; C = "/sys/devices/system/cpu"
+  j = ""; k = split(nodes, ns, " ")
+  for (i = 1; i <= k; i++) { n = ns[i]; d = N "/node" n
+    mt = ""; f = d "/meminfo"
+    while ((getline l < f) > 0) if (l ~ /MemTotal:/) { split(l, w, " "); mt = w[4] }
+    close(f)
+    dist = rd(d "/distance"); gsub(/^[ \n]+|[ \n]+$/, "", dist); gsub(/[ \n]+/, ",", dist)
+    j = j (i > 1 ? "," : "") "\"" n "\":{\"cpulist\":" js(rd(d "/cpulist")) ",\"memtotal_kb\":" num(mt) \
+        ",\"present_kb\":" ((n in p) ? p[n] * 4 : 0) ",\"distance\":[" dist "]}" }
+  t = ""; k = split(tables, ts, " ")
+  for (i = 1; i <= k; i++) t = t (i > 1 ? "," : "") js(ts[i])
+  mt = ""; f = "/proc/meminfo"
+  while ((getline l < f) > 0) if (l ~ /^MemTotal:/) { split(l, w, " "); mt = w[2] }
+  close(f)
+  up = rd("/proc/uptime"); sub(/ .*/, "", up); if (up == "") up = "null"
+  printf "\n@@NUMAVM-TOPOLOGY-BEGIN@@\n{\"nodes\":{%s}", j
+  printf ",\"online_cpus\":%s,\"possible_cpus\":%s", js(rd(C "/online")), js(rd(C "/possible"))
+  printf ",\"possible_nodes\":%s,\"online_nodes\":%s", js(rd(N "/possible")), js(rd(N "/online"))
+  printf ",\"has_cpu_nodes\":%s,\"has_memory_nodes\":%s", js(rd(N "/has_cpu")), js(rd(N "/has_memory"))
+  printf ",\"memtotal_kb\":%s,\"acpi_tables\":[%s]", num(mt), t
+  printf ",\"kernel\":%s,\"uptime\":%s,\"cmdline\":%s}", js(rd("/proc/sys/kernel/osrelease")), up, js(rd("/proc/cmdline"))
+  printf "\n@@NUMAVM-TOPOLOGY-END@@\n"
+}'
 
 st=0
 if [ -d /etc/numavm/argv ]; then
+  /bin/busybox --install -s 2>/dev/null
   set --
   i=0
   while [ -e "/etc/numavm/argv/$i" ]; do
@@ -105,9 +122,9 @@ if [ -d /etc/numavm/argv ]; then
   done
   "$@"
   st=$?
+  sync
 fi
 printf '\n@@NUMAVM-EXIT %d@@\n' "$st"
-sync
 poweroff -f
 sleep 5
 reboot -f
@@ -335,6 +352,45 @@ def build_initramfs(busybox: Path, command: list[str] | None = None,
 
 
 _compress = compress
+
+CACHE_KEEP = 8  # compressed images kept in the cache, newest first
+
+
+def cached_initramfs(busybox: Path, command: list[str] | None = None,
+                     add: Iterable[tuple[Path, str]] = (), cache_dir: Path | None = None) -> bytes:
+    """`build_initramfs()` (gzip), compressed once per distinct archive and kept in numavm's cache.
+
+    The archive is built (cheap: concatenation), then looked up by the SHA-256
+    of its uncompressed bytes; compressing busybox costs ~0.1 s a run
+    otherwise.  The newest CACHE_KEEP images are kept.  A cache that cannot be
+    written is not an error.
+    """
+    import hashlib
+
+    from .assets import cache_root
+
+    raw = cpio_newc(initramfs_entries(busybox, command, add))
+    root = cache_dir if cache_dir is not None else cache_root()
+    path = root / f"initramfs-{hashlib.sha256(raw).hexdigest()[:20]}.cpio.gz"
+    try:
+        data = path.read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            os.utime(path)  # recently used: kept by the pruning below
+            return data
+    except OSError:
+        pass
+    data = _compress(raw, "gzip")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        old = sorted(root.glob("initramfs-*.cpio.gz"), key=lambda q: q.stat().st_mtime, reverse=True)
+        for q in old[CACHE_KEEP:]:
+            q.unlink(missing_ok=True)
+    except OSError:
+        pass
+    return data
 
 
 # ---------------------------------------------------------------- reading the console

@@ -88,6 +88,7 @@ class QemuMachine:
         self._proc: subprocess.Popen[bytes] | None = None
         self._outcome: tuple[Outcome, str] | None = None
         self._lock = threading.Lock()
+        self._wake = threading.Event()
         self.argv: list[str] = []
         self.memory: GuestMemory | None = GuestMemory(layout, machine=name, hugepages=hugepages, unified=True)
         try:
@@ -167,14 +168,29 @@ class QemuMachine:
             self._start_guest(start, timeout)
             reader = threading.Thread(target=self._pump, daemon=True)
             reader.start()
+            # The placement audit reads this process's mapping, which the run does not touch (QEMU
+            # faults the guest's pages through its own): take it while the guest boots, not after.
+            placement: list[str] = []
+            audit = threading.Thread(target=lambda: placement.append(self._describe()), daemon=True)
+            audit.start()
             deadline = None if timeout is None else start + timeout
-            while self._proc.poll() is None:
-                if self._outcome is not None:
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
+            # woken at once by stop() or by the console's end (QEMU exited): no polling delay
+            while self._outcome is None and self._proc.poll() is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
                     self.stop(Outcome.TIMEOUT, f"no end after {timeout:g} s")
                     break
-                time.sleep(0.02)
+                wait = 1.0 if left is None else min(left, 1.0)
+                if not reader.is_alive():  # the console ended: QEMU is exiting, reap it
+                    try:
+                        self._proc.wait(wait)
+                    except subprocess.TimeoutExpired:
+                        pass
+                    continue
+                self._wake.wait(wait)
+                self._wake.clear()
+            if self._outcome is not None:
+                self._kill()  # numavm decided the end: the guest is discarded, nothing to flush
             self._terminate()
             reader.join(5)
             errs.join(5)
@@ -193,9 +209,17 @@ class QemuMachine:
                 first = stderr.splitlines()[0] if stderr else f"exit status {rc}"
                 self._outcome = (Outcome.ERROR, f"QEMU failed: {first}")
         outcome, detail = self._outcome
-        assert self.memory is not None
+        audit.join()
         return RunResult(outcome, detail, time.monotonic() - start, Counter(),
-                         vcpus_ran=frozenset(self.layout.apic_ids), placement=self.memory.describe())
+                         vcpus_ran=frozenset(self.layout.apic_ids),
+                         placement=placement[0] if placement else self._describe())
+
+    def _describe(self) -> str:
+        assert self.memory is not None
+        try:
+            return self.memory.describe()
+        except NumavmError as e:
+            return f"guest memory placement unavailable: {e}"
 
     def _start_guest(self, start: float, timeout: float | None) -> None:
         """Check QEMU's RAM layout against the plan over QMP, then let the guest run."""
@@ -223,6 +247,12 @@ class QemuMachine:
             if problem:
                 self.stop(Outcome.ERROR, f"QEMU's RAM layout differs from numavm's plan: {problem}")
                 return
+            cpus = [(c.get("props", {}), qmp.call("qom-get", path=c["qom-path"], property="apic-id"))
+                    for c in qmp.call("query-cpus-fast")]
+            problem = check_cpus(self.layout, cpus)
+            if problem:
+                self.stop(Outcome.ERROR, f"QEMU's CPUs differ from numavm's plan: {problem}")
+                return
             qmp.call("cont")
 
     def _pump(self) -> None:
@@ -233,6 +263,7 @@ class QemuMachine:
         while True:
             data = os.read(fd, 65536)
             if not data:
+                self._wake.set()  # QEMU closed its console: it has exited
                 return
             self._console(data)
             panic += data
@@ -246,6 +277,13 @@ class QemuMachine:
         with self._lock:
             if self._outcome is None:
                 self._outcome = (outcome, detail)
+        self._wake.set()
+
+    def _kill(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop(Outcome.INTERRUPTED, f"stopped by {signal.Signals(signum).name}")
@@ -325,6 +363,31 @@ def check_ram_layout(layout: Layout, mtree: str) -> str | None:
         if not any(vs <= s and e <= ve and vo + (s - vs) == off for vs, ve, vo in views):
             seen = ", ".join(f"{vs:#x}-{ve - 1:#x}@{vo:#x}" for vs, ve, vo in sorted(views)) or "nothing"
             return f"numavm puts backend offset {off:#x} at guest {s:#x}-{e - 1:#x}; QEMU maps {seen}"
+    return None
+
+
+def check_cpus(layout: Layout, cpus: list[tuple[dict[str, Any], int]]) -> str | None:
+    """None when QEMU's vCPUs are the plan's: its APIC ids, and one socket per domain.
+
+    `cpus` is (props from query-cpus-fast, the CPU's apic-id) per vCPU.  The
+    guest maps CPUs to nodes by APIC id through numavm's SRAT, so the ids must
+    be exactly the SRAT's.  Linux groups CPUs that share a last-level cache,
+    which QEMU's qemu64 CPU reports per socket; with every socket inside one
+    domain the kernel's llc-sibling check ("... is not on the same node") holds
+    by construction, so the kernel stage need not wait for SMP bring-up to see it.
+    """
+    want = {a: d.id for d in layout.domains for a in d.apic_ids}
+    got = sorted(a for _, a in cpus)
+    if got != sorted(want):
+        return f"APIC ids {got}, plan {sorted(want)}"
+    socket_domain: dict[int, int] = {}
+    for props, apic in cpus:
+        sock = props.get("socket-id")
+        if sock is None:
+            return f"vCPU with APIC id {apic} has no socket-id"
+        dom = want[apic]
+        if socket_domain.setdefault(sock, dom) != dom:
+            return f"socket {sock} holds vCPUs of domains {socket_domain[sock]} and {dom}"
     return None
 
 

@@ -111,3 +111,57 @@ def test_bad_input_is_refused_before_anything_runs() -> None:
     assert r.returncode == 2 and "--timeout" in r.stderr
     r = numavm("check", "-n", "id=0,size=3M,cpus=0")
     assert r.returncode == 2 and "size" in r.stderr
+
+
+@needs_qemu
+@needs_apt
+def test_kernel_stage_under_tcg_stops_at_the_zonelists() -> None:
+    """TCG: the watch stops the guest at "Built N zonelists", not after SMP bring-up."""
+    r = numavm("check", "--accel", "tcg", "--stage", "kernel", "--json", "--verbose")
+    doc = json.loads(r.stdout)
+    assert r.returncode == 0 and doc["match"], doc["mismatches"]
+    assert doc["boot"].startswith("stopped") and doc["observed"]["kernel"]["zonelists"] == 3
+    assert "smp: Brought up" not in r.stderr
+
+
+def test_kernel_stage_watch_finds_a_marker_split_across_chunks() -> None:
+    from numavm.guest import KernelStageWatch
+    from numavm.machine import Outcome
+
+    stops = []
+    w = KernelStageWatch(until_smp=False)
+    w.stop = lambda outcome, detail: stops.append(outcome)
+    for chunk in ["Fallback order for Node 0: 0 \n", "Bui", "lt 3 zone", "lists, mobility"]:
+        w(chunk)
+    assert stops == [Outcome.STOPPED]
+    w("more")
+    assert stops == [Outcome.STOPPED]  # once
+    stops.clear()
+    w = KernelStageWatch(until_smp=True)
+    w.stop = lambda outcome, detail: stops.append(outcome)
+    w("Built 3 zonelists\n")
+    assert not stops
+    w("smp: Brought up 3 nodes, 4 CPUs\n")
+    assert stops == [Outcome.STOPPED]
+
+
+def test_tcg_cpu_check_wants_the_plans_apic_ids_one_socket_per_domain() -> None:
+    from numavm import config
+    from numavm.layout import plan_layout
+    from numavm.tcg import check_cpus
+
+    layout = plan_layout(config.example().build(host_nodes=(0,)))  # apic 0-1 domain 0, 2-3 domain 1
+    good = [({"socket-id": a >> 1, "core-id": a & 1}, a) for a in range(4)]
+    assert check_cpus(layout, good) is None
+    assert "APIC ids" in check_cpus(layout, good[:3])
+    mixed = [({"socket-id": 0 if a < 3 else 1}, a) for a in range(4)]  # socket 0 spans two domains
+    assert "socket 0" in check_cpus(layout, mixed)
+
+
+def test_userspace_cmdline_is_quiet_and_tcg_presets_lpj() -> None:
+    from numavm.guest import kernel_cmdline, tcg_cmdline
+
+    line = kernel_cmdline("userspace", False)
+    assert "loglevel=5" in line and "earlyprintk" in line
+    assert "ignore_loglevel" in kernel_cmdline("kernel", False)
+    assert tcg_cmdline(line + " lpj=123") == line + " lpj=123"  # the user's value stays
