@@ -17,7 +17,7 @@ from . import __version__, config
 from .errors import ConfigError, NumavmError
 from .policy import POLICY_SYNTAX
 from .topology import MachineSpec, Topology, parse_distance, parse_numa
-from .units import parse_list, parse_size
+from .units import format_list, parse_list, parse_size
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -120,8 +120,9 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--verbose", "-v", action="store_true", help="print engine details (e.g. QEMU's arguments)")
     g.add_argument("--no-pin", action="store_true",
                    help="KVM engine: do not pin vCPU threads to the CPUs of their domain's policy nodes")
-    g.add_argument("--prefault", action="store_true",
-                   help="populate every domain's memory under its policy before the guest starts")
+    g.add_argument("--prefault", nargs="?", const="all", metavar="DOMAINS",
+                   help="populate guest memory under each domain's policy before the guest starts: "
+                        "every domain, or the domains in DOMAINS (a LIST like 0-1+3)")
     g.add_argument("--hugepages", choices=("thp", "hugetlbfs"),
                    help="back guest memory with transparent huge pages or hugetlbfs pages")
     g.add_argument("--stats", action="store_true", help="print VM exit statistics after the run")
@@ -223,6 +224,12 @@ def _prepare_guest(args: argparse.Namespace, stage: str | None):  # type: ignore
     layout = plan_layout(build_topology(args))
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError(f"--timeout: must be more than 0 seconds, got {args.timeout:g}")
+    wanted = _prefault_domains(args)
+    if wanted:
+        missing = sorted(wanted - {d.id for d in layout.domains if d.segment_size})
+        if missing:
+            raise ConfigError(f"--prefault: no domain {missing[0]} with memory "
+                              f"(domains with memory: {format_list([d.id for d in layout.domains if d.segment_size])})")
     host = eng.detect()
     engine, why = eng.choose(args.accel, host)
     if engine == "tcg":
@@ -266,7 +273,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "the emulator cannot run")
     console = Console(echo=sys.stdout.buffer)
     result = boot(Boot(layout, engine, assets, initrd, cmdline, args.timeout, console,
-                       verbose=args.verbose, log=log, pin=not args.no_pin, prefault=args.prefault,
+                       verbose=args.verbose, log=log, pin=not args.no_pin, prefault=_prefault_domains(args),
                        hugepages=args.hugepages, interactive=sys.stdin.isatty()))
     _report_run(args, result)
     if result.outcome is Outcome.POWEROFF:
@@ -293,7 +300,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         _stderr("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
                 "the emulator cannot run")
     result = boot(Boot(layout, engine, assets, initrd, cmdline, args.timeout, console, watch,
-                       verbose=args.verbose, log=log, pin=not args.no_pin, prefault=args.prefault,
+                       verbose=args.verbose, log=log, pin=not args.no_pin, prefault=_prefault_domains(args),
                        hugepages=args.hugepages))
     _report_run(args, result)
     wanted = Outcome.STOPPED if stage == "kernel" else Outcome.POWEROFF
@@ -327,6 +334,15 @@ def _report_run(args: argparse.Namespace, result) -> None:  # type: ignore[no-un
             if counter:
                 ports = ", ".join(f"{p:#x}x{n}" for p, n in counter.most_common(8))
                 _stderr(f"numavm: unhandled port {what}: {ports}")
+
+
+def _prefault_domains(args: argparse.Namespace) -> frozenset[int] | None:
+    """--prefault: None means every domain, the empty set none."""
+    if args.prefault is None:
+        return frozenset()
+    if args.prefault == "all":
+        return None
+    return frozenset(parse_list(args.prefault, "--prefault"))
 
 
 def _stderr(line: str) -> None:

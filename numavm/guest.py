@@ -272,7 +272,7 @@ class Boot:
     watch: KernelStageWatch | None = None
     verbose: bool = False
     pin: bool = True
-    prefault: bool = False
+    prefault: frozenset[int] | None = frozenset()  # domains to prefault; None = all
     hugepages: str | None = None
     interactive: bool = False
     log: Log = field(default=lambda s: print(s, file=sys.stderr))
@@ -310,9 +310,9 @@ def _boot_kvm(b: Boot) -> RunResult:
     with KvmMachine(b.layout, console=b.console, pin=b.pin, hugepages=b.hugepages) as m:
         if b.watch is not None:
             b.watch.stop = m.stop
-        if b.prefault:
+        if b.prefault is None or b.prefault:
             assert m.memory is not None
-            prefault(m.memory, b.log)
+            prefault(m.memory, b.log, b.prefault)
         if b.interactive:
             m.read_input_from(sys.stdin.fileno())
         m.load(plan.writes)
@@ -330,31 +330,32 @@ def _boot_tcg(b: Boot) -> RunResult:
         if b.watch is not None:
             b.watch.stop = m.stop
             b.watch.until_smp = False  # QemuMachine checks QEMU's CPUs before the guest runs
-        if b.prefault:
+        if b.prefault is None or b.prefault:
             assert m.memory is not None
-            prefault(m.memory, b.log)
+            prefault(m.memory, b.log, b.prefault)
         return m.run(b.assets.vmlinux, b.initrd, tcg_cmdline(b.cmdline), timeout=b.timeout,
                      stdin_tty=b.interactive)
 
 
-def prefault(memory: "GuestMemory", log: Log) -> None:
-    """Populate every domain under its policy first; a progress bar on a terminal for big guests."""
-    total = sum(seg.size for seg in memory.segments.values())
+def prefault(memory: "GuestMemory", log: Log, domains: frozenset[int] | None = None) -> None:
+    """Populate the chosen domains (all by default) under their policies before the guest
+    starts; a progress bar on a terminal for big guests."""
+    segs = {d: seg for d, seg in sorted(memory.segments.items()) if domains is None or d in domains}
+    total = sum(seg.size for seg in segs.values())
     show = sys.stderr.isatty() and total >= 1 << 30
-    last = [-1]
+    done_before = 0
 
     def progress(done: int, whole: int) -> None:
-        pct = done * 100 // max(whole, 1)
-        if show and pct != last[0]:
-            last[0] = pct
-            bar = "#" * (pct // 4)
-            sys.stderr.write(f"\rnumavm: prefault [{bar:<25}] {pct:3d}% of {whole >> 20} MiB")
+        pct = (done_before + done) * 100 // max(total, 1)
+        if show:
+            sys.stderr.write(f"\rnumavm: prefault [{'#' * (pct // 4):<25}] {pct:3d}% of {total >> 20} MiB")
             sys.stderr.flush()
 
-    results = memory.prefault(progress=progress)
-    if show:
-        sys.stderr.write("\n")
-    for dom, r in sorted(results.items()):
+    for dom, seg in segs.items():
+        r = seg.prefault(progress=progress)
+        done_before += seg.size
+        if show:
+            sys.stderr.write("\n" if done_before == total else "")
         log(f"numavm: prefaulted domain {dom}: {r.bytes >> 20} MiB in {r.seconds:.2f} s "
             f"({r.gib_per_s:.2f} GiB/s, {r.threads} thread(s) on CPUs {_cpus(r.cpus)})")
 
@@ -362,10 +363,6 @@ def prefault(memory: "GuestMemory", log: Log) -> None:
 def _cpus(cpus: tuple[int, ...]) -> str:
     from .units import format_list
     return format_list(cpus) or "any"
-
-
-def describe_failure(result: RunResult) -> str:
-    return f"{result.outcome.value}: {result.detail}"
 
 
 __all__ = ["ExitCode", "OUTCOME_EXIT", "kernel_cmdline", "guest_assets", "guest_initrd",

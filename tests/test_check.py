@@ -165,3 +165,17 @@ def test_userspace_cmdline_is_quiet_and_tcg_presets_lpj() -> None:
     assert "loglevel=5" in line and "earlyprintk" in line
     assert "ignore_loglevel" in kernel_cmdline("kernel", False)
     assert tcg_cmdline(line + " lpj=123") == line + " lpj=123"  # the user's value stays
+
+
+@needs_qemu
+@needs_apt
+def test_prefault_chosen_domain_and_the_placement_audit() -> None:
+    """--prefault 0 populates domain 0 under its policy; the audit printed after the run shows it."""
+    r = numavm("run", "--accel", "tcg", "--prefault", "0",
+               "-n", "id=0,size=64M,cpus=0,domain_policy=bind:0", "-n", "id=1,size=64M,cpus=1", "--", "true")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "prefaulted domain 0: 64 MiB" in r.stderr and "prefaulted domain 1" not in r.stderr
+    audit = r.stderr[r.stderr.index("guest memory placement"):]
+    d0 = audit[audit.index("domain 0:"):audit.index("domain 1:")]
+    assert "policy bind:0, kernel reports bind:0 (get_mempolicy) and bind:0 (numa_maps)" in d0
+    assert "N0 64.0 MiB" in d0  # every page of the prefaulted domain, on the bound node
