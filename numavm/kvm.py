@@ -16,13 +16,14 @@ import ctypes
 import enum
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import struct
 import sys
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar, cast
 
 from numavm.cpu import CpuState, DescriptorTable, Segment
 from numavm._libc import HostError
@@ -36,6 +37,7 @@ __all__ = [
     "KvmMsrEntry", "KvmMsrs", "KvmIrqLevel", "KvmPitConfig", "KvmMpState", "KvmRun",
     "IoExit", "MmioExit", "InternalErrorExit", "SystemEventExit", "FailEntryExit",
     "Kvm", "Vm", "Vcpu", "host_address", "APIC_ID_OFFSET",
+    "RUN_WORD_EXIT_REASON", "RUN_WORD_IO", "RUN_WORD_IO_COUNT", "RUN_WORD_IO_DATA_OFFSET",
 ]
 
 KVM_PATH = "/dev/kvm"
@@ -315,6 +317,24 @@ assert KvmRun.exit_reason.offset == 8 and KvmRun.exit.offset == 32 and KvmRun.s.
 
 _RUN_EXIT_OFFSET = KvmRun.exit.offset
 _MMIO_DATA_OFFSET = _RUN_EXIT_OFFSET + _RunMmio.data.offset
+
+# The exit hot path (numavm.machine) reads kvm_run as native 32-bit words
+# (Vcpu.words) at these indices, derived from the declarations above: no
+# ctypes field access and no object per exit.
+#   RUN_WORD_EXIT_REASON     exit_reason
+#   RUN_WORD_IO              exit.io's first word: direction | size << 8 | port << 16
+#   RUN_WORD_IO_COUNT        exit.io.count
+#   RUN_WORD_IO_DATA_OFFSET  exit.io.data_offset's low word (the offset lies
+#                            inside the vCPU mapping, far below 4 GiB)
+RUN_WORD_EXIT_REASON = KvmRun.exit_reason.offset // 4
+RUN_WORD_IO = (_RUN_EXIT_OFFSET + _RunIo.direction.offset) // 4
+RUN_WORD_IO_COUNT = (_RUN_EXIT_OFFSET + _RunIo.count.offset) // 4
+RUN_WORD_IO_DATA_OFFSET = (_RUN_EXIT_OFFSET + _RunIo.data_offset.offset) // 4
+assert sys.byteorder == "little"
+assert KvmRun.exit_reason.offset % 4 == 0 and _RUN_EXIT_OFFSET % 8 == 0
+assert (_RunIo.direction.offset, _RunIo.size.offset, _RunIo.port.offset) == (0, 1, 2)
+assert (_RunIo.count.offset, _RunIo.data_offset.offset) == (4, 8)
+assert (RUN_WORD_EXIT_REASON, RUN_WORD_IO, RUN_WORD_IO_COUNT, RUN_WORD_IO_DATA_OFFSET) == (2, 8, 9, 10)
 
 # --- request numbers ------------------------------------------------------
 
@@ -741,6 +761,10 @@ class Vm:
         self.close()
 
 
+def _closed_run(apic_id: int) -> None:
+    raise KvmError(f"vCPU {apic_id} is closed")
+
+
 _SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 _CONTROL_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 
@@ -773,12 +797,34 @@ class Vcpu:
                                                  **_MMAP_NO_DUP)
         self._page: memoryview | None = memoryview(self._mmap)
         self._run: KvmRun | None = KvmRun.from_buffer(self._mmap)
+        self._words: memoryview | None = self._page.cast("I")
+        # `kvm_run()`: KVM_RUN, bare and pre-bound, for a vCPU loop's hot
+        # path.  It returns nothing useful, raises InterruptedError when a
+        # signal (or immediate_exit) cuts it short and OSError on failure; the
+        # exit is then read from `words` / `page`.  run() is the checked form.
+        # After close() it raises KvmError.  No third argument: given an int,
+        # fcntl.ioctl (3.11) first tries it as a writable, then as a read-only
+        # buffer, making and clearing a TypeError each time (about 1 us per
+        # call here); omitted, the kernel gets 0 at once.
+        self.kvm_run: Callable[[], object] = functools.partial(fcntl.ioctl, fd, KVM_RUN)
 
     @property
     def fd(self) -> int:
         if self._fd < 0:
             raise KvmError(f"vCPU {self.apic_id} is closed")
         return self._fd
+
+    @property
+    def page(self) -> memoryview:
+        """The whole kvm_run mapping as bytes; port I/O data lies at exit.io.data_offset."""
+        return self._page_view()
+
+    @property
+    def words(self) -> memoryview:
+        """The same mapping as native 32-bit words, indexed by the RUN_WORD_* constants."""
+        if self._words is None:
+            raise KvmError(f"vCPU {self.apic_id} is closed")
+        return self._words
 
     @property
     def run_state(self) -> KvmRun:
@@ -899,14 +945,13 @@ class Vcpu:
         Releases the GIL while the guest runs. A signal interrupting it is
         reported as KvmExit.INTR rather than raised.
         """
-        run = self.run_state
         try:
-            fcntl.ioctl(self.fd, KVM_RUN, 0)
+            self.kvm_run()
         except InterruptedError:
             return KvmExit.INTR
         except OSError as e:
             raise KvmIoctlError(e.errno or 0, "KVM_RUN") from None
-        reason = int(run.exit_reason)
+        reason = self.words[RUN_WORD_EXIT_REASON]
         return _EXITS.get(reason, reason)
 
     @property
@@ -968,7 +1013,11 @@ class Vcpu:
         alive until that view is dropped (closing it now would be unsafe).
         """
         fd, self._fd = self._fd, -1
+        self.kvm_run = functools.partial(_closed_run, self.apic_id)  # never a reused fd number
         self._run = None
+        words, self._words = self._words, None
+        if words is not None:
+            words.release()
         page, self._page = self._page, None
         if page is not None:
             page.release()

@@ -26,7 +26,8 @@ from .acpi import build_tables
 from .cpuid import vcpu_cpuid
 from .devices import IoBus, PowerEvent, Serial16550, attach_power_devices
 from .errors import NumavmError
-from .kvm import Kvm, KvmExit, KvmInternalError, KvmIoDirection, MpState, Vcpu, Vm
+from .kvm import (RUN_WORD_EXIT_REASON, RUN_WORD_IO, RUN_WORD_IO_COUNT, RUN_WORD_IO_DATA_OFFSET, Kvm,
+                  KvmExit, KvmInternalError, KvmIoctlError, KvmIoDirection, MpState, Vcpu, Vm)
 from .layout import COM1_PORT, Layout
 from .memory import GuestMemory, node_cpus
 from .policy import Mode
@@ -38,6 +39,12 @@ KVM_IDENTITY_MAP_ADDR = 0xFFFB_C000
 KICK_SIGNAL = signal.SIGUSR1
 _INT3 = 0xCC
 _BP_VECTOR = 3
+
+# Exits are counted per vCPU in a list indexed by exit reason (no string keys
+# on the hot path); RunResult.exits names them.  Reasons past the list (none
+# known today) are counted by name in KvmMachine._other_exits.
+_EXIT_SLOTS = 64
+_EXIT_NAMES = {int(e): e.name.lower() for e in KvmExit}
 
 
 class Outcome(enum.Enum):
@@ -87,12 +94,14 @@ class KvmMachine:
         self.pin = pin
         self._console = console or (lambda data: None)
         self._stop = threading.Event()
+        self._stopping = False  # the vCPU loops' cheap view of _stop
         self._outcome: tuple[Outcome, str] | None = None
         self._outcome_lock = threading.Lock()
         self._io_lock = threading.Lock()  # the device models are not thread-safe
         self._threads: list[threading.Thread] = []
         self._aux: list[threading.Thread] = []  # helpers (stdin reader) joined at the end
-        self._exits: list[Counter[str]] = []
+        self._exits: list[list[int]] = []  # per vCPU: count per exit reason
+        self._other_exits: Counter[str] = Counter()  # reasons >= _EXIT_SLOTS
         self._ran: set[int] = set()
         self.memory: GuestMemory | None = None
         self.kvm: Kvm | None = None
@@ -194,6 +203,7 @@ class KvmMachine:
         with self._outcome_lock:
             if self._outcome is None:
                 self._outcome = (outcome, detail)
+        self._stopping = True
         self._stop.set()
 
     @property
@@ -209,7 +219,7 @@ class KvmMachine:
         old[KICK_SIGNAL] = signal.signal(KICK_SIGNAL, lambda *_: None)  # only to interrupt KVM_RUN
         try:
             for index, vcpu in enumerate(self.vcpus):
-                exits: Counter[str] = Counter()
+                exits = [0] * _EXIT_SLOTS
                 self._exits.append(exits)
                 t = threading.Thread(target=self._vcpu_thread, args=(index, vcpu, exits),
                                      name=f"{self.name}-vcpu{index}", daemon=True)
@@ -231,9 +241,11 @@ class KvmMachine:
             self.serial.flush()
         outcome, detail = self._outcome or (Outcome.STOPPED, "stopped")
         assert self.memory is not None
-        total: Counter[str] = Counter()
-        for c in self._exits:
-            total.update(c)
+        total: Counter[str] = Counter(self._other_exits)
+        for counts in self._exits:
+            for reason, n in enumerate(counts):
+                if n:
+                    total[_EXIT_NAMES.get(reason, str(reason))] += n
         return RunResult(outcome, detail, time.monotonic() - start, total,
                          Counter(self.bus.unhandled_reads), Counter(self.bus.unhandled_writes),
                          frozenset(self._ran), self.memory.describe())
@@ -265,40 +277,113 @@ class KvmMachine:
         if cpus:
             os.sched_setaffinity(0, cpus)  # 0 = this thread on Linux
 
-    def _vcpu_thread(self, index: int, vcpu: Vcpu, exits: Counter[str]) -> None:
+    def _vcpu_thread(self, index: int, vcpu: Vcpu, exits: list[int]) -> None:
+        unhandled_reads: dict[int, int] = {}  # plain dicts: a Counter's += is slower
+        unhandled_writes: dict[int, int] = {}
         try:
             self._pin(index)
             self._ran.add(vcpu.apic_id)
-            self._vcpu_loop(vcpu, exits)
+            self._vcpu_loop(vcpu, exits, unhandled_reads, unhandled_writes)
         except BaseException as e:  # any failure ends the machine, with its reason
             self.stop(Outcome.ERROR, f"vCPU {index}: {e}")
+        finally:
+            with self._io_lock:
+                self.bus.count_unhandled(unhandled_reads, unhandled_writes)
 
-    def _vcpu_loop(self, vcpu: Vcpu, exits: Counter[str]) -> None:
-        bus, lock, stop = self.bus, self._io_lock, self._stop
-        IO, MMIO, INTR = KvmExit.IO, KvmExit.MMIO, KvmExit.INTR
-        while not stop.is_set():
-            reason = vcpu.run()
+    def _vcpu_loop(self, vcpu: Vcpu, exits: list[int], unhandled_reads: dict[int, int],
+                   unhandled_writes: dict[int, int]) -> None:
+        """KVM_RUN and dispatch until the machine stops.
+
+        The hot path is a port access of count 1 (the UART, the ACPI ports,
+        a guest poking an absent port): the exit is read as words straight
+        from the kvm_run page, the port looked up in the bus's table, and the
+        device called under the I/O lock; an absent port touches no device,
+        so it is counted without the lock, in this vCPU's own counters (handed
+        to the bus when the loop ends).  No object is made per exit and
+        everything is bound to locals.
+        """
+        kvm_run, page, words = vcpu.kvm_run, vcpu.page, vcpu.words
+        find_reader, find_writer = self.bus.lookups()
+        acquire, release = self._io_lock.acquire, self._io_lock.release
+        from_bytes = int.from_bytes
+        reads_get, writes_get = unhandled_reads.get, unhandled_writes.get
+        IO, INTR, OUT = int(KvmExit.IO), int(KvmExit.INTR), int(KvmIoDirection.OUT)
+        REASON, IO_HEAD, IO_COUNT, IO_DATA = (RUN_WORD_EXIT_REASON, RUN_WORD_IO, RUN_WORD_IO_COUNT,
+                                              RUN_WORD_IO_DATA_OFFSET)
+        slots = len(exits)
+        while not self._stopping:
+            try:
+                kvm_run()
+            except InterruptedError:  # a kick (or any signal)
+                exits[INTR] += 1
+                continue
+            except OSError as e:
+                raise KvmIoctlError(e.errno or 0, "KVM_RUN") from None
+            reason = words[REASON]
             if reason == IO:  # the hot path: keep it short
-                io = vcpu.io_exit()
-                size, data = io.size, io.data
-                with lock:
-                    if io.direction == KvmIoDirection.OUT:
-                        for k in range(io.count):
-                            bus.write(io.port, size, int.from_bytes(data[k * size:(k + 1) * size], "little"))
+                exits[IO] += 1
+                head = words[IO_HEAD]  # direction | size << 8 | port << 16
+                if words[IO_COUNT] != 1:
+                    self._string_io(page, head & 0xFF == OUT, head >> 8 & 0xFF, head >> 16,
+                                    words[IO_COUNT], words[IO_DATA])
+                elif head & 0xFF == OUT:
+                    port = head >> 16
+                    entry = find_writer(port)
+                    if entry is None:
+                        unhandled_writes[port] = writes_get(port, 0) + 1
+                        continue
+                    size, offset = head >> 8 & 0xFF, words[IO_DATA]
+                    value = page[offset] if size == 1 else from_bytes(page[offset:offset + size], "little")
+                    acquire()
+                    try:
+                        entry[0](entry[1], size, value)
+                    finally:
+                        release()
+                else:
+                    port, size, offset = head >> 16, head >> 8 & 0xFF, words[IO_DATA]
+                    reader = find_reader(port)
+                    if reader is None:  # a floating bus reads all-ones
+                        unhandled_reads[port] = reads_get(port, 0) + 1
+                        value = (1 << (size << 3)) - 1
                     else:
-                        for k in range(io.count):
-                            data[k * size:(k + 1) * size] = bus.read(io.port, size).to_bytes(size, "little")
-                exits["io"] += 1
+                        acquire()
+                        try:
+                            value = reader[0](reader[1], size)
+                        finally:
+                            release()
+                    if size == 1:
+                        page[offset] = value
+                    else:
+                        page[offset:offset + size] = value.to_bytes(size, "little")
             elif reason == INTR:
-                exits["intr"] += 1
-            elif reason == MMIO:
-                m = vcpu.mmio_exit()
-                if not m.is_write:  # no MMIO devices: reads float high, as on a bus with nothing there
-                    m.data[:] = b"\xff" * len(m.data)
-                exits["mmio"] += 1
+                exits[INTR] += 1
+            elif reason < slots:
+                exits[reason] += 1
+                self._other_exit(vcpu, reason)
             else:
-                exits[getattr(reason, "name", str(reason)).lower()] += 1
-                self._slow_exit(vcpu, reason)
+                with self._outcome_lock:
+                    self._other_exits[str(reason)] += 1
+                self._other_exit(vcpu, reason)
+
+    def _string_io(self, page: memoryview, out: bool, size: int, port: int, count: int,
+                   offset: int) -> None:
+        """ins/outs (and rep): `count` accesses of `size` bytes, data end to end in the page."""
+        bus = self.bus
+        with self._io_lock:
+            if out:
+                for k in range(offset, offset + size * count, size):
+                    bus.write(port, size, int.from_bytes(page[k:k + size], "little"))
+            else:
+                for k in range(offset, offset + size * count, size):
+                    page[k:k + size] = bus.read(port, size).to_bytes(size, "little")
+
+    def _other_exit(self, vcpu: Vcpu, reason: int) -> None:
+        if reason == KvmExit.MMIO:
+            m = vcpu.mmio_exit()
+            if not m.is_write:  # no MMIO devices: reads float high, as on a bus with nothing there
+                m.data[:] = b"\xff" * len(m.data)
+        else:
+            self._slow_exit(vcpu, vcpu.exit_reason)
 
     def _slow_exit(self, vcpu: Vcpu, reason: KvmExit | int) -> None:
         if reason == KvmExit.HLT:
@@ -357,6 +442,7 @@ class KvmMachine:
     def close(self) -> None:
         """Release vCPUs, the VM, /dev/kvm and guest memory; safe to call twice."""
         if self._threads:
+            self._stopping = True
             self._stop.set()
             self._join_vcpus()
         vm, self.vm = self.vm, None

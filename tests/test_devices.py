@@ -122,6 +122,24 @@ def test_bus_counts_unhandled_writes_per_port() -> None:
     assert dev.log == [("w", 0, 1, 0x43)]
 
 
+def test_bus_lookups_are_live_and_misses_are_handed_over() -> None:
+    bus = IoBus()
+    find_reader, find_writer = bus.lookups()
+    assert find_reader(0x70) is None and find_writer(0x70) is None
+    dev = Recorder({1: 0x5A})
+    bus.register(0x70, 2, dev)  # registered after the lookups were taken: they see it
+    read, offset = find_reader(0x71)
+    assert read(offset, 1) == 0x5A
+    write, offset = find_writer(0x70)
+    write(offset, 2, 0xBEEF)
+    assert dev.log == [("r", 1, 1), ("w", 0, 2, 0xBEEF)]
+    bus.write(0x99, 1, 0)
+    bus.count_unhandled({0x98: 3}, {0x99: 2, 0x97: 1})
+    bus.count_unhandled({}, {0x99: 1})
+    assert bus.unhandled_reads == {0x98: 3}
+    assert bus.unhandled_writes == {0x99: 4, 0x97: 1}
+
+
 @pytest.mark.parametrize("base, length", [(0x3F0, 9), (0x3FF, 1), (0x3F8, 8), (0x3FA, 2), (0x3F0, 0x20)])
 def test_bus_refuses_overlaps(base: int, length: int) -> None:
     bus = IoBus()

@@ -309,6 +309,44 @@ def test_real_mode_out_then_hlt(kvm: K.Kvm) -> None:
 
 
 @needs_kvm
+def test_exit_words_match_the_decoded_exit(kvm: K.Kvm) -> None:
+    """The hot path's view of kvm_run (Vcpu.words, RUN_WORD_*) reads what io_exit() decodes."""
+    code = bytes([
+        0xBA, 0x34, 0x12,  # mov dx, 0x1234
+        0xB8, 0xEF, 0xBE,  # mov ax, 0xbeef
+        0xEF,              # out dx, ax
+        0xF4,              # hlt
+    ])
+    with kvm.create_vm() as vm:
+        _prepare_x86(vm)
+        mem = _low_memory(vm)
+        mem[0x1000:0x1000 + len(code)] = code
+        vcpu = vm.create_vcpu(0)
+        vcpu.load_cpu_state(cpu.real_mode_state(cs_base=0, rip=0x1000))
+
+        assert vcpu.kvm_run() == 0  # the bare call: the exit is read from the page
+        words, page = vcpu.words, vcpu.page
+        assert words[K.RUN_WORD_EXIT_REASON] == K.KvmExit.IO == vcpu.exit_reason
+        io = vcpu.io_exit()
+        head = words[K.RUN_WORD_IO]
+        assert (head & 0xFF, head >> 8 & 0xFF, head >> 16) == (K.KvmIoDirection.OUT, 2, 0x1234)
+        assert (io.direction, io.size, io.port) == (K.KvmIoDirection.OUT, 2, 0x1234)
+        assert words[K.RUN_WORD_IO_COUNT] == io.count == 1
+        offset = words[K.RUN_WORD_IO_DATA_OFFSET]
+        assert bytes(page[offset:offset + 2]) == bytes(io.data) == b"\xef\xbe"
+        del io, words, page
+
+        assert vcpu.run() == K.KvmExit.HLT
+        vcpu.close()
+        with pytest.raises(K.KvmError, match="closed"):
+            vcpu.kvm_run()
+        with pytest.raises(K.KvmError, match="closed"):
+            vcpu.words
+        with pytest.raises(K.KvmError, match="closed"):
+            vcpu.run()
+
+
+@needs_kvm
 def test_real_mode_mmio_and_port_in(kvm: K.Kvm) -> None:
     code = bytes([
         0xB8, 0x00, 0x20,              # mov ax, 0x2000

@@ -219,6 +219,71 @@ def test_unknown_ports_read_all_ones_and_writes_are_counted() -> None:
     assert result.unhandled_writes[0x1235] == 2
 
 
+class Echo:
+    """A device at ECHO_PORT: reads give READ_VALUE cut to the access size; writes
+    are recorded, and one at offset 3 stops the machine."""
+
+    READ_VALUE = 0xA5C3E1F7
+
+    def __init__(self, machine: KvmMachine) -> None:
+        self.machine = machine
+        self.writes: list[tuple[int, int, int]] = []
+
+    def read(self, offset: int, size: int) -> int:
+        return self.READ_VALUE & ((1 << 8 * size) - 1)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset == 3:
+            self.machine.stop(Outcome.STOPPED, "echo done")
+        else:
+            self.writes.append((offset, size, value))
+
+
+def test_port_io_sizes_and_string_io_through_the_bus() -> None:
+    """Every shape of port access the vCPU loop decodes: 1/2/4-byte IN and OUT at a
+    device, rep outsb/insb (count > 1) at a device and at absent ports."""
+    echo_port, buf, buf2 = 0x70, 0x8800, 0x8900
+    program = bytes.fromhex(
+        f"66ba{echo_port:02x}00"  # mov dx, ECHO
+        "66b8efbe"     # mov ax, 0xbeef
+        "66ef"         # out dx, ax          -> (0, 2, 0xbeef)
+        "66ed" "66ef"  # in ax, dx; out dx, ax   -> (0, 2, 0xe1f7)
+        "ec" "ee"      # in al, dx; out dx, al   -> (0, 1, 0xf7)
+        "ed" "ef"      # in eax, dx; out dx, eax -> (0, 4, 0xa5c3e1f7)
+        "be" + struct.pack("<I", buf).hex() +   # mov esi, buf
+        "b903000000"   # mov ecx, 3
+        "f36e"         # rep outsb           -> three 1-byte writes 11 22 33
+        "66ba3612"     # mov dx, 0x1236
+        "bf" + struct.pack("<I", buf2).hex() +  # mov edi, buf2
+        "b902000000"   # mov ecx, 2
+        "f36c"         # rep insb            ; nothing there: ff ff, 2 reads counted
+        "66ba3712"     # mov dx, 0x1237
+        "be" + struct.pack("<I", buf).hex() +   # mov esi, buf
+        "b902000000"   # mov ecx, 2
+        "f36e"         # rep outsb           ; dropped, 2 writes counted
+        f"66ba{echo_port + 3:02x}00"  # mov dx, ECHO+3
+        "ee"           # out dx, al          -> stop
+        "f4ebfd")      # hlt; jmp hlt
+    layout = plan_layout(MachineSpec(cpus=1, memory=64 << 20).build())
+    with KvmMachine(layout) as m:
+        echo = Echo(m)
+        m.bus.register(echo_port, 4, echo)
+        m.load([(GDT_ADDR, cpumode.gdt_bytes()), (PROGRAM_ADDR, program), (buf, b"\x11\x22\x33"),
+                (buf2, b"\x00\x00\x00"), (PT_ADDR, cpumode.identity_page_tables(PT_ADDR))])
+        m.set_boot_state(cpumode.long_mode_state(PT_ADDR, GDT_ADDR, PROGRAM_ADDR))
+        result = m.run(timeout=60)
+        assert m.memory is not None
+        filled = m.memory.read(buf2, 3)
+    assert result.outcome is Outcome.STOPPED, result.detail
+    assert echo.writes == [(0, 2, 0xBEEF), (0, 2, 0xE1F7), (0, 1, 0xF7), (0, 4, 0xA5C3E1F7),
+                           (0, 1, 0x11), (0, 1, 0x22), (0, 1, 0x33)]
+    assert filled == b"\xff\xff\x00"
+    assert result.unhandled_reads == {0x1236: 2}
+    assert result.unhandled_writes == {0x1237: 2}
+    assert result.exits["io"] >= 10
+    assert set(result.exits) <= {"io", "intr", "mmio", "hlt"}, result.exits
+
+
 def test_power_off_through_the_acpi_sleep_register() -> None:
     from numavm.devices import S5_SLEEP_CONTROL_VALUE
     from numavm.layout import SLEEP_CONTROL_PORT

@@ -275,6 +275,45 @@ def test_prefault_callback_error_propagates_and_stops() -> None:
             seg.prefault(progress=boom)
 
 
+def test_prefault_keeps_data_and_zero_fills() -> None:
+    # fallocate(2) then MADV_POPULATE_WRITE: written pages keep their bytes, the rest read zero.
+    with Segment(8 * MiB, Policy(Mode.BIND, (0,)), machine="pf") as seg:
+        seg.write(MiB + 5, b"numavm")
+        seg.prefault(threads=1)
+        assert seg.read(MiB + 5, 6) == b"numavm"
+        assert seg.read(0, MiB) == bytes(MiB) and seg.read(2 * MiB, 6 * MiB) == bytes(6 * MiB)
+        assert seg.placement().bytes_on(0) == 8 * MiB
+
+
+def test_prefault_without_fallocate(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import numavm.memory as memory
+
+    calls = []
+
+    def refuse(*args: object) -> int:
+        calls.append(args)
+        raise _libc.HostError(errno.EOPNOTSUPP, "fallocate")
+
+    monkeypatch.setattr(memory, "_fallocate", refuse)
+    with Segment(16 * MiB, Policy(Mode.BIND, (0,)), machine="pf") as seg:
+        result = seg.prefault(threads=1)
+        assert calls  # tried, refused: the madvise populated alone
+        assert result.bytes == 16 * MiB
+        assert seg.placement().bytes_on(0) == 16 * MiB
+
+
+def test_unified_prefault_stays_in_its_window() -> None:
+    layout = _layout("id=0,size=16M,cpus=0", "id=1,size=32M,cpus=1,domain_policy=bind:0")
+    with GuestMemory(layout, machine="win", unified=True) as mem:
+        assert mem.memfd is not None
+        mem.segments[1].prefault(threads=1)
+        assert os.lseek(mem.memfd.fd, 0, os.SEEK_DATA) == 16 * MiB  # nothing allocated in domain 0
+        audit = mem.audit()
+        assert audit[0].resident == 0 and audit[1].bytes_on(0) == 32 * MiB
+
+
 # ---------------------------------------------------------------- huge pages
 
 

@@ -21,14 +21,22 @@ report what the guest poked at.
 
 The bus and the devices are plain state machines without locks: the machine
 serializes accesses (one vCPU thread at a time in the bus).
+
+A vCPU loop may dispatch by itself (`lookups`: the live per-port tables),
+taking its lock only around a device call: an access to an unregistered port
+touches no device, so the loop counts it in counters of its own and hands the
+counts over with `count_unhandled` when it ends.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable, Mapping, Optional, Protocol, runtime_checkable
 
 PORT_LIMIT = 0x1_0000  # x86 I/O space: ports 0..0xFFFF
+
+ReadEntry = tuple[Callable[[int, int], int], int]  # (device.read, offset)
+WriteEntry = tuple[Callable[[int, int, int], None], int]  # (device.write, offset)
 
 
 @runtime_checkable
@@ -51,8 +59,8 @@ class IoBus:
     __slots__ = ("_readers", "_writers", "_ranges", "unhandled_reads", "unhandled_writes")
 
     def __init__(self) -> None:
-        self._readers: dict[int, tuple[Callable[[int, int], int], int]] = {}
-        self._writers: dict[int, tuple[Callable[[int, int, int], None], int]] = {}
+        self._readers: dict[int, ReadEntry] = {}
+        self._writers: dict[int, WriteEntry] = {}
         self._ranges: list[tuple[int, int, Device]] = []  # (base, length, device), ascending base
         self.unhandled_reads: Counter[int] = Counter()
         self.unhandled_writes: Counter[int] = Counter()
@@ -96,6 +104,22 @@ class IoBus:
             self.unhandled_writes[port] += 1
             return
         entry[0](entry[1], size, value)
+
+    def lookups(self) -> tuple[Callable[[int], Optional[ReadEntry]], Callable[[int], Optional[WriteEntry]]]:
+        """The dispatch tables' lookups, port -> ``(device.read, offset)`` and
+        port -> ``(device.write, offset)``, or None where nothing is registered.
+
+        Live (later registrations show), for a caller that dispatches by itself
+        in a hot loop: it calls ``entry[0](entry[1], size[, value])`` as read()
+        and write() do, answers a miss as they do (all-ones for a read, nothing
+        for a write) and reports the misses with `count_unhandled`.
+        """
+        return self._readers.get, self._writers.get
+
+    def count_unhandled(self, reads: Mapping[int, int], writes: Mapping[int, int]) -> None:
+        """Add accesses to unregistered ports counted outside read()/write(), per port."""
+        self.unhandled_reads.update(reads)
+        self.unhandled_writes.update(writes)
 
     def device_at(self, port: int) -> Device | None:
         for base, length, device in self._ranges:
