@@ -913,14 +913,40 @@ class GuestMemory:
             return f" (RAM ends at {self.layout.ram_top:#x})"
         return ""
 
+    def _pieces(self, gpa: int, n: int) -> list[tuple[Segment, int, int, int]]:
+        """(segment, offset, length, position in the access) for [gpa, gpa+n).
+
+        Guest-physical RAM is contiguous across domains (domain 0 ends where
+        domain 1 starts), so a loader's image may straddle two segments; it
+        is split at slot boundaries.  A gap (the 3-4 GiB hole, the end of RAM)
+        is an error, raised before anything is touched.
+        """
+        if n < 0:
+            raise GuestAddressError(f"negative length {n} at guest address {gpa:#x}")
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i < 0 or gpa >= self._routes[i].end:
+            raise GuestAddressError(f"guest address {gpa:#x} is outside RAM{self._where(gpa)}")
+        pieces = []
+        done = 0
+        while True:
+            r = self._routes[i]
+            take = min(n - done, r.end - (gpa + done))
+            pieces.append((r.segment, r.offset + gpa + done - r.start, take, done))
+            done += take
+            if done >= n:
+                return pieces
+            i += 1
+            if i == len(self._routes) or self._routes[i].start != r.end:
+                raise GuestAddressError(f"guest range {gpa:#x}-{gpa + n:#x} ({n} bytes) runs past the end "
+                                        f"of RAM at {r.end:#x}{self._where(r.end)}")
+
     def read(self, gpa: int, n: int) -> bytes:
-        seg, off = self.locate(gpa, n)
-        return seg.read(off, n)
+        return b"".join(seg.read(off, take) for seg, off, take, _ in self._pieces(gpa, n))
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         src = memoryview(data).cast("B")
-        seg, off = self.locate(gpa, src.nbytes)
-        seg.write(off, src)
+        for seg, off, take, pos in self._pieces(gpa, src.nbytes):
+            seg.write(off, src[pos:pos + take])
 
     def view(self, gpa: int, n: int) -> memoryview:
         seg, off = self.locate(gpa, n)

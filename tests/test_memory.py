@@ -223,12 +223,21 @@ def test_guest_memory_bounds() -> None:
         with pytest.raises(GuestAddressError, match="runs past the end of RAM"):
             mem.view(6 * GiB - 1, 2)
         with pytest.raises(GuestAddressError, match="spans two memory slots"):
-            mem.read(2 * GiB - 1, 2)
+            mem.view(2 * GiB - 1, 2)  # one view is one mapping
         with pytest.raises(GuestAddressError, match="negative length"):
             mem.read(0, -1)
         # nothing was written by the refused calls
         assert mem.read(3 * GiB - 4, 4) == b"\0" * 4
         assert mem.read(2 * GiB - 1, 1) == b"\0"
+
+
+def test_guest_memory_access_straddling_two_domains() -> None:
+    """RAM is contiguous across domains: a loader's image may cross from one segment into the next."""
+    with GuestMemory(_layout(*SPLIT), machine="straddle") as mem:
+        mem.write(2 * GiB - 3, b"abcdef")
+        assert mem.read(2 * GiB - 3, 6) == b"abcdef"
+        assert _through_segment(mem.segments[0], 2 * GiB - 3, 3) == b"abc"
+        assert _through_segment(mem.segments[1], 0, 3) == b"def"
 
 
 def test_memoryless_domain_has_no_segment() -> None:
