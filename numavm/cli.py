@@ -236,11 +236,11 @@ def _prepare_guest(args: argparse.Namespace, stage: str | None):  # type: ignore
         from .tcg import tcg_topology
         try:
             tcg_topology(layout)
-        except ConfigError:
+        except ConfigError as e:
             if args.accel != "auto" or not host.kvm_usable:
                 raise
-            engine, why = "kvm", (f"engine kvm: QEMU cannot give this layout's vCPUs their APIC ids "
-                                  f"(interleaved cpus=), so not TCG though {host.reason}")
+            reason = str(e).removeprefix("--accel tcg: ").split(";")[0]
+            engine, why = "kvm", f"engine kvm: TCG cannot run this layout ({reason}), though {host.reason}"
     emulated_kvm = engine == "kvm" and host.emulated
     if stage is None:
         stage = "kernel" if emulated_kvm else "userspace"

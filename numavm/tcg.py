@@ -40,6 +40,7 @@ from .machine import Outcome, RunResult
 from .memory import GuestMemory
 
 QEMU_CPU = "qemu64"
+QEMU_PC_MAX_CPUS = 255  # pc-i440fx: xAPIC ids only
 # Firmware: qboot starts a PVH/linuxboot kernel faster than SeaBIOS.
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 _PANIC = re.compile(r"Kernel panic - not syncing: ?(.*)")
@@ -61,6 +62,9 @@ def tcg_topology(layout: Layout) -> tuple[list[str], list[str]]:
     sockets = sum(1 for d in layout.domains if d.apic_ids)
     cores = 1 << layout.core_bits
     maxcpus = sockets * cores
+    if maxcpus > QEMU_PC_MAX_CPUS:
+        raise ConfigError(f"--accel tcg: QEMU's pc machine takes at most {QEMU_PC_MAX_CPUS} vCPUs, and this "
+                          f"layout spans {maxcpus} APIC ids ({sockets} packages of {cores}); use --accel kvm")
     if ids == list(range(len(ids))):  # present CPUs are the first N QEMU would make
         return [f"{len(ids)},sockets={sockets},cores={cores},threads=1,maxcpus={maxcpus}"], []
     # Holes in the APIC ids (uneven domains): the boot CPU from -smp, the rest placed by id.

@@ -179,3 +179,15 @@ def test_prefault_chosen_domain_and_the_placement_audit() -> None:
     d0 = audit[audit.index("domain 0:"):audit.index("domain 1:")]
     assert "policy bind:0, kernel reports bind:0 (get_mempolicy) and bind:0 (numa_maps)" in d0
     assert "N0 64.0 MiB" in d0  # every page of the prefaulted domain, on the bound node
+
+
+@needs_kvm
+@needs_apt
+def test_interleaved_vcpus_fall_back_to_kvm_and_match() -> None:
+    """QEMU cannot number interleaved vCPUs, so auto picks KVM; with 64 MiB domains the kernel
+    image straddles domain 0 and domain 1, which the loader must write across segments."""
+    r = numavm("check", "--json", "-n", "id=0,size=64M,cpus=0+2", "-n", "id=1,size=64M,cpus=1+3")
+    doc = json.loads(r.stdout)
+    assert doc["engine"] == "kvm" and "TCG cannot run this layout" in r.stderr
+    assert doc["match"], "\n".join(doc["mismatches"])
+    assert doc["observed"]["kernel"]["apic_to_node"] == {"0": 0, "1": 0, "2": 1, "3": 1}  # vCPUs 0+2 are package 0
