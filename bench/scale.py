@@ -8,7 +8,7 @@ import sys
 
 from numavm.engine import detect
 
-from .proc import BenchError, ROOT, Spawned, child_env, shell
+from .proc import BenchError, shell
 from .runner import Bench, Side
 from .setup import numavm_sample as setup_sample
 
@@ -37,7 +37,7 @@ def check_argv(d: int, c: int) -> list[str]:
 
 
 def boot_sample(d: int, c: int) -> float:
-    from .boot import READY, numavm_sample
+    from .boot import numavm_sample
     info: list[dict] = []
     t = numavm_sample(check_argv(d, c), info)
     if info and info[0].get("match") is False:

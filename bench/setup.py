@@ -9,7 +9,7 @@ from numavm.export import qemu_args
 
 from .child import topology
 from .guests import bios_first_byte
-from .proc import BenchError, Spawned, child_env, need_qemu, python_child, scratch, shell, QEMU, ROOT
+from .proc import BenchError, Spawned, need_qemu, python_child, scratch, shell, QEMU
 from .runner import Bench, Side
 
 TIMEOUT = 120

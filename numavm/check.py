@@ -104,7 +104,7 @@ def render(report: CheckReport, layout: Layout) -> str:
                 rows.append(("  distances (by node)", " ".join(str(v) for _, v in by_node),
                              " ".join(map(str, n.get("distance") or []))))
         if exp is not None:
-            rows.append(("  fallback order", " ".join(map(str, exp.fallback.get(node, []))),
+            rows.append(("  fallback order", " ".join(map(str, exp.fallback.get(node if node is not None else -1, []))),
                          " ".join(map(str, kern["fallback"].get(str(seen_node), []))) or "-"))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)

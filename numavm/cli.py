@@ -309,7 +309,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.document(), indent=2))
     else:
-        from .check import render
         sys.stdout.write(render(report, layout))
     return EXIT_OK if report.match else EXIT_FAILURE
 

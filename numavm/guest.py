@@ -21,7 +21,7 @@ from typing import BinaryIO, Callable
 from .assets import cache_root, cached, fetch
 # numavm.boot (kernel loading, boot plans) is imported where used: the TCG engine needs
 # neither, and every import is paid at every `numavm check`.
-from .errors import ConfigError, NumavmError
+from .errors import ConfigError
 from .layout import Layout
 from .machine import Outcome, RunResult
 from .memory import GuestMemory
@@ -284,13 +284,6 @@ def boot(b: Boot) -> RunResult:
     return _boot_tcg(b)
 
 
-def __getattr__(name: str) -> int:
-    """PAGE_TABLES_ADDR and GDT_ADDR, computed on first use (numavm.boot is imported lazily)."""
-    if name in ("PAGE_TABLES_ADDR", "GDT_ADDR"):
-        return _boot_addresses()[name == "GDT_ADDR"]
-    raise AttributeError(name)
-
-
 def _boot_addresses() -> tuple[int, int]:
     """Where the machine puts the boot CPU's page tables and GDT: the scratch area
     numavm.boot leaves free below the zero page."""
@@ -303,7 +296,7 @@ def _boot_kvm(b: Boot) -> RunResult:
     from .boot import load_kernel, plan_boot
     from .machine import KvmMachine
 
-    PAGE_TABLES_ADDR, GDT_ADDR = _boot_addresses()
+    page_tables, gdt = _boot_addresses()
 
     kernel = load_kernel(b.assets.vmlinux)
     plan = plan_boot(b.layout, kernel, b.initrd, b.cmdline)
@@ -316,9 +309,8 @@ def _boot_kvm(b: Boot) -> RunResult:
         if b.interactive:
             m.read_input_from(sys.stdin.fileno())
         m.load(plan.writes)
-        m.load([(PAGE_TABLES_ADDR, cpumode.identity_page_tables(PAGE_TABLES_ADDR)),
-                (GDT_ADDR, cpumode.gdt_bytes())])
-        m.set_boot_state(cpumode.long_mode_state(PAGE_TABLES_ADDR, GDT_ADDR, plan.rip, rsi=plan.rsi))
+        m.load([(page_tables, cpumode.identity_page_tables(page_tables)), (gdt, cpumode.gdt_bytes())])
+        m.set_boot_state(cpumode.long_mode_state(page_tables, gdt, plan.rip, rsi=plan.rsi))
         return m.run(timeout=b.timeout)
 
 
@@ -363,7 +355,3 @@ def prefault(memory: "GuestMemory", log: Log, domains: frozenset[int] | None = N
 def _cpus(cpus: tuple[int, ...]) -> str:
     from .units import format_list
     return format_list(cpus) or "any"
-
-
-__all__ = ["ExitCode", "OUTCOME_EXIT", "kernel_cmdline", "guest_assets", "guest_initrd",
-           "Console", "KernelStageWatch", "Boot", "boot", "NumavmError"]

@@ -14,7 +14,7 @@ from typing import Iterable
 
 from .errors import ConfigError
 from .policy import Policy, host_online_nodes, parse_policy
-from .units import MiB, GiB, TiB, format_list, format_size, parse_list, parse_size
+from .units import MiB, TiB, format_list, format_size, parse_list, parse_size
 
 MAX_CPUS = 1024
 MAX_DOMAINS = 256
