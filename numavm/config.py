@@ -13,6 +13,7 @@ Schema, version 1 (the only one so far)::
     size = "1G"            # optional; 0 makes a CPU-only domain
     cpus = "0-1"           # LIST string, or an array of integers
     policy = "bind:0"      # optional, as domain_policy=
+    hugepages = "thp"      # optional: thp, hugetlbfs or none (default: --hugepages)
 
 (TOML puts keys written after a [[domain]] header into that domain, so the
 top-level keys come first.)
@@ -29,12 +30,12 @@ from typing import Any
 
 from .errors import ConfigError
 from .policy import Policy, parse_policy
-from .topology import DomainSpec, MachineSpec, parse_distance
+from .topology import DomainSpec, MachineSpec, parse_distance, parse_hugepages
 from .units import parse_list, parse_size
 
 SCHEMA_VERSION = 1
 _TOP_KEYS = {"version", "cpus", "memory", "domain", "distances", "distance"}
-_DOMAIN_KEYS = {"id", "size", "cpus", "policy", "domain_policy"}
+_DOMAIN_KEYS = {"id", "size", "cpus", "policy", "domain_policy", "hugepages"}
 
 EXAMPLE_TOML = """\
 # numavm's built-in example: two domains with vCPUs and a memory-only one.
@@ -118,7 +119,7 @@ def _domain(d: dict[str, Any], k: int, name: str) -> DomainSpec:
     where = f"{name}: domain[{k}]"
     unknown = sorted(set(d) - _DOMAIN_KEYS)
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (keys: id, size, cpus, policy)")
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (keys: id, size, cpus, policy, hugepages)")
     if "id" not in d:
         raise ConfigError(f"{where}: id is required")
     dom_id = _int(d["id"], f"{where}.id")
@@ -131,6 +132,7 @@ def _domain(d: dict[str, Any], k: int, name: str) -> DomainSpec:
         size=parse_size(d["size"], f"{origin} size") if "size" in d else None,
         cpus=parse_list(d["cpus"], f"{origin} cpus") if "cpus" in d else None,
         policy=parse_policy(str(pol), f"{origin} policy") if pol is not None else Policy(),
+        hugepages=parse_hugepages(str(d["hugepages"]), f"{origin} hugepages") if "hugepages" in d else None,
         origin=origin,
     )
 

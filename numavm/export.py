@@ -48,6 +48,9 @@ def export(topo: Topology, to: str) -> Export:
         raise ConfigError(f"--to: must be one of {', '.join(FORMATS)}, got {to!r}") from None
     warnings: list[str] = []
     text = render(topo, warnings)
+    if to != "toml":  # numavm's own per-domain page choice is not carried over
+        warnings += [f"domain {d.id}: hugepages={d.hugepages} is not exported; set huge pages in the "
+                     f"peer's own configuration" for d in topo.domains if d.hugepages]
     return Export(text if text.endswith("\n") else text + "\n", warnings)
 
 
@@ -405,6 +408,8 @@ def _toml(topo: Topology, warnings: list[str]) -> str:
             out.append(f"cpus = {_toml_str(format_list(d.cpus))}")
         if d.policy.mode is not Mode.DEFAULT:
             out.append(f"policy = {_toml_str(str(d.policy))}")
+        if d.hugepages:
+            out.append(f"hugepages = {_toml_str(d.hugepages)}")
     return "\n".join(out) + "\n"
 
 

@@ -860,21 +860,26 @@ class GuestMemory:
         with_memory = [d for d in self.layout.domains if d.segment_size and d.slots]
         # Every check first, for every domain, then the first allocation.
         policies = {}
+        huge: dict[int, str | None] = {}  # per domain: its own choice, else the machine's
         for d in with_memory:
             what = f"domain {d.id}"
-            _check_hugepages(self.hugepages, what)
+            own = d.domain.hugepages
+            huge[d.id] = None if own == "none" else (own or self.hugepages)
+            _check_hugepages(huge[d.id], what)
             policies[d.id] = check_policy(d.domain.policy, online, f"{what} domain_policy")
-        page = mmap.PAGESIZE
-        if self.hugepages == "hugetlbfs" and with_memory:
-            page = check_hugetlb({d.id: d.segment_size for d in with_memory}, policies)
+        if self.unified and len(set(huge.values())) > 1:
+            raise ConfigError("hugepages: the TCG engine backs all guest RAM with one memfd, so every "
+                              "domain needs the same hugepages= (use --accel kvm for a mix)")
+        tlb = {d.id: d.segment_size for d in with_memory if huge[d.id] == "hugetlbfs"}
+        page = check_hugetlb(tlb, {i: policies[i] for i in tlb}) if tlb else mmap.PAGESIZE
         offsets = _ram_offsets(with_memory) if self.unified else {}
         try:
             if self.unified and with_memory:
                 self.memfd = Memfd(self.machine, "ram", sum(d.segment_size for d in with_memory),
-                                   hugepages=self.hugepages, page_size=page, what="guest RAM")
+                                   hugepages=huge[with_memory[0].id], page_size=page, what="guest RAM")
             for d in with_memory:
                 seg = Segment(d.segment_size, policies[d.id], domain=d.id, machine=self.machine,
-                              hugepages=self.hugepages, online=online, within=self.memfd,
+                              hugepages=huge[d.id], online=online, within=self.memfd,
                               offset=offsets.get(d.id, 0), _checked=True)
                 self.segments[d.id] = seg
                 for s in d.slots:

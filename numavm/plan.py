@@ -25,6 +25,7 @@ def plan_document(layout: Layout) -> dict[str, Any]:
                 "cpus": list(d.domain.cpus),
                 "apic_ids": list(d.apic_ids),
                 "policy": {"mode": d.domain.policy.mode.label, "nodes": list(d.domain.policy.nodes)},
+                "hugepages": d.domain.hugepages,
                 "ranges": [{"start": r.start, "end": r.end} for r in d.ranges],
             }
             for d in layout.domains
@@ -54,7 +55,7 @@ def plan_text(layout: Layout) -> str:
         kind = "" if d.domain.cpus and d.segment_size else (" (memory-only)" if d.segment_size else " (CPU-only)")
         rows.append((f"{d.id}{kind}", format_size(d.segment_size) if d.segment_size else "0",
                      ranges[0], format_list(d.domain.cpus) or "-", format_list(d.apic_ids) or "-",
-                     str(d.domain.policy)))
+                     str(d.domain.policy) + (f", {d.domain.hugepages} pages" if d.domain.hugepages else "")))
         rows.extend(("", "", r, "", "", "") for r in ranges[1:])
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     for r in rows:

@@ -27,6 +27,9 @@ LOCAL_DISTANCE = 10
 DEFAULT_DISTANCE = 20
 UNREACHABLE = 255
 
+HUGEPAGES = ("thp", "hugetlbfs")
+NUMA_KEYS = "id, size, cpus, domain_policy, hugepages"
+
 CPUS_OPT = "-c/--cpus"
 MEMORY_OPT = "-m/--memory"
 NUMA_OPT = "-n/--numa"
@@ -41,6 +44,7 @@ class DomainSpec:
     size: int | None = None
     cpus: tuple[int, ...] | None = None
     policy: Policy = Policy()
+    hugepages: str | None = None  # "thp" or "hugetlbfs"; None: the machine's --hugepages
     origin: str = NUMA_OPT  # names this domain in errors
 
 
@@ -64,6 +68,7 @@ class Domain:
     size: int  # bytes; 0 = CPU-only (memoryless)
     cpus: tuple[int, ...]  # vCPU indices; () = memory-only
     policy: Policy = Policy()
+    hugepages: str | None = None  # "thp", "hugetlbfs", or None for the machine's choice
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ class Topology:
 
 
 def parse_numa(text: str) -> DomainSpec:
-    """Parse one ``-n id=I[,size=SIZE][,cpus=LIST][,domain_policy=POLICY]``."""
+    """Parse one ``-n id=I[,size=SIZE][,cpus=LIST][,domain_policy=POLICY][,hugepages=thp|hugetlbfs]``."""
     opt = NUMA_OPT
     keys: dict[str, str] = {}
     cpus: list[int] = []
@@ -99,16 +104,15 @@ def parse_numa(text: str) -> DomainSpec:
         k, eq, v = part.partition("=")
         k = k.strip().lower()
         if not eq:
-            raise ConfigError(f"{opt}: expected key=value, got {part!r} "
-                              "(keys: id, size, cpus, domain_policy)")
+            raise ConfigError(f"{opt}: expected key=value, got {part!r} (keys: {NUMA_KEYS})")
         if k == "cpus":  # may repeat, as in QEMU's -numa node,cpus=0,cpus=2
             seen_cpus = True
             cpus.extend(parse_list(v, f"{opt} cpus"))
             continue
         if k == "policy":
             k = "domain_policy"
-        if k not in ("id", "size", "domain_policy"):
-            raise ConfigError(f"{opt}: unknown key {k!r} (keys: id, size, cpus, domain_policy)")
+        if k not in ("id", "size", "domain_policy", "hugepages"):
+            raise ConfigError(f"{opt}: unknown key {k!r} (keys: {NUMA_KEYS})")
         if k in keys:
             raise ConfigError(f"{opt}: {k} given twice in {text!r}")
         keys[k] = v.strip()
@@ -124,8 +128,17 @@ def parse_numa(text: str) -> DomainSpec:
         cpus=tuple(sorted(cpus)) if seen_cpus else None,
         policy=parse_policy(keys["domain_policy"], f"{origin} domain_policy")
         if "domain_policy" in keys else Policy(),
+        hugepages=parse_hugepages(keys["hugepages"], f"{origin} hugepages") if "hugepages" in keys else None,
         origin=origin,
     )
+
+
+def parse_hugepages(text: str, field: str) -> str | None:
+    """``thp``, ``hugetlbfs``, or ``none`` (small pages even if the machine asks for huge ones)."""
+    value = text.strip().lower()
+    if value not in HUGEPAGES + ("none",):
+        raise ConfigError(f"{field}: must be thp, hugetlbfs or none, got {text.strip()!r}")
+    return value
 
 
 def parse_distance(text: str, opt: str = DISTANCE_OPT) -> tuple[int, int, int, str]:
@@ -183,7 +196,9 @@ def _build(spec: MachineSpec, online: tuple[int, ...]) -> Topology:
             raise ConfigError(f"{d.origin}: a domain needs memory (size=) or vCPUs (cpus=)")
         pol = d.policy.resolve(online)
         pol.check_nodes(online, f"{d.origin} domain_policy")
-        domains.append(Domain(d.id, size, d.cpus or (), pol))
+        if d.hugepages not in (None, "none") and size == 0:
+            raise ConfigError(f"{d.origin} hugepages: a CPU-only domain has no memory to back")
+        domains.append(Domain(d.id, size, d.cpus or (), pol, d.hugepages))
     if not any(d.size for d in domains):
         raise ConfigError(f"{NUMA_OPT}: at least one domain needs memory (size=)")
     if not any(d.cpus for d in domains):  # _check_cpus guarantees, kept for clarity

@@ -33,11 +33,11 @@ EXAMPLE_DOC = {
     "memory": 2560 * M,
     "domains": [
         {"id": 0, "size": G, "cpus": [0, 1], "apic_ids": [0, 1],
-         "policy": {"mode": "default", "nodes": []}, "ranges": [{"start": 0, "end": G}]},
+         "policy": {"mode": "default", "nodes": []}, "hugepages": None, "ranges": [{"start": 0, "end": G}]},
         {"id": 1, "size": G, "cpus": [2, 3], "apic_ids": [2, 3],
-         "policy": {"mode": "default", "nodes": []}, "ranges": [{"start": G, "end": 2 * G}]},
+         "policy": {"mode": "default", "nodes": []}, "hugepages": None, "ranges": [{"start": G, "end": 2 * G}]},
         {"id": 2, "size": 512 * M, "cpus": [], "apic_ids": [],
-         "policy": {"mode": "default", "nodes": []}, "ranges": [{"start": 2 * G, "end": 2560 * M}]},
+         "policy": {"mode": "default", "nodes": []}, "hugepages": None, "ranges": [{"start": 2 * G, "end": 2560 * M}]},
     ],
     "distances": [[10, 20, 30], [20, 10, 20], [30, 20, 10]],
     "e820": [

@@ -580,3 +580,32 @@ def test_unified_close_releases_everything() -> None:
         mem.read(0, 1)
     with pytest.raises(NumavmError, match="closed"):
         list(mem.regions())
+
+
+def test_hugepages_per_domain() -> None:
+    """-n ...,hugepages= picks a domain's pages; `none` opts out of the machine's --hugepages."""
+    lay = plan_layout(MachineSpec(domains=[parse_numa("id=0,size=64M,cpus=0,hugepages=thp"),
+                                           parse_numa("id=1,size=64M,cpus=1")]).build(host_nodes=(0,)))
+    with GuestMemory(lay, machine="huge") as mem:
+        assert mem.segments[0].hugepages == "thp" and mem.segments[1].hugepages is None
+    lay = plan_layout(MachineSpec(domains=[parse_numa("id=0,size=64M,cpus=0,hugepages=none"),
+                                           parse_numa("id=1,size=64M,cpus=1")]).build(host_nodes=(0,)))
+    with GuestMemory(lay, machine="huge", hugepages="thp") as mem:
+        assert mem.segments[0].hugepages is None and mem.segments[1].hugepages == "thp"
+    # one memfd for QEMU has one kind of page
+    lay = plan_layout(MachineSpec(domains=[parse_numa("id=0,size=64M,cpus=0,hugepages=thp"),
+                                           parse_numa("id=1,size=64M,cpus=1")]).build(host_nodes=(0,)))
+    before = _counts()
+    with pytest.raises(ConfigError, match="same hugepages"):
+        GuestMemory(lay, machine="huge", unified=True)
+    assert _counts() == before and not _memfds()
+
+
+@pytest.mark.skipif(meminfo().get("HugePages_Free", 0) > 0, reason="this host has huge pages reserved")
+def test_hugetlbfs_domain_refused_without_reserved_pages() -> None:
+    lay = plan_layout(MachineSpec(domains=[parse_numa("id=0,size=64M,cpus=0"),
+                                           parse_numa("id=1,size=64M,cpus=1,hugepages=hugetlbfs")]).build(host_nodes=(0,)))
+    before = _counts()
+    with pytest.raises(ConfigError, match="domain 1: hugepages=hugetlbfs needs"):
+        GuestMemory(lay, machine="huge")
+    assert _counts() == before and not _memfds()
