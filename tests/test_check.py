@@ -191,3 +191,42 @@ def test_interleaved_vcpus_fall_back_to_kvm_and_match() -> None:
     assert doc["engine"] == "kvm" and "TCG cannot run this layout" in r.stderr
     assert doc["match"], "\n".join(doc["mismatches"])
     assert doc["observed"]["kernel"]["apic_to_node"] == {"0": 0, "1": 0, "2": 1, "3": 1}  # vCPUs 0+2 are package 0
+
+
+@needs_qemu
+@needs_apt
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_to_run_kills_qemu_and_cleans_up(sig: str, tmp_path) -> None:
+    """numavm run under TCG: a signal ends QEMU too, with exit 130 and no temp dir left."""
+    import signal
+    import time
+
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    p = subprocess.Popen([sys.executable, "-m", "numavm", "run", "--accel", "tcg", "--", "sleep", "60"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        out = ""
+        while "@@NUMAVM-TOPOLOGY-END@@" not in out and time.monotonic() < deadline:
+            line = p.stdout.readline() if p.stdout else ""
+            if not line:
+                break
+            out += line
+        assert "@@NUMAVM-TOPOLOGY-END@@" in out, "the guest did not reach its command"
+        qemu = [d for d in os.listdir("/proc") if d.isdigit() and _parent(int(d)) == p.pid]
+        assert qemu, "QEMU runs as numavm's child"
+        p.send_signal(getattr(signal, sig))
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err[-2000:]
+    assert all(not os.path.exists(f"/proc/{q}") or _parent(int(q)) != p.pid for q in qemu)
+    assert not list(tmp_path.iterdir()), "numavm left files in TMPDIR"
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1

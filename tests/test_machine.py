@@ -10,8 +10,10 @@ right offset, nothing landed anywhere else, every vCPU ran.
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import threading
+import time
 
 import pytest
 
@@ -298,3 +300,22 @@ def test_power_off_through_the_acpi_sleep_register() -> None:
         m.set_boot_state(cpumode.long_mode_state(PT_ADDR, GDT_ADDR, PROGRAM_ADDR))
         result = m.run(timeout=60)
     assert result.outcome is Outcome.POWEROFF, result.detail
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_the_machine_and_releases_everything(sig: signal.Signals) -> None:
+    layout = plan_layout(MachineSpec(cpus=2, memory=64 << 20).build())
+    fds, threads = _fds(), threading.active_count()
+    handler = signal.getsignal(sig)
+    with KvmMachine(layout) as m:
+        m.load([(GDT_ADDR, cpumode.gdt_bytes()), (PROGRAM_ADDR, b"\xeb\xfe"),  # jmp $ on every vCPU
+                (PT_ADDR, cpumode.identity_page_tables(PT_ADDR))])
+        state = cpumode.long_mode_state(PT_ADDR, GDT_ADDR, PROGRAM_ADDR)
+        m.start_all(lambda i: state)
+        threading.Timer(0.3, os.kill, (os.getpid(), sig)).start()
+        result = m.run(timeout=60)
+    assert result.outcome is Outcome.INTERRUPTED and sig.name in result.detail
+    assert signal.getsignal(sig) is handler  # the machine's handler was only there during the run
+    time.sleep(0.05)  # the Timer thread ends right after it fired
+    assert _fds() == fds
+    assert threading.active_count() == threads
