@@ -94,6 +94,8 @@ def declare_syscall(name: str, restype: type, *argtypes: type) -> "functools.par
 # (glibc leaves them to libnuma).  The nodemask arguments follow the kernel's
 # convention: `maxnode` is the number of bits in the mask plus one.
 madvise = declare("madvise", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+# int mincore(void *addr, size_t length, unsigned char *vec): one byte per page, bit 0 = resident
+mincore = declare("mincore", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
 # long mbind(unsigned long start, unsigned long len, unsigned long mode,
 #            const unsigned long *nmask, unsigned long maxnode, unsigned flags)
 mbind = declare_syscall("mbind", ctypes.c_long, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong,

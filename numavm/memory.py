@@ -63,6 +63,7 @@ MPOL_MODE_FLAGS = MPOL_F_STATIC_NODES | MPOL_F_RELATIVE_NODES | MPOL_F_NUMA_BALA
 
 # include/uapi/asm-generic/mman-common.h
 MADV_HUGEPAGE = 14
+MADV_POPULATE_READ = 22
 MADV_POPULATE_WRITE = 23
 
 # include/uapi/linux/memfd.h
@@ -834,6 +835,11 @@ class _Route:
     slot: int
 
 
+# mincore's vector -> b"\x01" per resident page, b"\x00" otherwise; runs of b"\x01"
+_RESIDENT = bytes(i & 1 for i in range(256))
+_RUN = re.compile(rb"\x01+")
+
+
 @dataclass(eq=False)
 class GuestMemory:
     """Every domain's segment, and the map from guest-physical RAM to them.
@@ -996,6 +1002,31 @@ class GuestMemory:
             out[d] = seg.prefault(threads, cb)
             base += seg.size
         return out
+
+    def map_resident(self) -> int:
+        """Map into numavm's own mapping every page another process put in the memfds.
+
+        The audit reads this process's page tables (numa_maps, move_pages).
+        Under the KVM engine the guest faults pages through them; under QEMU
+        the pages are QEMU's, in the shared memfd, and not mapped here.
+        mincore(2) on a shared mapping reports what the memfd holds, and
+        MADV_POPULATE_READ maps exactly those runs (a read fault on a page
+        that exists allocates nothing).  Returns the bytes now mapped.
+        """
+        total = 0
+        for seg in self.segments.values():
+            if seg.closed or seg.hugepages == "hugetlbfs":
+                continue  # hugetlbfs pages are always mapped where they were made
+            page = seg.page_size
+            vec = ctypes.create_string_buffer(seg.size // page)
+            _libc.mincore(seg.addr, seg.size, vec)
+            # runs of resident pages (bit 0), found by the regex engine, not a Python loop per page
+            flags = vec.raw.translate(_RESIDENT)
+            for m in _RUN.finditer(flags):
+                start, n = m.start() * page, (m.end() - m.start()) * page
+                _libc.madvise(seg.addr + start, n, MADV_POPULATE_READ)
+                total += n
+        return total
 
     def audit(self) -> dict[int, Placement]:
         """Per domain: the kernel's policy and resident pages per host node."""

@@ -172,11 +172,6 @@ class QemuMachine:
             self._start_guest(start, timeout)
             reader = threading.Thread(target=self._pump, daemon=True)
             reader.start()
-            # The placement audit reads this process's mapping, which the run does not touch (QEMU
-            # faults the guest's pages through its own): take it while the guest boots, not after.
-            placement: list[str] = []
-            audit = threading.Thread(target=lambda: placement.append(self._describe()), daemon=True)
-            audit.start()
             deadline = None if timeout is None else start + timeout
             # woken at once by stop() or by the console's end (QEMU exited): no polling delay
             while self._outcome is None and self._proc.poll() is None:
@@ -213,14 +208,14 @@ class QemuMachine:
                 first = stderr.splitlines()[0] if stderr else f"exit status {rc}"
                 self._outcome = (Outcome.ERROR, f"QEMU failed: {first}")
         outcome, detail = self._outcome
-        audit.join()
         return RunResult(outcome, detail, time.monotonic() - start, Counter(),
-                         vcpus_ran=frozenset(self.layout.apic_ids),
-                         placement=placement[0] if placement else self._describe())
+                         vcpus_ran=frozenset(self.layout.apic_ids), placement=self._describe())
 
     def _describe(self) -> str:
+        """The placement audit of the pages QEMU's guest used (QEMU has exited by now)."""
         assert self.memory is not None
         try:
+            self.memory.map_resident()
             return self.memory.describe()
         except NumavmError as e:
             return f"guest memory placement unavailable: {e}"

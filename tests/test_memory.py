@@ -549,8 +549,12 @@ def test_unified_memfd_mapped_by_another_process_follows_the_domain_policy() -> 
         assert child["policy1"] == child["policy1_high"] == [int(Mode.BIND), [0]]
         # ... and allocated its pages under it
         assert child["node_sig"] == 0 and child["node_fill"] == 0
-        # The pages are the child's: none is mapped here yet.
+        # The pages are the child's: none is mapped here yet ...
         assert mem.audit()[1].resident == 0
+        # ... until the audit maps what the memfd holds, without allocating anything else
+        mapped = mem.map_resident()
+        assert mapped == fill + PAGE  # the filled MiB and the signature's page, nothing more
+        assert mem.audit()[1].bytes_on(0) == fill + PAGE and mem.audit()[0].resident == 0
         assert mem.read(4 * GiB + 8192, 12) == b"qemu was her"
         assert mem.read(2 * GiB, fill) == b"\x5a" * fill
         assert _node_of(mem.segments[1].addr) == 0
