@@ -57,6 +57,8 @@ def evaluate(layout: Layout, stage: str, engine: str, console_text: str, boot_ok
     report = CheckReport(stage, engine, plan, observed, boot=boot_detail)
     if not boot_ok:
         report.mismatches.append(f"boot: {boot_detail}")
+        if "Linux version" not in console_text:  # nothing booted: the rest would only repeat it
+            return report
     if layout.topology.numa:
         report.mismatches += compare_kernel(expected_view(layout), seen)
     elif seen.numa_off is None and len(seen.fallback) > 1:

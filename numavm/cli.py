@@ -233,9 +233,9 @@ def _prepare_guest(args: argparse.Namespace, stage: str | None):  # type: ignore
     host = eng.detect()
     engine, why = eng.choose(args.accel, host)
     if engine == "tcg":
-        from .tcg import tcg_topology
+        from .tcg import check_tcg
         try:
-            tcg_topology(layout)
+            check_tcg(layout)
         except ConfigError as e:
             if args.accel != "auto" or not host.kvm_usable:
                 raise

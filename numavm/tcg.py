@@ -46,6 +46,20 @@ QBOOT = Path("/usr/share/qemu/qboot.rom")
 _PANIC = re.compile(r"Kernel panic - not syncing: ?(.*)")
 
 
+QEMU_ACPITABLE_MAX = 65535  # -acpitable refuses larger tables ("ACPI table too big")
+
+
+def check_tcg(layout: Layout) -> tuple[list[str], list[str]]:
+    """Refuse (ConfigError) what QEMU cannot run as planned; else its -smp and -device options."""
+    blobs = build_tables(layout).blobs()
+    for sig in ("SRAT", "SLIT"):
+        if len(blobs.get(sig, b"")) > QEMU_ACPITABLE_MAX:
+            raise ConfigError(f"--accel tcg: QEMU's -acpitable takes tables up to {QEMU_ACPITABLE_MAX} bytes "
+                              f"and this {sig} is {len(blobs[sig])} ({len(layout.domains)} domains); "
+                              f"use --accel kvm")
+    return tcg_topology(layout)
+
+
 def tcg_topology(layout: Layout) -> tuple[list[str], list[str]]:
     """QEMU -smp and -device options giving every vCPU numavm's APIC id.
 
@@ -87,7 +101,7 @@ class QemuMachine:
         if not binary:
             raise ConfigError("--accel tcg: qemu-system-x86_64 not found (Debian: apt-get install qemu-system-x86)")
         self.binary = binary
-        self.smp, self.cpu_devices = tcg_topology(layout)  # refuses before anything is allocated
+        self.smp, self.cpu_devices = check_tcg(layout)  # refuses before anything is allocated
         self._tmp: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._outcome: tuple[Outcome, str] | None = None

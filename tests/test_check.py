@@ -235,3 +235,21 @@ def _parent(pid: int) -> int:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return -1
+
+
+def test_tcg_refuses_what_qemu_cannot_run_as_planned() -> None:
+    """Before anything runs: a 256-domain SLIT is past -acpitable's limit; >255 vCPUs past pc's."""
+    from numavm.errors import ConfigError
+    from numavm.layout import plan_layout
+    from numavm.tcg import check_tcg
+    from numavm.topology import MachineSpec, parse_numa
+
+    big = MachineSpec(domains=[parse_numa(f"id={i},size=4M" + (",cpus=0" if i == 0 else ""))
+                               for i in range(256)]).build(host_nodes=(0,))
+    with pytest.raises(ConfigError, match="SLIT is 65580"):
+        check_tcg(plan_layout(big))
+    wide = MachineSpec(cpus=256, domains=[parse_numa("id=0,size=64M,cpus=0-255")]).build(host_nodes=(0,))
+    with pytest.raises(ConfigError, match="at most 255 vCPUs"):
+        check_tcg(plan_layout(wide))
+    ok = MachineSpec(domains=[parse_numa(f"id={i},size=4M,cpus={i}") for i in range(255)]).build(host_nodes=(0,))
+    assert check_tcg(plan_layout(ok))[0] == ["255,sockets=255,cores=1,threads=1,maxcpus=255"]
