@@ -116,7 +116,10 @@ _RE = {
     "initmem": re.compile(r"Initmem setup node (\d+) \[mem 0x([0-9a-f]+)-0x([0-9a-f]+)\]"),
     "fallback": re.compile(r"Fallback order for Node (\d+): ([\d ]*)"),
     "zonelists": re.compile(r"Built (\d+) zonelists"),
-    "llc": re.compile(r"llc-sibling CPU #\d+ is not on the same node.*|sched: CPU #\d+'s .* is not on the same node.*"),
+    "llc": re.compile(r"llc-sibling CPU #\d+ is not on the same node.*|sched: CPU #\d+'s .* is not on the same node.*"
+                     # APIC ids >= 255 need the guest in x2APIC mode (interrupt remapping or KVM's
+                     # extended destination ids); without it Linux drops those vCPUs:
+                     r"|SRAT: PXM \d+ -> X2APIC 0x[0-9a-f]+ ignored"),
     "numa_off": re.compile(r"(NUMA: nodes only cover .*|No NUMA configuration found|SRAT: .*(?:invalid|bad|Not used).*|"
                            r"NUMA: Warning: invalid .*|ACPI: SLIT: .*invalid.*|NUMA turned off)"),
 }
