@@ -35,7 +35,6 @@ from numavm.cpuid import (
     vcpu_cpuid,
     vendor,
 )
-from numavm.errors import NumavmError
 from numavm.kvm import KVM_CPUID_FLAG_SIGNIFCANT_INDEX as INDEXED
 from numavm.kvm import KvmCpuidEntry2
 from numavm.layout import Layout, plan_layout
@@ -540,22 +539,7 @@ def test_bad_arguments() -> None:
 # ---------------------------------------------------------------- this host's KVM
 
 
-def _kvm_unusable() -> str | None:
-    try:
-        K.Kvm().close()
-    except NumavmError as e:
-        return str(e)
-    return None
-
-
-_UNUSABLE = _kvm_unusable()
-needs_kvm = pytest.mark.skipif(_UNUSABLE is not None, reason=f"/dev/kvm unusable: {_UNUSABLE}")
-
-
-@pytest.fixture
-def kvm() -> Iterator[K.Kvm]:
-    with K.Kvm() as k:
-        yield k
+from kvmtest import needs_kvm  # noqa: E402
 
 
 @needs_kvm

@@ -30,22 +30,7 @@ GiB = 1 << 30
 OUT_PORT = 0x10
 
 
-def _kvm_unusable() -> str | None:
-    try:
-        K.Kvm().close()
-    except NumavmError as e:
-        return str(e)
-    return None
-
-
-_UNUSABLE = _kvm_unusable()
-needs_kvm = pytest.mark.skipif(_UNUSABLE is not None, reason=f"/dev/kvm unusable: {_UNUSABLE}")
-
-
-@pytest.fixture
-def kvm() -> Iterator[K.Kvm]:
-    with K.Kvm() as k:
-        yield k
+from kvmtest import needs_kvm  # noqa: E402
 
 
 def _low_memory(vm: K.Vm, size: int = 0x10000) -> mmap.mmap:
