@@ -8,6 +8,7 @@ from .layout import Layout
 from .units import format_list, format_size
 
 PLAN_SCHEMA = 1
+X2APIC_FROM = 255  # xAPIC ids are 8 bits and 255 is the broadcast id
 
 
 def plan_document(layout: Layout) -> dict[str, Any]:
@@ -75,4 +76,8 @@ def plan_text(layout: Layout) -> str:
     lines.append("")
     lines.append(f"ACPI tables at {_hex_range(layout.table_area.start, layout.table_area.end)}, "
                  f"RSDP at {layout.rsdp_addr:#x}")
+    x2 = [cpu for cpu, apic in enumerate(layout.apic_ids) if apic >= X2APIC_FROM]
+    if x2:
+        lines.append(f"note: vCPUs {format_list(x2)} have APIC ids >= {X2APIC_FROM}: a Linux guest uses them "
+                     f"only in x2APIC mode, which numavm does not enable yet (see README, Limits)")
     return "\n".join(lines) + "\n"

@@ -543,3 +543,11 @@ def test_property_exit_0_with_plan_or_2_with_one_line(argv):
         assert rc == 2, (rc, err)
         assert out == ""
         one_error_line(err)
+
+
+def test_plan_notes_vcpus_a_linux_guest_cannot_use_without_x2apic(capsys):
+    assert main(["plan", "-c", "257", "-n", "id=0,size=64M,cpus=0-256"]) == 0
+    out = capsys.readouterr().out
+    assert "note: vCPUs 255-256 have APIC ids >= 255" in out
+    assert main(["plan"]) == 0
+    assert "note:" not in capsys.readouterr().out
