@@ -18,7 +18,9 @@ from .layout import Layout
 
 # find_next_best_node's constants (Debian's kernels: CONFIG_NODES_SHIFT=10).
 MAX_NUMNODES = 1 << 10
-PENALTY_FOR_NODE_WITH_CPUS = 1
+# find_next_best_node also penalises nodes with CPUs (PENALTY_FOR_NODE_WITH_CPUS), but at boot
+# the zonelists are built before any CPU is added to its node's cpumask, so the penalty never
+# applies then: seen on a 256-node guest, whose equal distances order nodes by id.
 
 
 @dataclass
@@ -49,7 +51,7 @@ def expected_pxm_to_node(layout: Layout) -> dict[int, int]:
     return {pxm: node for node, pxm in enumerate(order)}
 
 
-def fallback_order(distances: list[list[int]], with_cpus: set[int], with_memory: set[int]) -> dict[int, list[int]]:
+def fallback_order(distances: list[list[int]], with_memory: set[int]) -> dict[int, list[int]]:
     """Each node's zonelist order, as Linux (5.19+) build_zonelists computes it.
 
     `node_load` is shared across nodes, as in the kernel, so earlier nodes'
@@ -71,9 +73,7 @@ def fallback_order(distances: list[list[int]], with_cpus: set[int], with_memory:
                 for cand in sorted(with_memory):
                     if cand in used:
                         continue
-                    val = distances[local][cand] + (cand < local)
-                    if cand in with_cpus:
-                        val += PENALTY_FOR_NODE_WITH_CPUS
+                    val = distances[local][cand] + (cand < local)  # "prefer the next node"
                     val = val * MAX_NUMNODES + load[cand]
                     if best_val is None or val < best_val:
                         best, best_val = cand, val
@@ -103,9 +103,8 @@ def expected_view(layout: Layout) -> KernelView:
     n = len(p2n)
     node_to_pxm = {node: pxm for pxm, node in p2n.items()}
     dist = [[layout.topology.distances[node_to_pxm[i]][node_to_pxm[j]] for j in range(n)] for i in range(n)]
-    with_cpus = {p2n[d.id] for d in layout.domains if d.domain.cpus}
     with_mem = {p2n[d.id] for d in layout.domains if d.ranges}
-    v.fallback = fallback_order(dist, with_cpus, with_mem)
+    v.fallback = fallback_order(dist, with_mem)
     v.zonelists = n
     return v
 

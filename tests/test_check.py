@@ -253,3 +253,21 @@ def test_tcg_refuses_what_qemu_cannot_run_as_planned() -> None:
         check_tcg(plan_layout(wide))
     ok = MachineSpec(domains=[parse_numa(f"id={i},size=4M,cpus={i}") for i in range(255)]).build(host_nodes=(0,))
     assert check_tcg(plan_layout(ok))[0] == ["255,sockets=255,cores=1,threads=1,maxcpus=255"]
+
+
+def test_fallback_model_matches_what_linux_printed() -> None:
+    """Zonelist orders Linux 6.1 printed: the 3-node reference boot (shared/reference) and a
+    256-node boot on this host's KVM (4 domains with vCPUs, equal distances), where ties go by
+    node id because no CPU is in its node's mask yet when the zonelists are built."""
+    from numavm.config import example
+    from numavm.layout import plan_layout
+    from numavm.linux_numa import expected_view
+    from numavm.topology import MachineSpec, parse_numa
+
+    assert expected_view(plan_layout(example().build(host_nodes=(0,)))).fallback == {
+        0: [0, 1, 2], 1: [1, 2, 0], 2: [2, 1, 0]}
+    big = MachineSpec(domains=[parse_numa(f"id={i},size=16M" + (f",cpus={i}" if i < 4 else ""))
+                               for i in range(256)]).build(host_nodes=(0,))
+    fb = expected_view(plan_layout(big)).fallback
+    assert fb[254] == [254, 255, *range(254)]
+    assert fb[255] == [255, *range(255)]
