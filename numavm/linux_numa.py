@@ -20,7 +20,8 @@ from .layout import Layout
 MAX_NUMNODES = 1 << 10
 # find_next_best_node also penalises nodes with CPUs (PENALTY_FOR_NODE_WITH_CPUS), but at boot
 # the zonelists are built before any CPU is added to its node's cpumask, so the penalty never
-# applies then: seen on a 256-node guest, whose equal distances order nodes by id.
+# applies then: a 256-node guest (4 nodes with CPUs, equal distances) ordered every node it logged
+# by id, CPU nodes included.
 
 
 @dataclass
@@ -189,6 +190,11 @@ def compare_kernel(expected: KernelView, seen: KernelView) -> list[str]:
     for node, order in sorted(seen.fallback.items()):
         if order != expected.fallback.get(node):
             bad.append(f"node {node} fallback order: expected {expected.fallback.get(node)}, guest {order}")
+    if seen.numa_ready:
+        missing = sorted(set(expected.fallback) - set(seen.fallback))
+        if missing:
+            bad.append(f"no fallback order in the guest log for node(s) {missing[:8]}"
+                       f"{' ...' if len(missing) > 8 else ''}")
     bad.extend(f"guest warned: {w}" for w in seen.warnings)
     return bad
 
