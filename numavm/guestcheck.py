@@ -51,6 +51,8 @@ import re
 import struct
 from typing import Any, Iterable, Mapping
 
+from .linux_numa import node_numbering
+
 MiB = 1 << 20
 GiB = 1 << 30
 LOCAL_DISTANCE = 10
@@ -160,9 +162,7 @@ def pxm_to_node_from_plan(plan_doc: Mapping[str, Any]) -> dict[int, int]:
     """The map for numavm's own SRAT order (domains with vCPUs by id, then memory-only ones)."""
     if not plan_doc.get("numa", True):
         return {0: 0}
-    doms = sorted(plan_doc["domains"], key=lambda d: d["id"])
-    order = [d["id"] for d in doms if d["cpus"]] + [d["id"] for d in doms if not d["cpus"] and d["size"]]
-    return {pxm: node for node, pxm in enumerate(order)}
+    return node_numbering((d["id"], bool(d["cpus"]), bool(d["size"])) for d in plan_doc["domains"])
 
 
 # ---------------------------------------------------------------- memory bounds

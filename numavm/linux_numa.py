@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from .layout import Layout
 
@@ -43,13 +44,20 @@ class KernelView:
         return self.zonelists is not None
 
 
-def expected_pxm_to_node(layout: Layout) -> dict[int, int]:
-    """Linux numbers nodes by first appearance in the SRAT, processor entries
+def node_numbering(domains: Iterable[tuple[int, bool, bool]]) -> dict[int, int]:
+    """PXM -> node for (domain id, has vCPUs, has memory) triples.
+
+    Linux numbers nodes by first appearance in the SRAT, processor entries
     first; ours list processors by domain id, so domains with vCPUs come
-    first in id order, then memory-only domains in id order."""
-    order = [d.id for d in layout.domains if d.apic_ids]
-    order += [d.id for d in layout.domains if not d.apic_ids and d.ranges]
+    first in id order, then memory-only domains in id order.
+    """
+    doms = sorted(domains)
+    order = [i for i, cpus, _ in doms if cpus] + [i for i, cpus, mem in doms if not cpus and mem]
     return {pxm: node for node, pxm in enumerate(order)}
+
+
+def expected_pxm_to_node(layout: Layout) -> dict[int, int]:
+    return node_numbering((d.id, bool(d.apic_ids), bool(d.ranges)) for d in layout.domains)
 
 
 def fallback_order(distances: list[list[int]], with_memory: set[int]) -> dict[int, list[int]]:
