@@ -11,12 +11,11 @@ vCPU that executes CPUID and reports the registers through port I/O.
 from __future__ import annotations
 
 import mmap
-import signal
 import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import pytest
 
@@ -539,7 +538,7 @@ def test_bad_arguments() -> None:
 # ---------------------------------------------------------------- this host's KVM
 
 
-from kvmtest import needs_kvm  # noqa: E402
+from kvmtest import kick, needs_kvm  # noqa: E402
 
 
 @needs_kvm
@@ -592,19 +591,7 @@ def _checks(planned: Sequence[KvmCpuidEntry2]) -> list[tuple[int, int, int, int]
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _sigusr1_handler() -> Iterator[None]:
-    old = signal.signal(signal.SIGUSR1, lambda *_: None)  # makes KVM_RUN return EINTR when kicked
-    yield
-    signal.signal(signal.SIGUSR1, old)
-
-
-def _kick(vcpu: K.Vcpu, thread: threading.Thread) -> None:
-    vcpu.immediate_exit = True
-    while thread.is_alive():
-        assert thread.ident is not None
-        signal.pthread_kill(thread.ident, signal.SIGUSR1)
-        thread.join(0.05)
+pytestmark = [pytest.mark.usefixtures("sigusr1_handler")]
 
 
 REG_NAMES = ("EAX", "EBX", "ECX", "EDX")
@@ -672,7 +659,7 @@ def test_guest_sees_the_planned_topology(kvm: K.Kvm, lay_name: str,
             t.join(max(0.0, deadline - time.monotonic()))
         stuck = [(v, t) for v, t in zip(vcpus, threads) if t.is_alive()]
         for v, t in stuck:
-            _kick(v, t)
+            kick(v, t)
         assert not stuck, f"vCPUs {[v.apic_id for v, _ in stuck]} did not finish"
         assert not errors, errors
         mem.close()

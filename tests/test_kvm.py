@@ -12,13 +12,12 @@ import gc
 import mmap
 import os
 import shutil
-import signal
 import struct
 import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+
 
 import pytest
 
@@ -30,7 +29,7 @@ GiB = 1 << 30
 OUT_PORT = 0x10
 
 
-from kvmtest import needs_kvm  # noqa: E402
+from kvmtest import kick, needs_kvm  # noqa: E402
 
 
 def _low_memory(vm: K.Vm, size: int = 0x10000) -> mmap.mmap:
@@ -60,27 +59,14 @@ def _run_with_timeout(vcpu: K.Vcpu, timeout: float = 30.0) -> K.KvmExit | int:
     t.start()
     t.join(timeout)
     if t.is_alive():
-        _kick(vcpu, t)
+        kick(vcpu, t)
         pytest.fail(f"vCPU {vcpu.apic_id} did not exit within {timeout}s")
     if isinstance(result[0], BaseException):
         raise result[0]
     return result[0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _sigusr1_handler() -> Iterator[None]:
-    # A no-op handler: its only job is to make KVM_RUN return EINTR when kicked.
-    old = signal.signal(signal.SIGUSR1, lambda *_: None)
-    yield
-    signal.signal(signal.SIGUSR1, old)
-
-
-def _kick(vcpu: K.Vcpu, thread: threading.Thread) -> None:
-    vcpu.immediate_exit = True
-    while thread.is_alive():
-        assert thread.ident is not None
-        signal.pthread_kill(thread.ident, signal.SIGUSR1)
-        thread.join(0.05)
+pytestmark = [pytest.mark.usefixtures("sigusr1_handler")]
 
 
 # --- structures and request numbers -----------------------------------------
@@ -531,7 +517,7 @@ def test_vcpus_run_concurrently_in_threads(kvm: K.Kvm) -> None:
             t.join(max(0.0, deadline - time.monotonic()))
         stuck = [(v, t) for v, t in zip(vcpus, threads) if t.is_alive()]
         for v, t in stuck:
-            _kick(v, t)
+            kick(v, t)
         assert not stuck, f"vCPUs {[v.apic_id for v, _ in stuck]} never passed the barrier"
         assert results == {i: (K.KvmExit.IO, OUT_PORT, bytes([i])) for i in apic_ids}
         assert struct.unpack_from("<H", mem, counter)[0] == n
@@ -554,7 +540,7 @@ def test_signal_kicks_vcpu_out_of_run(kvm: K.Kvm) -> None:
         t.start()
         t.join(0.2)
         assert t.is_alive()  # spinning in the guest, not holding the GIL
-        _kick(vcpu, t)
+        kick(vcpu, t)
         assert got == [K.KvmExit.INTR]
 
 
