@@ -1,10 +1,11 @@
-"""What tests that run guests on /dev/kvm share: a skip mark with the reason (the `kvm`
-fixture is in conftest.py)."""
+"""What tests that run guests on /dev/kvm share: a skip mark with the reason, and kick()
+(the `kvm` and `sigusr1_handler` fixtures are in conftest.py)."""
 
 from __future__ import annotations
 
 import signal
 import threading
+
 import pytest
 
 from numavm import kvm as K
