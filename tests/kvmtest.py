@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
+from typing import Callable, Sequence
 
 import pytest
 
@@ -31,3 +33,19 @@ def kick(vcpu: K.Vcpu, thread: threading.Thread) -> None:
         assert thread.ident is not None
         signal.pthread_kill(thread.ident, signal.SIGUSR1)
         thread.join(0.05)
+
+
+def run_vcpu_threads(vcpus: Sequence[K.Vcpu], worker: Callable[[K.Vcpu], None],
+                     timeout: float) -> list[int]:
+    """Run `worker(vcpu)` in one thread per vCPU (KVM_RUN releases the GIL); kick out and
+    return the APIC ids of those still running after `timeout` seconds."""
+    threads = [threading.Thread(target=worker, args=(v,)) for v in vcpus]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [(v, t) for v, t in zip(vcpus, threads) if t.is_alive()]
+    for v, t in stuck:
+        kick(v, t)
+    return [v.apic_id for v, _ in stuck]

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import mmap
 import struct
-import threading
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -538,7 +536,7 @@ def test_bad_arguments() -> None:
 # ---------------------------------------------------------------- this host's KVM
 
 
-from kvmtest import kick, needs_kvm  # noqa: E402
+from kvmtest import needs_kvm, run_vcpu_threads  # noqa: E402
 
 
 @needs_kvm
@@ -651,16 +649,8 @@ def test_guest_sees_the_planned_topology(kvm: K.Kvm, lay_name: str,
             finally:
                 seen[v.apic_id] = values
 
-        threads = [threading.Thread(target=worker, args=(v,)) for v in vcpus]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        stuck = [(v, t) for v, t in zip(vcpus, threads) if t.is_alive()]
-        for v, t in stuck:
-            kick(v, t)
-        assert not stuck, f"vCPUs {[v.apic_id for v, _ in stuck]} did not finish"
+        stuck = run_vcpu_threads(vcpus, worker, 60)
+        assert not stuck, f"vCPUs {stuck} did not finish"
         assert not errors, errors
         mem.close()
 

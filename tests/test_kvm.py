@@ -15,7 +15,6 @@ import shutil
 import struct
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ GiB = 1 << 30
 OUT_PORT = 0x10
 
 
-from kvmtest import kick, needs_kvm  # noqa: E402
+from kvmtest import kick, needs_kvm, run_vcpu_threads  # noqa: E402
 
 
 def _low_memory(vm: K.Vm, size: int = 0x10000) -> mmap.mmap:
@@ -508,16 +507,8 @@ def test_vcpus_run_concurrently_in_threads(kvm: K.Kvm) -> None:
             else:
                 results[v.apic_id] = (reason, -1, b"")
 
-        threads = [threading.Thread(target=worker, args=(v,)) for v in vcpus]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        stuck = [(v, t) for v, t in zip(vcpus, threads) if t.is_alive()]
-        for v, t in stuck:
-            kick(v, t)
-        assert not stuck, f"vCPUs {[v.apic_id for v, _ in stuck]} never passed the barrier"
+        stuck = run_vcpu_threads(vcpus, worker, 30)
+        assert not stuck, f"vCPUs {stuck} never passed the barrier"
         assert results == {i: (K.KvmExit.IO, OUT_PORT, bytes([i])) for i in apic_ids}
         assert struct.unpack_from("<H", mem, counter)[0] == n
         vm.irq_line(4, 1)
