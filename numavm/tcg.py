@@ -70,8 +70,9 @@ def tcg_topology(layout: Layout) -> tuple[list[str], list[str]]:
     order under QEMU and in vCPU order under numavm's MADT, so the two agree
     only when APIC ids rise with the vCPU index: refused otherwise.
 
-    When the domains fill their packages the vCPUs are the first N that
-    ``-smp N`` makes.  Otherwise (uneven domains) the APIC ids have holes:
+    When the ids run from 0 without a gap the vCPUs are the first N that
+    ``-smp N`` makes.  Otherwise (a domain before the last has fewer vCPUs
+    than its package's cores: 1+2, 3+2, 3+3) the APIC ids have holes:
     QEMU makes the boot vCPU and each other one is a ``-device`` placed by
     socket and core.  QEMU before 9.0 cannot deliver an xAPIC logical-mode
     interrupt to an APIC id above the first id without a CPU (hw/intc/apic.c
