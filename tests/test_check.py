@@ -313,7 +313,7 @@ def test_fallback_model_matches_what_linux_printed() -> None:
 
 def _qemu_apic_ids(smp: list[str], devices: list[str]) -> tuple[list[int], dict[int, int], int]:
     """What QEMU makes of tcg_topology's options: present APIC ids (in QEMU's order), each id's
-    socket, and the possible CPUs (hw/i386/x86.c: id = socket << ceil(log2(cores)) | core)."""
+    socket, and the possible CPUs (QEMU's topology.h: id = socket << ceil(log2(cores)) | core)."""
     (value,) = smp
     first, *rest = value.split(",")
     opts = {k: int(v) for k, v in (o.split("=") for o in rest)}
