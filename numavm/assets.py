@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from .errors import NumavmError
+from .lifetime import die_with_parent
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -107,7 +108,8 @@ def fetch(cache_dir: Path | None = None, log: Log = print) -> Assets:
 
 def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, LC_ALL="C")
-    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False,
+                          preexec_fn=die_with_parent())
 
 
 def kernel_package_of(depends_output: str) -> str | None:
@@ -245,7 +247,8 @@ def _scan_tar(stream: IO[bytes], pattern: re.Pattern[str]) -> tuple[str, bytes] 
 def _scan_with_dpkg(deb: Path, pattern: re.Pattern[str]) -> tuple[str, bytes] | None:
     if not shutil.which("dpkg-deb"):
         raise NumavmError(f"{deb.name}: data compression Python cannot read and no dpkg-deb")
-    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
+                            preexec_fn=die_with_parent())
     try:
         assert proc.stdout is not None
         return _scan_tar(proc.stdout, pattern)
