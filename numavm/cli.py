@@ -247,6 +247,9 @@ def _prepare_guest(args: argparse.Namespace, stage: str | None):  # type: ignore
     if stage == "userspace" and emulated_kvm:
         raise ConfigError("--stage userspace: this host's KVM emulates guest code and cannot reach the "
                           "guest's userspace; use --accel tcg (or auto)")
+    from .memory import check_memory
+    for warning in check_memory(layout, wanted, args.hugepages):  # None: prefault all
+        print(f"numavm: warning: {warning}", file=sys.stderr)
     if args.command == "run" and emulated_kvm:
         print("numavm: warning: this host's KVM emulates guest code: the guest kernel boots for minutes "
               "and does not reach userspace, so no command will run (use --accel tcg or auto)",
