@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
+from .cache import cache_root, probe
+from .cache import write_atomic as _write_atomic
 from .errors import NumavmError
 from .lifetime import die_with_parent
 
@@ -43,12 +45,6 @@ class Assets:
     kernel_package: str = ""  # linux-image-6.1.0-56-amd64
     kernel_package_version: str = ""  # 6.1.192-2
     busybox_version: str = ""  # 1:1.35.0-4+deb12u1+b1
-
-
-def cache_root() -> Path:
-    """numavm's cache: ``$XDG_CACHE_HOME/numavm`` or ``~/.cache/numavm``."""
-    base = os.environ.get("XDG_CACHE_HOME")
-    return (Path(base) if base else Path.home() / ".cache") / "numavm"
 
 
 def cached(cache_dir: Path | None = None) -> Assets | None:
@@ -75,7 +71,7 @@ def fetch(cache_dir: Path | None = None, log: Log = print) -> Assets:
         log(f"assets: cached {assets.kernel_package} {assets.kernel_package_version} -> {assets.kernel}; "
             f"{BUSYBOX_PACKAGE} {assets.busybox_version} -> {assets.busybox}")
         return assets
-    cache.mkdir(parents=True, exist_ok=True)
+    probe(cache)  # a cache that cannot be written fails before the downloads, not after
     with tempfile.TemporaryDirectory(prefix="numavm-assets-") as tmp:
         work = Path(tmp)  # private (0700): as root, apt downloads unsandboxed here
         kernel_deb = _download(kpkg, kver, work, log)
@@ -260,21 +256,6 @@ def _scan_with_dpkg(deb: Path, pattern: re.Pattern[str]) -> tuple[str, bytes] | 
 
 
 # ---------------------------------------------------------------- cache
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_manifest(cache: Path) -> dict[str, Any] | None:

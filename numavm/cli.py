@@ -319,7 +319,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_fetch(args: argparse.Namespace) -> int:
     from .assets import fetch
 
-    a = fetch(Path(args.cache) if args.cache else None, log=print)
+    from .assets import cache_root
+
+    where = Path(args.cache) if args.cache else cache_root()
+    try:
+        a = fetch(where, log=print)
+    except OSError as e:
+        raise NumavmError(f"fetch: cannot write the cache {where}: {e.strerror}; free space there or "
+                          f"name a writable directory with --cache or XDG_CACHE_HOME") from None
     print(f"kernel {a.kernel_version}: {a.kernel}")
     print(f"busybox: {a.busybox}")
     return EXIT_OK
