@@ -254,3 +254,21 @@ def test_sigkill_during_a_kvm_boot_leaves_nothing(tmp_path):
         seen = kill_and_audit(proc)
         assert seen["children"] == []  # the KVM engine starts no process
     assert owned(tmp_path) == []
+
+
+@needs_qemu
+@needs_apt
+def test_consecutive_checks_in_one_process_release_everything(tmp_path, monkeypatch):
+    """bench.soak's measure, briefly: nothing a check allocates outlives it in the monitor process."""
+    import tempfile
+
+    from bench.soak import soak
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    r = soak(["check", "--accel", "tcg", "--stage", "kernel"], 3, log=lambda s: None)
+    assert r["codes"] == [0, 0, 0]
+    first, last = r["samples"][0], r["samples"][-1]
+    for key in ("fds", "threads", "memfds", "children", "temp"):
+        assert last[key] == first[key], (key, r["samples"])
+    assert first["memfds"] == first["children"] == first["temp"] == 0
+    assert list(tmp_path.iterdir()) == []
