@@ -19,7 +19,6 @@ import re
 import shutil
 import subprocess
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -27,7 +26,7 @@ from typing import IO, Any, Callable, Iterator
 from .cache import cache_root, probe
 from .cache import write_atomic as _write_atomic
 from .errors import NumavmError
-from .lifetime import die_with_parent
+from .lifetime import OwnedDir, die_with_parent
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -72,8 +71,8 @@ def fetch(cache_dir: Path | None = None, log: Log = print) -> Assets:
             f"{BUSYBOX_PACKAGE} {assets.busybox_version} -> {assets.busybox}")
         return assets
     probe(cache)  # a cache that cannot be written fails before the downloads, not after
-    with tempfile.TemporaryDirectory(prefix="numavm-assets-") as tmp:
-        work = Path(tmp)  # private (0700): as root, apt downloads unsandboxed here
+    with OwnedDir("assets") as tmp:  # a killed fetch's downloads go with the next run
+        work = tmp.path  # private (0700): as root, apt downloads unsandboxed here
         kernel_deb = _download(kpkg, kver, work, log)
         busybox_deb = _download(BUSYBOX_PACKAGE, bver, work, log)
         kname, kdata = _extract_one(kernel_deb, re.compile(r"^(?:\./)?boot/(vmlinuz-[^/]+)$"))
