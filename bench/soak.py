@@ -61,7 +61,7 @@ def soak(argv: list[str], runs: int, log=print) -> dict:  # type: ignore[no-unty
             codes.append(main(list(argv)))
         seconds.append(time.monotonic() - t)
         samples.append(sample())
-        if codes[-1] != 0:
+        if codes[-1] != codes[0] or i == 0:
             log(f"run {i + 1}: exit {codes[-1]}: {err.getvalue().strip().splitlines()[-1:]}")
         if (i + 1) % 10 == 0 or i == 0:
             log(f"run {i + 1}/{runs}: {samples[-1]} ({seconds[-1]:.1f} s)")
@@ -77,13 +77,16 @@ def summary(r: dict) -> tuple[str, list[str]]:
     settle = min(10, len(s) - 1)  # allocator and import caches fill during the first runs
     rss0, rss1 = s[settle]["rss_kib"] / 1024, last["rss_kib"] / 1024
     per_run = (rss1 - rss0) / max(len(s) - 1 - settle, 1) * 1024
+    half = len(s) // 2  # growth that goes on to the end is a leak; growth that stops is caches settling
+    late = (last["rss_kib"] - s[half]["rss_kib"]) / max(len(s) - 1 - half, 1)
     grows = [k for k in keys if last[k] > first[k]]
     ok = sum(1 for c in r["codes"] if c == 0)
     secs = sorted(r["seconds"])
     verdict = ("nothing grows" if not grows else f"grows: {', '.join(grows)}")
     row = (f"| {' '.join(r['argv'])} | {r['runs']} | {ok}/{r['runs']} | {counts} | "
            f"{s[0]['rss_kib'] / 1024:.1f} → {rss0:.1f} (run {settle + 1}) → {rss1:.1f} MiB, "
-           f"{per_run:+.1f} KiB/run after run {settle + 1} | {secs[len(secs) // 2]:.2f} s | {verdict} |")
+           f"{per_run:+.1f} KiB/run after run {settle + 1}, {late:+.1f} KiB/run over the last half | "
+           f"{secs[len(secs) // 2]:.2f} s | {verdict} |")
     return row, []
 
 
@@ -95,7 +98,7 @@ def write_section(path: Path, rows: list[str], notes: list[str]) -> None:
              "threads, memfds, living children, `numavm-*` entries in a private TMPDIR and VmRSS are read. "
              "Counts are after run 1 → after the last run (max over all runs); RSS after run 1 → after run 11 "
              "(allocator and caches settle) → after the last, and its growth per run from run 11 on.", "",
-             "| check | runs | exit 0 | counts | RSS | median run | verdict |", "|---|---|---|---|---|---|---|",
+             "| check | runs | exit 0 | counts | RSS | median run | counts verdict |", "|---|---|---|---|---|---|---|",
              *rows, "", *[f"- {n}" for n in notes], END]
     text = path.read_text() if path.exists() else ""
     if BEGIN in text and END in text:
