@@ -203,7 +203,14 @@ def write_report(path: Path, benches: list[Bench], argv: list[str], host_lines: 
     out += ["```", ""]
     if profile:
         out += ["## Profile of the slowest numavm side", "", *profile, ""]
+    # the soak section is measured by `python -m bench.soak`, separately: keep it
+    old = path.read_text() if path.exists() else ""
+    if SOAK_BEGIN in old and SOAK_END in old:
+        out += [SOAK_BEGIN + old.split(SOAK_BEGIN, 1)[1].split(SOAK_END, 1)[0] + SOAK_END, ""]
     path.write_text("\n".join(out))
+
+
+SOAK_BEGIN, SOAK_END = "<!-- soak -->", "<!-- /soak -->"  # bench.soak's section
 
 
 # ---------------------------------------------------------------- main

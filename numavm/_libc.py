@@ -105,3 +105,9 @@ mbind = declare_syscall("mbind", ctypes.c_long, ctypes.c_void_p, ctypes.c_ulong,
 get_mempolicy = declare_syscall("get_mempolicy", ctypes.c_long, ctypes.POINTER(ctypes.c_int),
                                 ctypes.POINTER(ctypes.c_ulong), ctypes.c_ulong, ctypes.c_void_p,
                                 ctypes.c_ulong)
+
+# Process lifetime: prctl(2).  PR_SET_PDEATHSIG: the signal a child gets when
+# the thread that forked it exits (include/uapi/linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+prctl = declare("prctl", ctypes.c_int, ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                ctypes.c_ulong)

@@ -19,12 +19,14 @@ import re
 import shutil
 import subprocess
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
+from .cache import cache_root, probe
+from .cache import write_atomic as _write_atomic
 from .errors import NumavmError
+from .lifetime import OwnedDir, die_with_parent
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -42,12 +44,6 @@ class Assets:
     kernel_package: str = ""  # linux-image-6.1.0-56-amd64
     kernel_package_version: str = ""  # 6.1.192-2
     busybox_version: str = ""  # 1:1.35.0-4+deb12u1+b1
-
-
-def cache_root() -> Path:
-    """numavm's cache: ``$XDG_CACHE_HOME/numavm`` or ``~/.cache/numavm``."""
-    base = os.environ.get("XDG_CACHE_HOME")
-    return (Path(base) if base else Path.home() / ".cache") / "numavm"
 
 
 def cached(cache_dir: Path | None = None) -> Assets | None:
@@ -74,9 +70,9 @@ def fetch(cache_dir: Path | None = None, log: Log = print) -> Assets:
         log(f"assets: cached {assets.kernel_package} {assets.kernel_package_version} -> {assets.kernel}; "
             f"{BUSYBOX_PACKAGE} {assets.busybox_version} -> {assets.busybox}")
         return assets
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="numavm-assets-") as tmp:
-        work = Path(tmp)  # private (0700): as root, apt downloads unsandboxed here
+    probe(cache)  # a cache that cannot be written fails before the downloads, not after
+    with OwnedDir("assets") as tmp:  # a killed fetch's downloads go with the next run
+        work = tmp.path  # private (0700): as root, apt downloads unsandboxed here
         kernel_deb = _download(kpkg, kver, work, log)
         busybox_deb = _download(BUSYBOX_PACKAGE, bver, work, log)
         kname, kdata = _extract_one(kernel_deb, re.compile(r"^(?:\./)?boot/(vmlinuz-[^/]+)$"))
@@ -107,7 +103,8 @@ def fetch(cache_dir: Path | None = None, log: Log = print) -> Assets:
 
 def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, LC_ALL="C")
-    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False,
+                          preexec_fn=die_with_parent())
 
 
 def kernel_package_of(depends_output: str) -> str | None:
@@ -245,7 +242,8 @@ def _scan_tar(stream: IO[bytes], pattern: re.Pattern[str]) -> tuple[str, bytes] 
 def _scan_with_dpkg(deb: Path, pattern: re.Pattern[str]) -> tuple[str, bytes] | None:
     if not shutil.which("dpkg-deb"):
         raise NumavmError(f"{deb.name}: data compression Python cannot read and no dpkg-deb")
-    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
+                            preexec_fn=die_with_parent())
     try:
         assert proc.stdout is not None
         return _scan_tar(proc.stdout, pattern)
@@ -257,21 +255,6 @@ def _scan_with_dpkg(deb: Path, pattern: re.Pattern[str]) -> tuple[str, bytes] | 
 
 
 # ---------------------------------------------------------------- cache
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_manifest(cache: Path) -> dict[str, Any] | None:

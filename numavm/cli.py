@@ -17,7 +17,7 @@ from . import __version__, config
 from .errors import ConfigError, NumavmError
 from .policy import POLICY_SYNTAX
 from .topology import MachineSpec, Topology, parse_distance, parse_numa
-from .units import format_list, parse_list, parse_size
+from .units import format_list, parse_int, parse_list, parse_seconds, parse_size
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "with the plan. Stage kernel reads the guest kernel's log (SRAT "
                                     "ranges, APIC->node, zonelist order); stage userspace adds the "
                                     "guest's sysfs (CPUs, MemTotal and distances per node). Exits 0 on "
-                                    "match, 1 on mismatch. Without machine options: the built-in example.")
+                                    "match, 1 on mismatch, 73 when the guest timed out before it could be "
+                                    "compared, 130 when interrupted. Without machine options: the built-in "
+                                    "example.")
     _machine_options(sc, host_nodes=False)
     _guest_options(sc)
     sc.add_argument("--stage", choices=("kernel", "userspace"),
@@ -116,7 +118,8 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
                    help="engine: KVM, QEMU's TCG, or auto (KVM with hardware virtualization, else TCG)")
     g.add_argument("--kernel", metavar="FILE", help="a bzImage or vmlinux (default: Debian's, fetched)")
     g.add_argument("--initrd", metavar="FILE", help="an initramfs (default: numavm's own)")
-    g.add_argument("--timeout", metavar="S", type=float, default=None, help="stop the guest after S seconds")
+    g.add_argument("--timeout", metavar="S", default=None,
+                   help="stop the guest after S seconds (a number more than 0, e.g. 30 or 0.5)")
     g.add_argument("--verbose", "-v", action="store_true", help="print engine details (e.g. QEMU's arguments)")
     g.add_argument("--no-pin", action="store_true",
                    help="KVM engine: do not pin vCPU threads to the CPUs of their domain's policy nodes")
@@ -139,8 +142,8 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
         spec = MachineSpec()
     if args.cpus is not None:
         try:
-            spec.cpus = int(args.cpus, 10)
-        except ValueError:
+            spec.cpus = parse_int(args.cpus, "-c/--cpus")
+        except ConfigError:
             raise ConfigError(f"-c/--cpus: expected a whole number 1..1024, got {args.cpus!r}") from None
     if args.memory is not None:
         spec.memory = parse_size(args.memory, "-m/--memory")
@@ -222,8 +225,8 @@ def _prepare_guest(args: argparse.Namespace, stage: str | None):  # type: ignore
     from .layout import plan_layout
 
     layout = plan_layout(build_topology(args))
-    if args.timeout is not None and args.timeout <= 0:
-        raise ConfigError(f"--timeout: must be more than 0 seconds, got {args.timeout:g}")
+    if args.timeout is not None:
+        args.timeout = parse_seconds(args.timeout, "--timeout")
     wanted = _prefault_domains(args)
     if wanted:
         missing = sorted(wanted - {d.id for d in layout.domains if d.segment_size})
@@ -247,6 +250,9 @@ def _prepare_guest(args: argparse.Namespace, stage: str | None):  # type: ignore
     if stage == "userspace" and emulated_kvm:
         raise ConfigError("--stage userspace: this host's KVM emulates guest code and cannot reach the "
                           "guest's userspace; use --accel tcg (or auto)")
+    from .memory import check_memory
+    for warning in check_memory(layout, wanted, args.hugepages):  # None: prefault all
+        print(f"numavm: warning: {warning}", file=sys.stderr)
     if args.command == "run" and emulated_kvm:
         print("numavm: warning: this host's KVM emulates guest code: the guest kernel boots for minutes "
               "and does not reach userspace, so no command will run (use --accel tcg or auto)",
@@ -286,7 +292,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import evaluate, render
-    from .guest import Boot, Console, KernelStageWatch, boot, guest_assets, guest_initrd, kernel_cmdline
+    from .guest import (OUTCOME_EXIT, Boot, Console, KernelStageWatch, boot, guest_assets, guest_initrd,
+                        kernel_cmdline)
     from .machine import Outcome
 
     layout, engine, host, emulated_kvm, stage = _prepare_guest(args, args.stage)
@@ -310,13 +317,24 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps(report.document(), indent=2))
     else:
         sys.stdout.write(render(report, layout))
+    if not report.match and result.outcome in (Outcome.TIMEOUT, Outcome.INTERRUPTED):
+        # the guest never got as far as the comparison: say why, not "mismatch"
+        print(f"numavm: guest {result.outcome.value}: {result.detail}", file=sys.stderr)
+        return OUTCOME_EXIT[result.outcome]
     return EXIT_OK if report.match else EXIT_FAILURE
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     from .assets import fetch
 
-    a = fetch(Path(args.cache) if args.cache else None, log=print)
+    from .assets import cache_root
+
+    where = Path(args.cache) if args.cache else cache_root()
+    try:
+        a = fetch(where, log=print)
+    except OSError as e:
+        raise NumavmError(f"fetch: cannot write the cache {where}: {e.strerror}; free space there or "
+                          f"name a writable directory with --cache or XDG_CACHE_HOME") from None
     print(f"kernel {a.kernel_version}: {a.kernel}")
     print(f"busybox: {a.busybox}")
     return EXIT_OK

@@ -24,6 +24,7 @@ version must keep loading it with the same meaning (the classic machine).
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -60,12 +61,34 @@ size = "512M"   # memory-only: no cpus
 """
 
 
+MAX_FILE_BYTES = 1 << 20  # a 256-domain machine with a full distance matrix is ~200 KiB
+MAX_DEPTH = 16  # brackets and braces open at once; the schema needs 3 ([[domain]], a matrix row)
+# What can hold a bracket that is not one: strings of the four kinds, and comments.
+# tomllib's time grows with the cube of a dotted key's length (8000 parts: 1.2 s), so dots
+# outside strings are limited per line too: the schema has no dotted keys and no fractions.
+MAX_DOTS = 16
+_TOKENS = re.compile(r'"""(?:[^\\]|\\.)*?"""|\'\'\'.*?\'\'\'|"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\'|#[^\n]*|[\[\]{}.\n]',
+                     re.DOTALL)
+
+
 def load(path: str | Path) -> MachineSpec:
+    """Read a TOML file: UTF-8, at most MAX_FILE_BYTES, read with that cap (a FIFO or
+    /dev/zero ends at the cap, not at memory's end)."""
     p = Path(path)
+    field = f"-f/--config {p}"
     try:
-        text = p.read_text()
+        with open(p, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"-f/--config: cannot read {p}: {e.strerror}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{field}: larger than {MAX_FILE_BYTES >> 20} MiB; a machine file is far smaller")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{field}: not UTF-8 (TOML files are): byte {data[e.start]:#04x} at line {line}, "
+                          f"offset {e.start}") from None
     return loads(text, str(p))
 
 
@@ -74,11 +97,37 @@ def example() -> MachineSpec:
 
 
 def loads(text: str, name: str) -> MachineSpec:
+    _check_shape(text, name)
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{name}: not valid TOML: {e}") from None
+    except RecursionError:  # the scan above should have refused it; never a traceback
+        raise ConfigError(f"{name}: arrays or tables nested too deeply") from None
     return from_dict(doc, name)
+
+
+def _check_shape(text: str, name: str) -> None:
+    """Refuse nesting and dotted keys deeper than any machine file needs, before tomllib
+    (which recurses per level, and slows with the cube of a dotted key's length)."""
+    depth = dots = 0
+    for m in _TOKENS.finditer(text):
+        c = m.group()
+        if c == "\n":
+            dots = 0
+        elif c == ".":
+            dots += 1
+            if dots > MAX_DOTS:
+                raise ConfigError(f"{name}: more than {MAX_DOTS} dots outside strings on line "
+                                  f"{text.count(chr(10), 0, m.start()) + 1} (numavm's keys are not dotted, "
+                                  f"and its numbers are whole)")
+        elif c in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError(f"{name}: arrays or tables nested more than {MAX_DEPTH} deep "
+                                  f"(line {text.count(chr(10), 0, m.start()) + 1}); the schema needs 3")
+        elif c in "]}":
+            depth = max(depth - 1, 0)
 
 
 def from_dict(doc: dict[str, Any], name: str) -> MachineSpec:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ ACCELS = ("auto", "kvm", "tcg")
 KVM_DEV = Path("/dev/kvm")
 # KVM modules that run guests without hardware virtualization, by emulation.
 EMULATING_MODULES = ("kvm_pvm",)
+KVM_DEVNO = (10, 232)  # a misc device; KVM_MINOR in include/linux/miscdevice.h
 
 
 @dataclass(frozen=True)
@@ -29,12 +31,49 @@ class HostVirt:
     reason: str  # one line: what was found
 
 
+def device_kind(dev: Path, sys_char: Path = Path("/sys/dev/char")) -> str:
+    """What `dev` is: "KVM's device" for the misc device 10:232, else e.g. "character device 1:3 (null)"."""
+    try:
+        st = os.stat(dev)
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if stat.S_ISCHR(st.st_mode):
+        num = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        if num == KVM_DEVNO:
+            return "KVM's device"
+        try:
+            name = next((line.split("=", 1)[1] for line in (sys_char / f"{num[0]}:{num[1]}" / "uevent")
+                         .read_text().splitlines() if line.startswith("DEVNAME=")), None)
+        except OSError:
+            name = None
+        return f"character device {num[0]}:{num[1]}" + (f" ({name})" if name else "")
+    if stat.S_ISBLK(st.st_mode):
+        return f"block device {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    kinds = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"))
+    return next((text for test, text in kinds if test(st.st_mode)), "not a device")
+
+
 def detect(dev: Path = KVM_DEV, sysfs: Path = Path("/sys/module"),
-           cpuinfo: Path = Path("/proc/cpuinfo")) -> HostVirt:
+           cpuinfo: Path = Path("/proc/cpuinfo"), probe: bool = True) -> HostVirt:
+    """What `dev` offers: missing, inaccessible, not KVM (by device number, then
+    KVM_GET_API_VERSION when `probe`), emulating, or hardware virtualization."""
     if not dev.exists():
         return HostVirt(False, False, f"{dev} does not exist (no KVM module loaded)")
     if not os.access(dev, os.R_OK | os.W_OK):
         return HostVirt(False, False, f"{dev} is not accessible to this user (add it to the kvm group)")
+    what = device_kind(dev)
+    if what != "KVM's device":
+        return HostVirt(False, False, f"{dev} is {what}, not KVM's device (character device "
+                                      f"{KVM_DEVNO[0]}:{KVM_DEVNO[1]})")
+    if probe:
+        from .errors import NumavmError
+        from .kvm import Kvm
+        try:
+            with Kvm(str(dev), required_caps=()):
+                pass
+        except NumavmError as e:
+            return HostVirt(False, False, f"{dev} does not work as KVM: {e}")
     for mod in EMULATING_MODULES:
         if (sysfs / mod).exists():
             return HostVirt(True, True, f"{dev} is {mod}, which emulates guest kernel code")

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from .assets import cache_root, cached, fetch
+from .assets import Assets, cached, fetch
+from .cache import CacheError, cache_root, find, private_dir, store
 # numavm.boot (kernel loading, boot plans) is imported where used: the TCG engine needs
 # neither, and every import is paid at every `numavm check`.
-from .errors import ConfigError
+from .errors import ConfigError, NumavmError
 from .layout import Layout
 from .machine import Outcome, RunResult
 from .memory import GuestMemory
@@ -117,64 +118,93 @@ class GuestAssets:
 
 
 def guest_assets(kernel: str | None, log: Log) -> GuestAssets:
-    """The kernel (fetched from Debian's packages unless given) and its unpacked ELF."""
-    busybox = None
+    """The kernel (fetched from Debian's packages unless given) and its unpacked ELF.
+
+    A kernel that is not a readable bzImage or x86-64 vmlinux is bad input
+    (ConfigError), as a missing one is.
+    """
     if kernel is None:
-        assets = cached() or fetch(log=log)
-        path, busybox = assets.kernel, assets.busybox
-    else:
-        path = Path(kernel)
-        if not path.is_file():
-            raise ConfigError(f"--kernel: {path} is not a file")
-    return GuestAssets(path, unpacked_kernel(path, log), busybox)
+        assets = cached() or fetch_anywhere(log)
+        return GuestAssets(assets.kernel, unpacked_kernel(assets.kernel, log), assets.busybox)
+    path = Path(kernel)
+    if not path.is_file():
+        raise ConfigError(f"--kernel: {path} is not a file")
+    try:
+        return GuestAssets(path, unpacked_kernel(path, log), None)
+    except OSError as e:
+        raise ConfigError(f"--kernel: cannot read {path}: {e.strerror}") from None
+    except CacheError:
+        raise
+    except NumavmError as e:
+        raise ConfigError(f"--kernel: {' '.join(str(e).split())}") from None
+
+
+def fetch_anywhere(log: Log) -> Assets:
+    """`fetch()` into the cache, or into this run's private directory when the cache
+    cannot be written (read-only, full)."""
+    try:
+        return fetch(log=log)
+    except OSError as e:
+        first = e
+    where = private_dir()
+    log(f"numavm: the cache {cache_root()} cannot be written ({first.strerror}): fetching into {where}")
+    try:
+        return fetch(where, log=log)
+    except OSError as e:
+        raise CacheError(f"cannot keep Debian's kernel and busybox: the cache {cache_root()}: "
+                         f"{first.strerror}; {where}: {e.strerror}; free space or point XDG_CACHE_HOME "
+                         f"or TMPDIR at a writable directory, or pass --kernel and --initrd") from None
+
+
+def _valid_elf(path: Path) -> bool:
+    """Whether `path` is a whole x86-64 vmlinux (every segment inside the file)."""
+    from .boot.elf import parse_elf
+    try:
+        parse_elf(path.read_bytes(), str(path))
+        return True
+    except (OSError, NumavmError):
+        return False
 
 
 def unpacked_kernel(path: Path, log: Log) -> Path:
     """An ELF vmlinux for `path`, unpacked once and cached by content.
 
     QEMU's PVH boot wants the ELF, and the KVM engine then skips a 1.5 s
-    decompression on every boot.
+    decompression on every boot.  A cached vmlinux is used only when it is
+    whole (`_valid_elf`); when the cache cannot be written the unpacked image
+    goes to this run's private directory (`numavm.cache.store`).
     """
+    quiet: Log = lambda line: None
     with open(path, "rb") as f:
         head = f.read(4)
         if head == b"\x7fELF":
+            if not _valid_elf(path):
+                from .boot import load_kernel
+                load_kernel(path)  # raises what is wrong with it
             return path
         # hashing an 8 MB bzImage costs ~40 ms a run: remember the digest per (file, size, mtime)
         st = os.fstat(f.fileno())
         key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()[:16]
-        known = cache_root() / f"vmlinux-src-{key}"
+        known = find(f"vmlinux-src-{key}")
         try:
-            digest = known.read_text().strip()
+            digest = known.read_text().strip() if known else ""
         except OSError:
             digest = ""
-        if not (len(digest) == 16 and (cache_root() / f"vmlinux-{digest}").is_file()):
+        if not (len(digest) == 16 and find(f"vmlinux-{digest}")):
             digest = hashlib.sha256(head + f.read()).hexdigest()[:16]
-            _write_small(known, digest)
-    out = cache_root() / f"vmlinux-{digest}"
-    if out.is_file():
+            try:  # best effort: without it the next run hashes again
+                store(f"vmlinux-src-{key}", digest.encode(), quiet)
+            except CacheError:
+                pass
+    out = find(f"vmlinux-{digest}")
+    if out is not None and _valid_elf(out):
         return out
     from .boot import load_kernel
     image = load_kernel(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}")
-    try:
-        tmp.write_bytes(image.vmlinux)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    assert image.vmlinux is not None
+    out = store(f"vmlinux-{digest}", bytes(image.vmlinux), log)
     log(f"numavm: unpacked {path.name} ({image.compression}) to {out} in {image.unpack_seconds:.1f} s")
     return out
-
-
-def _write_small(path: Path, text: str) -> None:
-    """Best effort: a cache that cannot be written only costs time."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError:
-        pass
 
 
 def guest_initrd(initrd: str | None, busybox: Path | None, command: list[str] | None,
@@ -187,7 +217,7 @@ def guest_initrd(initrd: str | None, busybox: Path | None, command: list[str] | 
         except OSError as e:
             raise ConfigError(f"--initrd: cannot read {initrd}: {e.strerror}") from None
     if busybox is None:
-        busybox = (cached() or fetch(log=lambda s: None)).busybox
+        busybox = (cached() or fetch_anywhere(lambda s: None)).busybox
     pairs = []
     for spec in add:
         host, _, guest = spec.partition(":")

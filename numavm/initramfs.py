@@ -367,14 +367,15 @@ def cached_initramfs(busybox: Path, command: list[str] | None = None,
     """
     import hashlib
 
-    from .assets import cache_root
+    from .cache import cache_root, write_atomic
 
     raw = cpio_newc(initramfs_entries(busybox, command, add))
     root = cache_dir if cache_dir is not None else cache_root()
     path = root / f"initramfs-{hashlib.sha256(raw).hexdigest()[:20]}.cpio.gz"
     try:
         data = path.read_bytes()
-        if data[:2] == b"\x1f\x8b":
+        # whole: gzip's trailer ends with the uncompressed size (mod 2**32)
+        if data[:2] == b"\x1f\x8b" and int.from_bytes(data[-4:], "little") == len(raw) & 0xFFFFFFFF:
             os.utime(path)  # recently used: kept by the pruning below
             return data
     except OSError:
@@ -382,9 +383,7 @@ def cached_initramfs(busybox: Path, command: list[str] | None = None,
     data = _compress(raw, "gzip")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)
         old = sorted(root.glob("initramfs-*.cpio.gz"), key=lambda q: q.stat().st_mtime, reverse=True)
         for q in old[CACHE_KEEP:]:
             q.unlink(missing_ok=True)

@@ -251,6 +251,172 @@ def check_hugetlb(sizes: Mapping[int, int], policies: Mapping[int, Policy]) -> i
     return page
 
 
+def domain_hugepages(d: DomainLayout, machine: str | None) -> str | None:
+    """The page kind backing domain `d`: its own hugepages=, else the machine's (`none`: small)."""
+    own = d.domain.hugepages
+    return None if own == "none" else (own or machine)
+
+
+# ---------------------------------------------------------------- room to commit memory
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+MOUNTINFO = Path("/proc/self/mountinfo")
+_UNLIMITED = 1 << 62  # cgroup v1 writes "no limit" as a page-rounded LONG_MAX
+
+
+@dataclass(frozen=True)
+class Room:
+    """How much more memory one limit lets this process commit, and which limit it is."""
+
+    bytes: int
+    where: str  # e.g. "the host (MemAvailable)", "memory cgroup /a/b (memory.max 3G)"
+
+
+def memory_rooms(proc_cgroup: Path = PROC_CGROUP, mountinfo: Path = MOUNTINFO,
+                 meminfo_path: Path = MEMINFO) -> list[Room]:
+    """The host's MemAvailable and the room under every memory cgroup limit above this process.
+
+    cgroup v2 (memory.max - memory.current) or v1 (memory.limit_in_bytes -
+    memory.usage_in_bytes), for this process's cgroup and each ancestor up to
+    the mount's root: a parent's limit binds its children.  Page cache the
+    cgroup can drop (inactive_file) counts as room.
+    """
+    rooms = []
+    try:
+        rooms.append(Room(meminfo(meminfo_path)["MemAvailable"] * KiB, "the host (MemAvailable)"))
+    except (OSError, KeyError):
+        pass
+    for path, v2 in _memory_cgroups(proc_cgroup, mountinfo):
+        room = _cgroup_room(path, v2)
+        if room is not None:
+            rooms.append(room)
+    return rooms
+
+
+def _memory_cgroups(proc_cgroup: Path, mountinfo: Path) -> list[tuple[Path, bool]]:
+    """(directory, is v2) of this process's memory cgroup and its limited ancestors."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+        mounts = mountinfo.read_text().splitlines()
+    except OSError:
+        return []
+    v1 = v2 = None
+    for line in lines:
+        _, controllers, rel = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "" and line.startswith("0::"):
+            v2 = rel
+        elif "memory" in controllers.split(","):
+            v1 = rel
+    out = []
+    for m in mounts:  # "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS... - FSTYPE SOURCE SUPEROPTS"
+        left, _, right = m.partition(" - ")
+        f, r = left.split(), right.split()
+        if len(f) < 5 or len(r) < 3:
+            continue
+        root, point, fstype = f[3], f[4], r[0]
+        rel = v1 if fstype == "cgroup" and "memory" in r[2].split(",") else (
+            v2 if fstype == "cgroup2" and v1 is None else None)
+        if rel is None or not (rel + "/").startswith(root.rstrip("/") + "/"):
+            continue
+        here = Path(point) / rel[len(root.rstrip("/")):].lstrip("/")
+        top = Path(point)
+        while True:
+            out.append((here, fstype == "cgroup2"))
+            if here == top:
+                break
+            here = here.parent
+    return out
+
+
+def _cgroup_room(path: Path, v2: bool) -> Room | None:
+    names = ("memory.max", "memory.current") if v2 else ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    try:
+        limit_text = (path / names[0]).read_text().strip()
+        if limit_text == "max" or int(limit_text) >= _UNLIMITED:
+            return None
+        limit, used = int(limit_text), int((path / names[1]).read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        stat = dict(line.split() for line in (path / "memory.stat").read_text().splitlines())
+        droppable = int(stat.get("inactive_file" if v2 else "total_inactive_file", 0))
+    except (OSError, ValueError):
+        droppable = 0
+    return Room(max(limit - used + droppable, 0),
+                f"memory cgroup {path} ({names[0]} {format_size(limit)}, {format_size(used)} in use)")
+
+
+def node_free(node: int, root: Path = NODE_DIR) -> int | None:
+    """Free memory on host node `node` (its meminfo MemFree), in bytes; None if unknown."""
+    try:
+        for line in (root / f"node{node}" / "meminfo").read_text().splitlines():
+            if "MemFree:" in line:
+                return int(line.split()[-2]) * KiB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(layout: Layout, prefault: frozenset[int] | None, hugepages: str | None,
+                 rooms: list[Room] | None = None, node_root: Path = NODE_DIR,
+                 online: tuple[int, ...] | None = None) -> list[str]:
+    """Refuse (ConfigError) a prefault the host cannot give; warnings for a guest that could outgrow it.
+
+    `prefault` is the domains to populate (None: all).  Prefaulted small- and
+    THP-page domains must fit the host's MemAvailable, every memory cgroup
+    limit above us, and (domains bound to some of the host's nodes) those
+    nodes' MemFree; bound to every node, MemAvailable is the better measure
+    (it counts reclaimable memory; a node's MemFree does not).  hugetlbfs
+    domains must fit the huge page pool (`check_hugetlb`), prefaulted or not.
+    Nothing is allocated here: this is the check before the commitment.
+    """
+    doms = [d for d in layout.domains if d.segment_size]
+    kind = {d.id: domain_hugepages(d, hugepages) for d in doms}
+    tlb = {d.id: d.segment_size for d in doms if kind[d.id] == "hugetlbfs"}
+    if tlb:
+        check_hugetlb(tlb, {d.id: d.domain.policy for d in doms if d.id in tlb})
+    small = [d for d in doms if kind[d.id] != "hugetlbfs"]
+    now = [d for d in small if prefault is None or d.id in prefault]
+    rooms = memory_rooms() if rooms is None else rooms
+    need = sum(d.segment_size for d in now)
+    by_nodes: dict[tuple[int, ...], list[DomainLayout]] = collections.defaultdict(list)
+    for d in now:
+        if d.domain.policy.mode is Mode.BIND:
+            by_nodes[d.domain.policy.nodes].append(d)
+    every = set(online if online is not None else host_online_nodes())
+    for nodes, group in by_nodes.items():
+        if every <= set(nodes):
+            continue
+        free = [node_free(n, node_root) for n in nodes]
+        if None in free:
+            continue
+        size = sum(d.segment_size for d in group)
+        if size > sum(free):  # type: ignore[arg-type]
+            ids = format_list([d.id for d in group])
+            raise ConfigError(
+                f"--prefault: domain{'s' if len(group) > 1 else ''} {ids} bound to node"
+                f"{'s' if len(nodes) > 1 else ''} {format_list(nodes)} need{'' if len(group) > 1 else 's'} "
+                f"{format_size(size)}, and {'they have' if len(nodes) > 1 else 'it has'} "
+                f"{_gib(sum(free))} free (MemFree in {node_root}/nodeN/meminfo)")  # type: ignore[arg-type]
+    tight = min(rooms, key=lambda r: r.bytes, default=None)
+    if tight is not None and need > tight.bytes:
+        raise ConfigError(f"--prefault: the guest's memory to populate is {format_size(need)}, and "
+                          f"{tight.where} leaves room for {_gib(tight.bytes)}; give less memory or "
+                          f"prefault fewer domains")
+    warnings = []
+    total = sum(d.segment_size for d in small)
+    if tight is not None and total > tight.bytes:
+        warnings.append(f"the guest can use up to {format_size(total)}, more than {tight.where} leaves room "
+                        f"for ({_gib(tight.bytes)}): it may be OOM-killed as it touches its memory "
+                        f"(--prefault checks this before the guest starts)")
+    return warnings
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
 def _node_free_hugepages(node: int, page: int) -> int:
     path = NODE_DIR / f"node{node}" / "hugepages" / f"hugepages-{page // KiB}kB" / "free_hugepages"
     try:
@@ -869,8 +1035,7 @@ class GuestMemory:
         huge: dict[int, str | None] = {}  # per domain: its own choice, else the machine's
         for d in with_memory:
             what = f"domain {d.id}"
-            own = d.domain.hugepages
-            huge[d.id] = None if own == "none" else (own or self.hugepages)
+            huge[d.id] = domain_hugepages(d, self.hugepages)
             _check_hugepages(huge[d.id], what)
             policies[d.id] = check_policy(d.domain.policy, online, f"{what} domain_policy")
         if self.unified and len(set(huge.values())) > 1:

@@ -11,9 +11,10 @@ checks that in QEMU's memory tree before the guest runs and refuses on a
 mismatch.
 
 QEMU runs as a child numavm manages: exact arguments (``--verbose``),
-killed on timeout, SIGINT and SIGTERM, its failures turned into numavm's
-outcomes; its temporary directory and the guest memory are released on
-every path.
+killed on timeout, SIGINT and SIGTERM, and by the kernel when numavm dies
+(see `numavm.lifetime`), its failures turned into numavm's outcomes; its
+temporary directory and the guest memory are released on every path, and a
+killed run's directory by the next run.
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -36,6 +35,7 @@ from .acpi import build_tables
 from .engine import qemu_binary
 from .errors import ConfigError, NumavmError
 from .layout import HIGH_RAM_BASE, LOW_RAM_LIMIT, Layout
+from .lifetime import OwnedDir, die_with_parent
 from .machine import Outcome, RunResult
 from .memory import GuestMemory
 
@@ -119,6 +119,7 @@ class QemuMachine:
         self.binary = binary
         self.smp, self.cpu_devices = check_tcg(layout)  # refuses before anything is allocated
         self._tmp: Path | None = None
+        self._tmpdir: OwnedDir | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._outcome: tuple[Outcome, str] | None = None
         self._lock = threading.Lock()
@@ -126,7 +127,8 @@ class QemuMachine:
         self.argv: list[str] = []
         self.memory: GuestMemory | None = GuestMemory(layout, machine=name, hugepages=hugepages, unified=True)
         try:
-            self._tmp = Path(tempfile.mkdtemp(prefix="numavm-tcg-"))
+            self._tmpdir = OwnedDir("tcg")  # a killed run's directory goes with the next run
+            self._tmp = self._tmpdir.path
         except BaseException:
             self.close()
             raise
@@ -194,7 +196,8 @@ class QemuMachine:
             self._proc = subprocess.Popen(
                 self.argv, pass_fds=(fd,), stdin=None if stdin_tty else subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True)  # our signal handlers decide QEMU's fate, not the terminal
+                start_new_session=True,  # our signal handlers decide QEMU's fate, not the terminal
+                preexec_fn=die_with_parent())  # and QEMU dies with numavm, however it ends
             err_buf: list[bytes] = []
             errs = threading.Thread(target=lambda: err_buf.append(self._proc.stderr.read()),  # type: ignore[union-attr]
                                     daemon=True)
@@ -336,9 +339,10 @@ class QemuMachine:
             for stream in (self._proc.stdout, self._proc.stderr):
                 if stream is not None:
                     stream.close()
-        tmp, self._tmp = self._tmp, None
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        self._tmp = None
+        tmpdir, self._tmpdir = self._tmpdir, None
+        if tmpdir is not None:
+            tmpdir.close()
         memory, self.memory = self.memory, None
         if memory is not None:
             memory.close()

@@ -14,7 +14,7 @@ from typing import Iterable
 
 from .errors import ConfigError
 from .policy import Policy, host_online_nodes, parse_policy
-from .units import MiB, TiB, format_list, format_size, parse_list, parse_size
+from .units import MiB, TiB, format_list, format_size, parse_int, parse_list, parse_size
 
 MAX_CPUS = 1024
 MAX_DOMAINS = 256
@@ -152,12 +152,7 @@ def parse_distance(text: str, opt: str = DISTANCE_OPT) -> tuple[int, int, int, s
 
 
 def _parse_int(text: str, field: str) -> int:
-    try:
-        if len(text.strip()) > 20:  # no id or distance is that long; int() would refuse >4300 digits
-            raise ValueError
-        return int(text.strip(), 10)
-    except ValueError:
-        raise ConfigError(f"{field}: expected a whole number, got {text.strip()!r}") from None
+    return parse_int(text, field)
 
 
 def _parse_id(text: str, field: str) -> int:

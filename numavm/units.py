@@ -1,8 +1,11 @@
 """Parsing and printing of the small value syntaxes shared by every option.
 
-SIZE: bytes, or a number with a K/M/G/T suffix (powers of 1024, either case).
+SIZE: bytes, or a number with a K/M/G/T suffix (powers of 1024, either case),
+which may be spelled KB or KiB (MB, MiB, ...); a plain ``B`` means bytes.
 LIST: numbers and ranges joined by ``+`` (``0-1+4``); bhyve and QEMU write
 ranges the same way, and ``,`` is left free to separate option keys.
+Numbers are ASCII digits only: no other scripts' digits, no ``_`` separators.
+SECONDS: a decimal number of seconds, more than 0 (``30``, ``0.5``).
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ MiB = 1 << 20
 GiB = 1 << 30
 TiB = 1 << 40
 
-_SUFFIX = {"": 1, "B": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
+_SUFFIX = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
 # Bounded digit counts: no real value needs more, and int() refuses >4300 digits.
-_SIZE_RE = re.compile(r"^\s*(\d{1,20})\s*([KMGTB]?)(?:I?B)?\s*$", re.IGNORECASE)
-_LIST_ITEM_RE = re.compile(r"^(\d{1,9})(?:-(\d{1,9}))?$")
+# ASCII only: \d and int() would take any script's digits, and int() takes "1_0".
+_SIZE_RE = re.compile(r"^\s*([0-9]{1,20})\s*(?:([KMGTkmgt])(?:i?[Bb])?|[Bb])?\s*$", re.ASCII)
+_SPACE = " \t\n\r\f\v"  # str.strip() would also take Unicode spaces
+_LIST_ITEM_RE = re.compile(r"^([0-9]{1,9})(?:-([0-9]{1,9}))?$")
+_INT_RE = re.compile(r"^-?[0-9]{1,20}$")
+_SECONDS_RE = re.compile(r"^(?:[0-9]{1,9}(?:\.[0-9]{0,9})?|\.[0-9]{1,9})$")
 
 # A list may not expand beyond this many members: no option of numavm needs
 # more (1024 vCPUs), and it keeps a typo like 0-99999999 from eating memory.
@@ -39,7 +46,23 @@ def parse_size(text: str | int, field: str) -> int:
     if not m:
         raise ConfigError(
             f"{field}: expected a size such as 512M or 4G (bytes or K/M/G/T), got {text!r}")
-    return int(m.group(1)) * _SUFFIX[m.group(2).upper()]
+    return int(m.group(1)) * _SUFFIX[(m.group(2) or "").upper()]
+
+
+def parse_int(text: str, field: str) -> int:
+    """A whole number in ASCII digits (a leading ``-`` allowed, for the caller to refuse)."""
+    t = text.strip(_SPACE)
+    if not _INT_RE.match(t):
+        raise ConfigError(f"{field}: expected a whole number, got {t!r}")
+    return int(t, 10)
+
+
+def parse_seconds(text: str, field: str) -> float:
+    """SECONDS: a finite decimal number more than 0 (no nan, inf, exponents or signs)."""
+    t = text.strip(_SPACE)
+    if not _SECONDS_RE.match(t) or float(t) <= 0:
+        raise ConfigError(f"{field}: expected a number of seconds more than 0, such as 30 or 0.5, got {t!r}")
+    return float(t)
 
 
 def format_size(n: int) -> str:
@@ -68,11 +91,11 @@ def parse_list(text: str | int | list[int], field: str) -> tuple[int, ...]:
         items = list(text)
     else:
         items = []
-        s = str(text).strip()
+        s = str(text).strip(_SPACE)
         if not s:
             raise ConfigError(f"{field}: expected a list such as 0-3+6, got an empty value")
         for part in s.split("+"):
-            m = _LIST_ITEM_RE.match(part.strip())
+            m = _LIST_ITEM_RE.match(part.strip(_SPACE))
             if not m:
                 raise ConfigError(
                     f"{field}: expected numbers and ranges joined by '+' (e.g. 0-3+6), got {text!r}")

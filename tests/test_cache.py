@@ -1,0 +1,198 @@
+"""The cache is optional, and what it holds is whole.
+
+A read-only or full cache (real tmpfs mounts) still runs a guest, from a
+private directory removed at exit; when nothing can be written one line says
+what is needed.  Truncated cache files are not trusted.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from numavm import cache as C
+from numavm import guest as G
+from numavm.assets import cached
+from numavm.engine import qemu_binary
+from numavm.initramfs import cached_initramfs
+
+
+def mount_tmpfs(where: Path, options: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {(r.stderr or r.stdout).strip()}")
+
+
+@pytest.fixture
+def mounts(tmp_path):  # type: ignore[no-untyped-def]
+    """mount(name, options) -> a tmpfs under tmp_path, unmounted afterwards."""
+    done: list[Path] = []
+
+    def mount(name: str, options: str) -> Path:
+        where = tmp_path / name
+        mount_tmpfs(where, options)
+        done.append(where)
+        return where
+
+    yield mount
+    for where in reversed(done):
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def assets():  # type: ignore[no-untyped-def]
+    a = cached()
+    if a is None:
+        pytest.skip("no guest kernel in the cache (numavm fetch)")
+    return a
+
+
+def fill(where: Path) -> None:
+    """Fill a small tmpfs to the last byte."""
+    with open(where / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+    try:
+        with open(where / "filler", "ab") as f:
+            while True:
+                f.write(b"\0")
+                f.flush()
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- units
+
+
+def test_store_writes_whole_files_in_the_cache(tmp_path):
+    path = C.store("x.bin", b"abc" * 1000, print, root=tmp_path)
+    assert path == tmp_path / "x.bin" and path.read_bytes() == b"abc" * 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]  # no temporary left
+
+
+def test_store_falls_back_to_a_private_dir_for_a_read_only_cache(mounts, monkeypatch, tmp_path):
+    ro = mounts("ro", "ro,size=1m")
+    monkeypatch.setattr(C, "_private", None)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    said: list[str] = []
+    path = C.store("x.bin", b"data", said.append, root=ro)
+    try:
+        assert path.parent.name.startswith(f"numavm-cache-{os.getpid()}-") and path.read_bytes() == b"data"
+        assert len(said) == 1 and "Read-only file system" in said[0]
+        assert C.find("x.bin", root=ro) == path
+    finally:
+        assert C._private is not None
+        C._private.close()
+    assert not path.parent.exists()
+
+
+def test_store_says_what_it_needs_when_nothing_can_be_written(mounts, monkeypatch):
+    full = mounts("full", "size=1m")
+    fill(full)
+    monkeypatch.setattr(C, "_private", None)
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(full))
+    with pytest.raises(C.CacheError, match=rf"^cannot keep x.bin \(2.0 MiB\): the cache {full}: No space left "
+                                           rf"on device; {full}: No space left on device; "):
+        C.store("x.bin", b"\1" * (2 << 20), print, root=full)
+    if C._private is not None:
+        C._private.close()
+
+
+def test_a_truncated_vmlinux_in_the_cache_is_unpacked_again(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    said: list[str] = []
+    first = G.unpacked_kernel(assets.kernel, said.append)
+    assert first.parent == tmp_path / "numavm" and any("unpacked" in s for s in said)
+    whole = first.read_bytes()
+    first.write_bytes(whole[: len(whole) // 2])  # what a crash mid-write without the rename would leave
+    said.clear()
+    again = G.unpacked_kernel(assets.kernel, said.append)
+    assert again == first and any("unpacked" in s for s in said)
+    assert again.read_bytes() == whole
+    said.clear()
+    assert G.unpacked_kernel(assets.kernel, said.append) == first and said == []  # now trusted
+
+
+def test_a_truncated_initramfs_in_the_cache_is_built_again(assets, tmp_path):
+    data = cached_initramfs(assets.busybox, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("initramfs-*.cpio.gz")
+    path.write_bytes(data[:-100])
+    assert cached_initramfs(assets.busybox, cache_dir=tmp_path) == data
+    assert path.read_bytes() == data
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def numavm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "numavm", *args], env=dict(os.environ, **env),
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(not qemu_binary(), reason="qemu-system-x86_64 is not installed")
+@pytest.mark.parametrize("kind", ["read-only", "full"])
+def test_check_runs_with_an_unwritable_cache(kind, mounts, assets, tmp_path):
+    cache = mounts("cache", "ro,size=1m" if kind == "read-only" else "size=1m")
+    if kind == "full":
+        fill(cache)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = numavm({"XDG_CACHE_HOME": str(cache), "TMPDIR": str(tmp)},
+               "check", "--accel", "tcg", "--stage", "kernel", "--kernel", str(assets.kernel))
+    assert r.returncode == 0, r.stderr[-2000:]
+    why = "Read-only file system" if kind == "read-only" else "No space left on device"
+    assert f"the cache {cache}/numavm cannot be written ({why}): using {tmp}/numavm-cache-" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert list(tmp.iterdir()) == []  # the private directory went with the run
+
+
+def test_check_says_what_it_needs_when_nothing_can_be_written(assets, tmp_path):
+    """The cache and every temporary directory Python would try are full: one line, exit 1.
+
+    Python's tempfile falls back from TMPDIR to /tmp, /var/tmp and the working
+    directory, so they are covered with full tmpfs mounts in a mount namespace of
+    the command's own (unshare -m).
+    """
+    import shlex
+    import shutil
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare(1) for a private mount namespace")
+    fill_cmd = "head -c 2m /dev/zero > {d}/filler 2>/dev/null || true; "
+    script = "set -e; "
+    for d in ("/tmp", "/var/tmp"):
+        script += f"mount -t tmpfs -o size=1m tmpfs {d}; " + fill_cmd.format(d=d)
+    script += ("cd /tmp; exec " + shlex.join([sys.executable, "-m", "numavm", "check", "--accel", "tcg",
+                                              "--stage", "kernel", "--kernel", str(assets.kernel)]))
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                       env=dict(os.environ, XDG_CACHE_HOME="/tmp", TMPDIR="/tmp"),
+                       capture_output=True, text=True, timeout=300)
+    if "unshare:" in r.stderr or "mount:" in r.stderr:
+        pytest.skip(f"no private mount namespace here: {r.stderr.strip()}")
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("numavm: error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "XDG_CACHE_HOME" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_fetch_into_a_read_only_cache_is_one_line(mounts):
+    ro = mounts("ro", "ro,size=1m")
+    r = numavm({}, "fetch", "--cache", str(ro / "numavm"))
+    if "apt" in r.stderr and "Read-only" not in r.stderr:
+        pytest.skip(f"apt cannot resolve the packages here: {r.stderr.strip()}")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.splitlines()[-1] == (f"numavm: error: fetch: cannot write the cache {ro}/numavm: Read-only "
+                                         f"file system; free space there or name a writable directory with "
+                                         f"--cache or XDG_CACHE_HOME")
+    assert "Traceback" not in r.stderr
