@@ -317,6 +317,10 @@ class KvmMachine:
             except InterruptedError:  # a kick (or any signal)
                 exits[INTR] += 1
                 continue
+            except BlockingIOError:
+                # EAGAIN: this vCPU waits for INIT/SIPI (MP state UNINITIALIZED); KVM_RUN
+                # blocked until an event came and the vCPU is still not running: run again.
+                continue
             except OSError as e:
                 raise KvmIoctlError(e.errno or 0, "KVM_RUN") from None
             reason = words[REASON]
