@@ -36,6 +36,7 @@ from .acpi import build_tables
 from .engine import qemu_binary
 from .errors import ConfigError, NumavmError
 from .layout import HIGH_RAM_BASE, LOW_RAM_LIMIT, Layout
+from .machine import PANIC_RE as _PANIC
 from .machine import Outcome, RunResult
 from .memory import GuestMemory
 
@@ -43,7 +44,6 @@ QEMU_CPU = "qemu64"
 QEMU_PC_MAX_CPUS = 255  # pc-i440fx: xAPIC ids only
 # Firmware: qboot starts a PVH/linuxboot kernel faster than SeaBIOS.
 QBOOT = Path("/usr/share/qemu/qboot.rom")
-_PANIC = re.compile(r"Kernel panic - not syncing: ?(.*)")
 
 
 QEMU_ACPITABLE_MAX = 65535  # -acpitable refuses larger tables ("ACPI table too big")
