@@ -386,10 +386,130 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+# ---------------------------------------------------------------- many commands, one boot
+
+
+CASE_MARK = "@@L1-CASE "
+
+
+@dataclass
+class Case:
+    """One command of a batch.  With `signal`, the signal is sent once `after` shows in its
+    stdout.  A case also reports what it left behind: processes of its session still alive
+    and new entries in TMPDIR."""
+
+    name: str
+    argv: list[str]
+    timeout: float = 900.0
+    signal: str = ""
+    after: str = ""
+
+
+@dataclass
+class CaseResult:
+    name: str
+    status: int | None  # None: killed after its timeout
+    stdout: str
+    stderr: str
+    seconds: float
+    signalled: bool = False  # the signal was sent
+    leftover_processes: int = 0
+    leftover_files: tuple[str, ...] = ()
+
+
+def run_cases(cases: Sequence[Case], **kw) -> tuple[dict[str, CaseResult], L1Result]:  # type: ignore[no-untyped-def]
+    """Every case, one after the other, in ONE L1 boot (booting L1 costs ~15 s)."""
+    import json
+    doc = json.dumps([c.__dict__ for c in cases])
+    r = run([sys.executable, "-m", "bench.l1", "--cases", doc], cwd=ROOT, **kw)
+    out: dict[str, CaseResult] = {}
+    for line in r.text.splitlines():
+        if line.startswith(CASE_MARK):
+            d = json.loads(line[len(CASE_MARK):])
+            d["leftover_files"] = tuple(d["leftover_files"])
+            out[d["name"]] = CaseResult(**d)
+    return out, r
+
+
+def _run_case(c: Case) -> CaseResult:
+    """In L1: one case, its output captured, its leftovers looked for."""
+    import select
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    before = set(os.listdir(tmp))
+    t0 = time.monotonic()
+    p = subprocess.Popen(c.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    assert p.stdout is not None and p.stderr is not None
+    out_fd, err_fd = p.stdout.fileno(), p.stderr.fileno()
+    bufs = {out_fd: bytearray(), err_fd: bytearray()}
+    open_fds = set(bufs)
+    signalled = False
+    status: int | None = None
+    ended_at: float | None = None
+    # read until the command has ended and its pipes are drained (or, if something it left
+    # behind holds them open, half a second more), or until its timeout
+    while open_fds:
+        now = time.monotonic()
+        if status is None:
+            status = p.poll()
+            if status is not None:
+                ended_at = now
+        if now > t0 + c.timeout or (ended_at is not None and now > ended_at + 0.5):
+            break
+        ready, _, _ = select.select(list(open_fds), [], [], 0.2)
+        for fd in ready:
+            data = os.read(fd, 65536)
+            if not data:
+                open_fds.discard(fd)
+            bufs[fd] += data
+        if c.signal and not signalled and c.after.encode() in bufs[out_fd]:
+            p.send_signal(getattr(signal, c.signal))
+            signalled = True
+    if status is None:
+        try:
+            status = p.wait(max(0.5, t0 + c.timeout - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    seconds = time.monotonic() - t0
+    time.sleep(0.5)  # let anything the command started show itself
+    leftovers = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(pid) != p.pid and int(fields[3]) == p.pid:  # the session id (stat field 6)
+            leftovers += 1
+    if status is None or leftovers:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    p.stdout.close()
+    p.stderr.close()
+    new = sorted(set(os.listdir(tmp)) - before)
+    return CaseResult(c.name, status, bufs[out_fd].decode(errors="replace")[-20000:],
+                      bufs[err_fd].decode(errors="replace")[-20000:], round(seconds, 2),
+                      signalled, leftovers, tuple(new))
+
+
+def _cases_main(doc: str) -> int:
+    import json
+    for d in json.loads(doc):
+        c = Case(**d)
+        print(f"l1: case {c.name}: {shlex.join(c.argv)}", file=sys.stderr, flush=True)
+        r = _run_case(c)
+        print(f"l1: case {c.name}: exit {r.status} in {r.seconds:.1f} s", file=sys.stderr, flush=True)
+        print(CASE_MARK + json.dumps(r.__dict__), flush=True)
+    return 0
+
+
 # ---------------------------------------------------------------- by hand
 
 
 def main(args: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["--cases"] and len(argv) == 2:  # in L1, from run_cases()
+        return _cases_main(argv[1])
     p = argparse.ArgumentParser(prog="python -m bench.l1",
                                 description="Run a command on a hardware-virtualization KVM: an L1 "
                                             "machine under QEMU TCG with SVM, seeing this host's / "
