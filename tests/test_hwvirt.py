@@ -6,7 +6,7 @@ paging, Debian's kernel with kvm-amd, this checkout seen over 9p.  Every case
 runs in ONE L1 boot (a module fixture); each test then reads its case's result.
 
 Selection (`NUMAVM_HWVIRT`): unset, the CI subset (CI_CASES); `all`, every
-case; `0`, none.  Skipped with the reason where QEMU, SVM emulation, the
+case; `0`, none; or case names, comma-separated.  Skipped with the reason where QEMU, SVM emulation, the
 guest kernel or its modules are missing.  Nothing asserts timing.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sys
 
 import pytest
 
@@ -22,7 +23,8 @@ from bench import l1
 
 pytestmark = pytest.mark.hwvirt
 
-NUMAVM = [".venv/bin/numavm"] if os.path.exists(".venv/bin/numavm") else ["python", "-m", "numavm"]
+# L1 runs the cases in the checkout (bench.l1.ROOT) with this Python: the checkout's .venv
+NUMAVM = [sys.executable, "-m", "numavm"]
 CHECK = [*NUMAVM, "check", "--accel", "kvm", "--stage", "userspace", "--timeout", "900"]
 RUN = [*NUMAVM, "run", "--accel", "kvm", "--timeout", "900"]
 SMALL = ["-n", "id=0,size=256M,cpus=0", "-n", "id=1,size=256M,cpus=1"]
@@ -35,8 +37,8 @@ def _domains(n: int, size: str, per: int) -> list[str]:
 
 # name: (command, expected exit status); signals are sent once the guest runs its command
 CASES: dict[str, tuple[l1.Case, int]] = {c.name: (c, st) for c, st in [
-    (l1.Case("detect", ["sh", "-c", "cat /sys/module/kvm_amd/parameters/npt; exec .venv/bin/python -c "
-                        "'from numavm.engine import detect; print(detect().reason)'"]), 0),
+    (l1.Case("detect", ["sh", "-c", "cat /sys/module/kvm_amd/parameters/npt; exec \"$0\" -c "
+                        "'from numavm.engine import detect; print(detect().reason)'", sys.executable]), 0),
     (l1.Case("example", CHECK), 0),
     (l1.Case("crossing_3g", [*CHECK, "-n", "id=0,size=2G,cpus=0", "-n", "id=1,size=3G,cpus=1"]), 0),
     (l1.Case("memory_only_domain_0", [*CHECK, "-n", "id=0,size=512M", "-n", "id=1,size=512M,cpus=0-1"]), 0),
@@ -61,7 +63,16 @@ def _selected() -> tuple[str, ...]:
     sel = os.environ.get("NUMAVM_HWVIRT", "")
     if sel == "0":
         return ()
-    return tuple(CASES) if sel == "all" else CI_CASES
+    if sel in ("", "ci"):
+        return CI_CASES
+    if sel == "all":
+        return tuple(CASES)
+    names = tuple(n for n in sel.split(",") if n)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise pytest.UsageError(f"NUMAVM_HWVIRT: unknown case(s) {', '.join(unknown)}; "
+                                f"all, 0, or some of {', '.join(CASES)}")
+    return names
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +92,7 @@ def results() -> dict[str, l1.CaseResult]:
 
 def _case(results: dict[str, l1.CaseResult], name: str) -> l1.CaseResult:
     if name not in _selected():
-        pytest.skip("not in this selection (NUMAVM_HWVIRT=all runs it)")
+        pytest.skip(f"not in this selection (NUMAVM_HWVIRT=all or ={name} runs it)")
     assert name in results, f"L1 reported nothing for {name}"
     r = results[name]
     c, status = CASES[name]
