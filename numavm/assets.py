@@ -254,6 +254,45 @@ def _scan_with_dpkg(deb: Path, pattern: re.Pattern[str]) -> tuple[str, bytes] | 
         proc.wait()
 
 
+def download(pkg: str, version: str, work: Path, log: Log = print) -> Path:
+    """`apt-get download PKG=VERSION` into `work` (no install): the .deb's path."""
+    return _download(pkg, version, work, log)
+
+
+def extract_matching(deb: Path, pattern: re.Pattern[str]) -> dict[str, bytes]:
+    """Every regular file in `deb`'s data whose path matches: {group 1: contents}, in one pass."""
+    found: dict[str, bytes] = {}
+
+    def scan(stream: IO[bytes]) -> None:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                m = pattern.match(member.name)
+                if m and member.isfile():
+                    fobj = tar.extractfile(member)
+                    assert fobj is not None
+                    found[m.group(1)] = fobj.read()
+
+    with open(deb, "rb") as f:
+        for name, off, size in ar_members(f):
+            if not name.startswith("data.tar"):
+                continue
+            if name[len("data.tar"):] in ("", ".gz", ".xz", ".bz2"):
+                scan(_Window(f, off, size))  # type: ignore[arg-type]
+            else:  # e.g. .zst: let dpkg-deb unpack it
+                if not shutil.which("dpkg-deb"):
+                    raise NumavmError(f"{deb.name}: data compression Python cannot read and no dpkg-deb")
+                proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+                try:
+                    assert proc.stdout is not None
+                    scan(proc.stdout)
+                finally:
+                    if proc.stdout is not None:
+                        proc.stdout.close()
+                    proc.wait()
+            return found
+    raise NumavmError(f"{deb.name}: no data.tar member")
+
+
 # ---------------------------------------------------------------- cache
 
 
