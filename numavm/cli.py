@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn, Sequence
 
 from . import __version__, config
+from .aptrelease import check_release
 from .errors import ConfigError, NumavmError
 from .policy import POLICY_SYNTAX
 from .topology import MachineSpec, Topology, parse_distance, parse_numa
@@ -93,8 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Download (apt-get download; nothing is installed on the host) the "
                                     "kernel image package linux-image-amd64 depends on and busybox-static, "
                                     "and extract the kernel and busybox into numavm's cache "
-                                    "($XDG_CACHE_HOME/numavm). A no-op when the cache is current.")
+                                    "($XDG_CACHE_HOME/numavm). A no-op when the cache is current. "
+                                    "--release fetches another release's kernel and busybox from the "
+                                    "host's mirrors (apt reads it through a private configuration in the "
+                                    "cache).")
     sf.add_argument("--cache", metavar="DIR", help="another cache directory")
+    sf.add_argument("--release", metavar="CODENAME",
+                    help="another release of the host's distribution, e.g. trixie (Debian 13) on a "
+                         "Debian 12 host or bookworm on Debian 13 (default: the host's own)")
 
     sc = sub.add_parser("check", help="boot the built-in guest and compare what it saw with the plan",
                         description="Boot the built-in guest and compare the NUMA topology it saw "
@@ -114,7 +121,11 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("guest and engine")
     g.add_argument("--accel", default="auto", metavar="kvm|tcg|auto",
                    help="engine: KVM, QEMU's TCG, or auto (KVM with hardware virtualization, else TCG)")
-    g.add_argument("--kernel", metavar="FILE", help="a bzImage or vmlinux (default: Debian's, fetched)")
+    k = g.add_mutually_exclusive_group()
+    k.add_argument("--kernel", metavar="FILE", help="a bzImage or vmlinux (default: Debian's, fetched)")
+    k.add_argument("--release", metavar="CODENAME",
+                   help="the kernel and busybox of this release of the host's distribution "
+                        "(e.g. trixie or bookworm; fetched like `numavm fetch --release`)")
     g.add_argument("--initrd", metavar="FILE", help="an initramfs (default: numavm's own)")
     g.add_argument("--timeout", metavar="S", type=float, default=None, help="stop the guest after S seconds")
     g.add_argument("--verbose", "-v", action="store_true", help="print engine details (e.g. QEMU's arguments)")
@@ -222,6 +233,8 @@ def _prepare_guest(args: argparse.Namespace, stage: str | None):  # type: ignore
     from .layout import plan_layout
 
     layout = plan_layout(build_topology(args))
+    if args.release is not None:
+        check_release(args.release)
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError(f"--timeout: must be more than 0 seconds, got {args.timeout:g}")
     wanted = _prefault_domains(args)
@@ -265,7 +278,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         command = command[1:]
     layout, engine, host, emulated_kvm, stage = _prepare_guest(args, None)
     log = _stderr
-    assets = guest_assets(args.kernel, log)
+    assets = guest_assets(args.kernel, log, args.release)
     initrd = guest_initrd(args.initrd, assets.busybox, command, args.add)
     cmdline = kernel_cmdline(stage, emulated_kvm, args.append)
     if emulated_kvm:
@@ -291,7 +304,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     layout, engine, host, emulated_kvm, stage = _prepare_guest(args, args.stage)
     log = _stderr
-    assets = guest_assets(args.kernel, log)
+    assets = guest_assets(args.kernel, log, args.release)
     initrd = guest_initrd(args.initrd, assets.busybox, None, []) if stage == "userspace" else None
     cmdline = kernel_cmdline(stage, emulated_kvm)
     watch = KernelStageWatch(until_smp=not emulated_kvm) if stage == "kernel" else None
@@ -316,7 +329,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_fetch(args: argparse.Namespace) -> int:
     from .assets import fetch
 
-    a = fetch(Path(args.cache) if args.cache else None, log=print)
+    if args.release is not None:
+        check_release(args.release)
+    a = fetch(Path(args.cache) if args.cache else None, log=print, release=args.release)
     print(f"kernel {a.kernel_version}: {a.kernel}")
     print(f"busybox: {a.busybox}")
     return EXIT_OK

@@ -116,11 +116,12 @@ class GuestAssets:
     busybox: Path | None
 
 
-def guest_assets(kernel: str | None, log: Log) -> GuestAssets:
-    """The kernel (fetched from Debian's packages unless given) and its unpacked ELF."""
+def guest_assets(kernel: str | None, log: Log, release: str | None = None) -> GuestAssets:
+    """The kernel (fetched from Debian's packages, of the host's release or of
+    `release`, unless given) and its unpacked ELF."""
     busybox = None
     if kernel is None:
-        assets = cached() or fetch(log=log)
+        assets = cached(release=release) or fetch(log=log, release=release)
         path, busybox = assets.kernel, assets.busybox
     else:
         path = Path(kernel)

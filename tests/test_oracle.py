@@ -282,14 +282,21 @@ def _deb(files: dict[str, bytes]) -> bytes:
 
 
 def test_deb_extraction(tmp_path: Path) -> None:
-    import re
     deb = tmp_path / "k.deb"
     deb.write_bytes(_deb({"./boot/config-6.1.0-9": b"cfg", "./boot/vmlinuz-6.1.0-9-amd64": b"KERNEL",
                           "./lib/modules/x": b"m"}))
-    name, data = A._extract_one(deb, re.compile(r"^(?:\./)?boot/(vmlinuz-[^/]+)$"))
+    name, data = A._extract_one(deb, A.KERNEL_FILE)
     assert (name, data) == ("vmlinuz-6.1.0-9-amd64", b"KERNEL")
     with pytest.raises(NumavmError):
-        A._extract_one(deb, re.compile(r"^(?:\./)?bin/(busybox)$"))
+        A._extract_one(deb, A.BUSYBOX_FILE)
+
+
+@pytest.mark.parametrize("path", ["./bin/busybox", "./usr/bin/busybox"])  # Debian 12, Debian 13
+def test_busybox_extraction_from_either_release(tmp_path: Path, path: str) -> None:
+    deb = tmp_path / "b.deb"
+    deb.write_bytes(_deb({"./usr/share/doc/busybox-static/copyright": b"c", path: b"BUSYBOX",
+                          "./usr/bin/busybox-other": b"no"}))
+    assert A._extract_one(deb, A.BUSYBOX_FILE) == ("busybox", b"BUSYBOX")
 
 
 def test_apt_output_parsing() -> None:
