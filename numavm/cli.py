@@ -106,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("check", help="boot the built-in guest and compare what it saw with the plan",
                         description="Boot the built-in guest and compare the NUMA topology it saw "
                                     "with the plan. Stage kernel reads the guest kernel's log (SRAT "
-                                    "ranges, APIC->node, zonelist order); stage userspace adds the "
-                                    "guest's sysfs (CPUs, MemTotal and distances per node). Exits 0 on "
-                                    "match, 1 on mismatch. Without machine options: the built-in example.")
+                                    "ranges, APIC->node (Linux 6.12+ no longer logs it), zonelist order); "
+                                    "stage userspace adds the guest's sysfs (CPUs and their APIC ids, "
+                                    "MemTotal and distances per node). Exits 0 on match, 1 on mismatch. "
+                                    "Without machine options: the built-in example.")
     _machine_options(sc, host_nodes=False)
     _guest_options(sc)
     sc.add_argument("--stage", choices=("kernel", "userspace"),
