@@ -41,6 +41,8 @@ from .memory import GuestMemory
 
 QEMU_CPU = "qemu64"
 QEMU_PC_MAX_CPUS = 255  # pc-i440fx: xAPIC ids only
+# Linux (x86-64, xAPIC) sends IPIs in logical flat mode up to this many possible CPUs, physical above.
+LINUX_FLAT_MAX_CPUS = 8
 # Firmware: qboot starts a PVH/linuxboot kernel faster than SeaBIOS.
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 _PANIC = re.compile(r"Kernel panic - not syncing: ?(.*)")
@@ -67,6 +69,19 @@ def tcg_topology(layout: Layout) -> tuple[list[str], list[str]]:
     layout does with one package per domain.  Linux numbers CPUs in APIC
     order under QEMU and in vCPU order under numavm's MADT, so the two agree
     only when APIC ids rise with the vCPU index: refused otherwise.
+
+    When the ids run from 0 without a gap the vCPUs are the first N that
+    ``-smp N`` makes.  Otherwise (a domain before the last has fewer vCPUs
+    than its package's cores: 1+2, 3+2, 3+3) the APIC ids have holes:
+    QEMU makes the boot vCPU and each other one is a ``-device`` placed by
+    socket and core.  QEMU before 9.0 cannot deliver an xAPIC logical-mode
+    interrupt to an APIC id above the first id without a CPU (hw/intc/apic.c
+    stops its scan at the first empty slot), and Linux sends its IPIs in
+    logical flat mode while it has at most 8 possible CPUs: the vCPUs past a
+    hole never got them, and the guest stalled in smp_call_function_many_cond.
+    So with holes there are always more than 8 possible CPUs (empty sockets
+    after the last domain's, hot-pluggable slots in QEMU's MADT and in no
+    SRAT entry); Linux then uses physical mode, which QEMU delivers by id.
     """
     ids = list(layout.apic_ids)
     if ids != sorted(ids) or ids[0] != 0:
@@ -81,10 +96,11 @@ def tcg_topology(layout: Layout) -> tuple[list[str], list[str]]:
                           f"layout spans {maxcpus} APIC ids ({sockets} packages of {cores}); use --accel kvm")
     if ids == list(range(len(ids))):  # present CPUs are the first N QEMU would make
         return [f"{len(ids)},sockets={sockets},cores={cores},threads=1,maxcpus={maxcpus}"], []
-    # Holes in the APIC ids (uneven domains): the boot CPU from -smp, the rest placed by id.
+    # Holes in the APIC ids: pad with empty sockets past LINUX_FLAT_MAX_CPUS (at most 16 in all).
+    sockets = max(sockets, LINUX_FLAT_MAX_CPUS // cores + 1)
     devices = [f"{QEMU_CPU}-x86_64-cpu,socket-id={a >> layout.core_bits},"
                f"core-id={a & (cores - 1)},thread-id=0" for a in ids[1:]]
-    return [f"1,sockets={sockets},cores={cores},threads=1,maxcpus={maxcpus}"], devices
+    return [f"1,sockets={sockets},cores={cores},threads=1,maxcpus={sockets * cores}"], devices
 
 
 class QemuMachine:

@@ -33,6 +33,21 @@ MACHINES = {
 }
 
 
+def uneven(shape: str, size: str = "64M") -> list[str]:
+    """Domains holding the vCPU counts of `shape` ("1+0+3": a memory-only one in the middle)."""
+    counts = [int(n) for n in shape.split("+")]
+    args, first = ["-c", str(sum(counts))], 0
+    for i, n in enumerate(counts):
+        args += ["-n", f"id={i},size={size}" + (f",cpus={first}-{first + n - 1}" if n else "")]
+        first += n
+    return args
+
+
+# Domains with different vCPU counts, in every order: wherever a package is not full the APIC
+# ids have holes, which QEMU cannot make with -smp alone (tcg_topology adds -device vCPUs).
+UNEVEN = ["1+2", "2+1", "1+1+2", "1+2+1", "2+1+1", "2+3", "3+2", "3+0+3", "1+3", "3+1"]
+
+
 def numavm(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "numavm", *args], capture_output=True, text=True,
                           timeout=timeout)
@@ -58,15 +73,38 @@ def test_userspace_stage_under_tcg(name: str) -> None:
 
 
 @needs_qemu
+@needs_apt
+@pytest.mark.parametrize("shape", UNEVEN)
+def test_uneven_domains_boot_under_tcg(shape: str) -> None:
+    """Each vCPU in its domain, every domain seen, and the guest reached userspace in time.
+
+    Before tcg_topology padded QEMU's possible CPUs past 8, a package after the boot vCPU's
+    holding two or more -device vCPUs stalled the guest (lost logical-mode IPIs) until timeout.
+    """
+    r = numavm("check", "--accel", "tcg", "--stage", "userspace", "--json", "--timeout", "240",
+               "--verbose", *uneven(shape))
+    assert r.stdout, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    assert doc["match"], "\n".join(doc["mismatches"]) + "\n" + r.stderr[-3000:]
+    assert r.returncode == 0 and doc["engine"] == "tcg"
+    assert "soft lockup" not in r.stderr and "self-detected stall" not in r.stderr
+    ids = sorted(a for d in doc["expected"]["domains"] for a in d["apic_ids"])
+    qemu = next(line for line in r.stderr.splitlines() if line.startswith("qemu: "))
+    assert ("-device" in qemu) == (ids != list(range(len(ids))))  # only 2+1 has no hole
+
+
+@needs_qemu
 @needs_kvm
 @needs_apt
-@pytest.mark.parametrize("name", ["example", "crossing-3G"])
+@pytest.mark.parametrize("name", ["example", "crossing-3G", "1+0+2"])
 def test_both_engines_see_the_same_topology(name: str) -> None:
-    """Kernel stage on KVM and on TCG: the same node numbering, ranges, APIC map, zonelists."""
+    """Kernel stage on KVM and on TCG: the same node numbering, ranges, APIC map, zonelists.
+    1+0+2: uneven domains (holes in the APIC ids) around a memory-only one."""
     docs = {}
+    machine = MACHINES[name] if name in MACHINES else uneven(name)
 
     def run(engine: str) -> None:
-        docs[engine] = check(engine, "kernel", MACHINES[name])
+        docs[engine] = check(engine, "kernel", machine)
 
     t = threading.Thread(target=run, args=("kvm",))  # the KVM boot is the slow one here
     t.start()
@@ -342,3 +380,47 @@ def test_the_other_debian_releases_kernel_gets_the_same_verdict(stage: str) -> N
     assert bool(doc["notes"]) == (stage == "kernel" and other == "trixie")
     if stage == "userspace":  # the APIC -> node map, from sysfs and /proc/cpuinfo on either kernel
         assert doc["observed"]["userspace"]["apic_to_node"] == {"0": 0, "1": 0, "2": 1}
+
+
+def _qemu_apic_ids(smp: list[str], devices: list[str]) -> tuple[list[int], dict[int, int], int]:
+    """What QEMU makes of tcg_topology's options: present APIC ids (in QEMU's order), each id's
+    socket, and the possible CPUs (QEMU's topology.h: id = socket << ceil(log2(cores)) | core)."""
+    (value,) = smp
+    first, *rest = value.split(",")
+    opts = {k: int(v) for k, v in (o.split("=") for o in rest)}
+    cores, bits = opts["cores"], (opts["cores"] - 1).bit_length()
+    assert opts["threads"] == 1 and opts["sockets"] * cores == opts["maxcpus"]
+    slots = [(s, c) for s in range(opts["sockets"]) for c in range(cores)]
+    placed = slots[:int(first)]  # -smp N: the first N slots, socket-major
+    for dev in devices:
+        props = dict(p.split("=") for p in dev.split(",")[1:])
+        assert dev.startswith("qemu64-x86_64-cpu,") and props["thread-id"] == "0"
+        placed.append((int(props["socket-id"]), int(props["core-id"])))
+    assert len(set(placed)) == len(placed) and all(c < cores for _, c in placed)
+    ids = [s << bits | c for s, c in placed]
+    return ids, {s << bits | c: s for s, c in placed}, opts["maxcpus"]
+
+
+@pytest.mark.parametrize("shape", UNEVEN + ["2+2", "3+3", "1+1+1", "4+4", "1+7", "3+1+1", "1+0+1+0+2"])
+def test_tcg_topology_gives_the_plans_apic_ids_and_keeps_linux_off_logical_mode(shape: str) -> None:
+    """The argv QEMU gets: exactly the plan's APIC ids in vCPU order, one socket per domain, and
+    wherever the ids have a hole more than 8 possible CPUs (QEMU 7.2 loses xAPIC logical-mode
+    IPIs to ids past a hole; Linux uses that mode only with at most 8 possible CPUs)."""
+    from numavm.layout import plan_layout
+    from numavm.tcg import LINUX_FLAT_MAX_CPUS, tcg_topology
+    from numavm.topology import MachineSpec, parse_numa
+
+    args = uneven(shape)
+    spec = MachineSpec(cpus=int(args[1]), domains=[parse_numa(a) for a in args[3::2]])
+    layout = plan_layout(spec.build(host_nodes=(0,)))
+    smp, devices = tcg_topology(layout)
+    ids, socket_of, possible = _qemu_apic_ids(smp, devices)
+    assert ids == list(layout.apic_ids)  # QEMU's CPU order is Linux's CPU numbering
+    for d in layout.domains:
+        assert len({socket_of[a] for a in d.apic_ids}) <= 1  # a package never spans domains
+    holes = ids != list(range(len(ids)))
+    assert bool(devices) == holes
+    if holes:
+        assert possible > LINUX_FLAT_MAX_CPUS
+    else:  # nothing added where -smp alone gives the ids
+        assert possible == len([d for d in layout.domains if d.apic_ids]) << layout.core_bits
