@@ -122,6 +122,17 @@ def sources_for(release: str, host: str, sources: list[Source],
     return "\n".join(stanzas)
 
 
+def renamed_sources(release: str) -> str:
+    """This host's sources renamed to `release` (deb822 text, "" if none can be):
+    what `PrivateApt` and .ci/other-release's root point apt at."""
+    host = host_release()
+    if host is None:
+        raise NumavmError("--release: this host's /etc/os-release names no VERSION_CODENAME, so "
+                          "numavm cannot tell which of apt's sources to point at another release")
+    targets = _apt(["apt-get", "indextargets", "--format", _INDEX_FORMAT, "Identifier: Packages"])
+    return sources_for(release, host, host_sources(targets.stdout))
+
+
 def _apt(argv: list[str]) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, LC_ALL="C")
     return subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
@@ -150,21 +161,16 @@ class PrivateApt:
                 "-o", f"Dir::Cache={r / 'cache'}"]
 
     def __enter__(self) -> PrivateApt:
-        host = host_release()
-        if host is None:
-            raise NumavmError("--release: this host's /etc/os-release names no VERSION_CODENAME, so "
-                              "numavm cannot tell which of apt's sources to point at another release")
+        text = renamed_sources(self.release)
+        if not text:
+            raise NumavmError(f"--release {self.release}: apt has no source for this host's release "
+                              f"({host_release()}) whose suite numavm could rename; nothing to fetch from")
         r = self.root
         for d in (r, r / "sources.list.d", r / "preferences.d", r / "state" / "lists" / "partial",
                   r / "cache" / "archives" / "partial"):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock = os.open(r / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._lock, fcntl.LOCK_EX)
-        targets = _apt(["apt-get", "indextargets", "--format", _INDEX_FORMAT, "Identifier: Packages"])
-        text = sources_for(self.release, host, host_sources(targets.stdout))
-        if not text:
-            raise NumavmError(f"--release {self.release}: apt has no source for this host's release "
-                              f"({host}) whose suite numavm could rename; nothing to fetch from")
         _replace(r / "sources.list.d" / "numavm.sources", text)
         _replace(r / "sources.list", "")
         _replace(r / "status", "")
