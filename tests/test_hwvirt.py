@@ -28,7 +28,7 @@ NUMAVM = [sys.executable, "-m", "numavm"]
 CHECK = [*NUMAVM, "check", "--accel", "kvm", "--stage", "userspace", "--timeout", "900"]
 RUN = [*NUMAVM, "run", "--accel", "kvm", "--timeout", "900"]
 SMALL = ["-n", "id=0,size=256M,cpus=0", "-n", "id=1,size=256M,cpus=1"]
-UP = "@@NUMAVM-TOPOLOGY-END@@"  # the guest's /init reached its command
+UP = "numavm-hwvirt-ready"  # the guest command's first line: it runs (on stdout, console or not)
 
 
 def _domains(n: int, size: str, per: int) -> list[str]:
@@ -52,8 +52,8 @@ CASES: dict[str, tuple[l1.Case, int]] = {c.name: (c, st) for c, st in [
     (l1.Case("panic", [*RUN, *SMALL, "--", "sh", "-c", "echo c > /proc/sysrq-trigger"]), 70),
     (l1.Case("triple_fault", [*RUN, *SMALL, "--append", "reboot=t", "--", "reboot", "-f"]), 71),
     (l1.Case("timeout", [*NUMAVM, "run", "--accel", "kvm", "--timeout", "5", *SMALL, "--", "true"]), 73),
-    (l1.Case("sigint", [*RUN, *SMALL, "--", "sleep", "600"], signal="SIGINT", after=UP), 130),
-    (l1.Case("sigterm", [*RUN, *SMALL, "--", "sleep", "600"], signal="SIGTERM", after=UP), 130),
+    (l1.Case("sigint", [*RUN, *SMALL, "--", "sh", "-c", f"echo {UP}; sleep 600"], signal="SIGINT", after=UP), 130),
+    (l1.Case("sigterm", [*RUN, *SMALL, "--", "sh", "-c", f"echo {UP}; sleep 600"], signal="SIGTERM", after=UP), 130),
 ]}
 # One L1 boot for all of these: what CI runs (the rest: NUMAVM_HWVIRT=all, see README).
 CI_CASES = ("detect", "example", "interleaved_vcpus", "run_status", "sigterm")
