@@ -179,7 +179,9 @@ def module_order(kos: dict[str, bytes], wanted: Sequence[str], builtin: frozense
     """`wanted` (and what they depend on, if present) with every module after its dependencies.
 
     A module the kernel has built in (`builtin`, names as in modules.builtin, with "-") needs no
-    loading: Debian 13's kernel builds virtio in, Debian 12's ships it as a module."""
+    loading: Debian 13's kernel builds virtio in, Debian 12's ships it as a module.  A module of
+    `wanted` that the kernel lacks altogether is left out (6.12 folded fscache into netfs); one
+    that a loaded module depends on must be there."""
     norm = {name.replace("_", "-"): name for name in kos}
     out: list[str] = []
 
@@ -188,8 +190,8 @@ def module_order(kos: dict[str, bytes], wanted: Sequence[str], builtin: frozense
         if key in path:
             raise NumavmError(f"module dependency cycle: {' -> '.join(path + (key,))}")
         real = norm.get(key)
-        if real is None and key in builtin:
-            return
+        if real is None and (key in builtin or not path):
+            return  # built in, or a module of the list this kernel has not at all (6.12: fscache is in netfs)
         if real is None:
             raise L1Unavailable(f"kernel module {name} is not in the kernel package")
         if real in out:

@@ -138,3 +138,21 @@ def test_failures_end_with_their_exit_status(results: dict[str, l1.CaseResult], 
     assert words in r.stdout + r.stderr, (r.stdout[-2000:], r.stderr[-2000:])
     if CASES[name][0].signal:
         assert r.signalled
+
+
+def test_module_order_follows_depends_and_skips_builtin_or_absent_modules() -> None:
+    """Load order from each module's own depends=; built-in modules (6.12's virtio) and listed
+    modules the kernel has not at all (6.12's fscache) are left out; a missing dependency is not."""
+    def ko(*deps: str) -> bytes:
+        return b"\0license=GPL\0depends=" + ",".join(deps).encode() + b"\0vermagic=x\0"
+
+    kos = {"virtio_pci": ko("virtio_ring", "virtio"), "virtio_ring": ko(), "9p": ko("netfs", "9pnet"),
+           "9pnet": ko(), "netfs": ko()}
+    order = l1.module_order(kos, ["virtio", "fscache", "virtio_pci", "9p"], frozenset({"virtio"}))
+    assert set(order) == {"virtio_ring", "virtio_pci", "9pnet", "netfs", "9p"}
+    for mod, data in kos.items():
+        for dep in l1._depends(data):
+            if dep in order:
+                assert order.index(dep) < order.index(mod)
+    with pytest.raises(l1.L1Unavailable, match="9pnet"):
+        l1.module_order({"9p": ko("9pnet")}, ["9p"])
