@@ -35,6 +35,12 @@ RESET_PORT = 0x602
 RESET_VALUE = 0x1
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
+# The guest command's stdout and stderr (`numavm run`): COM2 and COM3 at the PC's
+# standard ports and IRQs, which Linux's 8250 driver probes without ACPI help.
+COM2_PORT = 0x2F8
+COM2_IRQ = 3
+COM3_PORT = 0x3E8
+COM3_IRQ = 4  # shared with COM1, as on every PC: the 8250 driver chains the ports of one IRQ
 
 
 class E820Type(enum.IntEnum):
