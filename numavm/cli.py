@@ -331,8 +331,7 @@ def _console_log(args: argparse.Namespace) -> Iterator[BinaryIO | None]:
 @contextlib.contextmanager
 def _raw_terminal(fd: int | None) -> Iterator[None]:
     """The host terminal in raw mode for an interactive guest shell: keys (Ctrl-C too) go
-    to the guest, whose own tty echoes and edits; output processing stays on, so numavm's
-    own lines still start at the left margin.  Restored however the run ends."""
+    to the guest, whose own tty echoes, edits and ends lines; restored however the run ends."""
     if fd is None:
         yield
         return
@@ -342,9 +341,6 @@ def _raw_terminal(fd: int | None) -> Iterator[None]:
     saved = termios.tcgetattr(fd)
     try:
         tty.setraw(fd, termios.TCSANOW)
-        mode = termios.tcgetattr(fd)
-        mode[1] |= termios.OPOST | termios.ONLCR  # oflag
-        termios.tcsetattr(fd, termios.TCSANOW, mode)
         yield
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
