@@ -123,9 +123,12 @@ def test_kvm_machine_routes_each_port_to_its_stream() -> None:
                 (pt, cpumode.identity_page_tables(pt))])
         m.set_boot_state(cpumode.long_mode_state(pt, gdt, prog))
         result = m.run(timeout=60)
+        m.feed_input(b"typed")  # an interactive terminal's keys go to the command port
+        fed = (m.uarts[1].pending_input, m.uarts[0].pending_input)
     assert result.outcome is Outcome.POWEROFF, result.detail
     assert (b"".join(sinks["out"]), b"".join(sinks["err"]), b"".join(sinks["con"])) == (out, err, con)
     assert not result.unhandled_writes
+    assert fed == (5, 0)
 
 
 @needs_kvm
@@ -213,3 +216,4 @@ def test_no_command_on_a_terminal_is_a_shell() -> None:
         os.close(master)
     assert p.returncode == 5, (err[-2000:], seen[-2000:])
     assert b"Linux version" not in seen and b"@@NUMAVM" not in seen  # the console stays out of it
+
