@@ -217,3 +217,18 @@ def test_no_command_on_a_terminal_is_a_shell() -> None:
     assert p.returncode == 5, (err[-2000:], seen[-2000:])
     assert b"Linux version" not in seen and b"@@NUMAVM" not in seen  # the console stays out of it
 
+
+
+@needs_qemu
+@needs_apt
+def test_linux_finds_com2_and_com3_without_acpi() -> None:
+    """The KVM engine's DSDT lists only COM1: Linux's 8250 driver must find COM2 and COM3 at the
+    PC's standard ports and IRQs by itself.  acpi=off hides QEMU's DSDT (which lists them) from
+    the guest; the guest then reboots (no ACPI power-off), which QEMU's -no-reboot ends (QEMU
+    exits 0 then, as on a power-off)."""
+    r = numavm("run", "--accel", "tcg", "--timeout", "300", "--append", "acpi=off", "--",
+               "sh", "-c", "cat /proc/tty/driver/serial; reboot -f")
+    assert r.returncode in (0, 74), r.stderr[-2000:]
+    lines = r.stdout.decode()
+    assert "1: uart:16550A port:000002F8 irq:3" in lines, lines
+    assert "2: uart:16550A port:000003E8 irq:4" in lines, lines
