@@ -2,9 +2,15 @@
 
 `fetch()` asks apt which versioned kernel package `linux-image-amd64` points
 at, downloads that package and `busybox-static` with `apt-get download` (no
-install on the host), takes `boot/vmlinuz-*` and `bin/busybox` out of the
-.deb files and keeps them in numavm's cache with a small manifest.  A second
-call is a no-op while apt's candidate versions match the manifest.
+install on the host), takes `boot/vmlinuz-*` and `bin/busybox` (Debian 13:
+`usr/bin/busybox`) out of the .deb files and keeps them in numavm's cache
+with a small manifest.  A second call is a no-op while apt's candidate
+versions match the manifest.
+
+`release=` names another release of the host's distribution (trixie on a
+Debian 12 host, bookworm on Debian 13): apt then reads that release from the
+host's own mirrors through a private configuration (numavm.aptrelease), and
+the assets go to the cache's subdirectory named after it.
 
 Reading a .deb needs nothing but the stdlib: it is an `ar` archive whose
 `data.tar.{xz,gz,bz2}` member holds the files (`dpkg-deb` is used for a
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
+from .aptrelease import PrivateApt, check_release, host_release
 from .cache import cache_root, probe
 from .cache import write_atomic as _write_atomic
 from .errors import NumavmError
@@ -31,6 +38,9 @@ from .lifetime import OwnedDir, die_with_parent
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 MANIFEST = "assets.json"
+# What is taken out of the packages: Debian 12 ships /bin/busybox, Debian 13 (merged /usr) /usr/bin/busybox.
+KERNEL_FILE = re.compile(r"^(?:\./)?boot/(vmlinuz-[^/]+)$")
+BUSYBOX_FILE = re.compile(r"^(?:\./)?(?:usr/)?bin/(busybox)$")
 MANIFEST_SCHEMA = 1
 
 Log = Callable[[str], object]
@@ -46,10 +56,19 @@ class Assets:
     busybox_version: str = ""  # 1:1.35.0-4+deb12u1+b1
 
 
-def cached(cache_dir: Path | None = None) -> Assets | None:
+def release_cache(cache_dir: Path | None, release: str | None) -> Path:
+    """Where the assets of `release` live: the cache itself for the host's own
+    release (or None), its subdirectory `release` for another one."""
+    cache = Path(cache_dir) if cache_dir is not None else cache_root()
+    if release is None or release == host_release():
+        return cache
+    return cache / check_release(release)
+
+
+def cached(cache_dir: Path | None = None, release: str | None = None) -> Assets | None:
     """What the cache holds, without asking apt: `run` and `check` use this,
     `numavm fetch` refreshes it (asking apt costs over a second)."""
-    cache = Path(cache_dir) if cache_dir is not None else cache_root()
+    cache = release_cache(cache_dir, release)
     doc = _read_manifest(cache)
     if doc is None:
         return None
@@ -57,14 +76,22 @@ def cached(cache_dir: Path | None = None) -> Assets | None:
     return assets if assets.kernel.is_file() and assets.busybox.is_file() else None
 
 
-def fetch(cache_dir: Path | None = None, log: Log = print) -> Assets:
-    """The Debian kernel and busybox-static in `cache_dir` (default `cache_root()`)."""
-    cache = Path(cache_dir) if cache_dir is not None else cache_root()
+def fetch(cache_dir: Path | None = None, log: Log = print, release: str | None = None) -> Assets:
+    """The Debian kernel and busybox-static in `cache_dir` (default `cache_root()`),
+    of the host's release or of `release` (see `release_cache`)."""
+    cache = release_cache(cache_dir, release)
     if not (shutil.which("apt-get") and shutil.which("apt-cache")):
         raise NumavmError("no apt-get on this machine to fetch Debian's kernel and busybox; "
                           "pass --kernel (and --initrd) instead")
+    if release is None or cache == release_cache(cache_dir, None):
+        return _fetch(cache, log, [], None)
+    with PrivateApt(release, cache / "apt", log) as apt:
+        return _fetch(cache, log, apt.options, apt)
+
+
+def _fetch(cache: Path, log: Log, opts: list[str], apt: PrivateApt | None) -> Assets:
     cached = _read_manifest(cache)
-    kpkg, kver, bver = _resolve(log, cached)
+    kpkg, kver, bver = _resolve(log, cached, opts, apt)
     if cached is not None and _current(cached, cache, kpkg, kver, bver):
         assets = _assets(cache, cached)
         log(f"assets: cached {assets.kernel_package} {assets.kernel_package_version} -> {assets.kernel}; "
@@ -73,10 +100,10 @@ def fetch(cache_dir: Path | None = None, log: Log = print) -> Assets:
     probe(cache)  # a cache that cannot be written fails before the downloads, not after
     with OwnedDir("assets") as tmp:  # a killed fetch's downloads go with the next run
         work = tmp.path  # private (0700): as root, apt downloads unsandboxed here
-        kernel_deb = _download(kpkg, kver, work, log)
-        busybox_deb = _download(BUSYBOX_PACKAGE, bver, work, log)
-        kname, kdata = _extract_one(kernel_deb, re.compile(r"^(?:\./)?boot/(vmlinuz-[^/]+)$"))
-        _, bdata = _extract_one(busybox_deb, re.compile(r"^(?:\./)?bin/(busybox)$"))
+        kernel_deb = _download(kpkg, kver, work, log, opts)
+        busybox_deb = _download(BUSYBOX_PACKAGE, bver, work, log, opts)
+        kname, kdata = _extract_one(kernel_deb, KERNEL_FILE)
+        _, bdata = _extract_one(busybox_deb, BUSYBOX_FILE)
     release = kname.removeprefix("vmlinuz-")
     kernel_path = cache / kname
     busybox_path = cache / "busybox"
@@ -130,39 +157,49 @@ def candidates_of(policy_output: str) -> dict[str, str]:
     return out
 
 
-def _lookup() -> tuple[str, str, str] | None:
-    dep = _run(["apt-cache", "depends", KERNEL_META_PACKAGE])
+def _lookup(opts: list[str]) -> tuple[str, str, str] | None:
+    dep = _run(["apt-cache", *opts, "depends", KERNEL_META_PACKAGE])
     kpkg = kernel_package_of(dep.stdout) if dep.returncode == 0 else None
     if kpkg is None:
         return None
-    cands = candidates_of(_run(["apt-cache", "policy", kpkg, BUSYBOX_PACKAGE]).stdout)
+    cands = candidates_of(_run(["apt-cache", *opts, "policy", kpkg, BUSYBOX_PACKAGE]).stdout)
     kver, bver = cands.get(kpkg), cands.get(BUSYBOX_PACKAGE)
     if kver is None or bver is None:
         return None
     return kpkg, kver, bver
 
 
-def _resolve(log: Log, cached: dict[str, Any] | None) -> tuple[str, str, str]:
-    found = _lookup()
+def _resolve(log: Log, cached: dict[str, Any] | None, opts: list[str],
+             apt: PrivateApt | None) -> tuple[str, str, str]:
+    # numavm's private lists (another release) are numavm's to refresh; the host's are the host's,
+    # updated here only when they know no kernel at all.
+    found = None if apt is not None and apt.stale() else _lookup(opts)
     if found is None:
-        log("assets: apt knows no kernel package yet; running apt-get update")
-        upd = _run(["apt-get", "update"])
-        found = _lookup()
+        if apt is not None:
+            error = apt.update()
+        else:
+            log("assets: apt knows no kernel package yet; running apt-get update")
+            upd = _run(["apt-get", "update"])
+            tail = (upd.stderr or upd.stdout).strip().splitlines()[-1:] or [""]
+            error = None if upd.returncode == 0 else tail[0] or f"exit {upd.returncode}"
+        found = _lookup(opts)
         if found is None:
             if cached is not None:  # offline, with a cache: use what we have
                 k, b = cached["kernel"], cached["busybox"]
                 log("assets: apt cannot say which versions are current; using the cache")
                 return k["package"], k["version"], b["version"]
-            tail = (upd.stderr or upd.stdout).strip().splitlines()[-1:] or [""]
-            raise NumavmError(f"apt knows no package behind {KERNEL_META_PACKAGE} or {BUSYBOX_PACKAGE} "
-                              f"(apt-get update: {tail[0] or 'exit ' + str(upd.returncode)}); "
-                              "pass --kernel instead")
+            what = f"release {apt.release}: " if apt is not None else ""
+            why = f"apt-get update: {error}" if error else "after apt-get update"
+            raise NumavmError(f"{what}apt knows no package behind {KERNEL_META_PACKAGE} or "
+                              f"{BUSYBOX_PACKAGE} ({why}); pass --kernel instead")
+        if error:
+            log(f"assets: apt-get update reported: {error}")
     return found
 
 
-def _download(pkg: str, version: str, work: Path, log: Log) -> Path:
+def _download(pkg: str, version: str, work: Path, log: Log, opts: list[str]) -> Path:
     log(f"assets: downloading {pkg} {version}")
-    r = _run(["apt-get", "download", f"{pkg}={version}"], cwd=work)
+    r = _run(["apt-get", *opts, "download", f"{pkg}={version}"], cwd=work)
     debs = sorted(work.glob(f"{pkg}_*.deb"))
     if r.returncode != 0 or not debs:
         msg = (r.stderr or r.stdout).strip().splitlines()
@@ -252,6 +289,45 @@ def _scan_with_dpkg(deb: Path, pattern: re.Pattern[str]) -> tuple[str, bytes] | 
             proc.stdout.close()
         proc.kill()
         proc.wait()
+
+
+def download(pkg: str, version: str, work: Path, log: Log = print) -> Path:
+    """`apt-get download PKG=VERSION` into `work` (no install): the .deb's path."""
+    return _download(pkg, version, work, log, [])
+
+
+def extract_matching(deb: Path, pattern: re.Pattern[str]) -> dict[str, bytes]:
+    """Every regular file in `deb`'s data whose path matches: {group 1: contents}, in one pass."""
+    found: dict[str, bytes] = {}
+
+    def scan(stream: IO[bytes]) -> None:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                m = pattern.match(member.name)
+                if m and member.isfile():
+                    fobj = tar.extractfile(member)
+                    assert fobj is not None
+                    found[m.group(1)] = fobj.read()
+
+    with open(deb, "rb") as f:
+        for name, off, size in ar_members(f):
+            if not name.startswith("data.tar"):
+                continue
+            if name[len("data.tar"):] in ("", ".gz", ".xz", ".bz2"):
+                scan(_Window(f, off, size))  # type: ignore[arg-type]
+            else:  # e.g. .zst: let dpkg-deb unpack it
+                if not shutil.which("dpkg-deb"):
+                    raise NumavmError(f"{deb.name}: data compression Python cannot read and no dpkg-deb")
+                proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+                try:
+                    assert proc.stdout is not None
+                    scan(proc.stdout)
+                finally:
+                    if proc.stdout is not None:
+                        proc.stdout.close()
+                    proc.wait()
+            return found
+    raise NumavmError(f"{deb.name}: no data.tar member")
 
 
 # ---------------------------------------------------------------- cache

@@ -2,8 +2,11 @@
 
 Stage `kernel` reads the guest kernel's own log (SRAT node ranges, APIC to
 node, node count, zonelist fallback order, which must agree with the
-distances); stage `userspace` adds the guest's sysfs view (CPUs, MemTotal
-and distances per node) reported by numavm's /init.
+distances); stage `userspace` adds the guest's sysfs view (CPUs and their
+APIC ids, MemTotal and distances per node) reported by numavm's /init.
+Linux 6.12+ no longer logs APIC to node: its kernel stage says so in
+`notes`, and its userspace stage proves that fact (and the node of a
+CPU-only domain) from sysfs alone.
 """
 
 from __future__ import annotations
@@ -12,10 +15,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .guestcheck import compare_userspace
+from .guestcheck import apic_to_node_from_report, compare_userspace, guest_pxm_to_node
 from .initramfs import parse_guest_report
 from .layout import Layout
-from .linux_numa import KernelView, compare_kernel, expected_view, parse_kernel_log
+from .linux_numa import KernelView, compare_kernel, expected_view, kernel_version, parse_kernel_log, unlogged
 from .plan import plan_document
 from .units import format_list, format_size
 
@@ -30,6 +33,7 @@ class CheckReport:
     observed: dict[str, Any]
     mismatches: list[str] = field(default_factory=list)
     boot: str = ""  # how the boot ended
+    notes: list[str] = field(default_factory=list)  # what this stage could not see, and why
 
     @property
     def match(self) -> bool:
@@ -37,7 +41,8 @@ class CheckReport:
 
     def document(self) -> dict[str, Any]:
         return {"match": self.match, "stage": self.stage, "engine": self.engine, "boot": self.boot,
-                "expected": self.expected, "observed": self.observed, "mismatches": self.mismatches}
+                "expected": self.expected, "observed": self.observed, "mismatches": self.mismatches,
+                "notes": self.notes}
 
 
 def _view_doc(v: KernelView) -> dict[str, Any]:
@@ -53,24 +58,33 @@ def evaluate(layout: Layout, stage: str, engine: str, console_text: str, boot_ok
              boot_detail: str) -> CheckReport:
     plan = plan_document(layout)
     seen = parse_kernel_log(console_text)
+    guest = parse_guest_report(console_text) if stage == "userspace" else None
+    if seen.version is None and guest is not None and isinstance(guest.get("kernel"), str):
+        seen.version = kernel_version(guest["kernel"])  # a quiet console has no "Linux version" line
     observed: dict[str, Any] = {"kernel": _view_doc(seen)}
     report = CheckReport(stage, engine, plan, observed, boot=boot_detail)
     if not boot_ok:
         report.mismatches.append(f"boot: {boot_detail}")
         if "Linux version" not in console_text:  # nothing booted: the rest would only repeat it
             return report
-    if layout.topology.numa:
-        report.mismatches += compare_kernel(expected_view(layout), seen)
+    expected = expected_view(layout, seen.version) if layout.topology.numa else None
+    if expected is not None:
+        report.mismatches += compare_kernel(expected, seen)
+        report.notes += unlogged(expected, seen) if stage == "kernel" else []
     elif seen.numa_off is None and len(seen.fallback) > 1:
         report.mismatches.append(f"the classic machine should have one node, the guest built {len(seen.fallback)}")
     if stage == "userspace":
-        guest = parse_guest_report(console_text)
         if guest is None:
             report.mismatches.append("the guest's /init printed no topology report")
         else:
-            observed["userspace"] = guest
-            pmap = seen.pxm_to_node or None
-            report.mismatches += compare_userspace(plan, guest, pmap)
+            pmap = guest_pxm_to_node(plan, seen.pxm_to_node, guest) if seen.pxm_to_node else {}
+            observed["userspace"] = dict(
+                guest, pxm_to_node={str(p): n for p, n in pmap.items()},
+                apic_to_node={str(a): n for a, n in apic_to_node_from_report(guest).items()})
+            if expected is not None and not seen.logs_cpu_affinity and pmap != expected.pxm_to_node:
+                report.mismatches.append(f"domain->node numbering (log and sysfs): expected "
+                                         f"{expected.pxm_to_node}, guest {pmap}")
+            report.mismatches += compare_userspace(plan, guest, pmap or None)
     return report
 
 
@@ -79,8 +93,9 @@ def render(report: CheckReport, layout: Layout) -> str:
     rows: list[tuple[str, str, str]] = [("", "expected", "observed")]
     kern = report.observed["kernel"]
     user = report.observed.get("userspace") or {}
-    exp = expected_view(layout) if layout.topology.numa else None
-    p2n = {int(k): v for k, v in kern["pxm_to_node"].items()}
+    version = tuple(kern["version"]) if kern.get("version") else None
+    exp = expected_view(layout, version) if layout.topology.numa else None  # type: ignore[arg-type]
+    p2n = {int(k): v for k, v in (user.get("pxm_to_node") or kern["pxm_to_node"]).items()}
     for d in layout.domains:
         node = exp.pxm_to_node.get(d.id) if exp else 0
         seen_node = p2n.get(d.id, "-" if layout.topology.numa else 0)
@@ -90,9 +105,10 @@ def render(report: CheckReport, layout: Layout) -> str:
         got_text = ", ".join(f"{r['start']:#x}-{r['end'] - 1:#x}" for r in got) or (
             "-" if layout.topology.numa else "(no SRAT)")
         rows.append(("  memory ranges", ranges, got_text))
-        apics = [a for a, n in kern["apic_to_node"].items() if n == seen_node]
-        rows.append(("  APIC ids", format_list(d.apic_ids) or "none",
-                     format_list([int(a) for a in apics]) or ("none" if layout.topology.numa else "-")))
+        a2n = kern["apic_to_node"] or user.get("apic_to_node") or {}  # Linux 6.12+: sysfs only
+        apics = [a for a, n in a2n.items() if n == seen_node]
+        unseen = "not logged" if report.notes else "none" if layout.topology.numa else "-"
+        rows.append(("  APIC ids", format_list(d.apic_ids) or "none", format_list([int(a) for a in apics]) or unseen))
         if user:
             n = (user.get("nodes") or {}).get(str(seen_node), {})
             rows.append(("  vCPUs", format_list(d.domain.cpus) or "none", n.get("cpulist", "-") or "none"))
@@ -113,6 +129,7 @@ def render(report: CheckReport, layout: Layout) -> str:
     lines = [f"{a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
     lines.append("")
     lines.append(f"stage {report.stage}, engine {report.engine}: {report.boot}")
+    lines += [f"note: {n}" for n in report.notes]
     if report.match:
         lines.append("MATCH: the guest saw the planned topology")
     else:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, NoReturn, Sequence
 
 from . import __version__, config
+from .aptrelease import check_release
 from .errors import ConfigError, NumavmError
 from .policy import POLICY_SYNTAX
 from .topology import MachineSpec, Topology, parse_distance, parse_numa
@@ -100,17 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Download (apt-get download; nothing is installed on the host) the "
                                     "kernel image package linux-image-amd64 depends on and busybox-static, "
                                     "and extract the kernel and busybox into numavm's cache "
-                                    "($XDG_CACHE_HOME/numavm). A no-op when the cache is current.")
+                                    "($XDG_CACHE_HOME/numavm). A no-op when the cache is current. "
+                                    "--release fetches another release's kernel and busybox from the "
+                                    "host's mirrors (apt reads it through a private configuration in the "
+                                    "cache).")
     sf.add_argument("--cache", metavar="DIR", help="another cache directory")
+    sf.add_argument("--release", metavar="CODENAME",
+                    help="another release of the host's distribution, e.g. trixie (Debian 13) on a "
+                         "Debian 12 host or bookworm on Debian 13 (default: the host's own)")
 
     sc = sub.add_parser("check", help="boot the built-in guest and compare what it saw with the plan",
                         description="Boot the built-in guest and compare the NUMA topology it saw "
                                     "with the plan. Stage kernel reads the guest kernel's log (SRAT "
-                                    "ranges, APIC->node, zonelist order); stage userspace adds the "
-                                    "guest's sysfs (CPUs, MemTotal and distances per node). Exits 0 on "
-                                    "match, 1 on mismatch, 73 when the guest timed out before it could be "
-                                    "compared, 130 when interrupted. Without machine options: the built-in "
-                                    "example.")
+                                    "ranges, APIC->node (Linux 6.12+ no longer logs it), zonelist order); "
+                                    "stage userspace adds the guest's sysfs (CPUs and their APIC ids, "
+                                    "MemTotal and distances per node). Exits 0 on match, 1 on mismatch, "
+                                    "73 when the guest timed out before it could be compared, 130 when "
+                                    "interrupted. Without machine options: the built-in example.")
     _machine_options(sc, host_nodes=False)
     _guest_options(sc)
     sc.add_argument("--stage", choices=("kernel", "userspace"),
@@ -123,7 +130,11 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("guest and engine")
     g.add_argument("--accel", default="auto", metavar="kvm|tcg|auto",
                    help="engine: KVM, QEMU's TCG, or auto (KVM with hardware virtualization, else TCG)")
-    g.add_argument("--kernel", metavar="FILE", help="a bzImage or vmlinux (default: Debian's, fetched)")
+    k = g.add_mutually_exclusive_group()
+    k.add_argument("--kernel", metavar="FILE", help="a bzImage or vmlinux (default: Debian's, fetched)")
+    k.add_argument("--release", metavar="CODENAME",
+                   help="the kernel and busybox of this release of the host's distribution "
+                        "(e.g. trixie or bookworm; fetched like `numavm fetch --release`)")
     g.add_argument("--initrd", metavar="FILE", help="an initramfs (default: numavm's own)")
     g.add_argument("--timeout", metavar="S", default=None,
                    help="stop the guest after S seconds (a number more than 0, e.g. 30 or 0.5)")
@@ -235,6 +246,8 @@ def _prepare_guest(args: argparse.Namespace, stage: str | None):  # type: ignore
     from .layout import plan_layout
 
     layout = plan_layout(build_topology(args))
+    if args.release is not None:
+        check_release(args.release)
     if args.timeout is not None:
         args.timeout = parse_seconds(args.timeout, "--timeout")
     wanted = _prefault_domains(args)
@@ -285,7 +298,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     own_init = args.initrd is None
     # no command on a terminal: a shell in the guest, on the command port
     shell = own_init and not command and sys.stdin.isatty()
-    assets = guest_assets(args.kernel, log)
+    assets = guest_assets(args.kernel, log, args.release)
     initrd = guest_initrd(args.initrd, assets.busybox, command, args.add, shell=shell)
     cmdline = kernel_cmdline(stage, emulated_kvm, args.append)
     if emulated_kvm:
@@ -354,7 +367,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     layout, engine, host, emulated_kvm, stage = _prepare_guest(args, args.stage)
     log = _stderr
-    assets = guest_assets(args.kernel, log)
+    assets = guest_assets(args.kernel, log, args.release)
     initrd = guest_initrd(args.initrd, assets.busybox, None, []) if stage == "userspace" else None
     cmdline = kernel_cmdline(stage, emulated_kvm)
     watch = KernelStageWatch(until_smp=not emulated_kvm) if stage == "kernel" else None
@@ -387,9 +400,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
     from .assets import cache_root
 
+    if args.release is not None:
+        check_release(args.release)
     where = Path(args.cache) if args.cache else cache_root()
     try:
-        a = fetch(where, log=print)
+        a = fetch(where, log=print, release=args.release)
     except OSError as e:
         raise NumavmError(f"fetch: cannot write the cache {where}: {e.strerror}; free space there or "
                           f"name a writable directory with --cache or XDG_CACHE_HOME") from None

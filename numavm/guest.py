@@ -117,14 +117,15 @@ class GuestAssets:
     busybox: Path | None
 
 
-def guest_assets(kernel: str | None, log: Log) -> GuestAssets:
-    """The kernel (fetched from Debian's packages unless given) and its unpacked ELF.
+def guest_assets(kernel: str | None, log: Log, release: str | None = None) -> GuestAssets:
+    """The kernel (fetched from Debian's packages, of the host's release or of
+    `release`, unless given) and its unpacked ELF.
 
     A kernel that is not a readable bzImage or x86-64 vmlinux is bad input
     (ConfigError), as a missing one is.
     """
     if kernel is None:
-        assets = cached() or fetch_anywhere(log)
+        assets = cached(release=release) or fetch_anywhere(log, release)
         return GuestAssets(assets.kernel, unpacked_kernel(assets.kernel, log), assets.busybox)
     path = Path(kernel)
     if not path.is_file():
@@ -139,17 +140,17 @@ def guest_assets(kernel: str | None, log: Log) -> GuestAssets:
         raise ConfigError(f"--kernel: {' '.join(str(e).split())}") from None
 
 
-def fetch_anywhere(log: Log) -> Assets:
+def fetch_anywhere(log: Log, release: str | None = None) -> Assets:
     """`fetch()` into the cache, or into this run's private directory when the cache
     cannot be written (read-only, full)."""
     try:
-        return fetch(log=log)
+        return fetch(log=log, release=release)
     except OSError as e:
         first = e
     where = private_dir()
     log(f"numavm: the cache {cache_root()} cannot be written ({first.strerror}): fetching into {where}")
     try:
-        return fetch(where, log=log)
+        return fetch(where, log=log, release=release)
     except OSError as e:
         raise CacheError(f"cannot keep Debian's kernel and busybox: the cache {cache_root()}: "
                          f"{first.strerror}; {where}: {e.strerror}; free space or point XDG_CACHE_HOME "

@@ -158,6 +158,41 @@ def pxm_to_node_from_srat(srat: bytes) -> dict[int, int]:
     return out
 
 
+def apic_to_node_from_report(observed: Mapping[str, Any]) -> dict[int, int]:
+    """APIC id -> node from the guest's report: each node's cpulist, each CPU's APIC id.
+
+    A source every kernel version has (Linux 6.12 stopped logging the SRAT's
+    processor entries).  CPUs the report gives no APIC id for are left out.
+    """
+    apics = observed.get("cpu_apic_ids") or {}
+    out: dict[int, int] = {}
+    for node, n in (observed.get("nodes") or {}).items():
+        for cpu in sorted(parse_cpulist(n.get("cpulist") or "")):
+            apic = apics.get(str(cpu))
+            if isinstance(apic, int):
+                out[apic] = int(node)
+    return dict(sorted(out.items()))
+
+
+def guest_pxm_to_node(plan_doc: Mapping[str, Any], from_log: Mapping[int, int],
+                      observed: Mapping[str, Any]) -> dict[int, int]:
+    """The guest's PXM -> node map: its log's, completed from its sysfs.
+
+    Linux 6.12+ logs a PXM only with its memory ranges, so a CPU-only domain's
+    node shows only where its vCPUs landed: the node holding every APIC id the
+    plan gives that domain (none added when they are split or missing).
+    """
+    out = dict(from_log)
+    a2n = apic_to_node_from_report(observed)
+    for d in plan_doc["domains"]:
+        if d["id"] in out or not d.get("apic_ids"):
+            continue
+        nodes = {a2n.get(a) for a in d["apic_ids"]}
+        if len(nodes) == 1 and None not in nodes:
+            out[d["id"]] = nodes.pop()  # type: ignore[assignment]
+    return out
+
+
 def pxm_to_node_from_plan(plan_doc: Mapping[str, Any]) -> dict[int, int]:
     """The map for numavm's own SRAT order (domains with vCPUs by id, then memory-only ones)."""
     if not plan_doc.get("numa", True):
@@ -210,8 +245,8 @@ def compare_userspace(plan_doc: Mapping[str, Any], observed: Mapping[str, Any],
     maps proximity domains (numavm's domain ids) to the guest's node numbers;
     None or empty means the identity map for the classic machine and Linux's
     SRAT rule (`pxm_to_node_from_plan`) otherwise.  Checked: the set of nodes,
-    each node's CPUs, MemTotal within `memory_bounds`, the distance matrix
-    (permuted by the map), and the online CPUs.
+    each node's CPUs and their APIC ids, MemTotal within `memory_bounds`, the
+    distance matrix (permuted by the map), and the online CPUs.
     """
     out: list[str] = []
     doms = sorted(plan_doc["domains"], key=lambda d: d["id"])
@@ -242,6 +277,11 @@ def compare_userspace(plan_doc: Mapping[str, Any], observed: Mapping[str, Any],
     if online_cpus is not None and parse_cpulist(online_cpus) != all_cpus:
         out.append(f"online CPUs: guest {online_cpus!r}, plan wants {format_cpulist(all_cpus)!r}")
 
+    apics = observed.get("cpu_apic_ids")
+    if not isinstance(apics, Mapping):
+        out.append("the guest's report has no APIC ids (cpu_apic_ids)")
+        apics = None
+
     bounds = memory_bounds(plan_doc)
     for d in doms:
         node = pmap.get(d["id"])
@@ -256,6 +296,13 @@ def compare_userspace(plan_doc: Mapping[str, Any], observed: Mapping[str, Any],
         if cpus != set(d["cpus"]):
             out.append(f"{where}: CPUs {format_cpulist(cpus) or 'none'}, plan wants "
                        f"{format_cpulist(d['cpus']) or 'none'}")
+        if apics is not None:
+            got = {apics.get(str(c)) for c in cpus}
+            if got != set(d.get("apic_ids") or []):
+                names = sorted(a for a in got if isinstance(a, int))
+                out.append(f"{where}: APIC ids {format_cpulist(names) or 'none'}"
+                           f"{' (some CPUs without one)' if None in got else ''}, plan wants "
+                           f"{format_cpulist(d.get('apic_ids') or []) or 'none'}")
         mt = n.get("memtotal_kb")
         lo, hi, why = bounds[d["id"]]
         if not isinstance(mt, int):

@@ -15,7 +15,12 @@ compact JSON between the lines ``@@NUMAVM-TOPOLOGY-BEGIN@@`` and
                      "distance": [10, 20, 30]}, ...},
      "online_cpus": "0-3", "possible_cpus": "0-3", "possible_nodes": "0-2",
      "online_nodes": "0-2", "memtotal_kb": 2530452, "acpi_tables": ["APIC", ...],
+     "cpu_apic_ids": {"0": 0, "1": 1, "2": 2, "3": 3},
      "kernel": "6.1.0-56-amd64", "uptime": 3.54, "cmdline": "console=ttyS0 ..."}
+
+(`cpu_apic_ids`: each online CPU's APIC id, /proc/cpuinfo's ``apicid``: with
+the nodes' cpulists it gives the APIC -> node map on every kernel version;
+Linux 6.12 stopped logging it.)
 
 then runs the user's command, if any, with its argv exactly as given (each
 argument is a file under /etc/numavm/argv/, read back by the script, never
@@ -109,11 +114,17 @@ END {
   while ((getline l < f) > 0) if (l ~ /^MemTotal:/) { split(l, w, " "); mt = w[2] }
   close(f)
   up = rd("/proc/uptime"); sub(/ .*/, "", up); if (up == "") up = "null"
+  a = ""; cpu = ""; f = "/proc/cpuinfo"
+  while ((getline l < f) > 0) {
+    if (l ~ /^processor[ \t]*:/) { cpu = l; sub(/^[^:]*: */, "", cpu) }
+    else if (l ~ /^apicid[ \t]*:/ && cpu != "") { v = l; sub(/^[^:]*: */, "", v)
+      a = a (a == "" ? "" : ",") "\"" cpu "\":" num(v); cpu = "" } }
+  close(f)
   printf "\n@@NUMAVM-TOPOLOGY-BEGIN@@\n{\"nodes\":{%s}", j
   printf ",\"online_cpus\":%s,\"possible_cpus\":%s", js(rd(C "/online")), js(rd(C "/possible"))
   printf ",\"possible_nodes\":%s,\"online_nodes\":%s", js(rd(N "/possible")), js(rd(N "/online"))
   printf ",\"has_cpu_nodes\":%s,\"has_memory_nodes\":%s", js(rd(N "/has_cpu")), js(rd(N "/has_memory"))
-  printf ",\"memtotal_kb\":%s,\"acpi_tables\":[%s]", num(mt), t
+  printf ",\"memtotal_kb\":%s,\"acpi_tables\":[%s],\"cpu_apic_ids\":{%s}", num(mt), t, a
   printf ",\"kernel\":%s,\"uptime\":%s,\"cmdline\":%s}", js(rd("/proc/sys/kernel/osrelease")), up, js(rd("/proc/cmdline"))
   printf "\n@@NUMAVM-TOPOLOGY-END@@\n"
 }'

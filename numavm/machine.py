@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import re
 import signal
 import struct
 import threading
@@ -39,6 +40,11 @@ KVM_IDENTITY_MAP_ADDR = 0xFFFB_C000
 KICK_SIGNAL = signal.SIGUSR1
 _INT3 = 0xCC
 _BP_VECTOR = 3
+
+# The guest kernel's panic line on its console (both engines watch for it: with
+# panic=-1 the kernel reboots right after, which alone would read as a reset).
+PANIC_RE = re.compile(r"Kernel panic - not syncing: ?(.*)")
+_PANIC_WORDS = b"Kernel panic"
 
 # Exits are counted per vCPU in a list indexed by exit reason (no string keys
 # on the hot path); RunResult.exits names them.  Reasons past the list (none
@@ -99,6 +105,7 @@ class KvmMachine:
         self._console = console or (lambda data: None)
         self._stream_sinks = None if stdout is None and stderr is None else (
             stdout or (lambda data: None), stderr or (lambda data: None))
+        self._console_tail = b""  # for a panic line split across flushes
         self._stop = threading.Event()
         self._stopping = False  # the vCPU loops' cheap view of _stop
         self._outcome: tuple[Outcome, str] | None = None
@@ -149,7 +156,7 @@ class KvmMachine:
             self.memory.write(addr, blob)
         self.bus = IoBus()
         self.irq_lines = IrqLines(self._irq)  # COM1 and COM3 share IRQ 4
-        self.serial = Serial16550(self._console, self.irq_lines.source())
+        self.serial = Serial16550(self._console_out, self.irq_lines.source())
         self.bus.register(COM1_PORT, 8, self.serial)
         self.uarts = [self.serial]
         self.stdout_serial: Serial16550 | None = None
@@ -161,6 +168,17 @@ class KvmMachine:
             self.bus.register(COM3_PORT, 8, stderr_serial)
             self.uarts += [self.stdout_serial, stderr_serial]
         self.power = attach_power_devices(self.bus, self._power_event)
+
+    def _console_out(self, data: bytes) -> None:
+        """Guest console output (a line at a time): to the console, and watched for a panic."""
+        self._console(data)
+        tail = self._console_tail + data
+        self._console_tail = tail[-256:]
+        at = tail.find(_PANIC_WORDS)
+        if at >= 0 and b"\n" in tail[at:]:
+            m = PANIC_RE.search(tail[at:].decode(errors="replace"))
+            self._console_tail = b""
+            self.stop(Outcome.PANIC, f"guest kernel panic: {m.group(1).strip() if m else ''}".rstrip(": "))
 
     def _irq(self, line: int, level: bool) -> None:
         assert self.vm is not None
@@ -334,6 +352,10 @@ class KvmMachine:
                 kvm_run()
             except InterruptedError:  # a kick (or any signal)
                 exits[INTR] += 1
+                continue
+            except BlockingIOError:
+                # EAGAIN: this vCPU waits for INIT/SIPI (MP state UNINITIALIZED); KVM_RUN
+                # blocked until an event came and the vCPU is still not running: run again.
                 continue
             except OSError as e:
                 raise KvmIoctlError(e.errno or 0, "KVM_RUN") from None

@@ -36,6 +36,7 @@ from .engine import qemu_binary
 from .errors import ConfigError, NumavmError
 from .layout import HIGH_RAM_BASE, LOW_RAM_LIMIT, Layout
 from .lifetime import OwnedDir, die_with_parent
+from .machine import PANIC_RE as _PANIC
 from .machine import Outcome, RunResult
 from .memory import GuestMemory
 
@@ -45,7 +46,6 @@ QEMU_PC_MAX_CPUS = 255  # pc-i440fx: xAPIC ids only
 LINUX_FLAT_MAX_CPUS = 8
 # Firmware: qboot starts a PVH/linuxboot kernel faster than SeaBIOS.
 QBOOT = Path("/usr/share/qemu/qboot.rom")
-_PANIC = re.compile(r"Kernel panic - not syncing: ?(.*)")
 
 
 QEMU_ACPITABLE_MAX = 65535  # -acpitable refuses larger tables ("ACPI table too big")

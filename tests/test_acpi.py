@@ -41,7 +41,9 @@ ALL_SIGS = ("RSDP", "XSDT", "FACP", "DSDT", "APIC", "SRAT", "SLIT")
 
 # ---------------------------------------------------------------- iasl helper
 
-_FIELD = re.compile(r"^\[([0-9A-Fa-f]+)h\s+(\d+)\s+(\d+)\]\s*(.*?)\s*: (.*)$")
+# "[HexOffset DecimalOffset ByteLength]": ACPICA 2020 prints the length in decimal ("[000h 0000   4]"),
+# 2025 (Debian 13) in hex ("[000h 0000 004h]").
+_FIELD = re.compile(r"^\[([0-9A-Fa-f]+)h\s+(\d+)\s+(\d+|[0-9A-Fa-f]+h)\]\s*(.*?)\s*: (.*)$")
 _DECODED = re.compile(r"^\s+(\S.*?)\s*: (\S.*)$")
 _CONT = re.compile(r"^\s+((?:[0-9A-Fa-f]{2} )*[0-9A-Fa-f]{2})\s*\\?$")
 

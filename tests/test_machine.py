@@ -185,6 +185,25 @@ def test_triple_fault_ends_the_machine() -> None:
     assert result.outcome is Outcome.TRIPLE_FAULT, result.detail
 
 
+def test_a_kernel_panic_line_on_the_console_ends_the_machine_as_a_panic() -> None:
+    """With panic=-1 a Linux guest reboots right after its panic line: the line decides."""
+    layout = plan_layout(MachineSpec(cpus=1, memory=64 << 20).build())
+    text = b"boot...\r\nKernel panic - not syncing: sysrq triggered crash\r\n"
+    program = bytes.fromhex("66baf803"  # mov dx, 0x3f8
+                            "f36e"      # rep outsb (rsi = text, rcx = its length)
+                            "ebfe")     # jmp $
+    seen: list[bytes] = []
+    with KvmMachine(layout, console=seen.append) as m:
+        m.load([(GDT_ADDR, cpumode.gdt_bytes()), (PROGRAM_ADDR, program), (TABLE_ADDR, text),
+                (PT_ADDR, cpumode.identity_page_tables(PT_ADDR))])
+        state = cpumode.long_mode_state(PT_ADDR, GDT_ADDR, PROGRAM_ADDR)
+        m.set_boot_state(with_regs(state, rsi=TABLE_ADDR, rcx=len(text)))
+        result = m.run(timeout=60)
+    assert result.outcome is Outcome.PANIC, result.detail
+    assert result.detail == "guest kernel panic: sysrq triggered crash"
+    assert b"".join(seen) == text
+
+
 def test_timeout_stops_a_spinning_guest() -> None:
     layout = plan_layout(MachineSpec(cpus=2, memory=64 << 20).build())
     with KvmMachine(layout) as m:

@@ -18,7 +18,6 @@ import lzma
 import os
 import shutil
 import stat
-import struct
 import subprocess
 import tarfile
 import time
@@ -231,7 +230,7 @@ def test_compare_userspace_finds_differences() -> None:
     doc = plan_document(plan_layout(topo))
     good = {"nodes": {"0": {"cpulist": "0-1", "memtotal_kb": 985212, "distance": [10, 20]},
                       "1": {"cpulist": "2-3", "memtotal_kb": 1031520, "distance": [30, 10]}},
-            "online_cpus": "0-3", "online_nodes": "0-1"}
+            "online_cpus": "0-3", "online_nodes": "0-1", "cpu_apic_ids": {"0": 0, "1": 1, "2": 2, "3": 3}}
     assert G.compare_userspace(doc, good, {0: 0, 1: 1}) == []
     swapped = {"nodes": {"1": good["nodes"]["0"], "0": good["nodes"]["1"]}}  # type: ignore[index]
     assert G.compare_userspace(doc, swapped, {0: 0, 1: 1})  # CPUs and distances differ
@@ -240,10 +239,32 @@ def test_compare_userspace_finds_differences() -> None:
     bad["nodes"]["0"]["distance"] = [10, 30]
     bad["nodes"]["0"]["cpulist"] = "0"
     out = G.compare_userspace(doc, bad, {0: 0, 1: 1})
-    assert len(out) == 3 and any("MemTotal" in m for m in out)
+    assert len(out) == 4 and any("MemTotal" in m for m in out) and any("APIC ids 0," in m for m in out)
     assert any("CPUs" in m for m in out) and any("distances" in m for m in out)
     one = {"nodes": {"0": good["nodes"]["0"]}, "online_nodes": "0"}  # type: ignore[index]
     assert any("nodes:" in m for m in G.compare_userspace(doc, one, {0: 0, 1: 1}))
+    # right CPU numbers on the right nodes, but the vCPUs' APIC ids crossed over between domains
+    crossed = dict(good, cpu_apic_ids={"0": 0, "1": 2, "2": 1, "3": 3})
+    out = G.compare_userspace(doc, crossed, {0: 0, 1: 1})
+    assert out == ["domain 0 (node 0): APIC ids 0,2, plan wants 0-1",
+                   "domain 1 (node 1): APIC ids 1,3, plan wants 2-3"]
+    assert G.compare_userspace(doc, {k: v for k, v in good.items() if k != "cpu_apic_ids"},
+                               {0: 0, 1: 1}) == ["the guest's report has no APIC ids (cpu_apic_ids)"]
+
+
+def test_apic_and_pxm_maps_from_the_guests_sysfs() -> None:
+    """Linux 6.12 logs no processor affinity: APIC -> node and a CPU-only domain's node come
+    from the report (node cpulists and each CPU's APIC id)."""
+    doc = plan_document(plan_layout(_topo(["id=0,size=512M", "id=1,size=0,cpus=0-1",
+                                           "id=2,size=512M,cpus=2"])))
+    rep = {"nodes": {"0": {"cpulist": "0-1"}, "1": {"cpulist": "2"}, "2": {"cpulist": ""}},
+           "cpu_apic_ids": {"0": 0, "1": 1, "2": 2}}
+    apics = {d["id"]: d["apic_ids"] for d in doc["domains"]}
+    assert G.apic_to_node_from_report(rep) == {a: n for n, d in ((0, 1), (1, 2)) for a in apics[d]}
+    from_log = {2: 1, 0: 2}  # 6.12 logs only the domains with memory
+    assert G.guest_pxm_to_node(doc, from_log, rep) == {1: 0, 2: 1, 0: 2} == G.pxm_to_node_from_plan(doc)
+    split = dict(rep, nodes={"0": {"cpulist": "0"}, "1": {"cpulist": "1-2"}, "2": {"cpulist": ""}})
+    assert G.guest_pxm_to_node(doc, from_log, split) == from_log  # domain 1 split: no node to give it
 
 
 def test_memory_bounds() -> None:
@@ -282,14 +303,21 @@ def _deb(files: dict[str, bytes]) -> bytes:
 
 
 def test_deb_extraction(tmp_path: Path) -> None:
-    import re
     deb = tmp_path / "k.deb"
     deb.write_bytes(_deb({"./boot/config-6.1.0-9": b"cfg", "./boot/vmlinuz-6.1.0-9-amd64": b"KERNEL",
                           "./lib/modules/x": b"m"}))
-    name, data = A._extract_one(deb, re.compile(r"^(?:\./)?boot/(vmlinuz-[^/]+)$"))
+    name, data = A._extract_one(deb, A.KERNEL_FILE)
     assert (name, data) == ("vmlinuz-6.1.0-9-amd64", b"KERNEL")
     with pytest.raises(NumavmError):
-        A._extract_one(deb, re.compile(r"^(?:\./)?bin/(busybox)$"))
+        A._extract_one(deb, A.BUSYBOX_FILE)
+
+
+@pytest.mark.parametrize("path", ["./bin/busybox", "./usr/bin/busybox"])  # Debian 12, Debian 13
+def test_busybox_extraction_from_either_release(tmp_path: Path, path: str) -> None:
+    deb = tmp_path / "b.deb"
+    deb.write_bytes(_deb({"./usr/share/doc/busybox-static/copyright": b"c", path: b"BUSYBOX",
+                          "./usr/bin/busybox-other": b"no"}))
+    assert A._extract_one(deb, A.BUSYBOX_FILE) == ("busybox", b"BUSYBOX")
 
 
 def test_apt_output_parsing() -> None:
@@ -326,51 +354,12 @@ def assets() -> A.Assets:
         pytest.skip(f"no guest kernel/busybox: {e}")
 
 
-def pvh_vmlinux(bzimage: Path, dest: Path) -> Path | None:
-    """The bzImage's payload unpacked to its ELF vmlinux, if xz-packed with a PVH entry note.
-
-    QEMU starts such an ELF at its PVH entry: no in-guest decompression, ~40 %
-    faster under TCG.  (numavm's boot layer will own this; a stop-gap here.)
-    """
-    d = bzimage.read_bytes()
-    if d[0x202:0x206] != b"HdrS":
-        return None
-    setup = (d[0x1F1] or 4) + 1
-    off, length = struct.unpack_from("<II", d, 0x248)
-    payload = d[setup * 512 + off:setup * 512 + off + length]
-    if not payload.startswith(b"\xfd7zXZ\0"):
-        return None
-    try:
-        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
-    except lzma.LZMAError:
-        return None
-    if elf[:4] != b"\x7fELF" or not _has_pvh_note(elf):
-        return None
-    dest.write_bytes(elf)
-    return dest
-
-
-def _has_pvh_note(elf: bytes) -> bool:
-    phoff, = struct.unpack_from("<Q", elf, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    for k in range(phnum):
-        ptype, _, offset, _, _, filesz = struct.unpack_from("<IIQQQQ", elf, phoff + k * phentsize)
-        if ptype != 4:  # PT_NOTE
-            continue
-        pos, end = offset, offset + filesz
-        while pos + 12 <= end:
-            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
-            name = elf[pos + 12:pos + 12 + namesz].rstrip(b"\0")
-            if name == b"Xen" and ntype == 18:  # XEN_ELFNOTE_PHYS32_ENTRY
-                return True
-            pos += 12 + ((namesz + 3) & ~3) + ((descsz + 3) & ~3)
-    return False
-
-
 @pytest.fixture(scope="session")
-def guest_kernel(assets: A.Assets, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    elf = pvh_vmlinux(assets.kernel, tmp_path_factory.mktemp("kernel") / "vmlinux")
-    return elf or assets.kernel
+def guest_kernel(assets: A.Assets) -> Path:
+    """The bzImage's vmlinux, unpacked on the host by numavm (xz on Debian 12, zstd on 13):
+    QEMU starts it at its PVH entry, with no decompression in the emulated guest."""
+    from numavm.guest import unpacked_kernel
+    return unpacked_kernel(assets.kernel, log=lambda s: None)
 
 
 # ---------------------------------------------------------------- the cases
@@ -382,6 +371,24 @@ class Case:
     command: list[str] | None = None
     add: tuple[tuple[str, str], ...] = ()
     exit_status: int = 0
+    srat: Callable[[bytes], bytes] | None = None  # doctors the SRAT: the guest must then disagree
+
+
+def _swap_apics(a: int, b: int) -> Callable[[bytes], bytes]:
+    """An SRAT whose local-APIC entries for APIC ids `a` and `b` trade proximity domains."""
+    def patch(srat: bytes) -> bytes:
+        t = bytearray(srat)
+        at: dict[int, int] = {}
+        pos = 48
+        while pos + 2 <= len(t) and t[pos + 1] >= 2:
+            if t[pos] == 0:  # processor local APIC affinity: PXM bits 7:0 at +2, APIC id at +3
+                at[t[pos + 3]] = pos
+            pos += t[pos + 1]
+        t[at[a] + 2], t[at[b] + 2] = t[at[b] + 2], t[at[a] + 2]
+        t[9] = 0
+        t[9] = -sum(t) & 0xFF
+        return bytes(t)
+    return patch
 
 
 def _host_ls() -> str:
@@ -406,6 +413,8 @@ CASES: dict[str, Case] = {
     "command": Case(lambda: config.example().build(host_nodes=(0,)),
                     command=["/opt/host/ls", "-d", "/sys/devices/system/node/node2", "no such 'file'"],
                     add=((_host_ls(), "/opt/host/ls"),), exit_status=2),
+    # a real mismatch: vCPUs 1 and 2 (APIC 1 and 2) trade domains in the SRAT the guest reads
+    "crossed-apics": Case(lambda: config.example().build(host_nodes=(0,)), srat=_swap_apics(1, 2)),
 }
 if shutil.which("numactl"):
     CASES["numactl"] = Case(lambda: config.example().build(host_nodes=(0,)),
@@ -427,6 +436,8 @@ def _boot(name: str, case: Case, kernel: Path, busybox: Path, work: Path) -> Boo
     layout = plan_layout(case.topo())
     doc = plan_document(layout)
     blobs = build_tables(layout).blobs()
+    if case.srat is not None:
+        blobs["SRAT"] = case.srat(blobs["SRAT"])
     tables: dict[str, str] = {}
     for sig in ("SRAT", "SLIT"):
         if sig in blobs:
@@ -479,14 +490,26 @@ def test_guest_sees_the_plan(case: str, boots: dict[str, Future[Boot]]) -> None:
     assert b.returncode == 0, f"QEMU exited {b.returncode}:\n{tail}"
 
     from_log = G.pxm_to_node_from_log(b.console)
+    # Linux 6.12+ logs a PXM only with its memory: a CPU-only domain's node comes from sysfs
+    from_guest = G.guest_pxm_to_node(b.doc, from_log, rep)
     if b.doc["numa"]:
         assert b.srat is not None and {"SRAT", "SLIT"} <= set(rep["acpi_tables"])
-        # Linux's numbering rule, predicted two ways, and what the guest logged
-        assert from_log == G.pxm_to_node_from_srat(b.srat) == G.pxm_to_node_from_plan(b.doc), tail
+        # Linux's numbering rule, predicted two ways, and what the guest logged and shows
+        assert from_guest == G.pxm_to_node_from_srat(b.srat) == G.pxm_to_node_from_plan(b.doc), tail
+        assert from_log.items() <= from_guest.items()
     else:
         assert from_log == {} and not {"SRAT", "SLIT"} & set(rep["acpi_tables"])
     assert "NUMA: nodes only cover" not in b.console
-    mismatches = G.compare_userspace(b.doc, rep, from_log)
+    mismatches = G.compare_userspace(b.doc, rep, from_guest)
+    if CASES[case].srat is not None:  # the guest obeyed the doctored SRAT: both comparisons must say so
+        from numavm.check import evaluate
+        assert mismatches == ["domain 0 (node 0): CPUs 0,2, plan wants 0-1",
+                              "domain 0 (node 0): APIC ids 0,2, plan wants 0-1",
+                              "domain 1 (node 1): CPUs 1,3, plan wants 2-3",
+                              "domain 1 (node 1): APIC ids 1,3, plan wants 2-3"], mismatches
+        report = evaluate(plan_layout(CASES[case].topo()), "userspace", "tcg", b.console, True, "test")
+        assert not report.match and any("APIC" in m for m in report.mismatches), report.mismatches
+        return
     assert mismatches == [], "\n".join(mismatches)
 
     if case == "command":

@@ -1,0 +1,549 @@
+"""Commands on a hardware-virtualization KVM, on any x86 host: an "L1" machine under QEMU TCG.
+
+QEMU's TCG emulates an AMD CPU with SVM and nested paging (`-cpu
+qemu64,+svm,+npt`); inside it Debian's own kernel (the one numavm boots as
+its guest) loads kvm-amd, so `/dev/kvm` in L1 is the kvm_amd of a bare-metal
+AMD host.  L1 sees this machine's files read-only over 9p, chroots into
+them with a tmpfs on /tmp (HOME, TMPDIR and XDG_CACHE_HOME live there, with
+a copy of numavm's cache), runs one command line in the current directory
+and hands back its stdout, stderr (two more serial ports, raw) and exit
+status (a marker on the console), then powers off.
+
+Used by the test suite (tests/test_hwvirt.py, marker `hwvirt`), by bench/,
+and by hand::
+
+    python -m bench.l1 -- .venv/bin/numavm check --accel kvm --stage userspace
+
+Kernel modules (kvm-amd and the virtio/9p stack) come from the same Debian
+kernel package numavm fetched, downloaded once with `apt-get download` and
+kept under numavm's cache (`l1-modules-<release>/`).  Nothing here is
+timing-sensitive: everything in L1 is emulated, so timeouts are generous.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from numavm import assets
+from numavm.errors import NumavmError
+from numavm.initramfs import Entry, compress, cpio_newc
+
+ROOT = Path(__file__).resolve().parent.parent
+QEMU = "qemu-system-x86_64"
+CPU = "qemu64,+svm,+npt"
+QBOOT = Path("/usr/share/qemu/qboot.rom")
+MEMORY_MIB = 7 * 1024  # a 5 GiB L2 guest (the crossing-3GiB machines) plus L1's own needs
+CPUS = 2
+TIMEOUT = 1800.0
+HOST_TAG = "hostroot"
+EXIT_MARK = "@@L1-EXIT"
+READY_MARK = "@@L1-READY"
+ERROR_MARK = "@@L1-ERROR"
+
+# In load order; dependencies are checked against each module's own `depends=`.
+KVM_MODULES = ("irqbypass", "ccp", "kvm", "kvm-amd")
+NINEP_MODULES = ("virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
+                 "netfs", "fscache", "9pnet", "9pnet_virtio", "9p")
+MODULES = NINEP_MODULES + KVM_MODULES
+
+# What the command sees: a clean environment, like a login, with numavm's cache on tmpfs.
+BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/tmp/home",
+    "TMPDIR": "/tmp",
+    "XDG_CACHE_HOME": "/tmp/cache",
+    "PYTHONDONTWRITEBYTECODE": "1",  # the 9p view is read-only
+    "LANG": "C.UTF-8",
+    "TERM": "dumb",
+}
+
+INIT = r"""#!/bin/sh
+# L1 init: modules, the host's / over 9p, a tmpfs /tmp, the command in a chroot, power off.
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /etc/l1/modules); do
+  insmod "/lib/l1/$m.ko" || echo "@@L1-ERROR insmod $m@@"
+done
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host \
+  || echo "@@L1-ERROR 9p mount@@"
+mount -t proc proc /host/proc
+mount -t sysfs sysfs /host/sys
+mount -t devtmpfs devtmpfs /host/dev
+mount -t tmpfs -o mode=1777 tmpfs /host/tmp
+mount -t tmpfs -o mode=1777 tmpfs /host/dev/shm 2>/dev/null
+mkdir -p /host/tmp/home /host/tmp/cache
+cache=$(cat /etc/l1/cache)
+[ -d "/host$cache" ] && cp -a "/host$cache" /host/tmp/cache/numavm
+stty -F /dev/ttyS1 raw -echo 2>/dev/null
+stty -F /dev/ttyS2 raw -echo 2>/dev/null
+set --
+i=0
+while [ -e "/etc/l1/argv/$i" ]; do
+  a=$(cat "/etc/l1/argv/$i"; echo x)
+  set -- "$@" "${a%x}"
+  i=$((i + 1))
+done
+printf '\n@@L1-READY %s@@\n' "$(cat /proc/uptime)"
+env -i $(cat /etc/l1/env) chroot /host /bin/sh -c 'cd "$0" && exec "$@"' "$(cat /etc/l1/cwd)" "$@" \
+  </dev/null >/dev/ttyS1 2>/dev/ttyS2
+st=$?
+printf '\n@@L1-EXIT %d@@\n' "$st"
+poweroff -f
+sleep 5
+"""
+
+
+class L1Unavailable(NumavmError):
+    """L1 cannot be started on this host (the reason says why)."""
+
+
+@dataclass
+class L1Result:
+    status: int | None  # the command's exit status; None when L1 never reported one
+    stdout: bytes
+    stderr: bytes
+    console: str  # L1's own serial console (its kernel log, module errors, the markers)
+    seconds: float  # launch to QEMU's exit
+    ready_seconds: float | None  # L1's uptime when the command started (guest clock)
+    detail: str = ""  # why there is no status (timeout, L1 crashed)
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+
+# ---------------------------------------------------------------- availability
+
+
+def unavailable() -> str | None:
+    """Why L1 cannot run here, or None.  Cheap: no download, no boot."""
+    qemu = shutil.which(QEMU)
+    if qemu is None:
+        return f"{QEMU} is not installed"
+    try:
+        r = subprocess.run([qemu, "-cpu", "help"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{QEMU} -cpu help failed: {e}"
+    flags = r.stdout.split("Recognized CPUID flags:", 1)[-1].split()
+    if not {"svm", "npt"} <= set(flags):
+        return f"{QEMU} cannot emulate SVM with nested paging (no svm/npt CPUID flags)"
+    if assets.cached() is None:
+        return "no guest kernel in numavm's cache (run `numavm fetch`)"
+    if modules_dir() is None and not shutil.which("apt-get"):
+        return "the kernel's modules (kvm-amd, 9p) are not cached and there is no apt-get to fetch them"
+    return None
+
+
+# ---------------------------------------------------------------- modules
+
+
+def _kernel() -> assets.Assets:
+    a = assets.cached()
+    if a is None:
+        raise L1Unavailable("no guest kernel in numavm's cache (run `numavm fetch`)")
+    return a
+
+
+def modules_dir(cache: Path | None = None) -> Path | None:
+    """The cached modules of the cached kernel, or None."""
+    a = assets.cached(cache)
+    if a is None:
+        return None
+    d = (cache or assets.cache_root()) / f"l1-modules-{a.kernel_version}"
+    return d if (d / "order").is_file() else None
+
+
+def _depends(ko: bytes) -> list[str]:
+    m = re.search(rb"\0depends=([^\0]*)\0", ko)
+    return [x.replace("_", "-") for x in m.group(1).decode().split(",") if x] if m else []
+
+
+def module_order(kos: dict[str, bytes], wanted: Sequence[str]) -> list[str]:
+    """`wanted` (and what they depend on, if present) with every module after its dependencies."""
+    norm = {name.replace("_", "-"): name for name in kos}
+    out: list[str] = []
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        key = name.replace("_", "-")
+        if key in path:
+            raise NumavmError(f"module dependency cycle: {' -> '.join(path + (key,))}")
+        real = norm.get(key)
+        if real is None:
+            raise L1Unavailable(f"kernel module {name} is not in the kernel package")
+        if real in out:
+            return
+        for dep in _depends(kos[real]):
+            visit(dep, path + (key,))
+        out.append(real)
+
+    for name in wanted:
+        visit(name, ())
+    return out
+
+
+def fetch_modules(log=print) -> Path:  # type: ignore[no-untyped-def]
+    """The cached kernel's MODULES under numavm's cache, fetched once (atomically: a whole
+    directory renamed into place)."""
+    found = modules_dir()
+    if found is not None:
+        return found
+    a = _kernel()
+    if not a.kernel_package or not a.kernel_package_version:
+        raise L1Unavailable("numavm's cache does not say which kernel package it came from")
+    root = assets.cache_root()
+    final = root / f"l1-modules-{a.kernel_version}"
+    with tempfile.TemporaryDirectory(prefix="numavm-l1-", dir=root) as tmp:
+        work = Path(tmp)
+        deb = assets.download(a.kernel_package, a.kernel_package_version, work, log)
+        names = "|".join(re.escape(m) for m in {*MODULES, *(m.replace("-", "_") for m in MODULES)})
+        pattern = re.compile(rf"^(?:\./)?lib/modules/[^/]+/kernel/.*/((?:{names})\.ko(?:\.xz)?)$")
+        files = assets.extract_matching(deb, pattern)
+        deb.unlink()
+        kos: dict[str, bytes] = {}
+        for fname, data in files.items():
+            if fname.endswith(".xz"):
+                import lzma
+                data = lzma.decompress(data)
+            kos[fname.split(".ko")[0]] = data
+        # the order is computed from the modules' own depends= (virtio_ring before virtio, ...)
+        order = module_order(kos, MODULES)
+        stage = work / "modules"
+        stage.mkdir()
+        for name in order:
+            (stage / f"{name}.ko").write_bytes(kos[name])
+        (stage / "order").write_text("\n".join(order) + "\n")
+        os.chmod(stage, 0o755)
+        try:
+            os.rename(stage, final)
+        except OSError:  # another process got there first
+            if modules_dir() is None:
+                raise
+    log(f"l1: kernel modules of {a.kernel_package} {a.kernel_package_version} -> {final}")
+    return final
+
+
+# ---------------------------------------------------------------- the initramfs
+
+
+def initramfs(argv: Sequence[str], cwd: str, env: dict[str, str], mods: Path) -> bytes:
+    busybox = _kernel().busybox
+    order = (mods / "order").read_text().split()
+    entries = [Entry(d, stat.S_IFDIR | 0o755) for d in
+                 ("bin", "dev", "etc", "etc/l1", "etc/l1/argv", "lib", "lib/l1", "proc", "sys", "tmp")]
+    entries += [Entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
+                Entry("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes()),
+                Entry("bin/sh", stat.S_IFLNK | 0o777, b"busybox"),
+                Entry("init", stat.S_IFREG | 0o755, INIT.encode()),
+                Entry("etc/l1/modules", stat.S_IFREG | 0o644, "\n".join(order).encode() + b"\n"),
+                Entry("etc/l1/cache", stat.S_IFREG | 0o644, str(assets.cache_root()).encode()),
+                Entry("etc/l1/cwd", stat.S_IFREG | 0o644, cwd.encode())]
+    for k, v in env.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k) or re.search(r"\s", v):
+            raise NumavmError(f"--env: {k}={v!r}: a name and a value without blanks")
+    entries.append(Entry("etc/l1/env", stat.S_IFREG | 0o644,
+                         " ".join(f"{k}={v}" for k, v in env.items()).encode()))
+    for k, arg in enumerate(argv):
+        entries.append(Entry(f"etc/l1/argv/{k}", stat.S_IFREG | 0o644, arg.encode()))
+    for name in order:
+        entries.append(Entry(f"lib/l1/{name}.ko", stat.S_IFREG | 0o644, (mods / f"{name}.ko").read_bytes()))
+    entries.sort(key=lambda e: e.path.split("/"))
+    return compress(cpio_newc(entries), "gzip")
+
+
+# ---------------------------------------------------------------- running
+
+
+def qemu_argv(kernel: Path, initrd: Path, work: Path, memory_mib: int, cpus: int) -> list[str]:
+    # the vmlinux through its PVH entry with qboot: no emulated decompression, no SeaBIOS
+    with open(kernel, "rb") as f:
+        elf = f.read(4) == b"\x7fELF"
+    firmware = ["-bios", str(QBOOT)] if elf and QBOOT.is_file() else []
+    return [QEMU, *firmware, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-M", "pc", "-accel", "tcg", "-cpu", CPU, "-smp", str(cpus), "-m", f"{memory_mib}M",
+            "-kernel", str(kernel), "-initrd", str(initrd),
+            "-append", "console=ttyS0 loglevel=4 panic=-1 nokaslr tsc=reliable",
+            "-chardev", f"file,id=con,path={work / 'console'}", "-serial", "chardev:con",
+            "-chardev", f"file,id=out,path={work / 'stdout'}", "-serial", "chardev:out",
+            "-chardev", f"file,id=err,path={work / 'stderr'}", "-serial", "chardev:err",
+            "-virtfs", f"local,path=/,mount_tag={HOST_TAG},security_model=none,readonly=on,multidevs=remap"]
+
+
+class _Tail:
+    """New bytes of a file that another process is writing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = bytearray()
+
+    def poll(self) -> bytes:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(len(self.data))
+                new = f.read()
+        except FileNotFoundError:
+            return b""
+        self.data += new
+        return new
+
+
+def run(argv: Sequence[str], *, cwd: str | Path | None = None, env: dict[str, str] | None = None,
+        memory_mib: int = MEMORY_MIB, cpus: int = CPUS, timeout: float = TIMEOUT,
+        stream: bool = False, log=lambda s: None) -> L1Result:  # type: ignore[no-untyped-def]
+    """Run `argv` in L1 (in `cwd`, default the current directory, seen through 9p) and return
+    its output and status.  `stream` copies its stdout/stderr to ours as they come."""
+    if not argv:
+        raise NumavmError("l1: no command")
+    why = unavailable()
+    if why is not None:
+        raise L1Unavailable(why)
+    mods = fetch_modules(log)
+    kernel = _vmlinux(log)
+    full_env = dict(BASE_ENV, **(env or {}))
+    work = Path(tempfile.mkdtemp(prefix="numavm-l1-"))
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        initrd = work / "initrd.gz"
+        initrd.write_bytes(initramfs(argv, str(Path(cwd or os.getcwd()).resolve()), full_env, mods))
+        qargv = qemu_argv(kernel, initrd, work, memory_mib, cpus)
+        log("l1: " + shlex.join(qargv))
+        out, err, con = _Tail(work / "stdout"), _Tail(work / "stderr"), _Tail(work / "console")
+        t0 = time.monotonic()
+        proc = subprocess.Popen(qargv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        detail = ""
+        while True:
+            try:
+                proc.wait(0.2)
+                done = True
+            except subprocess.TimeoutExpired:
+                done = False
+            for tail, sink in ((out, sys.stdout), (err, sys.stderr)):
+                new = tail.poll()
+                if new and stream:
+                    sink.buffer.write(new)
+                    sink.flush()
+            con.poll()
+            if done:
+                break
+            if time.monotonic() - t0 > timeout:
+                detail = f"L1 timed out after {timeout:g} s"
+                break
+        seconds = time.monotonic() - t0
+        qemu_err = b""
+        if proc.poll() is None:
+            _kill(proc)
+        assert proc.stderr is not None
+        qemu_err = proc.stderr.read()
+        console = con.data.decode(errors="replace")
+        m = re.findall(re.escape(EXIT_MARK) + r" (\d+)@@", console)
+        status = int(m[-1]) if m else None
+        r = re.search(re.escape(READY_MARK) + r" ([\d.]+)", console)
+        if status is None and not detail:
+            errs = re.findall(re.escape(ERROR_MARK) + r" ([^@]*)@@", console)
+            detail = (f"L1 ended (QEMU exit {proc.returncode}) without the command's status"
+                      + (f"; {', '.join(errs)}" if errs else "")
+                      + (f"; QEMU: {qemu_err.decode(errors='replace').strip()[-300:]}"
+                         if proc.returncode else ""))
+        return L1Result(status, bytes(out.data), bytes(err.data), console, seconds,
+                        float(r.group(1)) if r else None, detail)
+    finally:
+        if proc is not None:
+            if proc.poll() is None:
+                _kill(proc)
+            if proc.stderr is not None:
+                proc.stderr.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _vmlinux(log) -> Path:  # type: ignore[no-untyped-def]
+    """The cached kernel's ELF (numavm's own host-side unpack, cached by content)."""
+    from numavm.guest import unpacked_kernel
+    return unpacked_kernel(_kernel().kernel, log)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+# ---------------------------------------------------------------- many commands, one boot
+
+
+CASE_MARK = "@@L1-CASE "
+
+
+@dataclass
+class Case:
+    """One command of a batch.  With `signal`, the signal is sent once `after` shows in its
+    stdout.  A case also reports what it left behind: processes of its session still alive
+    and new entries in TMPDIR."""
+
+    name: str
+    argv: list[str]
+    timeout: float = 900.0
+    signal: str = ""
+    after: str = ""
+
+
+@dataclass
+class CaseResult:
+    name: str
+    status: int | None  # None: killed after its timeout
+    stdout: str
+    stderr: str
+    seconds: float
+    signalled: bool = False  # the signal was sent
+    leftover_processes: int = 0
+    leftover_files: tuple[str, ...] = ()
+
+
+def run_cases(cases: Sequence[Case], **kw) -> tuple[dict[str, CaseResult], L1Result]:  # type: ignore[no-untyped-def]
+    """Every case, one after the other, in ONE L1 boot (booting L1 costs ~15 s)."""
+    import json
+    doc = json.dumps([c.__dict__ for c in cases])
+    r = run([sys.executable, "-m", "bench.l1", "--cases", doc], cwd=ROOT, **kw)
+    out: dict[str, CaseResult] = {}
+    for line in r.text.splitlines():
+        if line.startswith(CASE_MARK):
+            d = json.loads(line[len(CASE_MARK):])
+            d["leftover_files"] = tuple(d["leftover_files"])
+            out[d["name"]] = CaseResult(**d)
+    return out, r
+
+
+def _run_case(c: Case) -> CaseResult:
+    """In L1: one case, its output captured, its leftovers looked for."""
+    import select
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    before = set(os.listdir(tmp))
+    t0 = time.monotonic()
+    p = subprocess.Popen(c.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    assert p.stdout is not None and p.stderr is not None
+    out_fd, err_fd = p.stdout.fileno(), p.stderr.fileno()
+    bufs = {out_fd: bytearray(), err_fd: bytearray()}
+    open_fds = set(bufs)
+    signalled = False
+    status: int | None = None
+    ended_at: float | None = None
+    # read until the command has ended and its pipes are drained (or, if something it left
+    # behind holds them open, half a second more), or until its timeout
+    while open_fds:
+        now = time.monotonic()
+        if status is None:
+            status = p.poll()
+            if status is not None:
+                ended_at = now
+        if now > t0 + c.timeout or (ended_at is not None and now > ended_at + 0.5):
+            break
+        ready, _, _ = select.select(list(open_fds), [], [], 0.2)
+        for fd in ready:
+            data = os.read(fd, 65536)
+            if not data:
+                open_fds.discard(fd)
+            bufs[fd] += data
+        if c.signal and not signalled and c.after.encode() in bufs[out_fd]:
+            p.send_signal(getattr(signal, c.signal))
+            signalled = True
+    if status is None:
+        try:
+            status = p.wait(max(0.5, t0 + c.timeout - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    seconds = time.monotonic() - t0
+    time.sleep(0.5)  # let anything the command started show itself
+    leftovers = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(pid) != p.pid and int(fields[3]) == p.pid:  # the session id (stat field 6)
+            leftovers += 1
+    if status is None or leftovers:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    p.stdout.close()
+    p.stderr.close()
+    new = sorted(set(os.listdir(tmp)) - before)
+    return CaseResult(c.name, status, bufs[out_fd].decode(errors="replace")[-20000:],
+                      bufs[err_fd].decode(errors="replace")[-20000:], round(seconds, 2),
+                      signalled, leftovers, tuple(new))
+
+
+def _cases_main(doc: str) -> int:
+    import json
+    for d in json.loads(doc):
+        c = Case(**d)
+        print(f"l1: case {c.name}: {shlex.join(c.argv)}", file=sys.stderr, flush=True)
+        r = _run_case(c)
+        print(f"l1: case {c.name}: exit {r.status} in {r.seconds:.1f} s", file=sys.stderr, flush=True)
+        print(CASE_MARK + json.dumps(r.__dict__), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- by hand
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["--cases"] and len(argv) == 2:  # in L1, from run_cases()
+        return _cases_main(argv[1])
+    p = argparse.ArgumentParser(prog="python -m bench.l1",
+                                description="Run a command on a hardware-virtualization KVM: an L1 "
+                                            "machine under QEMU TCG with SVM, seeing this host's / "
+                                            "read-only. Prints its output; exits with its status.")
+    p.add_argument("--memory", type=int, default=MEMORY_MIB, metavar="MIB", help="L1's RAM (MiB)")
+    p.add_argument("--cpus", type=int, default=CPUS, help="L1's vCPUs")
+    p.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds before L1 is killed")
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment in L1")
+    p.add_argument("--console", action="store_true", help="print L1's console at the end")
+    p.add_argument("-v", "--verbose", action="store_true", help="QEMU's arguments")
+    p.add_argument("command", nargs="+", help="after --: the command line, run in this directory")
+    ns = p.parse_args(args)
+    env = {}
+    for kv in ns.env:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            p.error(f"--env: {kv!r} is not K=V")
+        env[k] = v
+    logger = (lambda s: print(s, file=sys.stderr)) if ns.verbose else (lambda s: None)
+    try:
+        r = run(ns.command, env=env, memory_mib=ns.memory, cpus=ns.cpus, timeout=ns.timeout,
+                stream=True, log=logger)
+    except NumavmError as e:
+        print(f"l1: {e}", file=sys.stderr)
+        return 1
+    if ns.console:
+        sys.stderr.write(r.console)
+    ready = f", command started at L1 uptime {r.ready_seconds:.1f} s" if r.ready_seconds else ""
+    if r.status is None:
+        print(f"l1: {r.detail} ({r.seconds:.1f} s{ready})", file=sys.stderr)
+        return 1
+    print(f"l1: exit {r.status} after {r.seconds:.1f} s{ready}", file=sys.stderr)
+    return r.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""numavm's own KVM engine on hardware virtualization: Linux guests to userspace on kvm_amd.
+
+The host's /dev/kvm here only emulates guest code, so these tests run in an
+"L1" machine (bench/l1.py): QEMU TCG emulating an AMD CPU with SVM and nested
+paging, Debian's kernel with kvm-amd, this checkout seen over 9p.  Every case
+runs in ONE L1 boot (a module fixture); each test then reads its case's result.
+
+Selection (`NUMAVM_HWVIRT`): unset, the CI subset (CI_CASES); `all`, every
+case; `0`, none; or case names, comma-separated.  Skipped with the reason where QEMU, SVM emulation, the
+guest kernel or its modules are missing.  Nothing asserts timing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+
+import pytest
+
+from bench import l1
+
+pytestmark = pytest.mark.hwvirt
+
+# L1 runs the cases in the checkout (bench.l1.ROOT) with this Python: the checkout's .venv
+NUMAVM = [sys.executable, "-m", "numavm"]
+CHECK = [*NUMAVM, "check", "--accel", "kvm", "--stage", "userspace", "--timeout", "900"]
+RUN = [*NUMAVM, "run", "--accel", "kvm", "--timeout", "900"]
+SMALL = ["-n", "id=0,size=256M,cpus=0", "-n", "id=1,size=256M,cpus=1"]
+UP = "numavm-hwvirt-ready"  # the guest command's first line: it runs (on stdout, console or not)
+
+
+def _domains(n: int, size: str, per: int) -> list[str]:
+    return [a for k in range(n) for a in ("-n", f"id={k},size={size},cpus={k * per}-{k * per + per - 1}")]
+
+
+# name: (command, expected exit status); signals are sent once the guest runs its command
+CASES: dict[str, tuple[l1.Case, int]] = {c.name: (c, st) for c, st in [
+    (l1.Case("detect", ["sh", "-c", "cat /sys/module/kvm_amd/parameters/npt; exec \"$0\" -c "
+                        "'from numavm.engine import detect; print(detect().reason)'", sys.executable]), 0),
+    (l1.Case("example", CHECK), 0),
+    (l1.Case("crossing_3g", [*CHECK, "-n", "id=0,size=2G,cpus=0", "-n", "id=1,size=3G,cpus=1"]), 0),
+    (l1.Case("memory_only_domain_0", [*CHECK, "-n", "id=0,size=512M", "-n", "id=1,size=512M,cpus=0-1"]), 0),
+    (l1.Case("memoryless_domain", [*CHECK, "-n", "id=0,size=512M,cpus=0", "-n", "id=1,size=0,cpus=1"]), 0),
+    (l1.Case("8_domains_16_vcpus", [*CHECK, *_domains(8, "128M", 2)], timeout=1500), 0),
+    (l1.Case("interleaved_vcpus", [*CHECK, "-n", "id=0,size=512M,cpus=0+2", "-n", "id=1,size=512M,cpus=1+3"]), 0),
+    (l1.Case("thp_prefault", [*CHECK, "--prefault", "-n", "id=0,size=256M,cpus=0,hugepages=thp",
+                              "-n", "id=1,size=256M,cpus=1"]), 0),
+    (l1.Case("run_status", [*RUN, *SMALL, "--", "sh", "-c", "echo out-$((6 * 7)); exit 7"]), 7),
+    (l1.Case("run_numactl", [*RUN, "--add", "/usr/bin/numactl", "--", "numactl", "--hardware"]), 0),
+    (l1.Case("panic", [*RUN, *SMALL, "--", "sh", "-c", "echo c > /proc/sysrq-trigger"]), 70),
+    (l1.Case("triple_fault", [*RUN, *SMALL, "--append", "reboot=t", "--", "reboot", "-f"]), 71),
+    (l1.Case("timeout", [*NUMAVM, "run", "--accel", "kvm", "--timeout", "5", *SMALL, "--", "true"]), 73),
+    (l1.Case("sigint", [*RUN, *SMALL, "--", "sh", "-c", f"echo {UP}; sleep 600"], signal="SIGINT", after=UP), 130),
+    (l1.Case("sigterm", [*RUN, *SMALL, "--", "sh", "-c", f"echo {UP}; sleep 600"], signal="SIGTERM", after=UP), 130),
+]}
+# One L1 boot for all of these: what CI runs (the rest: NUMAVM_HWVIRT=all, see README).
+CI_CASES = ("detect", "example", "interleaved_vcpus", "run_status", "sigterm")
+
+
+def _selected() -> tuple[str, ...]:
+    sel = os.environ.get("NUMAVM_HWVIRT", "")
+    if sel == "0":
+        return ()
+    if sel in ("", "ci"):
+        return CI_CASES
+    if sel == "all":
+        return tuple(CASES)
+    names = tuple(n for n in sel.split(",") if n)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise pytest.UsageError(f"NUMAVM_HWVIRT: unknown case(s) {', '.join(unknown)}; "
+                                f"all, 0, or some of {', '.join(CASES)}")
+    return names
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, l1.CaseResult]:
+    names = _selected()
+    if not names:
+        pytest.skip("NUMAVM_HWVIRT=0")
+    why = l1.unavailable()
+    if why is not None:
+        pytest.skip(f"no hardware-virtualization KVM to run on (L1): {why}")
+    out, r = l1.run_cases([CASES[n][0] for n in names])
+    if r.status != 0:
+        pytest.fail(f"L1: {r.detail or 'exit ' + str(r.status)}\n{r.stderr.decode(errors='replace')[-3000:]}"
+                    f"\n{r.console[-3000:]}")
+    return out
+
+
+def _case(results: dict[str, l1.CaseResult], name: str) -> l1.CaseResult:
+    if name not in _selected():
+        pytest.skip(f"not in this selection (NUMAVM_HWVIRT=all or ={name} runs it)")
+    assert name in results, f"L1 reported nothing for {name}"
+    r = results[name]
+    c, status = CASES[name]
+    assert r.status == status, (f"{shlex.join(c.argv)}: exit {r.status}, expected {status}\n"
+                                f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    assert r.leftover_processes == 0 and not r.leftover_files, (r.leftover_processes, r.leftover_files)
+    return r
+
+
+def test_l1_is_a_hardware_virtualization_kvm(results: dict[str, l1.CaseResult]) -> None:
+    """numavm's engine detection in L1 says what a bare-metal AMD host would say."""
+    r = _case(results, "detect")
+    assert r.stdout.split()[:1] == ["Y"], r.stdout  # kvm_amd with nested paging
+    assert "/dev/kvm has hardware virtualization" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("name", [n for n, (c, _) in CASES.items() if "check" in c.argv])
+def test_check_matches_at_userspace(results: dict[str, l1.CaseResult], name: str) -> None:
+    r = _case(results, name)
+    assert "MATCH: the guest saw the planned topology" in r.stdout, r.stdout[-3000:]
+    assert "engine kvm" in r.stdout + r.stderr
+
+
+def test_run_returns_the_command_output_and_status(results: dict[str, l1.CaseResult]) -> None:
+    r = _case(results, "run_status")
+    assert "out-42" in r.stdout
+
+
+def test_run_numactl_sees_the_planned_nodes(results: dict[str, l1.CaseResult]) -> None:
+    r = _case(results, "run_numactl")
+    assert "available: 3 nodes (0-2)" in r.stdout, r.stdout[-3000:]
+    assert re.search(r"node 0 cpus: 0 1\s", r.stdout) and re.search(r"node 1 cpus: 2 3\s", r.stdout)
+    assert re.search(r"node 2 cpus:\s*\n", r.stdout)
+    assert re.search(r"^\s*0:\s+10\s+20\s+30\s*$", r.stdout, re.M), r.stdout[-2000:]
+
+
+@pytest.mark.parametrize("name,words", [("panic", "guest kernel panic"), ("triple_fault", "triple fault"),
+                                        ("timeout", "timeout"), ("sigint", "SIGINT"),
+                                        ("sigterm", "SIGTERM")])
+def test_failures_end_with_their_exit_status(results: dict[str, l1.CaseResult], name: str,
+                                             words: str) -> None:
+    r = _case(results, name)
+    assert words in r.stdout + r.stderr, (r.stdout[-2000:], r.stderr[-2000:])
+    if CASES[name][0].signal:
+        assert r.signalled
