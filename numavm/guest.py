@@ -3,8 +3,9 @@
 The guest is Debian's kernel (host-side unpacked, entered directly) with
 numavm's own initramfs, booted on the machine the plan describes.  This
 module picks the kernel command line for the engine and host, prepares the
-assets, streams the console, and turns how the run ended into numavm's
-documented exit codes.
+assets, collects the console (and, for `run`, hands the guest command's
+stdout and stderr, which arrive on serial ports of their own, to their
+sinks), and turns how the run ended into numavm's documented exit codes.
 """
 
 from __future__ import annotations

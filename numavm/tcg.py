@@ -10,6 +10,9 @@ QEMU builds no NUMA tables of its own.  QEMU's `pc` machine with
 checks that in QEMU's memory tree before the guest runs and refuses on a
 mismatch.
 
+The console is QEMU's stdio chardev; for `run` the guest command's stdout and
+stderr are COM2 and COM3, QEMU pipe chardevs on FIFOs numavm reads.
+
 QEMU runs as a child numavm manages: exact arguments (``--verbose``),
 killed on timeout, SIGINT and SIGTERM, and by the kernel when numavm dies
 (see `numavm.lifetime`), its failures turned into numavm's outcomes; its
