@@ -175,8 +175,11 @@ def _depends(ko: bytes) -> list[str]:
     return [x.replace("_", "-") for x in m.group(1).decode().split(",") if x] if m else []
 
 
-def module_order(kos: dict[str, bytes], wanted: Sequence[str]) -> list[str]:
-    """`wanted` (and what they depend on, if present) with every module after its dependencies."""
+def module_order(kos: dict[str, bytes], wanted: Sequence[str], builtin: frozenset[str] = frozenset()) -> list[str]:
+    """`wanted` (and what they depend on, if present) with every module after its dependencies.
+
+    A module the kernel has built in (`builtin`, names as in modules.builtin, with "-") needs no
+    loading: Debian 13's kernel builds virtio in, Debian 12's ships it as a module."""
     norm = {name.replace("_", "-"): name for name in kos}
     out: list[str] = []
 
@@ -185,6 +188,8 @@ def module_order(kos: dict[str, bytes], wanted: Sequence[str]) -> list[str]:
         if key in path:
             raise NumavmError(f"module dependency cycle: {' -> '.join(path + (key,))}")
         real = norm.get(key)
+        if real is None and key in builtin:
+            return
         if real is None:
             raise L1Unavailable(f"kernel module {name} is not in the kernel package")
         if real in out:
@@ -213,9 +218,12 @@ def fetch_modules(log=print) -> Path:  # type: ignore[no-untyped-def]
         work = Path(tmp)
         deb = assets.download(a.kernel_package, a.kernel_package_version, work, log)
         names = "|".join(re.escape(m) for m in {*MODULES, *(m.replace("-", "_") for m in MODULES)})
-        pattern = re.compile(rf"^(?:\./)?lib/modules/[^/]+/kernel/.*/((?:{names})\.ko(?:\.xz)?)$")
+        pattern = re.compile(rf"^(?:\./)?(?:usr/)?lib/modules/[^/]+/(?:kernel/.*/((?:{names})\.ko(?:\.xz)?)"
+                             rf"|(modules\.builtin))$")
         files = assets.extract_matching(deb, pattern)
         deb.unlink()
+        builtin = frozenset(Path(line).name.removesuffix(".ko").replace("_", "-")
+                            for line in files.pop("modules.builtin", b"").decode().split())
         kos: dict[str, bytes] = {}
         for fname, data in files.items():
             if fname.endswith(".xz"):
@@ -223,7 +231,7 @@ def fetch_modules(log=print) -> Path:  # type: ignore[no-untyped-def]
                 data = lzma.decompress(data)
             kos[fname.split(".ko")[0]] = data
         # the order is computed from the modules' own depends= (virtio_ring before virtio, ...)
-        order = module_order(kos, MODULES)
+        order = module_order(kos, MODULES, builtin)
         stage = work / "modules"
         stage.mkdir()
         for name in order:

@@ -297,7 +297,8 @@ def download(pkg: str, version: str, work: Path, log: Log = print) -> Path:
 
 
 def extract_matching(deb: Path, pattern: re.Pattern[str]) -> dict[str, bytes]:
-    """Every regular file in `deb`'s data whose path matches: {group 1: contents}, in one pass."""
+    """Every regular file in `deb`'s data whose path matches: {the first group that matched:
+    contents}, in one pass."""
     found: dict[str, bytes] = {}
 
     def scan(stream: IO[bytes]) -> None:
@@ -307,7 +308,7 @@ def extract_matching(deb: Path, pattern: re.Pattern[str]) -> dict[str, bytes]:
                 if m and member.isfile():
                     fobj = tar.extractfile(member)
                     assert fobj is not None
-                    found[m.group(1)] = fobj.read()
+                    found[next(g for g in m.groups() if g is not None)] = fobj.read()
 
     with open(deb, "rb") as f:
         for name, off, size in ar_members(f):
