@@ -29,7 +29,8 @@ from .devices import IoBus, IrqLines, PowerEvent, Serial16550, attach_power_devi
 from .errors import NumavmError
 from .kvm import (RUN_WORD_EXIT_REASON, RUN_WORD_IO, RUN_WORD_IO_COUNT, RUN_WORD_IO_DATA_OFFSET, Kvm,
                   KvmExit, KvmInternalError, KvmIoctlError, KvmIoDirection, MpState, Vcpu, Vm)
-from .layout import COM1_PORT, COM2_IRQ, COM2_PORT, COM3_IRQ, COM3_PORT, Layout
+from .layout import (COM1_PORT, COM2_IRQ, COM2_PORT, COM3_IRQ, COM3_PORT, CONSOLE_UARTS, STREAM_UARTS,
+                     Layout)
 from .memory import GuestMemory, node_cpus
 from .policy import Mode
 
@@ -152,7 +153,8 @@ class KvmMachine:
             self.vcpus.append(vcpu)
             if use_cpuid:
                 vcpu.set_cpuid(vcpu_cpuid(supported, layout, index))
-        for addr, blob in build_tables(layout).placements():
+        uarts = CONSOLE_UARTS if self._stream_sinks is None else STREAM_UARTS
+        for addr, blob in build_tables(layout, uarts).placements():
             self.memory.write(addr, blob)
         self.bus = IoBus()
         self.irq_lines = IrqLines(self._irq)  # COM1 and COM3 share IRQ 4
