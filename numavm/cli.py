@@ -8,10 +8,11 @@ what is allowed, and exit status 2, before anything is allocated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import BinaryIO, Iterator, NoReturn, Sequence
 
 from . import __version__, config
 from .aptrelease import check_release
@@ -78,8 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--to", required=True, metavar="FORMAT",
                     help="qemu, libvirt, cloud-hypervisor, bhyve or toml")
     sr = sub.add_parser("run", help="boot Linux on the machine and run a command in it",
-                        description="Boot Linux on the planned machine, stream its console, and exit "
-                                    "with the guest command's status (0 on clean power-off). "
+                        description="Boot Linux on the planned machine, run CMD in it and exit with "
+                                    "its status (0 on clean power-off). CMD's stdout is numavm's stdout "
+                                    "byte for byte, its stderr numavm's stderr (each carried by a serial "
+                                    "port of its own), its stdin /dev/null; the guest console (kernel log) "
+                                    "is shown only with --verbose (on stderr) or written to "
+                                    "--console-log. Without CMD on a terminal: an interactive shell in the "
+                                    "guest (leave it with exit or Ctrl-D). With --initrd the console goes "
+                                    "to stdout. "
                                     "Exit codes: 70 guest panic, 71 triple fault, 72 emulation failure, "
                                     "73 timeout, 74 guest reset, 130 interrupted.")
     _machine_options(sr, host_nodes=False)
@@ -131,7 +138,10 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--initrd", metavar="FILE", help="an initramfs (default: numavm's own)")
     g.add_argument("--timeout", metavar="S", default=None,
                    help="stop the guest after S seconds (a number more than 0, e.g. 30 or 0.5)")
-    g.add_argument("--verbose", "-v", action="store_true", help="print engine details (e.g. QEMU's arguments)")
+    g.add_argument("--verbose", "-v", action="store_true",
+                   help="print engine details (e.g. QEMU's arguments) and the guest console on stderr")
+    g.add_argument("--console-log", metavar="FILE",
+                   help="write the guest console (kernel log, numavm's report) to FILE")
     g.add_argument("--no-pin", action="store_true",
                    help="KVM engine: do not pin vCPU threads to the CPUs of their domain's policy nodes")
     g.add_argument("--prefault", nargs="?", const="all", metavar="DOMAINS",
@@ -275,7 +285,8 @@ def _prepare_guest(args: argparse.Namespace, stage: str | None):  # type: ignore
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .guest import OUTCOME_EXIT, Boot, Console, ExitCode, boot, guest_assets, guest_initrd, kernel_cmdline
+    from .guest import (OUTCOME_EXIT, Boot, Console, ExitCode, Sink, boot, guest_assets, guest_initrd,
+                        kernel_cmdline)
     from .initramfs import parse_guest_report
     from .machine import Outcome
 
@@ -284,23 +295,68 @@ def cmd_run(args: argparse.Namespace) -> int:
         command = command[1:]
     layout, engine, host, emulated_kvm, stage = _prepare_guest(args, None)
     log = _stderr
+    own_init = args.initrd is None
+    # no command on a terminal: a shell in the guest, on the command port
+    shell = own_init and not command and sys.stdin.isatty()
     assets = guest_assets(args.kernel, log, args.release)
-    initrd = guest_initrd(args.initrd, assets.busybox, command, args.add)
+    initrd = guest_initrd(args.initrd, assets.busybox, command, args.add, shell=shell)
     cmdline = kernel_cmdline(stage, emulated_kvm, args.append)
     if emulated_kvm:
         _stderr("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
                 "the emulator cannot run")
-    console = Console(echo=sys.stdout.buffer)
-    result = boot(Boot(layout, engine, assets, initrd, cmdline, args.timeout, console,
-                       verbose=args.verbose, log=log, pin=not args.no_pin, prefault=_prefault_domains(args),
-                       hugepages=args.hugepages, interactive=sys.stdin.isatty()))
+    with _console_log(args) as log_file:
+        echo = [sys.stderr.buffer] if args.verbose else [] if own_init else [sys.stdout.buffer]
+        console = Console(echo=echo + ([log_file] if log_file else []))
+        streams = {"stdout": Sink(sys.stdout.buffer), "stderr": Sink(sys.stderr.buffer)} if own_init else {}
+        with _raw_terminal(sys.stdin.fileno() if shell else None):
+            result = boot(Boot(layout, engine, assets, initrd, cmdline, args.timeout, console,
+                               verbose=args.verbose, log=log, pin=not args.no_pin,
+                               prefault=_prefault_domains(args), hugepages=args.hugepages,
+                               input_fd=sys.stdin.fileno() if shell else None, **streams))
     _report_run(args, result)
+    report = parse_guest_report(console.text) if own_init else None
+    if report is not None and not report.get("streams", True):
+        _stderr("numavm: warning: the guest kernel has no serial ports ttyS1 and ttyS2 for the command's "
+                "stdout and stderr: its output went to the console (--verbose or --console-log show it)")
     if result.outcome is Outcome.POWEROFF:
-        report = parse_guest_report(console.text) if args.initrd is None else None
         status = report.get("exit_status") if report else None
         return int(status) & 0xFF if isinstance(status, int) else ExitCode.OK
+    if own_init and not args.verbose and console.text:
+        _stderr("numavm: the guest console's last lines:\n" + console.tail(15))
     print(f"numavm: guest {result.outcome.value}: {result.detail}", file=sys.stderr)
     return OUTCOME_EXIT.get(result.outcome, ExitCode.FAILURE)
+
+
+@contextlib.contextmanager
+def _console_log(args: argparse.Namespace) -> Iterator[BinaryIO | None]:
+    """--console-log FILE, open for the run (created or truncated), or None."""
+    if args.console_log is None:
+        yield None
+        return
+    try:
+        f = open(args.console_log, "wb")
+    except OSError as e:
+        raise ConfigError(f"--console-log: cannot write {args.console_log}: {e.strerror}") from None
+    with f:
+        yield f
+
+
+@contextlib.contextmanager
+def _raw_terminal(fd: int | None) -> Iterator[None]:
+    """The host terminal in raw mode for an interactive guest shell: keys (Ctrl-C too) go
+    to the guest, whose own tty echoes, edits and ends lines; restored however the run ends."""
+    if fd is None:
+        yield
+        return
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd, termios.TCSANOW)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -315,13 +371,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     initrd = guest_initrd(args.initrd, assets.busybox, None, []) if stage == "userspace" else None
     cmdline = kernel_cmdline(stage, emulated_kvm)
     watch = KernelStageWatch(until_smp=not emulated_kvm) if stage == "kernel" else None
-    console = Console(echo=sys.stderr.buffer if args.verbose else None, watch=watch)
     if emulated_kvm:
         _stderr("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
                 "the emulator cannot run")
-    result = boot(Boot(layout, engine, assets, initrd, cmdline, args.timeout, console, watch,
-                       verbose=args.verbose, log=log, pin=not args.no_pin, prefault=_prefault_domains(args),
-                       hugepages=args.hugepages))
+    with _console_log(args) as log_file:
+        console = Console(echo=([sys.stderr.buffer] if args.verbose else []) + ([log_file] if log_file else []),
+                          watch=watch)
+        result = boot(Boot(layout, engine, assets, initrd, cmdline, args.timeout, console, watch,
+                           verbose=args.verbose, log=log, pin=not args.no_pin, prefault=_prefault_domains(args),
+                           hugepages=args.hugepages))
     _report_run(args, result)
     wanted = Outcome.STOPPED if stage == "kernel" else Outcome.POWEROFF
     report = evaluate(layout, stage, engine, console.text, result.outcome is wanted,

@@ -3,8 +3,9 @@
 The guest is Debian's kernel (host-side unpacked, entered directly) with
 numavm's own initramfs, booted on the machine the plan describes.  This
 module picks the kernel command line for the engine and host, prepares the
-assets, streams the console, and turns how the run ended into numavm's
-documented exit codes.
+assets, collects the console (and, for `run`, hands the guest command's
+stdout and stderr, which arrive on serial ports of their own, to their
+sinks), and turns how the run ended into numavm's documented exit codes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Sequence
 
 from .assets import Assets, cached, fetch
 from .cache import CacheError, cache_root, find, private_dir, store
@@ -209,7 +210,7 @@ def unpacked_kernel(path: Path, log: Log) -> Path:
 
 
 def guest_initrd(initrd: str | None, busybox: Path | None, command: list[str] | None,
-                 add: list[str]) -> bytes:
+                 add: list[str], shell: bool = False) -> bytes:
     from .initramfs import cached_initramfs
 
     if initrd is not None:
@@ -225,25 +226,30 @@ def guest_initrd(initrd: str | None, busybox: Path | None, command: list[str] | 
         if not Path(host).exists():
             raise ConfigError(f"--add: {host} does not exist")
         pairs.append((Path(host), guest or host))
-    return cached_initramfs(busybox, command or None, pairs)
+    return cached_initramfs(busybox, command or None, pairs, shell=shell)
 
 
 class Console:
-    """Collects the guest console, echoes it, and asks `watch` after each chunk."""
+    """Collects the guest console, echoes it (to each of `echo`), and asks `watch` after each chunk."""
 
-    def __init__(self, echo: BinaryIO | None = None, watch: Callable[[str], None] | None = None) -> None:
-        self._echo = echo
+    def __init__(self, echo: BinaryIO | Sequence[BinaryIO] | None = None,
+                 watch: Callable[[str], None] | None = None) -> None:
+        self._echo = [] if echo is None else [echo] if not isinstance(echo, Sequence) else list(echo)
         self._watch = watch
         self._chunks: list[bytes] = []
         self._text = ""
 
     def __call__(self, data: bytes) -> None:
         self._chunks.append(data)
-        if self._echo is not None:
-            self._echo.write(data)
-            self._echo.flush()
+        for out in self._echo:
+            out.write(data)
+            out.flush()
         if self._watch is not None:
             self._watch(data.decode(errors="replace"))
+
+    def tail(self, lines: int) -> str:
+        """The last `lines` lines, for a run that ended badly without --verbose."""
+        return "\n".join(self.text.replace("\r", "").rstrip("\n").split("\n")[-lines:])
 
     @property
     def text(self) -> str:
@@ -251,6 +257,25 @@ class Console:
             self._text += b"".join(self._chunks).decode(errors="replace")
             self._chunks.clear()
         return self._text
+
+
+class Sink:
+    """A guest stream written through to a host binary stream as it arrives.
+
+    A reader that went away (a closed pipe: `numavm run ... | head`) ends the
+    writing, not the run."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out: BinaryIO | None = out
+
+    def __call__(self, data: bytes) -> None:
+        if self._out is None:
+            return
+        try:
+            self._out.write(data)
+            self._out.flush()
+        except (BrokenPipeError, ValueError):
+            self._out = None
 
 
 class KernelStageWatch:
@@ -305,7 +330,10 @@ class Boot:
     pin: bool = True
     prefault: frozenset[int] | None = frozenset()  # domains to prefault; None = all
     hugepages: str | None = None
-    interactive: bool = False
+    # The guest command's streams: given, the machine has COM2 (stdout) and COM3 (stderr).
+    stdout: Callable[[bytes], None] | None = None
+    stderr: Callable[[bytes], None] | None = None
+    input_fd: int | None = None  # read into COM2: an interactive shell's terminal
     log: Log = field(default=lambda s: print(s, file=sys.stderr))
 
 
@@ -331,14 +359,15 @@ def _boot_kvm(b: Boot) -> RunResult:
 
     kernel = load_kernel(b.assets.vmlinux)
     plan = plan_boot(b.layout, kernel, b.initrd, b.cmdline)
-    with KvmMachine(b.layout, console=b.console, pin=b.pin, hugepages=b.hugepages) as m:
+    with KvmMachine(b.layout, console=b.console, stdout=b.stdout, stderr=b.stderr, pin=b.pin,
+                    hugepages=b.hugepages) as m:
         if b.watch is not None:
             b.watch.stop = m.stop
         if b.prefault is None or b.prefault:
             assert m.memory is not None
             prefault(m.memory, b.log, b.prefault)
-        if b.interactive:
-            m.read_input_from(sys.stdin.fileno())
+        if b.input_fd is not None:
+            m.read_input_from(b.input_fd)
         m.load(plan.writes)
         m.load([(page_tables, cpumode.identity_page_tables(page_tables)), (gdt, cpumode.gdt_bytes())])
         m.set_boot_state(cpumode.long_mode_state(page_tables, gdt, plan.rip, rsi=plan.rsi))
@@ -348,8 +377,8 @@ def _boot_kvm(b: Boot) -> RunResult:
 def _boot_tcg(b: Boot) -> RunResult:
     from .tcg import QemuMachine
 
-    with QemuMachine(b.layout, console=b.console, hugepages=b.hugepages,
-                     log=b.log if b.verbose else None) as m:
+    with QemuMachine(b.layout, console=b.console, stdout=b.stdout, stderr=b.stderr,
+                     hugepages=b.hugepages, log=b.log if b.verbose else None) as m:
         if b.watch is not None:
             b.watch.stop = m.stop
             b.watch.until_smp = False  # QemuMachine checks QEMU's CPUs before the guest runs
@@ -357,7 +386,7 @@ def _boot_tcg(b: Boot) -> RunResult:
             assert m.memory is not None
             prefault(m.memory, b.log, b.prefault)
         return m.run(b.assets.vmlinux, b.initrd, tcg_cmdline(b.cmdline), timeout=b.timeout,
-                     stdin_tty=b.interactive)
+                     input_fd=b.input_fd)
 
 
 def prefault(memory: "GuestMemory", log: Log, domains: frozenset[int] | None = None) -> None:

@@ -24,8 +24,14 @@ Linux 6.12 stopped logging it.)
 
 then runs the user's command, if any, with its argv exactly as given (each
 argument is a file under /etc/numavm/argv/, read back by the script, never
-pasted into it), prints ``@@NUMAVM-EXIT <status>@@`` and powers off.
-`parse_guest_report()` finds both in captured console output.
+pasted into it), its stdin /dev/null, its stdout on the second serial port
+(ttyS1, COM2) and its stderr on the third (ttyS2, COM3), both in raw mode, so
+the host gets them byte for byte and apart from the console; or, with
+/etc/numavm/shell, an interactive shell whose terminal is ttyS1.  Then it
+prints ``@@NUMAVM-EXIT <status>@@`` on the console and powers off.  A kernel
+without those ports gets ``@@NUMAVM-NO-STREAMS@@`` and the command's output
+on the console.  `parse_guest_report()` finds the report and the status in
+captured console output.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ from .errors import NumavmError
 TOPOLOGY_BEGIN = "@@NUMAVM-TOPOLOGY-BEGIN@@"
 TOPOLOGY_END = "@@NUMAVM-TOPOLOGY-END@@"
 EXIT_MARK = "@@NUMAVM-EXIT"
+NO_STREAMS_MARK = "@@NUMAVM-NO-STREAMS@@"  # the guest kernel found no ttyS1/ttyS2
+SHELL_FLAG = "/etc/numavm/shell"
 ARGV_DIR = "/etc/numavm/argv"
 MTIME = 0  # every entry's mtime: deterministic output
 
@@ -122,7 +130,13 @@ END {
 }'
 
 st=0
-if [ -d /etc/numavm/argv ]; then
+if [ -e /etc/numavm/shell ]; then
+  # interactive: a shell whose terminal (controlling tty, stdin, stdout, stderr)
+  # is the command port; the host puts its own terminal in raw mode
+  /bin/busybox --install -s 2>/dev/null
+  setsid -c sh -l </dev/ttyS1 >/dev/ttyS1 2>&1
+  st=$?
+elif [ -d /etc/numavm/argv ]; then
   /bin/busybox --install -s 2>/dev/null
   set --
   i=0
@@ -131,8 +145,17 @@ if [ -d /etc/numavm/argv ]; then
     set -- "$@" "${a%x}"
     i=$((i + 1))
   done
-  "$@"
-  st=$?
+  # the command's stdout and stderr each get a serial port of their own, raw
+  # (no CR before LF, every byte as written); the console keeps the kernel log
+  # and this report.  Closing a tty waits until its output has left the UART.
+  if stty -F /dev/ttyS1 raw -echo 2>/dev/null && stty -F /dev/ttyS2 raw -echo 2>/dev/null; then
+    "$@" </dev/null >/dev/ttyS1 2>/dev/ttyS2
+    st=$?
+  else
+    printf '\n@@NUMAVM-NO-STREAMS@@\n'
+    "$@" </dev/null
+    st=$?
+  fi
   sync
 fi
 printf '\n@@NUMAVM-EXIT %d@@\n' "$st"
@@ -309,8 +332,13 @@ def _host_file(path: Path) -> tuple[int, bytes]:
 
 
 def initramfs_entries(busybox: Path, command: Sequence[str] | None = None,
-                      add: Iterable[tuple[Path, str]] = ()) -> list[Entry]:
-    """The archive's members, sorted, before compression."""
+                      add: Iterable[tuple[Path, str]] = (), shell: bool = False) -> list[Entry]:
+    """The archive's members, sorted, before compression.
+
+    `shell`: no command; /init gives an interactive shell on the command port.
+    """
+    if shell and command is not None:
+        raise NumavmError("initramfs: an interactive shell takes no command")
     tree = _Tree()
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run"):
         tree.add(Entry(d, stat.S_IFDIR | (0o1777 if d == "tmp" else 0o755)))
@@ -335,6 +363,8 @@ def initramfs_entries(busybox: Path, command: Sequence[str] | None = None,
         mode, data = _host_file(Path(lib))
         # a user's own file at that path wins over the host's library
         tree.add(Entry(_guest_path(lib), stat.S_IFREG | mode, data), replace=False)
+    if shell:
+        tree.add(Entry(SHELL_FLAG.lstrip("/"), stat.S_IFREG | 0o644))
     if command is not None:
         if not command:
             raise NumavmError("initramfs: the command is empty")
@@ -357,9 +387,10 @@ def compress(data: bytes, method: str = "gzip") -> bytes:
 
 
 def build_initramfs(busybox: Path, command: list[str] | None = None,
-                    add: Iterable[tuple[Path, str]] = (), compress: str = "gzip") -> bytes:
+                    add: Iterable[tuple[Path, str]] = (), compress: str = "gzip",
+                    shell: bool = False) -> bytes:
     """The initramfs as bytes: cpio newc, compressed with `compress` (gzip, xz or none)."""
-    return _compress(cpio_newc(initramfs_entries(busybox, command, add)), compress)
+    return _compress(cpio_newc(initramfs_entries(busybox, command, add, shell)), compress)
 
 
 _compress = compress
@@ -368,7 +399,8 @@ CACHE_KEEP = 8  # compressed images kept in the cache, newest first
 
 
 def cached_initramfs(busybox: Path, command: list[str] | None = None,
-                     add: Iterable[tuple[Path, str]] = (), cache_dir: Path | None = None) -> bytes:
+                     add: Iterable[tuple[Path, str]] = (), cache_dir: Path | None = None,
+                     shell: bool = False) -> bytes:
     """`build_initramfs()` (gzip), compressed once per distinct archive and kept in numavm's cache.
 
     The archive is built (cheap: concatenation), then looked up by the SHA-256
@@ -380,7 +412,7 @@ def cached_initramfs(busybox: Path, command: list[str] | None = None,
 
     from .cache import cache_root, write_atomic
 
-    raw = cpio_newc(initramfs_entries(busybox, command, add))
+    raw = cpio_newc(initramfs_entries(busybox, command, add, shell))
     root = cache_dir if cache_dir is not None else cache_root()
     path = root / f"initramfs-{hashlib.sha256(raw).hexdigest()[:20]}.cpio.gz"
     try:
@@ -428,7 +460,8 @@ def parse_guest_report(console_text: str) -> dict[str, Any] | None:
 
     Returns the JSON object the /init printed, plus ``exit_status``: the
     command's status (0 when there was no command), or None when the guest
-    never printed it.  Kernel log lines that land inside the block are
+    never printed it; and ``streams``: False when the guest had no ports for
+    the command's stdout and stderr, which then went to the console.  Kernel log lines that land inside the block are
     dropped.  The last complete block wins.
     """
     text = console_text.replace("\r", "")
@@ -445,4 +478,5 @@ def parse_guest_report(console_text: str) -> dict[str, Any] | None:
         end = b
     statuses = _EXIT.findall(text[e:])
     doc["exit_status"] = int(statuses[-1]) if statuses else None
+    doc["streams"] = NO_STREAMS_MARK not in text[e:]  # False: the command's output went to the console
     return doc

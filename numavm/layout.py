@@ -35,6 +35,16 @@ RESET_PORT = 0x602
 RESET_VALUE = 0x1
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
+# The guest command's stdout and stderr (`numavm run`): COM2 and COM3 at the PC's
+# standard ports and IRQs, described in the DSDT (a hardware-reduced guest has no legacy PIC, so
+# Linux routes an ISA IRQ only for a device ACPI describes).
+COM2_PORT = 0x2F8
+COM2_IRQ = 3
+COM3_PORT = 0x3E8
+COM3_IRQ = 4  # shared with COM1, as on every PC: the 8250 driver chains the ports of one IRQ
+# Every UART as (port, IRQ): the console alone, or with the command's streams (the DSDT lists each).
+CONSOLE_UARTS = ((COM1_PORT, COM1_IRQ),)
+STREAM_UARTS = CONSOLE_UARTS + ((COM2_PORT, COM2_IRQ), (COM3_PORT, COM3_IRQ))
 
 
 class E820Type(enum.IntEnum):

@@ -25,11 +25,12 @@ from typing import Callable, Iterable
 from . import cpu as cpumode
 from .acpi import build_tables
 from .cpuid import vcpu_cpuid
-from .devices import IoBus, PowerEvent, Serial16550, attach_power_devices
+from .devices import IoBus, IrqLines, PowerEvent, Serial16550, attach_power_devices
 from .errors import NumavmError
 from .kvm import (RUN_WORD_EXIT_REASON, RUN_WORD_IO, RUN_WORD_IO_COUNT, RUN_WORD_IO_DATA_OFFSET, Kvm,
                   KvmExit, KvmInternalError, KvmIoctlError, KvmIoDirection, MpState, Vcpu, Vm)
-from .layout import COM1_PORT, Layout
+from .layout import (COM1_PORT, COM2_IRQ, COM2_PORT, COM3_IRQ, COM3_PORT, CONSOLE_UARTS, STREAM_UARTS,
+                     Layout)
 from .memory import GuestMemory, node_cpus
 from .policy import Mode
 
@@ -93,12 +94,18 @@ class KvmMachine:
 
     def __init__(self, layout: Layout, *, name: str = "numavm",
                  console: Callable[[bytes], None] | None = None,
+                 stdout: Callable[[bytes], None] | None = None,
+                 stderr: Callable[[bytes], None] | None = None,
                  pin: bool = True, hugepages: str | None = None,
                  kvm_path: str = "/dev/kvm", cpuid: bool = True) -> None:
+        """`stdout`/`stderr`: given, the machine gets UARTs at COM2 and COM3 too (the guest
+        command's streams, see numavm.initramfs), whose output goes to them."""
         self.layout = layout
         self.name = name
         self.pin = pin
         self._console = console or (lambda data: None)
+        self._stream_sinks = None if stdout is None and stderr is None else (
+            stdout or (lambda data: None), stderr or (lambda data: None))
         self._console_tail = b""  # for a panic line split across flushes
         self._stop = threading.Event()
         self._stopping = False  # the vCPU loops' cheap view of _stop
@@ -146,11 +153,22 @@ class KvmMachine:
             self.vcpus.append(vcpu)
             if use_cpuid:
                 vcpu.set_cpuid(vcpu_cpuid(supported, layout, index))
-        for addr, blob in build_tables(layout).placements():
+        uarts = CONSOLE_UARTS if self._stream_sinks is None else STREAM_UARTS
+        for addr, blob in build_tables(layout, uarts).placements():
             self.memory.write(addr, blob)
         self.bus = IoBus()
-        self.serial = Serial16550(self._console_out, self._irq)
+        self.irq_lines = IrqLines(self._irq)  # COM1 and COM3 share IRQ 4
+        self.serial = Serial16550(self._console_out, self.irq_lines.source())
         self.bus.register(COM1_PORT, 8, self.serial)
+        self.uarts = [self.serial]
+        self.stdout_serial: Serial16550 | None = None
+        if self._stream_sinks is not None:
+            out, err = self._stream_sinks
+            self.stdout_serial = Serial16550(out, self.irq_lines.source(), irq_line=COM2_IRQ)
+            stderr_serial = Serial16550(err, self.irq_lines.source(), irq_line=COM3_IRQ)
+            self.bus.register(COM2_PORT, 8, self.stdout_serial)
+            self.bus.register(COM3_PORT, 8, stderr_serial)
+            self.uarts += [self.stdout_serial, stderr_serial]
         self.power = attach_power_devices(self.bus, self._power_event)
 
     def _console_out(self, data: bytes) -> None:
@@ -193,7 +211,8 @@ class KvmMachine:
             vcpu.set_mp_state(MpState.RUNNABLE)
 
     def read_input_from(self, fd: int) -> None:
-        """Feed the guest console from a host fd (an interactive stdin) until the run ends."""
+        """Feed the guest from a host fd (an interactive stdin) until the run ends: the
+        command port (COM2) when the machine has one, else the console."""
         import select
 
         def reader() -> None:
@@ -212,7 +231,7 @@ class KvmMachine:
     def feed_input(self, data: bytes) -> None:
         """Host input for the guest's serial console."""
         with self._io_lock:
-            self.serial.feed(data)
+            (self.stdout_serial or self.serial).feed(data)
 
     # ------------------------------------------------------------ running
 
@@ -256,7 +275,8 @@ class KvmMachine:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
         with self._io_lock:
-            self.serial.flush()
+            for uart in self.uarts:
+                uart.flush()
         outcome, detail = self._outcome or (Outcome.STOPPED, "stopped")
         assert self.memory is not None
         total: Counter[str] = Counter(self._other_exits)

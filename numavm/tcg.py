@@ -10,6 +10,9 @@ QEMU builds no NUMA tables of its own.  QEMU's `pc` machine with
 checks that in QEMU's memory tree before the guest runs and refuses on a
 mismatch.
 
+The console is QEMU's stdio chardev; for `run` the guest command's stdout and
+stderr are COM2 and COM3, QEMU pipe chardevs on FIFOs numavm reads.
+
 QEMU runs as a child numavm manages: exact arguments (``--verbose``),
 killed on timeout, SIGINT and SIGTERM, and by the kernel when numavm dies
 (see `numavm.lifetime`), its failures turned into numavm's outcomes; its
@@ -108,10 +111,17 @@ class QemuMachine:
 
     def __init__(self, layout: Layout, *, name: str = "numavm",
                  console: Callable[[bytes], None] | None = None,
+                 stdout: Callable[[bytes], None] | None = None,
+                 stderr: Callable[[bytes], None] | None = None,
                  hugepages: str | None = None, log: Callable[[str], None] | None = None) -> None:
+        """`stdout`/`stderr`: given, the guest gets COM2 and COM3 (see `STREAM_PORTS`),
+        whose output goes to them."""
         self.layout = layout
         self.name = name
         self._console = console or (lambda data: None)
+        self._streams: dict[str, Callable[[bytes], None]] = {}
+        if stdout is not None or stderr is not None:
+            self._streams = {"out": stdout or (lambda data: None), "err": stderr or (lambda data: None)}
         self._log = log or (lambda line: None)
         binary = qemu_binary()
         if not binary:
@@ -124,6 +134,8 @@ class QemuMachine:
         self._outcome: tuple[Outcome, str] | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._ended = threading.Event()  # the run is over: the input copier stops
+        self._fifo_fds: list[int] = []
         self.argv: list[str] = []
         self.memory: GuestMemory | None = GuestMemory(layout, machine=name, hugepages=hugepages, unified=True)
         try:
@@ -163,6 +175,9 @@ class QemuMachine:
             "-append", cmdline,
             "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
             "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
+            # COM2, COM3: QEMU's pipe chardev, FIFOs NAME.in (to the guest) and NAME.out
+            *[a for port in self._streams
+              for a in ("-chardev", f"pipe,id={port},path={self._tmp / port}", "-serial", f"chardev:{port}")],
             "-qmp", f"unix:{self._tmp / 'qmp.sock'},server=on,wait=on",
             "-no-reboot", "-S",
         ]
@@ -182,7 +197,9 @@ class QemuMachine:
     # ------------------------------------------------------------ running
 
     def run(self, kernel: Path, initrd: bytes | None, cmdline: str,
-            timeout: float | None = None, stdin_tty: bool = False) -> RunResult:
+            timeout: float | None = None, input_fd: int | None = None) -> RunResult:
+        """Boot and run the guest; `input_fd` (with stream ports): what is read from it
+        goes to the guest's COM2 (an interactive shell's terminal)."""
         assert self._tmp is not None
         initrd_path = None
         if initrd is not None:
@@ -192,9 +209,11 @@ class QemuMachine:
         self._log("qemu: " + " ".join(_quote(a) for a in self.argv))
         start = time.monotonic()
         old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        pumps: list[threading.Thread] = []
         try:
+            fifos = self._open_fifos()
             self._proc = subprocess.Popen(
-                self.argv, pass_fds=(fd,), stdin=None if stdin_tty else subprocess.DEVNULL,
+                self.argv, pass_fds=(fd,), stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 start_new_session=True,  # our signal handlers decide QEMU's fate, not the terminal
                 preexec_fn=die_with_parent())  # and QEMU dies with numavm, however it ends
@@ -202,9 +221,16 @@ class QemuMachine:
             errs = threading.Thread(target=lambda: err_buf.append(self._proc.stderr.read()),  # type: ignore[union-attr]
                                     daemon=True)
             errs.start()
-            self._start_guest(start, timeout)
+            self._start_guest(start, timeout)  # QEMU has opened its FIFOs once it answers QMP
             reader = threading.Thread(target=self._pump, daemon=True)
             reader.start()
+            for port, (rfd, _) in fifos.items():
+                pumps.append(threading.Thread(target=_copy_out, args=(rfd, self._streams[port]), daemon=True))
+            if input_fd is not None and "out" in fifos:
+                pumps.append(threading.Thread(target=_copy_in, args=(input_fd, fifos["out"][1], self._ended),
+                                              daemon=True))
+            for t in pumps:
+                t.start()
             deadline = None if timeout is None else start + timeout
             # woken at once by stop() or by the console's end (QEMU exited): no polling delay
             while self._outcome is None and self._proc.poll() is None:
@@ -226,12 +252,19 @@ class QemuMachine:
             self._terminate()
             reader.join(5)
             errs.join(5)
+            self._ended.set()
+            for t in pumps:  # the streams' last bytes: QEMU has exited, their FIFOs hit EOF
+                t.join(5)
             stderr = b"".join(err_buf).decode(errors="replace").strip()
             rc = self._proc.returncode
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
             self._terminate()
+            self._ended.set()
+            for t in pumps:
+                t.join(5)
+            self._close_fifos()
         if self._outcome is None:
             if rc == 0:
                 self._outcome = (Outcome.POWEROFF, "guest powered off")
@@ -243,6 +276,31 @@ class QemuMachine:
         outcome, detail = self._outcome
         return RunResult(outcome, detail, time.monotonic() - start, Counter(),
                          vcpus_ran=frozenset(self.layout.apic_ids), placement=self._describe())
+
+    def _open_fifos(self) -> dict[str, tuple[int, int]]:
+        """Per stream port: numavm's ends of its FIFOs, (read NAME.out, write NAME.in).
+
+        Opened before QEMU starts and without blocking (the write end read-write: a
+        FIFO opened so needs no reader yet); the read end reaches EOF once QEMU,
+        its only writer, has exited.
+        """
+        assert self._tmp is not None
+        out: dict[str, tuple[int, int]] = {}
+        for port in self._streams:
+            for end in ("in", "out"):
+                os.mkfifo(self._tmp / f"{port}.{end}", 0o600)
+            r = os.open(self._tmp / f"{port}.out", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            self._fifo_fds.append(r)
+            w = os.open(self._tmp / f"{port}.in", os.O_RDWR | os.O_CLOEXEC)
+            self._fifo_fds.append(w)
+            os.set_blocking(r, True)
+            out[port] = (r, w)
+        return out
+
+    def _close_fifos(self) -> None:
+        for fd in self._fifo_fds:
+            os.close(fd)
+        self._fifo_fds = []
 
     def _describe(self) -> str:
         """The placement audit of the pages QEMU's guest used (QEMU has exited by now)."""
@@ -422,6 +480,31 @@ def check_cpus(layout: Layout, cpus: list[tuple[dict[str, Any], int]]) -> str | 
         if socket_domain.setdefault(sock, dom) != dom:
             return f"socket {sock} holds vCPUs of domains {socket_domain[sock]} and {dom}"
     return None
+
+
+def _copy_out(fd: int, sink: Callable[[bytes], None]) -> None:
+    """A stream port's output to its sink until QEMU closes it."""
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            return
+        if not data:
+            return
+        sink(data)
+
+
+def _copy_in(src: int, dst: int, done: threading.Event) -> None:
+    """Host input (an interactive terminal) to the guest's command port until the run ends."""
+    import select
+
+    while not done.is_set():
+        ready, _, _ = select.select([src], [], [], 0.1)
+        if ready:
+            data = os.read(src, 4096)
+            if not data:
+                return
+            os.write(dst, data)
 
 
 def _quote(arg: str) -> str:

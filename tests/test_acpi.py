@@ -382,6 +382,23 @@ def test_dsdt(example_dis: dict[str, Disasm], work: Path) -> None:
     assert res.returncode == 0 and "0 Errors, 0 Warnings" in res.stdout, res.stdout + res.stderr
 
 
+def test_dsdt_lists_every_uart_of_a_run(example: Layout, work: Path) -> None:
+    """`run`'s machine has COM2 and COM3 for the command's streams: a hardware-reduced guest
+    routes an ISA IRQ only for a device its DSDT describes, so the DSDT lists all three, and the
+    console-only machine keeps its DSDT byte for byte."""
+    from numavm.layout import CONSOLE_UARTS, STREAM_UARTS
+
+    assert acpi.build_tables(example, CONSOLE_UARTS).blobs()["DSDT"] == acpi.build_tables(example).blobs()["DSDT"]
+    d = disassemble(acpi.build_tables(example, STREAM_UARTS).blobs()["DSDT"], work, "dsdt-streams")
+    assert d.checksum_ok, d.log
+    asl = _norm_asl(d.text)
+    for uid, (name, port, irq) in enumerate([("COM1", 0x3F8, 4), ("COM2", 0x2F8, 3), ("COM3", 0x3E8, 4)]):
+        uid_text = {0: "Zero", 1: "One"}.get(uid, f"0x{uid:02X}")
+        assert (f'Device ({name}) {{ Name (_HID, EisaId ("PNP0501")) Name (_UID, {uid_text}) '
+                f"Name (_CRS, ResourceTemplate () {{ IO (Decode16, 0x{port:04X}, 0x{port:04X}, 0x01, 0x08,) "
+                f"IRQNoFlags () {{{irq}}}") in asl, asl
+
+
 def test_madt(example: Layout, example_dis: dict[str, Disasm]) -> None:
     d = example_dis["APIC"]
     check_header(d, "APIC", 44 + 4 * 8 + 12 + 10 + 6, 4)

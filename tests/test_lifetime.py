@@ -227,7 +227,7 @@ def test_sigkill_during_a_tcg_boot_leaves_nothing(tmp_path):
 
     # 3. the guest runs: its console is streaming
     proc = start(tmp_path, *args)
-    read_until(proc.stdout, b"Linux", 120)
+    read_until(proc.stderr, b"Linux", 120)  # --verbose: the console is on stderr
     assert children(proc.pid), "QEMU should be running"
     seen.append(kill_and_audit(proc))
     assert seen[-1]["memfds"] >= 1 and seen[-1]["children"]

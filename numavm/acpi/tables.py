@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Union
+from typing import TYPE_CHECKING, ClassVar, Sequence, Union
 
 from .. import layout as _lay
 from ..errors import NumavmError
@@ -255,20 +255,26 @@ class Dsdt(_Table):
         return self.aml
 
 
-def build_dsdt(com1_port: int = _lay.COM1_PORT, com1_irq: int = _lay.COM1_IRQ) -> Dsdt:
-    """`\\_S5` for power-off and the COM1 UART (PNP0501)."""
-    com1 = aml.device(
-        "COM1",
-        aml.name("_HID", aml.eisa_id("PNP0501")),
-        aml.name("_UID", aml.integer(0)),
-        aml.name("_CRS", aml.resource_template(
-            aml.io_port(com1_port, com1_port, 1, 8),
-            aml.irq_no_flags(com1_irq),
-        )),
-    )
+def build_dsdt(uarts: Sequence[tuple[int, int]] = ((_lay.COM1_PORT, _lay.COM1_IRQ),)) -> Dsdt:
+    """`\\_S5` for power-off and one 16550 UART (PNP0501) per (port, IRQ) in `uarts`, COM1 first.
+
+    A hardware-reduced ACPI guest has no legacy PIC, so Linux routes an ISA IRQ
+    only for a device the DSDT describes: every UART the machine has is listed.
+    """
+    coms = b"".join(
+        aml.device(
+            f"COM{i + 1}",
+            aml.name("_HID", aml.eisa_id("PNP0501")),
+            aml.name("_UID", aml.integer(i)),
+            aml.name("_CRS", aml.resource_template(
+                aml.io_port(port, port, 1, 8),
+                aml.irq_no_flags(irq),
+            )),
+        )
+        for i, (port, irq) in enumerate(uarts))
     s5 = aml.name("_S5_", aml.package(aml.integer(S5_SLP_TYP), aml.integer(0),
                                       aml.integer(0), aml.integer(0)))
-    return Dsdt(s5 + aml.scope("\\_SB_", com1))
+    return Dsdt(s5 + aml.scope("\\_SB_", coms))
 
 
 # ---------------------------------------------------------------- MADT
@@ -581,14 +587,15 @@ class AcpiTables:
         return out + (self.mptable.placements() if self.mptable is not None else [])
 
 
-def build_tables(layout: Layout) -> AcpiTables:
-    """All tables for `layout`, packed from `layout.table_area.start`.
+def build_tables(layout: Layout, uarts: Sequence[tuple[int, int]] = ((_lay.COM1_PORT, _lay.COM1_IRQ),)
+                 ) -> AcpiTables:
+    """All tables for `layout`, packed from `layout.table_area.start`; the DSDT describes `uarts`.
 
     The classic machine (``layout.topology.numa`` False) gets no SRAT/SLIT.
     Raises NumavmError if the tables do not fit the table area.
     """
     topo = layout.topology
-    dsdt = build_dsdt()
+    dsdt = build_dsdt(uarts)
     madt = build_madt(layout)
     srat = build_srat(layout) if topo.numa else None
     slit = Slit(topo.distances) if topo.numa else None

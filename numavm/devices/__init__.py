@@ -8,6 +8,7 @@ unit-tested alone and the machine wires them to KVM.
 """
 
 from .bus import PORT_LIMIT, Device, IoBus, all_ones
+from .irq import IrqLines
 from .power import (
     I8042,
     IO_DELAY_PORT,
@@ -28,7 +29,7 @@ from .power import (
 from .serial import UART_PORTS, Serial16550
 
 __all__ = [
-    "PORT_LIMIT", "Device", "IoBus", "all_ones",
+    "PORT_LIMIT", "Device", "IoBus", "all_ones", "IrqLines",
     "Serial16550", "UART_PORTS",
     "PowerEvent", "S5_SLP_TYP", "SLP_TYP_SHIFT", "SLP_TYP_MASK", "SLP_EN", "WAK_STS",
     "S5_SLEEP_CONTROL_VALUE", "POST_PORT", "IO_DELAY_PORT",
