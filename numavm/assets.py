@@ -250,45 +250,10 @@ class _Window:
 
 def _extract_one(deb: Path, pattern: re.Pattern[str]) -> tuple[str, bytes]:
     """The first regular file in `deb`'s data whose path matches: (group 1, contents)."""
-    with open(deb, "rb") as f:
-        for name, off, size in ar_members(f):
-            if not name.startswith("data.tar"):
-                continue
-            comp = name[len("data.tar"):]
-            if comp in ("", ".gz", ".xz", ".bz2"):
-                found = _scan_tar(_Window(f, off, size), pattern)  # type: ignore[arg-type]
-            else:  # e.g. .zst: let dpkg-deb unpack it
-                found = _scan_with_dpkg(deb, pattern)
-            if found is None:
-                raise NumavmError(f"{deb.name}: no file matching {pattern.pattern}")
-            return found
-    raise NumavmError(f"{deb.name}: no data.tar member")
-
-
-def _scan_tar(stream: IO[bytes], pattern: re.Pattern[str]) -> tuple[str, bytes] | None:
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            m = pattern.match(member.name)
-            if m and member.isfile():
-                fobj = tar.extractfile(member)
-                assert fobj is not None
-                return m.group(1), fobj.read()
-    return None
-
-
-def _scan_with_dpkg(deb: Path, pattern: re.Pattern[str]) -> tuple[str, bytes] | None:
-    if not shutil.which("dpkg-deb"):
-        raise NumavmError(f"{deb.name}: data compression Python cannot read and no dpkg-deb")
-    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
-                            preexec_fn=die_with_parent())
-    try:
-        assert proc.stdout is not None
-        return _scan_tar(proc.stdout, pattern)
-    finally:
-        if proc.stdout is not None:
-            proc.stdout.close()
-        proc.kill()
-        proc.wait()
+    found = _scan_deb(deb, pattern, first=True)
+    if not found:
+        raise NumavmError(f"{deb.name}: no file matching {pattern.pattern}")
+    return next(iter(found.items()))
 
 
 def download(pkg: str, version: str, work: Path, log: Log = print) -> Path:
@@ -299,6 +264,12 @@ def download(pkg: str, version: str, work: Path, log: Log = print) -> Path:
 def extract_matching(deb: Path, pattern: re.Pattern[str]) -> dict[str, bytes]:
     """Every regular file in `deb`'s data whose path matches: {the first group that matched:
     contents}, in one pass."""
+    return _scan_deb(deb, pattern, first=False)
+
+
+def _scan_deb(deb: Path, pattern: re.Pattern[str], first: bool) -> dict[str, bytes]:
+    """The matching files of `deb`'s data.tar (only the first one with `first`), keyed by the
+    first group that matched; Python reads gz/xz/bz2, dpkg-deb the rest (zstd)."""
     found: dict[str, bytes] = {}
 
     def scan(stream: IO[bytes]) -> None:
@@ -309,6 +280,8 @@ def extract_matching(deb: Path, pattern: re.Pattern[str]) -> dict[str, bytes]:
                     fobj = tar.extractfile(member)
                     assert fobj is not None
                     found[next(g for g in m.groups() if g is not None)] = fobj.read()
+                    if first:
+                        return
 
     with open(deb, "rb") as f:
         for name, off, size in ar_members(f):
@@ -316,17 +289,19 @@ def extract_matching(deb: Path, pattern: re.Pattern[str]) -> dict[str, bytes]:
                 continue
             if name[len("data.tar"):] in ("", ".gz", ".xz", ".bz2"):
                 scan(_Window(f, off, size))  # type: ignore[arg-type]
-            else:  # e.g. .zst: let dpkg-deb unpack it
-                if not shutil.which("dpkg-deb"):
-                    raise NumavmError(f"{deb.name}: data compression Python cannot read and no dpkg-deb")
-                proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
-                try:
-                    assert proc.stdout is not None
-                    scan(proc.stdout)
-                finally:
-                    if proc.stdout is not None:
-                        proc.stdout.close()
-                    proc.wait()
+                return found
+            if not shutil.which("dpkg-deb"):
+                raise NumavmError(f"{deb.name}: data compression Python cannot read and no dpkg-deb")
+            proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
+                                    preexec_fn=die_with_parent())
+            try:
+                assert proc.stdout is not None
+                scan(proc.stdout)
+            finally:
+                if proc.stdout is not None:
+                    proc.stdout.close()
+                proc.kill()  # stopped early with `first`: the rest of the archive is not wanted
+                proc.wait()
             return found
     raise NumavmError(f"{deb.name}: no data.tar member")
 

@@ -16,6 +16,7 @@ import io
 import json
 import lzma
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -310,6 +311,15 @@ def test_deb_extraction(tmp_path: Path) -> None:
     assert (name, data) == ("vmlinuz-6.1.0-9-amd64", b"KERNEL")
     with pytest.raises(NumavmError):
         A._extract_one(deb, A.BUSYBOX_FILE)
+
+
+def test_deb_extract_matching_takes_every_match_by_its_group(tmp_path: Path) -> None:
+    deb = tmp_path / "k.deb"
+    deb.write_bytes(_deb({"./lib/modules/6/kernel/a/kvm.ko": b"K", "./lib/modules/6/modules.builtin": b"v",
+                          "./lib/modules/6/kernel/b/other.ko": b"no", "./lib/modules/6/kernel/c/ccp.ko.xz": b"C"}))
+    pattern = re.compile(r"^\./lib/modules/6/(?:kernel/.*/((?:kvm|ccp)\.ko(?:\.xz)?)|(modules\.builtin))$")
+    assert A.extract_matching(deb, pattern) == {"kvm.ko": b"K", "modules.builtin": b"v", "ccp.ko.xz": b"C"}
+    assert A._extract_one(deb, pattern) == ("kvm.ko", b"K")  # the first in the archive only
 
 
 @pytest.mark.parametrize("path", ["./bin/busybox", "./usr/bin/busybox"])  # Debian 12, Debian 13
