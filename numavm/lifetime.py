@@ -7,7 +7,7 @@ the child exits, so children are started from the thread that waits for
 them (the run's own thread).  Memfds need nothing: the kernel frees them
 with the last process holding them.
 
-Private temporary directories (`owned_tempdir`) carry their owner's pid in
+Private temporary directories (`OwnedDir`) carry their owner's pid in
 their name and stay flock()ed by it while they live; a later numavm removes
 those whose lock it can take and whose owner pid is gone (`sweep`).  The
 lock settles pid reuse and pid namespaces sharing /tmp; the pid settles the
