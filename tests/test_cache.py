@@ -171,13 +171,24 @@ def test_check_says_what_it_needs_when_nothing_can_be_written(assets, tmp_path):
         pytest.skip("needs unshare(1) for a private mount namespace")
     fill_cmd = "head -c 2m /dev/zero > {d}/filler 2>/dev/null || true; "
     script = "set -e; "
-    for d in ("/tmp", "/var/tmp"):
+    env = dict(os.environ, XDG_CACHE_HOME="/tmp", TMPDIR="/tmp")
+    python = sys.executable
+    # A checkout (and its .venv) under /tmp would vanish under the tmpfs: see it elsewhere.
+    src = Path(__file__).resolve().parents[1]
+    covered = ("/tmp", "/var/tmp")
+    if any(src.is_relative_to(d) for d in covered):
+        if not Path(python).is_relative_to(src):
+            pytest.skip(f"the checkout is under {covered} and the interpreter {python} outside it")
+        alias = "/run/numavm-test-src"
+        script += f"mkdir -p {alias}; mount --bind {shlex.quote(str(src))} {alias}; "
+        python = alias + "/" + str(Path(python).relative_to(src))
+        env["PYTHONPATH"] = alias
+    for d in covered:
         script += f"mount -t tmpfs -o size=1m tmpfs {d}; " + fill_cmd.format(d=d)
-    script += ("cd /tmp; exec " + shlex.join([sys.executable, "-m", "numavm", "check", "--accel", "tcg",
+    script += ("cd /tmp; exec " + shlex.join([python, "-m", "numavm", "check", "--accel", "tcg",
                                               "--stage", "kernel", "--kernel", str(assets.kernel)]))
     r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                       env=dict(os.environ, XDG_CACHE_HOME="/tmp", TMPDIR="/tmp"),
-                       capture_output=True, text=True, timeout=300)
+                       env=env, capture_output=True, text=True, timeout=300)
     if "unshare:" in r.stderr or "mount:" in r.stderr:
         pytest.skip(f"no private mount namespace here: {r.stderr.strip()}")
     assert r.returncode == 1, r.stderr
