@@ -86,7 +86,14 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroo
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
+cwd=$(cat /etc/l1/cwd)
+case "$cwd" in  # a working directory under /tmp (a checkout cloned there) stays visible
+  /tmp/*) mkdir -p /l1/cwd && mount -o bind "/host$cwd" /l1/cwd ;;
+esac
 mount -t tmpfs -o mode=1777 tmpfs /host/tmp
+case "$cwd" in
+  /tmp/*) mkdir -p "/host$cwd" && mount -o move /l1/cwd "/host$cwd" ;;
+esac
 mount -t tmpfs -o mode=1777 tmpfs /host/dev/shm 2>/dev/null
 mkdir -p /host/tmp/home /host/tmp/cache
 cache=$(cat /etc/l1/cache)
