@@ -171,7 +171,8 @@ def test_parse_guest_report_clean_and_crlf() -> None:
     for t in (text, text.replace("\n", "\r\n")):
         rep = I.parse_guest_report(t)
         assert rep is not None and rep["exit_status"] == 3
-        assert {k: v for k, v in rep.items() if k != "exit_status"} == REPORT
+        assert rep["streams"] is True  # no NO-STREAMS mark: the command had its own ports
+        assert {k: v for k, v in rep.items() if k not in ("exit_status", "streams")} == REPORT
 
 
 def test_parse_guest_report_kernel_lines_interleaved() -> None:
