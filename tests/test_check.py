@@ -96,6 +96,7 @@ def test_uneven_domains_boot_under_tcg(shape: str) -> None:
 @needs_qemu
 @needs_kvm
 @needs_apt
+@pytest.mark.kvm_boot
 @pytest.mark.parametrize("name", ["example", "crossing-3G", "1+0+2"])
 def test_both_engines_see_the_same_topology(name: str) -> None:
     """Kernel stage on KVM and on TCG: the same node numbering, ranges, APIC map, zonelists.

@@ -23,10 +23,12 @@ from bench import l1
 
 pytestmark = pytest.mark.hwvirt
 
-# L1 runs the cases in the checkout (bench.l1.ROOT) with this Python: the checkout's .venv
+# L1 runs the cases in the checkout (bench.l1.ROOT) with this Python: the checkout's .venv.
+# numavm's own timeout ends a stuck guest before the case's (l1.Case.timeout, 900 s) does, and
+# --verbose puts the guest's console on stderr: a failure then shows where the guest stopped.
 NUMAVM = [sys.executable, "-m", "numavm"]
-CHECK = [*NUMAVM, "check", "--accel", "kvm", "--stage", "userspace", "--timeout", "900"]
-RUN = [*NUMAVM, "run", "--accel", "kvm", "--timeout", "900"]
+CHECK = [*NUMAVM, "check", "--verbose", "--accel", "kvm", "--stage", "userspace", "--timeout", "600"]
+RUN = [*NUMAVM, "run", "--verbose", "--accel", "kvm", "--timeout", "600"]
 SMALL = ["-n", "id=0,size=256M,cpus=0", "-n", "id=1,size=256M,cpus=1"]
 UP = "numavm-hwvirt-ready"  # the guest command's first line: it runs (on stdout, console or not)
 
@@ -43,7 +45,7 @@ CASES: dict[str, tuple[l1.Case, int]] = {c.name: (c, st) for c, st in [
     (l1.Case("crossing_3g", [*CHECK, "-n", "id=0,size=2G,cpus=0", "-n", "id=1,size=3G,cpus=1"]), 0),
     (l1.Case("memory_only_domain_0", [*CHECK, "-n", "id=0,size=512M", "-n", "id=1,size=512M,cpus=0-1"]), 0),
     (l1.Case("memoryless_domain", [*CHECK, "-n", "id=0,size=512M,cpus=0", "-n", "id=1,size=0,cpus=1"]), 0),
-    (l1.Case("8_domains_16_vcpus", [*CHECK, *_domains(8, "128M", 2)], timeout=1500), 0),
+    (l1.Case("8_domains_16_vcpus", [*CHECK, "--timeout", "1200", *_domains(8, "128M", 2)], timeout=1500), 0),
     (l1.Case("interleaved_vcpus", [*CHECK, "-n", "id=0,size=512M,cpus=0+2", "-n", "id=1,size=512M,cpus=1+3"]), 0),
     (l1.Case("thp_prefault", [*CHECK, "--prefault", "-n", "id=0,size=256M,cpus=0,hugepages=thp",
                               "-n", "id=1,size=256M,cpus=1"]), 0),

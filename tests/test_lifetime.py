@@ -243,6 +243,7 @@ def test_sigkill_during_a_tcg_boot_leaves_nothing(tmp_path):
 
 @needs_kvm
 @needs_apt
+@pytest.mark.kvm_boot
 def test_sigkill_during_a_kvm_boot_leaves_nothing(tmp_path):
     args = ("check", "--accel", "kvm", "--stage", "kernel", "--verbose", "--timeout", "300")
     # early: the engine is chosen; then mid-boot: the guest kernel is printing
