@@ -48,6 +48,9 @@ def export(topo: Topology, to: str) -> Export:
         raise ConfigError(f"--to: must be one of {', '.join(FORMATS)}, got {to!r}") from None
     warnings: list[str] = []
     text = render(topo, warnings)
+    if to in ("qemu", "libvirt", "cloud-hypervisor"):  # their policies live on memory, bhyve's on the domain
+        warnings += [f"domain {d.id}: CPU-only, so its policy {d.policy} (which numavm uses to pin its vCPUs) "
+                     "is not exported" for d in topo.domains if not d.size and d.policy.mode is not Mode.DEFAULT]
     if to != "toml":  # numavm's own per-domain page choice is not carried over
         warnings += [f"domain {d.id}: hugepages={d.hugepages} is not exported; set huge pages in the "
                      f"peer's own configuration" for d in topo.domains if d.hugepages]

@@ -37,7 +37,10 @@ def read(fmt: str, text: str) -> Imported:
     if len(text) > MAX_INPUT:
         raise ConfigError(f"import --from {fmt}: more than {MAX_INPUT >> 20} MiB of input; a machine is far smaller")
     module = importlib.import_module(f".{READERS[fmt]}", __name__)
-    return module.read(text)  # type: ignore[no-any-return]
+    try:
+        return module.read(text)  # type: ignore[no-any-return]
+    except ConfigError as e:
+        raise ConfigError(f"import --from {fmt}: {e}") from None
 
 
 def import_topology(fmt: str, text: str, host_nodes: tuple[int, ...] | None = None) -> tuple[Topology, list[str]]:
@@ -58,7 +61,7 @@ def command_words(text: str, fmt: str) -> list[str]:
     try:
         words = shlex.split(text.replace("\\\n", " "), comments=True)
     except ValueError as e:  # "No closing quotation"
-        raise ConfigError(f"import --from {fmt}: not a shell command line: {e}") from None
+        raise ConfigError(f"not a shell command line: {e}") from None
     for k, w in enumerate(words):
         if w.startswith("-"):
             return words[k:]

@@ -44,7 +44,7 @@ def read(text: str) -> Imported:
     try:
         found, operands = getopt.getopt(words, _OPTSTRING)
     except getopt.GetoptError as e:
-        raise ConfigError(f"{FMT}: {e.msg}") from None
+        raise ConfigError(f"{e.msg}") from None
     spec = MachineSpec()
     raw: dict[int, dict[str, str]] = {}  # domain -> key -> value, -n and -o domains.N.KEY merged
     origin: dict[int, str] = {}
@@ -54,33 +54,33 @@ def read(text: str) -> Imported:
         if opt == "-c":
             spec.cpus = _cpus(value)
         elif opt == "-m":
-            spec.memory = _size(value, f"{FMT} -m")
+            spec.memory = _size(value, "-m")
         elif opt == "-n":
             keys: dict[str, str] = {}
             for part in value.split(","):
                 key, eq, v = part.partition("=")
                 if not eq or key not in _DOMAIN_KEYS:
-                    raise ConfigError(f"{FMT} -n {value}: expected {', '.join(k + '=' for k in _DOMAIN_KEYS)}, "
+                    raise ConfigError(f"-n {value}: expected {', '.join(k + '=' for k in _DOMAIN_KEYS)}, "
                                       f"got {part!r}")
                 if key in keys:
-                    raise ConfigError(f"{FMT} -n {value}: {key}= given twice")
+                    raise ConfigError(f"-n {value}: {key}= given twice")
                 keys[key] = v
             if "id" not in keys:
-                raise ConfigError(f"{FMT} -n {value}: needs id=")
-            did = parse_int(keys.pop("id"), f"{FMT} -n {value} id")
+                raise ConfigError(f"-n {value}: needs id=")
+            did = parse_int(keys.pop("id"), f"-n {value} id")
             if did in raw:
-                raise ConfigError(f"{FMT} -n id={did}: given twice")
+                raise ConfigError(f"-n id={did}: given twice")
             raw[did] = keys
-            origin[did] = f"{FMT} -n id={did}"
+            origin[did] = f"-n id={did}"
         elif opt == "-o":
             key, eq, v = value.partition("=")
             parts = key.split(".")
             if parts[0] == "domains" and len(parts) == 3 and parts[2] in _DOMAIN_KEYS[1:] and eq:
-                did = parse_int(parts[1], f"{FMT} -o {key}")
+                did = parse_int(parts[1], f"-o {key}")
                 raw.setdefault(did, {})[parts[2]] = v
-                origin.setdefault(did, f"{FMT} -o domains.{did}")
+                origin.setdefault(did, f"-o domains.{did}")
             elif parts[0] == "domains":
-                raise ConfigError(f"{FMT} -o {value}: expected domains.N.size|cpus|domain_policy=VALUE")
+                raise ConfigError(f"-o {value}: expected domains.N.size|cpus|domain_policy=VALUE")
             else:
                 ignored.append(f"-o {key}")
         elif opt == "-p":
@@ -100,13 +100,13 @@ def read(text: str) -> Imported:
     if ignored:
         notes.append("left out, not part of the NUMA machine: " + ", ".join(dict.fromkeys(ignored)))
     if len(operands) > 1:
-        raise ConfigError(f"{FMT}: one VM name after the options, got {' '.join(operands)!r}")
+        raise ConfigError(f"one VM name after the options, got {' '.join(operands)!r}")
     return Imported(spec, notes)
 
 
 def _cpus(value: str) -> int:
     """-c N, or -c [cpus=]N[,sockets=S,cores=C,threads=T,maxcpus=M]."""
-    where = f"{FMT} -c {value}"
+    where = f"-c {value}"
     n: dict[str, int] = {}
     for k, part in enumerate(value.split(",")):
         key, eq, v = part.partition("=")

@@ -38,11 +38,11 @@ def options(text: str, where: str, keys: set[str]) -> dict[str, str]:
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq:
-            raise ConfigError(f"{FMT} {where} {text}: expected key=value, got {item!r}")
+            raise ConfigError(f"{where} {text}: expected key=value, got {item!r}")
         if key not in keys:
-            raise ConfigError(f"{FMT} {where} {text}: unknown key {key}= (keys: {', '.join(sorted(keys))})")
+            raise ConfigError(f"{where} {text}: unknown key {key}= (keys: {', '.join(sorted(keys))})")
         if key in out:
-            raise ConfigError(f"{FMT} {where} {text}: {key}= given twice")
+            raise ConfigError(f"{where} {text}: {key}= given twice")
         out[key] = value.strip()
     return out
 
@@ -62,7 +62,7 @@ def read(text: str) -> Imported:
     while k < len(words):
         name = words[k]
         if not name.startswith("-"):
-            raise ConfigError(f"{FMT}: {name!r} is not an option")
+            raise ConfigError(f"{name!r} is not an option")
         k += 1
         got = []
         while k < len(words) and not words[k].startswith("-"):
@@ -70,34 +70,34 @@ def read(text: str) -> Imported:
             k += 1
         if name in ("--cpus", "--memory", "--memory-zone", "--numa"):
             if not got:
-                raise ConfigError(f"{FMT} {name}: needs a value")
+                raise ConfigError(f"{name}: needs a value")
             if name in ("--cpus", "--memory") and (len(got) > 1 or name in values):
-                raise ConfigError(f"{FMT} {name}: given more than once")
+                raise ConfigError(f"{name}: given more than once")
             values.setdefault(name, []).extend(got)
         else:
             ignored.append(name)
     notes: list[str] = []
     spec = MachineSpec()
     c = options(values.get("--cpus", ["boot=1"])[0], "--cpus", _CPUS_KEYS)
-    spec.cpus = parse_int(c.get("boot", "1"), f"{FMT} --cpus boot")
-    if "max" in c and parse_int(c["max"], f"{FMT} --cpus max") > spec.cpus:
-        raise ConfigError(f"{FMT} --cpus max={c['max']}: numavm has no vCPU hotplug; every vCPU is present at boot")
+    spec.cpus = parse_int(c.get("boot", "1"), "--cpus boot")
+    if "max" in c and parse_int(c["max"], "--cpus max") > spec.cpus:
+        raise ConfigError(f"--cpus max={c['max']}: numavm has no vCPU hotplug; every vCPU is present at boot")
     if "affinity" in c:
         notes.append("--cpus affinity= left out: numavm pins each vCPU to the host nodes of its domain's policy")
     m = options(values.get("--memory", ["size=512M"])[0], "--memory", _MEMORY_KEYS)
     for key in ("hotplug_size", "hotplugged_size"):
         if key in m:
-            raise ConfigError(f"{FMT} --memory {key}=: numavm has no memory hotplug")
-    total = size(m.get("size", "512M"), f"{FMT} --memory size")
-    prefault = flag(m.get("prefault", "off"), f"{FMT} --memory prefault")
-    huge = flag(m.get("hugepages", "off"), f"{FMT} --memory hugepages")
+            raise ConfigError(f"--memory {key}=: numavm has no memory hotplug")
+    total = size(m.get("size", "512M"), "--memory size")
+    prefault = flag(m.get("prefault", "off"), "--memory prefault")
+    huge = flag(m.get("hugepages", "off"), "--memory hugepages")
     zones: dict[str, DomainSpec] = {}  # a zone's size, policy and pages, as a domain would hold them
     prefaulted: set[str] = set()
     for z in values.get("--memory-zone", []):
         o = options(z, "--memory-zone", _ZONE_KEYS)
         if "id" not in o or "size" not in o:
-            raise ConfigError(f"{FMT} --memory-zone {z}: needs id= and size=")
-        where = f"{FMT} --memory-zone id={o['id']}"
+            raise ConfigError(f"--memory-zone {z}: needs id= and size=")
+        where = f"--memory-zone id={o['id']}"
         if o["id"] in zones:
             raise ConfigError(f"{where}: id given twice")
         for key in ("file", "hotplug_size", "hotplugged_size"):
@@ -116,7 +116,7 @@ def read(text: str) -> Imported:
     if not nodes:
         if zones:
             if any(z.policy != Policy() for z in zones.values()):
-                raise ConfigError(f"{FMT} --memory-zone host_numa_node=: a policy for a guest without --numa "
+                raise ConfigError("--memory-zone host_numa_node=: a policy for a guest without --numa "
                                   "nodes; numavm's classic machine has none (give the guest one --numa node)")
             total += sum(z.size or 0 for z in zones.values())
         spec.memory = total
@@ -127,7 +127,7 @@ def read(text: str) -> Imported:
             notes.append("prefault=on: numavm's machine file has no prefault; give --prefault to run/check")
     else:
         if total:
-            raise ConfigError(f"{FMT} --memory size={m['size']}: memory outside the --memory-zone options is in "
+            raise ConfigError(f"--memory size={m['size']}: memory outside the --memory-zone options is in "
                               "no --numa node; with NUMA nodes give --memory size=0")
         _numa(nodes, zones, spec, prefaulted, notes)
     if ignored:
@@ -142,9 +142,9 @@ def _numa(nodes: list[str], zones: dict[str, DomainSpec], spec: MachineSpec, pre
     for n in nodes:
         o = options(n, "--numa", _NUMA_KEYS)
         if "guest_numa_id" not in o:
-            raise ConfigError(f"{FMT} --numa {n}: needs guest_numa_id=")
-        nid = parse_int(o["guest_numa_id"], f"{FMT} --numa guest_numa_id")
-        where = f"{FMT} --numa guest_numa_id={nid}"
+            raise ConfigError(f"--numa {n}: needs guest_numa_id=")
+        nid = parse_int(o["guest_numa_id"], "--numa guest_numa_id")
+        where = f"--numa guest_numa_id={nid}"
         if "sgx_epc_sections" in o:
             raise ConfigError(f"{where} sgx_epc_sections=: numavm has no SGX enclave memory")
         if "pci_segments" in o:
@@ -177,7 +177,7 @@ def _numa(nodes: list[str], zones: dict[str, DomainSpec], spec: MachineSpec, pre
         spec.domains.append(dom)
     left = sorted(set(zones) - used)
     if left:
-        raise ConfigError(f"{FMT} --memory-zone id={left[0]}: in no --numa node's memory_zones")
+        raise ConfigError(f"--memory-zone id={left[0]}: in no --numa node's memory_zones")
     if prefault_doms:
         doms = format_list(sorted(set(prefault_doms)))
         notes.append(f"prefault=on (domains {doms}): numavm's machine file has no prefault; give --prefault {doms} "

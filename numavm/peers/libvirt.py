@@ -34,11 +34,11 @@ def parse_xml(text: str) -> ET.Element:
     parser = expat.ParserCreate()
 
     def no_dtd(name: str, *_: object) -> None:
-        raise ConfigError(f"{FMT}: the XML has a DOCTYPE ({name}); a domain XML has none, and numavm "
+        raise ConfigError(f"the XML has a DOCTYPE ({name}); a domain XML has none, and numavm "
                           "expands no entities")
 
     def no_entity(name: str, *_: object) -> None:
-        raise ConfigError(f"{FMT}: the XML declares an entity ({name}); numavm expands no entities")
+        raise ConfigError(f"the XML declares an entity ({name}); numavm expands no entities")
 
     parser.StartDoctypeDeclHandler = no_dtd
     parser.EntityDeclHandler = no_entity
@@ -49,7 +49,7 @@ def parse_xml(text: str) -> ET.Element:
     try:
         parser.Parse(text, True)
     except expat.ExpatError as e:
-        raise ConfigError(f"{FMT}: not well-formed XML: {expat.ErrorString(e.code)} "
+        raise ConfigError(f"not well-formed XML: {expat.ErrorString(e.code)} "
                           f"at line {e.lineno}, column {e.offset}") from None
     return builder.close()
 
@@ -86,24 +86,24 @@ def _policy(mode: str | None, nodeset: str | None, placement: str | None, where:
 def read(text: str) -> Imported:
     root = parse_xml(text)
     if root.tag != "domain":
-        raise ConfigError(f"{FMT}: the root element is <{root.tag}>, expected <domain>")
+        raise ConfigError(f"the root element is <{root.tag}>, expected <domain>")
     notes: list[str] = []
     spec = MachineSpec()
     vcpu = root.find("vcpu")
     if vcpu is not None:
-        spec.cpus = parse_int(vcpu.text or "", f"{FMT} <vcpu>")
+        spec.cpus = parse_int(vcpu.text or "", "<vcpu>")
         current = vcpu.get("current")
-        if current is not None and parse_int(current, f"{FMT} <vcpu current>") != spec.cpus:
-            raise ConfigError(f"{FMT} <vcpu current='{current}'>: numavm has no vCPU hotplug; every vCPU is "
+        if current is not None and parse_int(current, "<vcpu current>") != spec.cpus:
+            raise ConfigError(f"<vcpu current='{current}'>: numavm has no vCPU hotplug; every vCPU is "
                               "present at boot")
         if vcpu.get("cpuset"):
             notes.append(f"<vcpu cpuset='{vcpu.get('cpuset')}'> left out: numavm pins each vCPU to the host "
                          "nodes of its domain's policy")
     mem = root.find("memory")
     if mem is not None:
-        spec.memory = _memory(mem, f"{FMT} <memory>")
+        spec.memory = _memory(mem, "<memory>")
     if root.find("maxMemory") is not None:
-        raise ConfigError(f"{FMT} <maxMemory>: numavm has no memory hotplug; all memory is present at boot")
+        raise ConfigError("<maxMemory>: numavm has no memory hotplug; all memory is present at boot")
     huge = root.find("memoryBacking/hugepages") is not None
     tune = root.find("numatune")
     default = Policy()
@@ -111,9 +111,9 @@ def read(text: str) -> Imported:
     if tune is not None:
         m = tune.find("memory")
         if m is not None:
-            default = _policy(m.get("mode"), m.get("nodeset"), m.get("placement"), f"{FMT} <numatune><memory>")
+            default = _policy(m.get("mode"), m.get("nodeset"), m.get("placement"), "<numatune><memory>")
         for mn in tune.findall("memnode"):
-            where = f"{FMT} <memnode cellid='{mn.get('cellid')}'>"
+            where = f"<memnode cellid='{mn.get('cellid')}'>"
             cid = parse_int(mn.get("cellid", ""), f"{where} cellid")
             if cid in cell_policy:
                 raise ConfigError(f"{where}: given twice")
@@ -121,15 +121,15 @@ def read(text: str) -> Imported:
     cells = root.findall("cpu/numa/cell")
     if not cells:
         if default != Policy() or cell_policy:
-            raise ConfigError(f"{FMT} <numatune>: a policy for a guest without <numa> cells; numavm's classic "
+            raise ConfigError("<numatune>: a policy for a guest without <numa> cells; numavm's classic "
                               "machine has none (give the guest one <cell>)")
         if huge:
             notes.append("<hugepages/>: numavm's classic machine has no per-domain pages; give --hugepages "
                          "hugetlbfs to run/check")
         return Imported(spec, notes)
     for pos, cell in enumerate(cells):
-        cid = parse_int(cell.get("id", str(pos)), f"{FMT} <cell> id")
-        where = f"{FMT} <cell id='{cid}'>"
+        cid = parse_int(cell.get("id", str(pos)), "<cell> id")
+        where = f"<cell id='{cid}'>"
         cpus = comma_list(cell.get("cpus", ""), f"{where} cpus") if cell.get("cpus") else ()
         dom = DomainSpec(cid, _memory(cell, f"{where} memory"), cpus,
                          cell_policy.pop(cid, default), "hugetlbfs" if huge else None, where)
@@ -139,7 +139,7 @@ def read(text: str) -> Imported:
             spec.distances.append((cid, parse_int(sib.get("id", ""), f"{swhere} id"),
                                    parse_int(sib.get("value", ""), f"{swhere} value"), swhere))
     if cell_policy:
-        raise ConfigError(f"{FMT} <memnode cellid='{min(cell_policy)}'>: no <cell id='{min(cell_policy)}'>")
+        raise ConfigError(f"<memnode cellid='{min(cell_policy)}'>: no <cell id='{min(cell_policy)}'>")
     # the SLIT is a full matrix: a sibling list names every cell, the cell itself at 10
     rows: dict[int, set[int]] = {}
     for i, j, _, _ in spec.distances:

@@ -33,7 +33,7 @@ def opts(text: str, implied: str, where: str) -> list[tuple[str, str]]:
         key, eq, value = item.partition("=")
         if not eq:
             if k or not item:
-                raise ConfigError(f"{FMT} {where} {text}: expected key=value, got {item!r}")
+                raise ConfigError(f"{where} {text}: expected key=value, got {item!r}")
             key, value = implied, item
         out.append((key.strip(), value.strip()))
     return out
@@ -43,7 +43,7 @@ def _one(pairs: list[tuple[str, str]], where: str) -> dict[str, str]:
     d: dict[str, str] = {}
     for k, v in pairs:
         if k in d:
-            raise ConfigError(f"{FMT} {where}: {k}= given twice")
+            raise ConfigError(f"{where}: {k}= given twice")
         d[k] = v
     return d
 
@@ -62,7 +62,7 @@ def read(text: str) -> Imported:
     while k < len(words):
         opt = words[k]
         if not opt.startswith("-"):
-            raise ConfigError(f"{FMT}: {opt!r} is not an option (a QEMU command line is options and their values)")
+            raise ConfigError(f"{opt!r} is not an option (a QEMU command line is options and their values)")
         name = "-" + opt.lstrip("-")
         if name in _NO_VALUE:
             if name == "-mem-prealloc":
@@ -72,7 +72,7 @@ def read(text: str) -> Imported:
             k += 1
             continue
         if k + 1 >= len(words):
-            raise ConfigError(f"{FMT} {name}: needs a value")
+            raise ConfigError(f"{name}: needs a value")
         value = words[k + 1]
         k += 2
         if name == "-smp":
@@ -89,10 +89,10 @@ def read(text: str) -> Imported:
             elif kind == "cpu":
                 cpu_maps.append(_one(pairs[1:], f"-numa {value}"))
             elif kind in ("hmat-lb", "hmat-cache"):
-                raise ConfigError(f"{FMT} -numa {kind}: numavm gives the guest no HMAT (latencies, bandwidths, "
+                raise ConfigError(f"-numa {kind}: numavm gives the guest no HMAT (latencies, bandwidths, "
                                   "caches); only SRAT and SLIT")
             else:
-                raise ConfigError(f"{FMT} -numa {value}: expected node, dist or cpu")
+                raise ConfigError(f"-numa {value}: expected node, dist or cpu")
         elif name == "-object":
             pairs = opts(value, "qom-type", "-object")
             props = dict(pairs)
@@ -104,32 +104,32 @@ def read(text: str) -> Imported:
                         assert isinstance(hn, list)
                         hn.append(v)
                     elif key in b:
-                        raise ConfigError(f"{FMT} -object {value}: {key}= given twice")
+                        raise ConfigError(f"-object {value}: {key}= given twice")
                     else:
                         b[key] = v
                 if "id" not in b:
-                    raise ConfigError(f"{FMT} -object {value}: a memory backend needs id=")
+                    raise ConfigError(f"-object {value}: a memory backend needs id=")
                 backends[str(b["id"])] = b
             else:
                 ignored.append(f"-object {props.get('qom-type', '?')}")
         elif name in ("-machine", "-M"):
             m = dict(opts(value, "type", name))
             low = m.get("max-ram-below-4g")
-            if low is not None and size(low, f"{FMT} {name} max-ram-below-4g") != 3 << 30:
+            if low is not None and size(low, f"{name} max-ram-below-4g") != 3 << 30:
                 notes.append(f"{name} max-ram-below-4g={low}: numavm puts RAM below 3G and the rest from 4G; "
                              "guest-physical addresses differ, the topology is the same")
         elif name == "-mem-path":
-            raise ConfigError(f"{FMT} -mem-path {value}: numavm backs guest memory with its own memfds, not a "
+            raise ConfigError(f"-mem-path {value}: numavm backs guest memory with its own memfds, not a "
                               "file; for huge pages use hugepages=hugetlbfs")
         else:
             ignored.append(name)
     cpus, topo = _smp(smp)
     spec = MachineSpec(cpus=cpus)
     if mem:
-        total = size(mem.get("size", "128"), f"{FMT} -m", plain=MiB)
+        total = size(mem.get("size", "128"), "-m", plain=MiB)
         maxmem = mem.get("maxmem")
-        if maxmem is not None and size(maxmem, f"{FMT} -m maxmem") > total:
-            raise ConfigError(f"{FMT} -m maxmem={maxmem}: numavm has no memory hotplug; all memory is present "
+        if maxmem is not None and size(maxmem, "-m maxmem") > total:
+            raise ConfigError(f"-m maxmem={maxmem}: numavm has no memory hotplug; all memory is present "
                               "at boot")
         spec.memory = total
     used: set[str] = set()
@@ -140,13 +140,13 @@ def read(text: str) -> Imported:
     for c in cpu_maps:
         _cpu_map(c, by_id, topo)
     for d in dists:
-        where = f"{FMT} -numa dist,src={d.get('src')},dst={d.get('dst')},val={d.get('val')}"
+        where = f"-numa dist,src={d.get('src')},dst={d.get('dst')},val={d.get('val')}"
         if set(d) != {"src", "dst", "val"}:
             raise ConfigError(f"{where}: expected src=, dst= and val=")
         spec.distances.append((parse_int(d["src"], f"{where} src"), parse_int(d["dst"], f"{where} dst"),
                                parse_int(d["val"], f"{where} val"), where))
     if not spec.domains and (dists or cpu_maps):
-        raise ConfigError(f"{FMT} -numa: dist and cpu need -numa node options")
+        raise ConfigError("-numa: dist and cpu need -numa node options")
     for bid in sorted(set(backends) - used):
         notes.append(f"-object {backends[bid]['qom-type']},id={bid}: no -numa node uses it; left out")
     if prealloc:
@@ -159,7 +159,7 @@ def read(text: str) -> Imported:
 
 def _smp(smp: dict[str, str]) -> tuple[int | None, tuple[int, int, int, int, int]]:
     """vCPUs, and (sockets, dies, clusters, cores, threads) for -numa cpu."""
-    where = f"{FMT} -smp"
+    where = "-smp"
     known = {"cpus", "sockets", "dies", "clusters", "cores", "threads", "maxcpus", "books", "drawers"}
     bad = sorted(set(smp) - known)
     if bad:
@@ -215,15 +215,15 @@ def _node(pairs: list[tuple[str, str]], pos: int, backends: dict[str, dict[str, 
     keys: dict[str, str] = {}
     for k, v in pairs:
         if k == "cpus":  # repeatable, a number or a range each
-            cpus.extend(parse_list(v, f"{FMT} -numa node cpus"))
+            cpus.extend(parse_list(v, "-numa node cpus"))
         elif k in ("nodeid", "mem", "memdev", "initiator"):
             if k in keys:
-                raise ConfigError(f"{FMT} -numa node: {k}= given twice")
+                raise ConfigError(f"-numa node: {k}= given twice")
             keys[k] = v
         else:
-            raise ConfigError(f"{FMT} -numa node: unknown key {k}= (keys: nodeid, cpus, memdev, mem, initiator)")
-    nid = parse_int(keys["nodeid"], f"{FMT} -numa node nodeid") if "nodeid" in keys else pos
-    where = f"{FMT} -numa node,nodeid={nid}"
+            raise ConfigError(f"-numa node: unknown key {k}= (keys: nodeid, cpus, memdev, mem, initiator)")
+    nid = parse_int(keys["nodeid"], "-numa node nodeid") if "nodeid" in keys else pos
+    where = f"-numa node,nodeid={nid}"
     if "initiator" in keys:
         raise ConfigError(f"{where} initiator={keys['initiator']}: an HMAT initiator; numavm gives the guest no HMAT")
     if "mem" in keys and "memdev" in keys:
@@ -241,7 +241,7 @@ def _node(pairs: list[tuple[str, str]], pos: int, backends: dict[str, dict[str, 
         if bid in used:
             raise ConfigError(f"{where} memdev={bid}: already another node's memory")
         used.add(bid)
-        bwhere = f"{FMT} -object {b['qom-type']},id={bid}"
+        bwhere = f"-object {b['qom-type']},id={bid}"
         if b["qom-type"] == "memory-backend-file":
             raise ConfigError(f"{bwhere}: numavm backs guest memory with its own memfds, not a file "
                               f"(mem-path={b.get('mem-path', '')}); for huge pages use hugepages=hugetlbfs")
@@ -260,7 +260,7 @@ def _node(pairs: list[tuple[str, str]], pos: int, backends: dict[str, dict[str, 
 
 
 def _cpu_map(c: dict[str, str], by_id: dict[int, DomainSpec], topo: tuple[int, int, int, int, int]) -> None:
-    where = f"{FMT} -numa cpu," + ",".join(f"{k}={v}" for k, v in c.items())
+    where = "-numa cpu," + ",".join(f"{k}={v}" for k, v in c.items())
     keys = ("socket-id", "die-id", "cluster-id", "core-id", "thread-id")
     bad = sorted(set(c) - set(keys) - {"node-id"})
     if bad or "node-id" not in c:
