@@ -47,6 +47,10 @@ def _machine_options(p: argparse.ArgumentParser, host_nodes: bool = True) -> Non
     g.add_argument("-f", "--config", metavar="FILE",
                    help="the machine as TOML (see examples/example.toml); -c/-m override the file, "
                         "and -n/--distance replace its domains/distances")
+    g.add_argument("--like-host", action="store_true",
+                   help="one domain per host NUMA node: memory (-m) and vCPUs (-c, default one per host CPU) "
+                        "shared as the host's nodes share theirs, the host's distances, each domain bound to "
+                        "its node (so its vCPUs run on that node's CPUs); -n id=I,size=S sets a domain's size")
     if host_nodes:
         g.add_argument("--host-nodes", metavar="LIST",
                        help="check policies against these host nodes instead of this host's online nodes")
@@ -169,6 +173,8 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
 def machine_spec(args: argparse.Namespace) -> MachineSpec:
     """The machine options as a spec; no options at all means the example."""
     given = args.cpus is not None or args.memory is not None or args.numa or args.distance
+    if args.like_host:
+        return _like_host_spec(args)
     if args.config:
         spec = config.load(args.config)
     elif not given:
@@ -188,6 +194,20 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
     if args.distance:
         spec.distances = [parse_distance(t) for t in args.distance]
     return spec
+
+
+def _like_host_spec(args: argparse.Namespace) -> MachineSpec:
+    from .likehost import OPT, like_host
+
+    if args.config or args.distance:
+        raise ConfigError(f"{OPT}: the host gives the domains and distances; it cannot be combined with "
+                          f"{'-f/--config' if args.config else '--distance'}")
+    cpus = parse_int(args.cpus, "-c/--cpus") if args.cpus is not None else None
+    memory = parse_size(args.memory, "-m/--memory") if args.memory is not None else None
+    shape = like_host(cpus, memory, given=[parse_numa(t) for t in args.numa])
+    for note in shape.notes:
+        _stderr(f"numavm: {OPT}: {note}")
+    return shape.spec
 
 
 def build_topology(args: argparse.Namespace) -> Topology:
