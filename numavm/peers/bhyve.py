@@ -116,6 +116,8 @@ def _cpus(value: str) -> int:
             key, v = "cpus", part
         if key not in ("cpus", "sockets", "cores", "threads", "maxcpus"):
             raise ConfigError(f"{where}: unknown key {key}= (cpus, sockets, cores, threads, maxcpus)")
+        if key in n:
+            raise ConfigError(f"{where}: {key} given twice")
         n[key] = parse_int(v, f"{where} {key}")
     cpus = n.get("cpus") or n.get("sockets", 1) * n.get("cores", 1) * n.get("threads", 1)
     if n.get("maxcpus", cpus) > cpus:

@@ -47,7 +47,11 @@ def parse_xml(text: str) -> ET.Element:
     parser.EndElementHandler = lambda tag: builder.end(tag)
     parser.CharacterDataHandler = lambda data: builder.data(data)
     try:
-        parser.Parse(text, True)
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"not UTF-8 text: {e.reason} at offset {e.start}") from None
+    try:
+        parser.Parse(data, True)
     except expat.ExpatError as e:
         raise ConfigError(f"not well-formed XML: {expat.ErrorString(e.code)} "
                           f"at line {e.lineno}, column {e.offset}") from None
@@ -60,7 +64,10 @@ def _memory(el: ET.Element, where: str) -> int:
     if mult is None:
         raise ConfigError(f"{where}: unknown unit {unit!r} (libvirt's: b, KiB, MiB, GiB, TiB, KB, MB, ...)")
     text = (el.text or "").strip() if el.tag != "cell" else el.get("memory", "")
-    return parse_int(text, where) * mult
+    n = parse_int(text, where)
+    if n < 0:
+        raise ConfigError(f"{where}: cannot be negative, got {n}")
+    return n * mult
 
 
 def _policy(mode: str | None, nodeset: str | None, placement: str | None, where: str) -> Policy:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..policy import Mode, Policy
-from ..topology import DomainSpec, MachineSpec
+from ..topology import MAX_CPUS, DomainSpec, MachineSpec
 from ..units import MiB, format_list, parse_int, parse_list
 from . import Imported, command_words, flag, size
 
@@ -179,6 +179,11 @@ def _smp(smp: dict[str, str]) -> tuple[int | None, tuple[int, int, int, int, int
         cores = max(cpus // (per * (sockets or 1)), 1)
     if sockets is None:
         sockets = max(cpus // (per * cores), 1)
+    if cpus > MAX_CPUS:
+        raise ConfigError(f"{where}: at most {MAX_CPUS} vCPUs, got {cpus}")
+    if sockets * per * cores != cpus:
+        raise ConfigError(f"{where}: sockets*dies*clusters*cores*threads = {sockets * per * cores}, not {cpus} "
+                          "(QEMU refuses it too)")
     maxcpus = n.get("maxcpus", cpus)
     if maxcpus > cpus:
         raise ConfigError(f"{where} maxcpus={maxcpus}: numavm has no vCPU hotplug; every vCPU is present at boot "
