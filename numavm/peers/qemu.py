@@ -109,6 +109,8 @@ def read(text: str) -> Imported:
                         b[key] = v
                 if "id" not in b:
                     raise ConfigError(f"-object {value}: a memory backend needs id=")
+                if b["id"] in backends:
+                    raise ConfigError(f"-object {value}: id={b['id']} is already another backend's")
                 backends[str(b["id"])] = b
             else:
                 ignored.append(f"-object {props.get('qom-type', '?')}")
