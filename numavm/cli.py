@@ -47,6 +47,10 @@ def _machine_options(p: argparse.ArgumentParser, host_nodes: bool = True) -> Non
     g.add_argument("-f", "--config", metavar="FILE",
                    help="the machine as TOML (see examples/example.toml); -c/-m override the file, "
                         "and -n/--distance replace its domains/distances")
+    g.add_argument("--like-host", action="store_true",
+                   help="one domain per host NUMA node: memory (-m) and vCPUs (-c, default one per host CPU) "
+                        "shared as the host's nodes share theirs, the host's distances, each domain bound to "
+                        "its node (so its vCPUs run on that node's CPUs); -n id=I,size=S sets a domain's size")
     if host_nodes:
         g.add_argument("--host-nodes", metavar="LIST",
                        help="check policies against these host nodes instead of this host's online nodes")
@@ -78,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     _machine_options(se)
     se.add_argument("--to", required=True, metavar="FORMAT",
                     help="qemu, libvirt, cloud-hypervisor, bhyve or toml")
+    si = sub.add_parser("import", help="read a machine written for QEMU, libvirt, Cloud Hypervisor or bhyve",
+                        description="Read a machine written for a peer and print it as numavm TOML (or the "
+                                    "plan as JSON): QEMU's -smp, -m, -numa and memory backends; libvirt's "
+                                    "<vcpu>, <memory>, <cpu><numa> and <numatune>; Cloud Hypervisor's --cpus, "
+                                    "--memory, --memory-zone and --numa; bhyve's -c, -m, -n and -o domains.*. "
+                                    "Options that are not part of the NUMA machine are named on stderr; what "
+                                    "numavm cannot express is an error (exit 2).")
+    si.add_argument("--from", dest="peer", required=True, metavar="FORMAT",
+                    help="qemu, libvirt, cloud-hypervisor or bhyve")
+    si.add_argument("file", nargs="?", default="-", metavar="FILE|-", help="the peer's text (default: stdin)")
+    si.add_argument("--json", action="store_true", help="print the plan as JSON (what `plan --json` prints)")
+    si.add_argument("--host-nodes", metavar="LIST",
+                    help="check policies against these host nodes instead of this host's online nodes")
+
     sr = sub.add_parser("run", help="boot Linux on the machine and run a command in it",
                         description="Boot Linux on the planned machine, run CMD in it and exit with "
                                     "its status (0 on clean power-off). CMD's stdout is numavm's stdout "
@@ -155,6 +173,8 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
 def machine_spec(args: argparse.Namespace) -> MachineSpec:
     """The machine options as a spec; no options at all means the example."""
     given = args.cpus is not None or args.memory is not None or args.numa or args.distance
+    if args.like_host:
+        return _like_host_spec(args)
     if args.config:
         spec = config.load(args.config)
     elif not given:
@@ -174,6 +194,20 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
     if args.distance:
         spec.distances = [parse_distance(t) for t in args.distance]
     return spec
+
+
+def _like_host_spec(args: argparse.Namespace) -> MachineSpec:
+    from .likehost import OPT, like_host
+
+    if args.config or args.distance:
+        raise ConfigError(f"{OPT}: the host gives the domains and distances; it cannot be combined with "
+                          f"{'-f/--config' if args.config else '--distance'}")
+    cpus = parse_int(args.cpus, "-c/--cpus") if args.cpus is not None else None
+    memory = parse_size(args.memory, "-m/--memory") if args.memory is not None else None
+    shape = like_host(cpus, memory, given=[parse_numa(t) for t in args.numa])
+    for note in shape.notes:
+        _stderr(f"numavm: {OPT}: {note}")
+    return shape.spec
 
 
 def build_topology(args: argparse.Namespace) -> Topology:
@@ -222,6 +256,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     for w in result.warnings:
         print(f"numavm: {args.to}: {w}", file=sys.stderr)
     sys.stdout.write(result.text if result.text.endswith("\n") else result.text + "\n")
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .export import export
+    from .peers import FORMATS, MAX_INPUT, import_topology
+
+    if args.peer not in FORMATS:
+        raise ConfigError(f"--from: must be one of {', '.join(FORMATS)}, got {args.peer!r}")
+    name = "stdin" if args.file == "-" else args.file
+    try:
+        if args.file == "-":
+            data = sys.stdin.buffer.read(MAX_INPUT + 1)
+        else:
+            with open(args.file, "rb") as f:
+                data = f.read(MAX_INPUT + 1)
+    except OSError as e:
+        raise ConfigError(f"import: cannot read {name}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"import: {name} is not UTF-8 (byte {data[e.start]:#04x} at offset {e.start})") from None
+    host = args.host_nodes
+    nodes = parse_list(host.replace(",", "+"), "--host-nodes") if host is not None else None
+    topo, notes = import_topology(args.peer, text, nodes)
+    for note in notes:
+        print(f"numavm: import: {_one_line(Exception(note))}", file=sys.stderr)
+    if args.json:
+        from .layout import plan_layout
+        from .plan import plan_document
+        print(json.dumps(plan_document(plan_layout(topo)), indent=2))
+    else:
+        sys.stdout.write(export(topo, "toml").text)
     return EXIT_OK
 
 
@@ -439,8 +506,8 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-COMMANDS = {"plan": cmd_plan, "acpi": cmd_acpi, "export": cmd_export, "run": cmd_run, "check": cmd_check,
-            "fetch": cmd_fetch}
+COMMANDS = {"plan": cmd_plan, "acpi": cmd_acpi, "export": cmd_export, "import": cmd_import, "run": cmd_run,
+            "check": cmd_check, "fetch": cmd_fetch}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,6 +48,9 @@ def export(topo: Topology, to: str) -> Export:
         raise ConfigError(f"--to: must be one of {', '.join(FORMATS)}, got {to!r}") from None
     warnings: list[str] = []
     text = render(topo, warnings)
+    if to in ("qemu", "libvirt", "cloud-hypervisor"):  # their policies live on memory, bhyve's on the domain
+        warnings += [f"domain {d.id}: CPU-only, so its policy {d.policy} (which numavm uses to pin its vCPUs) "
+                     "is not exported" for d in topo.domains if not d.size and d.policy.mode is not Mode.DEFAULT]
     if to != "toml":  # numavm's own per-domain page choice is not carried over
         warnings += [f"domain {d.id}: hugepages={d.hugepages} is not exported; set huge pages in the "
                      f"peer's own configuration" for d in topo.domains if d.hugepages]
@@ -109,6 +112,11 @@ def _shell(lines: list[list[str]]) -> str:
 _MORE = "\x00more"  # marks a continuation line for _shell
 
 
+def _no_local(d: Domain, peer: str) -> str:
+    return (f"domain {d.id}: {peer} has no policy local; left at the default policy, which allocates "
+            "locally unless the process has another")
+
+
 def _nodes(p: Policy) -> str:
     return format_list(p.nodes)
 
@@ -119,6 +127,8 @@ def _nodes(p: Policy) -> str:
 def _qemu_policy(dom: Domain, warnings: list[str]) -> Policy | None:
     """The policy to give QEMU's memory backend (policy default/local: none)."""
     p = dom.policy
+    if p.mode is Mode.LOCAL:
+        warnings.append(_no_local(dom, "QEMU"))
     if p.mode in (Mode.DEFAULT, Mode.LOCAL):
         return None
     if p.mode is Mode.PREFERRED_MANY:
@@ -243,6 +253,8 @@ def _libvirt(topo: Topology, warnings: list[str]) -> str:
 
 def _libvirt_mode(d: Domain, warnings: list[str]) -> tuple[str, str] | None:
     p = d.policy
+    if p.mode is Mode.LOCAL:
+        warnings.append(_no_local(d, "libvirt"))
     if p.mode in (Mode.DEFAULT, Mode.LOCAL):
         return None
     nodeset = _comma_list(p.nodes)
@@ -266,6 +278,8 @@ def _libvirt_mode(d: Domain, warnings: list[str]) -> tuple[str, str] | None:
 def _ch_host_node(d: Domain, warnings: list[str]) -> int | None:
     """CH binds a memory zone to one host node (host_numa_node=) or to none."""
     p = d.policy
+    if p.mode is Mode.LOCAL:
+        warnings.append(_no_local(d, "Cloud Hypervisor"))
     if p.mode in (Mode.DEFAULT, Mode.LOCAL):
         return None
     if p.mode is Mode.BIND and len(p.nodes) == 1:

@@ -349,13 +349,31 @@ def _cgroup_room(path: Path, v2: bool) -> Room | None:
 
 def node_free(node: int, root: Path = NODE_DIR) -> int | None:
     """Free memory on host node `node` (its meminfo MemFree), in bytes; None if unknown."""
+    return _node_meminfo(node, "MemFree:", root)
+
+
+def node_total(node: int, root: Path = NODE_DIR) -> int | None:
+    """Memory of host node `node` (its meminfo MemTotal), in bytes; None if unknown."""
+    return _node_meminfo(node, "MemTotal:", root)
+
+
+def _node_meminfo(node: int, key: str, root: Path) -> int | None:
     try:
         for line in (root / f"node{node}" / "meminfo").read_text().splitlines():
-            if "MemFree:" in line:
+            if key in line:
                 return int(line.split()[-2]) * KiB
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def node_distances(node: int, root: Path = NODE_DIR) -> tuple[int, ...] | None:
+    """Host node `node`'s row of the SLIT (its sysfs distance: one number per online node,
+    in node order); None if unreadable."""
+    try:
+        return tuple(int(x) for x in (root / f"node{node}" / "distance").read_text().split())
+    except (OSError, ValueError):
+        return None
 
 
 def check_memory(layout: Layout, prefault: frozenset[int] | None, hugepages: str | None,

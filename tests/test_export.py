@@ -127,9 +127,10 @@ def test_qemu_policies_and_host_node_ranges():
         "memory-backend-ram,id=mem4,size=64M,host-nodes=1,host-nodes=3,policy=preferred",
         "memory-backend-ram,id=mem5,size=64M,host-nodes=0-1,policy=interleave",
     ]
-    assert len(warnings) == 2
-    assert warnings[0].startswith("domain 4:") and "preferred-many" in warnings[0]
-    assert warnings[1].startswith("domain 5:") and "weighted-interleave" in warnings[1]
+    assert len(warnings) == 3
+    assert warnings[0].startswith("domain 3:") and "no policy local" in warnings[0]
+    assert warnings[1].startswith("domain 4:") and "preferred-many" in warnings[1]
+    assert warnings[2].startswith("domain 5:") and "weighted-interleave" in warnings[2]
 
 
 def test_unknown_format_is_a_config_error():
@@ -293,10 +294,11 @@ def test_libvirt_policies_and_warnings():
     assert root.find("cpu/numa/cell[@id='0']").get("cpus") == "0,2"
     assert root.find("cpu/topology") is None
     assert root.find("cpu/numa/cell[@id='4']").get("memory") == "0"
-    assert len(e.warnings) == 3
+    assert len(e.warnings) == 4
     assert e.warnings[0].startswith("domain 2:") and "preferred-many" in e.warnings[0]
-    assert "own package" in e.warnings[1]
-    assert e.warnings[2].startswith("domain 4 is CPU-only")
+    assert e.warnings[1].startswith("domain 3:") and "no policy local" in e.warnings[1]
+    assert "own package" in e.warnings[2]
+    assert e.warnings[3].startswith("domain 4 is CPU-only")
 
 
 def test_libvirt_warns_about_max_ram_below_4g():

@@ -1,0 +1,292 @@
+"""A QEMU command line: ``-smp``, ``-m``, ``-numa node|dist|cpu`` and the
+``-object memory-backend-*`` the nodes name (``size``, ``host-nodes``,
+``policy``, ``prealloc``, ``hugetlb``).  Other options (devices, disks, the
+accelerator) do not describe the NUMA machine and are listed in a note."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from ..policy import Mode, Policy
+from ..topology import MAX_CPUS, DomainSpec, MachineSpec
+from ..units import MiB, format_list, parse_int, parse_list
+from . import Imported, command_words, flag, size
+
+FMT = "qemu"
+_BACKENDS = ("memory-backend-ram", "memory-backend-memfd", "memory-backend-file")
+_POLICIES = {"default": Mode.DEFAULT, "preferred": Mode.PREFERRED, "bind": Mode.BIND,
+             "interleave": Mode.INTERLEAVE}
+# backend properties that change nothing numavm models (sharing, dumps, KSM, reservations)
+_BACKEND_HARMLESS = {"id", "qom-type", "size", "host-nodes", "policy", "prealloc", "prealloc-threads",
+                     "prealloc-context", "merge", "dump", "share", "reserve", "hugetlb", "hugetlbsize",
+                     "seal", "x-use-canonical-path-for-ramblock-id"}
+# QEMU options without a value (the others take the next word)
+_NO_VALUE = {"-enable-kvm", "-nographic", "-no-reboot", "-no-shutdown", "-S", "-snapshot", "-daemonize",
+             "-no-hpet", "-no-acpi", "-no-user-config", "-nodefaults", "-mem-prealloc", "-s", "-full-screen",
+             "-no-fd-bootchk", "-win2k-hack", "-no-quit", "-enable-fips", "-old-param", "-only-migratable"}
+
+
+def opts(text: str, implied: str, where: str) -> list[tuple[str, str]]:
+    """QEMU's key=value,... syntax: a first item without '=' is the `implied` key, ',,' is a comma."""
+    out = []
+    for k, item in enumerate(text.replace(",,", "\0").split(",")):
+        item = item.replace("\0", ",")
+        key, eq, value = item.partition("=")
+        if not eq:
+            if k or not item:
+                raise ConfigError(f"{where} {text}: expected key=value, got {item!r}")
+            key, value = implied, item
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def _one(pairs: list[tuple[str, str]], where: str) -> dict[str, str]:
+    d: dict[str, str] = {}
+    for k, v in pairs:
+        if k in d:
+            raise ConfigError(f"{where}: {k}= given twice")
+        d[k] = v
+    return d
+
+
+def read(text: str) -> Imported:
+    words = command_words(text, FMT)
+    smp: dict[str, str] = {}
+    mem: dict[str, str] = {}
+    backends: dict[str, dict[str, str | list[str]]] = {}
+    nodes: list[list[tuple[str, str]]] = []
+    dists: list[dict[str, str]] = []
+    cpu_maps: list[dict[str, str]] = []
+    ignored: list[str] = []
+    notes: list[str] = []
+    k = 0
+    while k < len(words):
+        opt = words[k]
+        if not opt.startswith("-"):
+            raise ConfigError(f"{opt!r} is not an option (a QEMU command line is options and their values)")
+        name = "-" + opt.lstrip("-")
+        if name in _NO_VALUE:
+            if name == "-mem-prealloc":
+                notes.append("-mem-prealloc: numavm's machine file has no prefault; give --prefault to run/check")
+            elif name not in ("-enable-kvm",):
+                ignored.append(name)
+            k += 1
+            continue
+        if k + 1 >= len(words):
+            raise ConfigError(f"{name}: needs a value")
+        value = words[k + 1]
+        k += 2
+        if name == "-smp":
+            smp = _one(opts(value, "cpus", "-smp"), f"-smp {value}")
+        elif name == "-m":
+            mem = _one(opts(value, "size", "-m"), f"-m {value}")
+        elif name == "-numa":
+            pairs = opts(value, "type", "-numa")
+            kind = pairs[0][1] if pairs[0][0] == "type" else ""
+            if kind == "node":
+                nodes.append(pairs[1:])
+            elif kind == "dist":
+                dists.append(_one(pairs[1:], f"-numa {value}"))
+            elif kind == "cpu":
+                cpu_maps.append(_one(pairs[1:], f"-numa {value}"))
+            elif kind in ("hmat-lb", "hmat-cache"):
+                raise ConfigError(f"-numa {kind}: numavm gives the guest no HMAT (latencies, bandwidths, "
+                                  "caches); only SRAT and SLIT")
+            else:
+                raise ConfigError(f"-numa {value}: expected node, dist or cpu")
+        elif name == "-object":
+            pairs = opts(value, "qom-type", "-object")
+            props = dict(pairs)
+            if props.get("qom-type") in _BACKENDS:
+                b: dict[str, str | list[str]] = {}
+                for key, v in pairs:
+                    if key == "host-nodes":  # repeated for each range
+                        hn = b.setdefault("host-nodes", [])
+                        assert isinstance(hn, list)
+                        hn.append(v)
+                    elif key in b:
+                        raise ConfigError(f"-object {value}: {key}= given twice")
+                    else:
+                        b[key] = v
+                if "id" not in b:
+                    raise ConfigError(f"-object {value}: a memory backend needs id=")
+                if b["id"] in backends:
+                    raise ConfigError(f"-object {value}: id={b['id']} is already another backend's")
+                backends[str(b["id"])] = b
+            else:
+                ignored.append(f"-object {props.get('qom-type', '?')}")
+        elif name in ("-machine", "-M"):
+            m = dict(opts(value, "type", name))
+            low = m.get("max-ram-below-4g")
+            if low is not None and size(low, f"{name} max-ram-below-4g") != 3 << 30:
+                notes.append(f"{name} max-ram-below-4g={low}: numavm puts RAM below 3G and the rest from 4G; "
+                             "guest-physical addresses differ, the topology is the same")
+        elif name == "-mem-path":
+            raise ConfigError(f"-mem-path {value}: numavm backs guest memory with its own memfds, not a "
+                              "file; for huge pages use hugepages=hugetlbfs")
+        else:
+            ignored.append(name)
+    cpus, topo = _smp(smp)
+    spec = MachineSpec(cpus=cpus)
+    if mem:
+        total = size(mem.get("size", "128"), "-m", plain=MiB)
+        maxmem = mem.get("maxmem")
+        if maxmem is not None and size(maxmem, "-m maxmem") > total:
+            raise ConfigError(f"-m maxmem={maxmem}: numavm has no memory hotplug; all memory is present "
+                              "at boot")
+        spec.memory = total
+    used: set[str] = set()
+    prealloc: list[int] = []
+    for pos, pairs in enumerate(nodes):
+        spec.domains.append(_node(pairs, pos, backends, used, prealloc))
+    by_id = {d.id: d for d in spec.domains}
+    for c in cpu_maps:
+        _cpu_map(c, by_id, topo)
+    for d in dists:
+        where = f"-numa dist,src={d.get('src')},dst={d.get('dst')},val={d.get('val')}"
+        if set(d) != {"src", "dst", "val"}:
+            raise ConfigError(f"{where}: expected src=, dst= and val=")
+        spec.distances.append((parse_int(d["src"], f"{where} src"), parse_int(d["dst"], f"{where} dst"),
+                               parse_int(d["val"], f"{where} val"), where))
+    if not spec.domains and (dists or cpu_maps):
+        raise ConfigError("-numa: dist and cpu need -numa node options")
+    for bid in sorted(set(backends) - used):
+        notes.append(f"-object {backends[bid]['qom-type']},id={bid}: no -numa node uses it; left out")
+    if prealloc:
+        notes.append(f"prealloc=on (domains {format_list(prealloc)}): numavm's machine file has no prefault; "
+                     f"give --prefault {format_list(prealloc)} to run/check")
+    if ignored:
+        notes.append("left out, not part of the NUMA machine: " + ", ".join(dict.fromkeys(ignored)))
+    return Imported(spec, notes)
+
+
+def _smp(smp: dict[str, str]) -> tuple[int | None, tuple[int, int, int, int, int]]:
+    """vCPUs, and (sockets, dies, clusters, cores, threads) for -numa cpu."""
+    where = "-smp"
+    known = {"cpus", "sockets", "dies", "clusters", "cores", "threads", "maxcpus", "books", "drawers"}
+    bad = sorted(set(smp) - known)
+    if bad:
+        raise ConfigError(f"{where}: unknown key {bad[0]}= (keys: {', '.join(sorted(known))})")
+    n = {k: parse_int(v, f"{where} {k}") for k, v in smp.items()}
+    if any(v < 1 for k, v in n.items() if k != "cpus") or n.get("cpus", 1) < 0:
+        raise ConfigError(f"{where}: counts must be 1 or more")
+    dies, clusters, threads = n.get("dies", 1), n.get("clusters", 1), n.get("threads", 1)
+    cores, sockets = n.get("cores"), n.get("sockets")
+    cpus = n.get("cpus") or None
+    if cpus is None and (cores or sockets):
+        cpus = (sockets or 1) * dies * clusters * (cores or 1) * threads
+    if cpus is None:
+        return (1 if smp else None), (1, 1, 1, 1, 1)
+    per = dies * clusters * threads
+    if cores is None:
+        cores = max(cpus // (per * (sockets or 1)), 1)
+    if sockets is None:
+        sockets = max(cpus // (per * cores), 1)
+    if cpus > MAX_CPUS:
+        raise ConfigError(f"{where}: at most {MAX_CPUS} vCPUs, got {cpus}")
+    if sockets * per * cores != cpus:
+        raise ConfigError(f"{where}: sockets*dies*clusters*cores*threads = {sockets * per * cores}, not {cpus} "
+                          "(QEMU refuses it too)")
+    maxcpus = n.get("maxcpus", cpus)
+    if maxcpus > cpus:
+        raise ConfigError(f"{where} maxcpus={maxcpus}: numavm has no vCPU hotplug; every vCPU is present at boot "
+                          f"(give {cpus})")
+    return cpus, (sockets, dies, clusters, cores, threads)
+
+
+def _policy(b: dict[str, str | list[str]], where: str) -> Policy:
+    raw = b.get("host-nodes", [])
+    assert isinstance(raw, list)
+    nodes: list[int] = []
+    for r in raw:
+        nodes.extend(parse_list(r.replace(",", "+"), f"{where} host-nodes"))
+    if len(set(nodes)) != len(nodes):
+        raise ConfigError(f"{where} host-nodes: a node is named twice")
+    name = str(b.get("policy", "default"))
+    if name not in _POLICIES:
+        raise ConfigError(f"{where} policy={name}: QEMU's policies are {', '.join(_POLICIES)}")
+    mode = _POLICIES[name]
+    if mode is Mode.DEFAULT:
+        if nodes:
+            raise ConfigError(f"{where}: host-nodes with policy=default (QEMU refuses it too)")
+        return Policy()
+    if not nodes:
+        raise ConfigError(f"{where} policy={name}: needs host-nodes=")
+    if mode is Mode.PREFERRED and len(nodes) > 1:
+        mode = Mode.PREFERRED_MANY  # what QEMU 8.0+ makes of several preferred nodes
+    return Policy(mode, tuple(sorted(nodes)))
+
+
+def _node(pairs: list[tuple[str, str]], pos: int, backends: dict[str, dict[str, str | list[str]]],
+          used: set[str], prealloc: list[int]) -> DomainSpec:
+    cpus: list[int] = []
+    keys: dict[str, str] = {}
+    for k, v in pairs:
+        if k == "cpus":  # repeatable, a number or a range each
+            cpus.extend(parse_list(v, "-numa node cpus"))
+        elif k in ("nodeid", "mem", "memdev", "initiator"):
+            if k in keys:
+                raise ConfigError(f"-numa node: {k}= given twice")
+            keys[k] = v
+        else:
+            raise ConfigError(f"-numa node: unknown key {k}= (keys: nodeid, cpus, memdev, mem, initiator)")
+    nid = parse_int(keys["nodeid"], "-numa node nodeid") if "nodeid" in keys else pos
+    where = f"-numa node,nodeid={nid}"
+    if "initiator" in keys:
+        raise ConfigError(f"{where} initiator={keys['initiator']}: an HMAT initiator; numavm gives the guest no HMAT")
+    if "mem" in keys and "memdev" in keys:
+        raise ConfigError(f"{where}: mem= and memdev= together (QEMU refuses it too)")
+    if len(set(cpus)) != len(cpus):
+        raise ConfigError(f"{where}: cpus names a vCPU more than once")
+    dom = DomainSpec(nid, 0, tuple(sorted(cpus)), origin=where)
+    if "mem" in keys:
+        dom.size = size(keys["mem"], f"{where} mem", plain=MiB)
+    elif "memdev" in keys:
+        bid = keys["memdev"]
+        b = backends.get(bid)
+        if b is None:
+            raise ConfigError(f"{where} memdev={bid}: no -object memory-backend-*,id={bid}")
+        if bid in used:
+            raise ConfigError(f"{where} memdev={bid}: already another node's memory")
+        used.add(bid)
+        bwhere = f"-object {b['qom-type']},id={bid}"
+        if b["qom-type"] == "memory-backend-file":
+            raise ConfigError(f"{bwhere}: numavm backs guest memory with its own memfds, not a file "
+                              f"(mem-path={b.get('mem-path', '')}); for huge pages use hugepages=hugetlbfs")
+        other = sorted(set(b) - _BACKEND_HARMLESS)
+        if other:
+            raise ConfigError(f"{bwhere}: {other[0]}= cannot be expressed in numavm's machine")
+        if "size" not in b:
+            raise ConfigError(f"{bwhere}: needs size=")
+        dom.size = size(str(b["size"]), f"{bwhere} size")
+        dom.policy = _policy(b, bwhere)
+        if flag(str(b.get("hugetlb", "off")), f"{bwhere} hugetlb"):
+            dom.hugepages = "hugetlbfs"
+        if flag(str(b.get("prealloc", "off")), f"{bwhere} prealloc"):
+            prealloc.append(nid)
+    return dom
+
+
+def _cpu_map(c: dict[str, str], by_id: dict[int, DomainSpec], topo: tuple[int, int, int, int, int]) -> None:
+    where = "-numa cpu," + ",".join(f"{k}={v}" for k, v in c.items())
+    keys = ("socket-id", "die-id", "cluster-id", "core-id", "thread-id")
+    bad = sorted(set(c) - set(keys) - {"node-id"})
+    if bad or "node-id" not in c:
+        raise ConfigError(f"{where}: expected node-id= and socket-id/die-id/cluster-id/core-id/thread-id")
+    node = parse_int(c["node-id"], f"{where} node-id")
+    if node not in by_id:
+        raise ConfigError(f"{where}: no -numa node,nodeid={node}")
+    ids = [parse_int(c[k], f"{where} {k}") if k in c else None for k in keys]
+    for k, v, top in zip(keys, ids, topo):
+        if v is not None and not 0 <= v < top:
+            raise ConfigError(f"{where}: {k} {v} does not exist (-smp gives 0..{top - 1})")
+    found: list[int] = []
+    sockets, dies, clusters, cores, threads = topo
+    for s in range(sockets):
+        for d in range(dies):
+            for cl in range(clusters):
+                for co in range(cores):
+                    for t in range(threads):
+                        if all(v is None or v == x for v, x in zip(ids, (s, d, cl, co, t))):
+                            found.append(((((s * dies) + d) * clusters + cl) * cores + co) * threads + t)
+    dom = by_id[node]
+    dom.cpus = tuple(sorted(set(dom.cpus or ()) | set(found)))
