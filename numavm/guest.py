@@ -99,8 +99,9 @@ def tcg_cmdline(cmdline: str, cpus: int = 1, own_init: bool = False) -> str:
       update_sd_lb_stats, rcu_sched_clock_irq).  A cliff, not a slope: 16 vCPUs 12-16 s,
       32 vCPUs 14-20 s, 48 vCPUs 61 s, 64 vCPUs 88-94 s, and longer still when the
       host is busier.  Onlined from /init the CPUs find a tickless kernel (64 vCPUs:
-      38 s on 6.1; 76 s against 163 s on 6.12), but each costs ~0.3 s, a loss below
-      the cliff (16 vCPUs: 15-20 s against 12-16 s).
+      45 s against 130 s on 6.1, 76 s against 163 s on 6.12; 48 vCPUs: 38 s against
+      61 s), but each costs ~0.3 s, a loss below the cliff (16 vCPUs: 15-20 s against
+      12-16 s; 32 vCPUs: 20-27 s against 14-20 s on 6.1, 54 s against 43 s on 6.12).
     * ``tsc=reliable``: QEMU's TSC is the host's, but the kernel otherwise marks it
       unstable ("TSCs unsynchronized"): sched_clock's slow path, and no
       high-resolution TSC clocksource.  The 63 secondary CPUs came up in 7.8 s
@@ -131,7 +132,7 @@ def tcg_cmdline(cmdline: str, cpus: int = 1, own_init: bool = False) -> str:
 
 GUEST_HZ = 250  # Debian's kernels: CONFIG_HZ_250
 # From this many vCPUs a TCG guest boots one CPU and its /init onlines the rest (tcg_cmdline).
-# Onlining costs ~0.3 s a CPU; fewer CPUs tick cheaply enough at boot (measured below).
+# Onlining costs ~0.3 s a CPU; up to 32 vCPUs, booting them all was faster (see tcg_cmdline).
 TCG_ONLINE_FROM_INIT = 48
 
 
