@@ -97,15 +97,15 @@ def tcg_cmdline(cmdline: str, cpus: int = 1, own_init: bool = False) -> str:
       the emulated tick work fills the host's time, and the boot CPU's initcalls crawl
       (sampled RIPs of the non-halted vCPUs: scheduler_tick, update_process_times,
       update_sd_lb_stats, rcu_sched_clock_irq).  A cliff, not a slope: 16 vCPUs 12-16 s,
-      32 vCPUs 14-20 s, 48 vCPUs 61 s, 64 vCPUs 88-94 s, and longer still when the
+      32 vCPUs 14-20 s, 48 vCPUs 61 s, 64 vCPUs 88-130 s, and longer still when the
       host is busier.  Onlined from /init the CPUs find a tickless kernel (64 vCPUs:
       45 s against 130 s on 6.1, 76 s against 163 s on 6.12; 48 vCPUs: 38 s against
       61 s), but each costs ~0.3 s, a loss below the cliff (16 vCPUs: 15-20 s against
       12-16 s; 32 vCPUs: 20-27 s against 14-20 s on 6.1, 54 s against 43 s on 6.12).
     * ``tsc=reliable``: QEMU's TSC is the host's, but the kernel otherwise marks it
-      unstable ("TSCs unsynchronized"): sched_clock's slow path, and no
-      high-resolution TSC clocksource.  The 63 secondary CPUs came up in 7.8 s
-      instead of 16.7 s.
+      unstable ("TSCs unsynchronized"): sched_clock's slow path, and HPET as the
+      clocksource (an emulated MMIO read per clock read).  The 63 secondary CPUs came
+      up in 7.8 s instead of 16.7 s.
     * ``lpj=``: each secondary CPU's delay-loop calibration fails under TCG
       ("calibrate_delay_direct() failed") and falls back to a slow converging loop,
       ~0.15 s per CPU; `lpj=` presets the value.  QEMU's TCG reads the host's TSC, so
