@@ -379,7 +379,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             result = boot(Boot(layout, engine, assets, initrd, cmdline, args.timeout, console,
                                verbose=args.verbose, log=log, pin=not args.no_pin,
                                prefault=_prefault_domains(args), hugepages=args.hugepages,
-                               input_fd=sys.stdin.fileno() if shell else None, **streams))
+                               input_fd=sys.stdin.fileno() if shell else None, own_init=own_init, **streams))
     _report_run(args, result)
     report = parse_guest_report(console.text) if own_init else None
     if report is not None and not report.get("streams", True):
@@ -446,7 +446,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                           watch=watch)
         result = boot(Boot(layout, engine, assets, initrd, cmdline, args.timeout, console, watch,
                            verbose=args.verbose, log=log, pin=not args.no_pin, prefault=_prefault_domains(args),
-                           hugepages=args.hugepages))
+                           hugepages=args.hugepages, own_init=initrd is not None and args.initrd is None))
     _report_run(args, result)
     wanted = Outcome.STOPPED if stage == "kernel" else Outcome.POWEROFF
     report = evaluate(layout, stage, engine, console.text, result.outcome is wanted,

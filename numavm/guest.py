@@ -78,25 +78,62 @@ def kernel_cmdline(stage: str, emulated_kvm: bool, append: str = "") -> str:
     return " ".join(parts)
 
 
-def tcg_cmdline(cmdline: str) -> str:
-    """`cmdline` with what spares an emulated guest slow calibrations, unless given already.
+def tcg_cmdline(cmdline: str, cpus: int = 1, own_init: bool = False) -> str:
+    """`cmdline` with what makes an emulated (TCG) guest boot fast and evenly, unless given already.
 
-    Under TCG each secondary CPU's delay-loop calibration fails ("calibrate_delay_direct()
-    failed") and falls back to a slow converging loop, ~0.15 s per CPU; `lpj=` presets
-    the value.  QEMU's TCG reads the host's TSC, so the host's clock rate gives the right
-    value (Debian's kernel runs at HZ=250; the boot CPU computes the same value itself); a
-    host whose `cpu MHz` is not its TSC rate only changes udelay() lengths, which QEMU's
-    device models do not depend on.  An `lpj=` already on the line (`--append`) is kept.
+    Both TCG boots use it: numavm's engine (`numavm.tcg`) and the QEMU oracle
+    (`guestcheck.qemu_argv`).  None of it changes what the guest reports about its
+    topology (nodes, CPU lists, APIC ids, distances).  Measured with N domains of one
+    vCPU each on 2 busy host cores (Debian 12: 6.1 kernel, QEMU 7.2; Debian 13: 6.12,
+    QEMU 10.0):
+
+    * ``maxcpus=1`` and ``numavm.online_cpus=all``, from `TCG_ONLINE_FROM_INIT` vCPUs
+      and with `own_init` only (numavm's /init then brings the other CPUs online before
+      it reports; another init would keep one CPU).  Until the fs initcalls the
+      kernel's clocksource is jiffies, which cannot drive a tickless timer, so every
+      online CPU, idle or not, takes a periodic tick at HZ=250 with scheduler load
+      balancing over one group per node.  QEMU runs all vCPUs in one round-robin
+      thread, and the ticks are paced by the host's clock: past some number of vCPUs
+      the emulated tick work fills the host's time, and the boot CPU's initcalls crawl
+      (sampled RIPs of the non-halted vCPUs: scheduler_tick, update_process_times,
+      update_sd_lb_stats, rcu_sched_clock_irq).  A cliff, not a slope: 16 vCPUs 12-16 s,
+      32 vCPUs 14-20 s, 48 vCPUs 61 s, 64 vCPUs 88-130 s, and longer still when the
+      host is busier.  Onlined from /init the CPUs find a tickless kernel (64 vCPUs:
+      45 s against 130 s on 6.1, 76 s against 163 s on 6.12; 48 vCPUs: 38 s against
+      61 s), but each costs ~0.3 s, a loss below the cliff (16 vCPUs: 15-20 s against
+      12-16 s; 32 vCPUs: 20-27 s against 14-20 s on 6.1, 54 s against 43 s on 6.12).
+    * ``tsc=reliable``: QEMU's TSC is the host's, but the kernel otherwise marks it
+      unstable ("TSCs unsynchronized"): sched_clock's slow path, and HPET as the
+      clocksource (an emulated MMIO read per clock read).  The 63 secondary CPUs came
+      up in 7.8 s instead of 16.7 s.
+    * ``lpj=``: each secondary CPU's delay-loop calibration fails under TCG
+      ("calibrate_delay_direct() failed") and falls back to a slow converging loop,
+      ~0.15 s per CPU; `lpj=` presets the value.  QEMU's TCG reads the host's TSC, so
+      the host's clock rate gives the right value (Debian's kernel runs at HZ=250; the
+      boot CPU computes the same value itself); a host whose `cpu MHz` is not its TSC
+      rate only changes udelay() lengths, which QEMU's device models do not depend on.
+
+    A parameter of the same name already on the line (`--append`) is kept, and a
+    ``maxcpus=`` or ``nr_cpus=`` there leaves the CPUs to the user.
     """
-    if "lpj=" in cmdline:
-        return cmdline
-    mhz = _host_mhz()
-    if mhz is None:
-        return cmdline
-    return f"{cmdline} lpj={int(mhz * 1_000_000 / GUEST_HZ)}"
+    parts = [cmdline]
+    if "lpj=" not in cmdline:
+        mhz = _host_mhz()
+        if mhz is not None:
+            parts.append(f"lpj={int(mhz * 1_000_000 / GUEST_HZ)}")
+    if "tsc=" not in cmdline:
+        parts.append("tsc=reliable")
+    if own_init and cpus >= TCG_ONLINE_FROM_INIT and "maxcpus=" not in cmdline and "nr_cpus=" not in cmdline:
+        from .initramfs import ONLINE_CPUS_MARK
+
+        parts.append(f"maxcpus=1 {ONLINE_CPUS_MARK}")
+    return " ".join(parts)
 
 
 GUEST_HZ = 250  # Debian's kernels: CONFIG_HZ_250
+# From this many vCPUs a TCG guest boots one CPU and its /init onlines the rest (tcg_cmdline).
+# Onlining costs ~0.3 s a CPU; up to 32 vCPUs, booting them all was faster (see tcg_cmdline).
+TCG_ONLINE_FROM_INIT = 48
 
 
 def _host_mhz() -> float | None:
@@ -334,6 +371,7 @@ class Boot:
     stdout: Callable[[bytes], None] | None = None
     stderr: Callable[[bytes], None] | None = None
     input_fd: int | None = None  # read into COM2: an interactive shell's terminal
+    own_init: bool = False  # the initrd is numavm's: its /init brings offline CPUs online (tcg_cmdline)
     log: Log = field(default=lambda s: print(s, file=sys.stderr))
 
 
@@ -385,7 +423,7 @@ def _boot_tcg(b: Boot) -> RunResult:
         if b.prefault is None or b.prefault:
             assert m.memory is not None
             prefault(m.memory, b.log, b.prefault)
-        return m.run(b.assets.vmlinux, b.initrd, tcg_cmdline(b.cmdline), timeout=b.timeout,
+        return m.run(b.assets.vmlinux, b.initrd, tcg_cmdline(b.cmdline, b.layout.topology.cpus, b.own_init), timeout=b.timeout,
                      input_fd=b.input_fd)
 
 

@@ -366,12 +366,17 @@ def qemu_argv(plan_doc: Mapping[str, Any], kernel: str, initrd: str, tables: Map
               qemu: str = "qemu-system-x86_64") -> list[str]:
     """QEMU (TCG) booting `kernel` on the plan's RAM layout with numavm's SRAT and SLIT.
 
+    `initrd` is numavm's (its /init reports the topology): `append` gets what numavm's
+    own TCG engine adds for a fast, even boot (`guest.tcg_cmdline`, which says why).
+
     `tables` maps a signature ("SRAT", "SLIT") to a file with that table's
     bytes; QEMU supplies the rest (MADT, FADT, DSDT) and no SRAT of its own,
     since no ``-numa`` option is given.  ``max-ram-below-4g=3G`` puts RAM where
     numavm's layout does: [0, 3 GiB) and from 4 GiB.  One TCG thread for all
     vCPUs: with many vCPUs on few host cores it boots several times faster.
     """
+    from .guest import tcg_cmdline  # guest imports the machines; only this function needs it
+
     smp = qemu_smp(plan_doc)
     if smp is None:
         raise ValueError("QEMU cannot number the vCPUs as the plan does (APIC ids)")
@@ -380,6 +385,6 @@ def qemu_argv(plan_doc: Mapping[str, Any], kernel: str, initrd: str, tables: Map
     for sig in ("SRAT", "SLIT"):
         if sig in tables:
             argv += ["-acpitable", f"file={tables[sig]}"]
-    argv += ["-kernel", kernel, "-initrd", initrd, "-append", append,
+    argv += ["-kernel", kernel, "-initrd", initrd, "-append", tcg_cmdline(append, int(plan_doc["cpus"]), own_init=True),
              "-nographic", "-no-reboot", "-monitor", "none", "-serial", serial, "-net", "none"]
     return argv

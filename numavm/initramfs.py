@@ -64,6 +64,10 @@ COMPRESSIONS = ("gzip", "xz", "none")
 INIT_APPLETS = ("sh", "mount", "cat", "echo", "printf", "sed", "tr", "ls", "grep", "dmesg", "awk",
                 "uname", "poweroff", "reboot", "sync", "sleep", "mkdir", "test", "[")
 
+# On the kernel command line: /init brings every offline CPU online before it reports.
+# A dotted word the kernel takes for an unknown module's parameter and ignores.
+ONLINE_CPUS_MARK = "numavm.online_cpus=all"
+
 INIT_SCRIPT = r"""#!/bin/sh
 # numavm guest init: report the topology, run the command, power off.
 # Every process costs milliseconds in an emulated guest: one awk reads the
@@ -73,6 +77,16 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 cd /
+# A TCG boot starts one CPU (maxcpus=1, see guest.tcg_cmdline) and marks the
+# command line: the others come up here, before anything reads the topology
+# (their llc-sibling warnings reach dmesg before the report reads it).
+read -r cmdline < /proc/cmdline
+case " $cmdline " in
+  *" @ONLINE_MARK@ "*)
+    for f in /sys/devices/system/cpu/cpu[0-9]*/online; do
+      read -r v < "$f" && [ "$v" = 1 ] || echo 1 > "$f"
+    done ;;
+esac
 
 nodes=""
 for d in /sys/devices/system/node/node[0-9]*; do
@@ -162,7 +176,7 @@ printf '\n@@NUMAVM-EXIT %d@@\n' "$st"
 poweroff -f
 sleep 5
 reboot -f
-"""
+""".replace("@ONLINE_MARK@", ONLINE_CPUS_MARK)
 
 
 # ---------------------------------------------------------------- cpio newc

@@ -204,7 +204,27 @@ def test_userspace_cmdline_is_quiet_and_tcg_presets_lpj() -> None:
     line = kernel_cmdline("userspace", False)
     assert "loglevel=5" in line and "earlyprintk" in line
     assert "ignore_loglevel" in kernel_cmdline("kernel", False)
-    assert tcg_cmdline(line + " lpj=123") == line + " lpj=123"  # the user's value stays
+    tcg = tcg_cmdline(line + " lpj=123")
+    assert tcg.startswith(line + " lpj=123") and tcg.count("lpj=") == 1  # the user's value stays
+    assert "tsc=reliable" in tcg and "maxcpus=" not in tcg  # another init would keep one CPU
+    assert tcg_cmdline(line + " tsc=unstable").count("tsc=") == 1
+
+
+def test_tcg_boots_one_cpu_and_init_brings_the_rest_online() -> None:
+    """numavm's /init onlines the CPUs that maxcpus=1 left offline, only when the line says so."""
+    from numavm.guest import TCG_ONLINE_FROM_INIT, tcg_cmdline
+    from numavm.initramfs import INIT_SCRIPT, ONLINE_CPUS_MARK
+
+    many = TCG_ONLINE_FROM_INIT
+    own = tcg_cmdline("console=ttyS0", many, own_init=True).split()
+    assert "maxcpus=1" in own and ONLINE_CPUS_MARK in own
+    assert "maxcpus=1" not in tcg_cmdline("console=ttyS0", many - 1, own_init=True)  # few CPUs: all at boot
+    assert f'*" {ONLINE_CPUS_MARK} "*)' in INIT_SCRIPT and "/online" in INIT_SCRIPT
+    # before the report reads sysfs and dmesg
+    assert INIT_SCRIPT.index(ONLINE_CPUS_MARK) < INIT_SCRIPT.index("/sys/devices/system/node/node[0-9]*")
+    for user in ("maxcpus=2", "nr_cpus=4"):  # the user's limit stays, and nothing is onlined
+        line = tcg_cmdline(f"console=ttyS0 {user}", many, own_init=True)
+        assert "maxcpus=1" not in line and ONLINE_CPUS_MARK not in line
 
 
 @needs_qemu
