@@ -18,7 +18,7 @@ from . import __version__, config
 from .aptrelease import check_release
 from .errors import ConfigError, NumavmError
 from .policy import POLICY_SYNTAX
-from .topology import MachineSpec, Topology, parse_distance, parse_numa
+from .topology import MachineSpec, Topology, parse_distance, parse_hmat, parse_hmat_cache, parse_numa
 from .units import format_list, parse_int, parse_list, parse_seconds, parse_size
 
 EXIT_OK = 0
@@ -44,9 +44,18 @@ def _machine_options(p: argparse.ArgumentParser, host_nodes: bool = True) -> Non
     g.add_argument("--distance", metavar="I:J=D", action="append", default=[],
                    help="distance between domains I and J, repeatable; symmetric unless both "
                         "directions are given; 11..254, 255 = unreachable (default 20)")
+    g.add_argument("--hmat", metavar="I:T,latency=NS,bandwidth=MBPS", action="append", default=[],
+                   help="what initiator domain I (with vCPUs) sees of target domain T's memory, for the "
+                        "ACPI HMAT, repeatable: latency in ns and bandwidth in MB/s, or read-latency=, "
+                        "write-latency=, read-bandwidth=, write-bandwidth= separately")
+    g.add_argument("--hmat-cache", metavar="T,size=SIZE[,level=L,line=B,assoc=A,policy=P]", action="append",
+                   default=[],
+                   help="a memory-side cache in front of domain T's memory, repeatable: level 1..3 (default "
+                        "1), line size in bytes (64), assoc none|direct|complex (none), policy "
+                        "none|writeback|writethrough (none)")
     g.add_argument("-f", "--config", metavar="FILE",
                    help="the machine as TOML (see examples/example.toml); -c/-m override the file, "
-                        "and -n/--distance replace its domains/distances")
+                        "and -n/--distance/--hmat/--hmat-cache replace its domains/distances/HMAT entries")
     if host_nodes:
         g.add_argument("--host-nodes", metavar="LIST",
                        help="check policies against these host nodes instead of this host's online nodes")
@@ -154,7 +163,8 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
 
 def machine_spec(args: argparse.Namespace) -> MachineSpec:
     """The machine options as a spec; no options at all means the example."""
-    given = args.cpus is not None or args.memory is not None or args.numa or args.distance
+    given = (args.cpus is not None or args.memory is not None or args.numa or args.distance or args.hmat
+             or args.hmat_cache)
     if args.config:
         spec = config.load(args.config)
     elif not given:
@@ -170,9 +180,14 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
         spec.memory = parse_size(args.memory, "-m/--memory")
     if args.numa:
         spec.domains = [parse_numa(t) for t in args.numa]
-        spec.distances = []  # a file's distances belong to the file's domains
+        spec.distances = []  # a file's distances and HMAT entries belong to the file's domains
+        spec.hmat, spec.caches = [], []
     if args.distance:
         spec.distances = [parse_distance(t) for t in args.distance]
+    if args.hmat:
+        spec.hmat = [parse_hmat(t) for t in args.hmat]
+    if args.hmat_cache:
+        spec.caches = [parse_hmat_cache(t) for t in args.hmat_cache]
     return spec
 
 

@@ -377,7 +377,7 @@ def qemu_argv(plan_doc: Mapping[str, Any], kernel: str, initrd: str, tables: Map
         raise ValueError("QEMU cannot number the vCPUs as the plan does (APIC ids)")
     argv = [qemu, "-M", "pc,max-ram-below-4g=3G", "-accel", "tcg,thread=single", "-cpu", "qemu64",
             "-m", f"{plan_doc['memory'] // MiB}M", "-smp", smp]
-    for sig in ("SRAT", "SLIT"):
+    for sig in ("SRAT", "SLIT", "HMAT"):
         if sig in tables:
             argv += ["-acpitable", f"file={tables[sig]}"]
     argv += ["-kernel", kernel, "-initrd", initrd, "-append", append,
