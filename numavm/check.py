@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .guestcheck import apic_to_node_from_report, compare_userspace, guest_pxm_to_node
+from .guestcheck import apic_to_node_from_report, compare_hmat, compare_userspace, guest_pxm_to_node
 from .initramfs import parse_guest_report
 from .layout import Layout
 from .linux_numa import KernelView, compare_kernel, expected_view, kernel_version, parse_kernel_log, unlogged
@@ -85,6 +85,10 @@ def evaluate(layout: Layout, stage: str, engine: str, console_text: str, boot_ok
                 report.mismatches.append(f"domain->node numbering (log and sysfs): expected "
                                          f"{expected.pxm_to_node}, guest {pmap}")
             report.mismatches += compare_userspace(plan, guest, pmap or None)
+            if layout.topology.numa:
+                bad, notes = compare_hmat(plan, guest, pmap or expected_view(layout).pxm_to_node, seen.version)
+                report.mismatches += bad
+                report.notes += notes
     return report
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .layout import Layout
+from .linux_numa import HMAT_TIERS_FROM, hmat_access, memory_tiers
+from .topology import HMAT_ATTRS, Topology
 from .units import format_list, format_size
 
 PLAN_SCHEMA = 1
@@ -35,7 +37,28 @@ def plan_document(layout: Layout) -> dict[str, Any]:
         "e820": [{"start": e.start, "end": e.end, "type": e.type.label} for e in layout.e820],
         "acpi": {"rsdp": layout.rsdp_addr,
                  "tables": {"start": layout.table_area.start, "end": layout.table_area.end}},
+        "hmat": hmat_document(topo),
     }
+
+
+def hmat_document(topo: Topology) -> dict[str, Any]:
+    """The HMAT's figures as asked (ns, MB/s, bytes; None = not given), and what Linux makes of
+    them: each target's access classes (`linux_numa.hmat_access`) and, from Linux 6.10, each
+    memory node's memory tier (`linux_numa.memory_tiers`)."""
+    links = [{"initiator": lk.initiator, "target": lk.target, **{a: lk.value(a) for a in HMAT_ATTRS}}
+             for lk in topo.hmat]
+    caches = [{"domain": c.domain, "size": c.size, "level": c.level, "line": c.line, "assoc": c.assoc,
+               "policy": c.policy} for c in topo.caches]
+    doc: dict[str, Any] = {"links": links, "caches": caches}
+    if links or caches:
+        mems = [d.id for d in topo.domains if d.size]
+        cpus = [d.id for d in topo.domains if d.cpus]
+        access = hmat_access(links, mems, cpus)
+        doc["linux"] = {
+            "access": {str(t): {str(a): v for a, v in acc.items()} for t, acc in access.items()},
+            "memory_tiers": {str(d): t for d, t in memory_tiers(access, mems, cpus, HMAT_TIERS_FROM).items()},
+        }
+    return doc
 
 
 def _hex_range(start: int, end: int) -> str:

@@ -167,3 +167,120 @@ def test_hmat_under_iasl(tmp_path: Path) -> None:
     assert [hexval(d.one(n)) for n in ("Total Cache Levels", "Cache Level", "Cache Associativity",
                                        "Write Policy", "Cache Line Size")] == [1, 1, 1, 1, 64]
     assert hexval(d.one("SMBIOS Handle #")) == 0
+
+
+# ---------------------------------------------------------------- what Linux makes of it
+
+
+def plan_doc(links=LINKS, caches=CACHES, domains=DOMAINS) -> dict:
+    from numavm.plan import plan_document
+    return plan_document(plan_layout(topo(links, caches, domains)))
+
+
+def test_linux_picks_the_best_initiators_type_by_type() -> None:
+    """Measured in Debian's 6.1 and 6.12 guests: node 2 reports initiator 1's figures, though
+    initiator 0 reads it faster (300 ns): write latency, walked first, chose initiator 1."""
+    acc = plan_doc()["hmat"]["linux"]["access"]
+    want2 = {"read_latency": 350, "write_latency": 350, "read_bandwidth": 6000, "write_bandwidth": 6000,
+             "initiators": [1]}
+    assert acc["2"] == {"0": want2, "1": want2}
+    assert acc["0"]["0"]["initiators"] == [0] and acc["1"]["1"]["initiators"] == [1]
+    # a target no initiator has figures for keeps every candidate, with zeros
+    part = plan_doc(("0:2,latency=300,bandwidth=8000", "0:0,latency=100,bandwidth=20000"))["hmat"]["linux"]
+    assert part["access"]["1"]["0"] == {"read_latency": 0, "write_latency": 0, "read_bandwidth": 0,
+                                        "write_bandwidth": 0, "initiators": [0]}
+    # caches alone: no localities, no links
+    assert plan_doc((), CACHES)["hmat"]["linux"]["access"]["2"]["0"]["initiators"] == []
+
+
+def test_memory_tiers_from_hmat() -> None:
+    from numavm.linux_numa import hmat_access, memory_tiers
+    doc = plan_doc()
+    acc = hmat_access(doc["hmat"]["links"], [0, 1, 2], [0, 1])
+    # 576 * 700 / 200 * 40000 / 12000 = 6720: tier 52 (measured in 6.12)
+    assert memory_tiers(acc, [0, 1, 2], [0, 1], (6, 12)) == {0: 4, 1: 4, 2: 52}
+    assert memory_tiers(acc, [0, 1, 2], [0, 1], (6, 1)) == {0: 4, 1: 4, 2: 4}
+    # a DRAM node without figures: HMAT's algorithm is not registered (measured: tier 4)
+    part = hmat_access(plan_doc(("0:2,latency=300,bandwidth=8000", "0:0,latency=100,bandwidth=20000"))
+                       ["hmat"]["links"], [0, 1, 2], [0, 1])
+    assert memory_tiers(part, [0, 1, 2], [0, 1], (6, 12)) == {0: 4, 1: 4, 2: 4}
+    # DRAM nodes more than 10% apart: likewise
+    skew = hmat_access(plan_doc(("0:0,latency=100,bandwidth=20000", "1:1,latency=120,bandwidth=20000",
+                                 "0:2,latency=300,bandwidth=8000"))["hmat"]["links"], [0, 1, 2], [0, 1])
+    assert memory_tiers(skew, [0, 1, 2], [0, 1], (6, 12))[2] == 4
+
+
+def test_compare_hmat_finds_each_difference() -> None:
+    from numavm.guestcheck import compare_hmat
+    doc = plan_doc()
+    acc = doc["hmat"]["linux"]["access"]
+    nodes = {str(t): {"access": {a: dict(v) for a, v in acc[str(t)].items()}} for t in range(3)}
+    nodes["2"]["memory_side_cache"] = {"1": {"size": 256 * MiB, "line_size": 64, "indexing": 0, "write_policy": 0}}
+    seen = {"nodes": nodes, "memory_tiers": {"4": "0-1", "52": "2"}}
+    pmap = {0: 0, 1: 1, 2: 2}
+    assert compare_hmat(doc, seen, pmap, (6, 12)) == ([], [])
+    bad, _ = compare_hmat(doc, seen, pmap, (6, 1))
+    assert bad == ["domain 2 (node 2): memory tier 52, plan wants 4 (before 6.10 every node is DRAM)"]
+    nodes["2"]["access"]["1"]["read_latency"] = 300
+    nodes["2"]["access"]["0"]["initiators"] = [0, 1]
+    nodes["2"]["memory_side_cache"]["1"]["indexing"] = 2
+    bad, _ = compare_hmat(doc, seen, pmap, (6, 12))
+    assert bad == ["domain 2 (node 2) access0 initiators: guest [0, 1], plan wants [1]",
+                   "domain 2 (node 2) access1 read_latency: guest 300 ns, plan wants 350 ns",
+                   "domain 2 (node 2) memory-side cache level 1 indexing: guest 2, plan wants 0"]
+    del nodes["1"]["access"]
+    bad, _ = compare_hmat(doc, {"nodes": nodes}, pmap, (6, 12))
+    assert "domain 1 (node 1) access0: not in the guest's sysfs (nodeN/access0/initiators)" in bad
+    assert "memory tiers: the guest's report has none (/sys/devices/virtual/memory_tiering)" in bad
+    # no HMAT planned: the guest must show no access classes
+    bad, _ = compare_hmat(plan_doc((), ()), seen, pmap, (6, 12))
+    assert bad[0].startswith("HMAT: the plan has none, but the guest reports access classes")
+
+
+# ---------------------------------------------------------------- proven in a guest
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from test_check import needs_apt, needs_qemu  # noqa: E402
+
+GUEST_MACHINES = {
+    "full": [a for d in DOMAINS for a in ("-n", d)] + [a for h in LINKS for a in ("--hmat", h)]
+    + [a for c in CACHES for a in ("--hmat-cache", c)],
+    # a DRAM node without figures; a memory-only domain numbered first (node 2 in the guest)
+    "partial": ["-n", "id=0,size=512M", "-n", "id=1,size=1G,cpus=0-1", "-n", "id=2,size=1G,cpus=2-3",
+                "--hmat", "1:0,latency=300,bandwidth=8000", "--hmat", "1:1,latency=100,bandwidth=20000",
+                "--hmat-cache", "0,size=64M,assoc=complex,policy=writethrough",
+                "--hmat-cache", "0,size=128M,level=2,line=128"],
+}
+
+
+def _releases() -> list[str | None]:
+    from numavm.aptrelease import host_release
+    other = {"bookworm": "trixie", "trixie": "bookworm"}.get(host_release() or "")
+    return [None] + ([other] if other else [])
+
+
+@needs_qemu
+@needs_apt
+@pytest.mark.parametrize("release", _releases())
+@pytest.mark.parametrize("name", sorted(GUEST_MACHINES))
+def test_guest_sysfs_shows_the_hmat(name: str, release: str | None) -> None:
+    """`check` under TCG on each Debian release's kernel: access0/access1, links, caches, tiers."""
+    r = subprocess.run([sys.executable, "-m", "numavm", "check", "--accel", "tcg", "--stage", "userspace",
+                        "--json", *(["--release", release] if release else []), *GUEST_MACHINES[name]],
+                       capture_output=True, text=True, timeout=900)
+    assert r.stdout, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["match"], "\n".join(doc["mismatches"]) + "\n" + r.stderr[-2000:]
+    user = doc["observed"]["userspace"]
+    version = tuple(int(x) for x in user["kernel"].split(".")[:2])
+    with_access = [n for n, v in user["nodes"].items() if v.get("access")]
+    with_cache = [n for n, v in user["nodes"].items() if v.get("memory_side_cache")]
+    assert len(with_access) == 3 and len(with_cache) == 1  # the comparison had something to compare
+    tiers = user["memory_tiers"]
+    if name == "full" and version >= (6, 10):
+        assert tiers == {"4": "0-1", "52": "2"}  # the far CPU-less node below the DRAM nodes
+    else:
+        assert tiers == {"4": "0-2"}
