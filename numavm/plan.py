@@ -92,6 +92,8 @@ def plan_text(layout: Layout) -> str:
         lines.append(" " * w + "".join(f"{j:>{w + 1}}" for j in range(n)))
         for i, row in enumerate(topo.distances):
             lines.append(f"{i:>{w}}" + "".join(f"{d:>{w + 1}}" for d in row))
+    if topo.hmat or topo.caches:
+        lines += [""] + hmat_text(topo)
     lines.append("")
     lines.append("e820 map")
     for e in layout.e820:
@@ -104,3 +106,35 @@ def plan_text(layout: Layout) -> str:
         lines.append(f"note: vCPUs {format_list(x2)} have APIC ids >= {X2APIC_FROM}: a Linux guest uses them "
                      f"only in x2APIC mode, which numavm does not enable yet (see README, Limits)")
     return "\n".join(lines) + "\n"
+
+
+def _fig(v: int | None) -> str:
+    return "-" if v is None else str(v)
+
+
+def hmat_text(topo: Topology) -> list[str]:
+    """The HMAT section of `plan_text`: the figures asked, the caches, and what Linux makes of them."""
+    doc = hmat_document(topo)
+    lines: list[str] = []
+    if doc["links"]:
+        lines.append("HMAT latency (ns) and bandwidth (MB/s), read/write")
+        rows = [("initiator", "target", "latency", "bandwidth")]
+        rows += [(str(lk["initiator"]), str(lk["target"]),
+                  f"{_fig(lk['read_latency'])}/{_fig(lk['write_latency'])}",
+                  f"{_fig(lk['read_bandwidth'])}/{_fig(lk['write_bandwidth'])}") for lk in doc["links"]]
+        widths = [max(len(r[k]) for r in rows) for k in range(4)]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if doc["caches"]:
+        lines.append("memory-side caches")
+        lines += [f"  domain {c['domain']}: level {c['level']}, {format_size(c['size'])}, line {c['line']} B, "
+                  f"associativity {c['assoc']}, write policy {c['policy']}" for c in doc["caches"]]
+    lines.append("what Linux makes of it (nodeN/access0 = access1 here: every initiator has vCPUs)")
+    linux = doc["linux"]
+    for t, acc in linux["access"].items():
+        a = acc["0"]
+        ini = format_list(a["initiators"]) or "none"
+        figs = (f"{a['read_latency']}/{a['write_latency']} ns, {a['read_bandwidth']}/{a['write_bandwidth']} MB/s"
+                if any(a[k] for k in HMAT_ATTRS) else "no figures")
+        lines.append(f"  domain {t}: {figs} from initiator domain(s) {ini}; memory tier "
+                     f"{linux['memory_tiers'][t]} on Linux 6.10+ (4 before)")
+    return lines

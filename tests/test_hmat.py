@@ -284,3 +284,32 @@ def test_guest_sysfs_shows_the_hmat(name: str, release: str | None) -> None:
         assert tiers == {"4": "0-1", "52": "2"}  # the far CPU-less node below the DRAM nodes
     else:
         assert tiers == {"4": "0-2"}
+
+
+def test_kvm_engine_places_the_hmat_where_the_xsdt_points() -> None:
+    tables = acpi.build_tables(plan_layout(topo()))
+    at = tables.address_of("HMAT")
+    assert at in tables.xsdt.entries
+    placed = dict(tables.placements())
+    assert placed[at] == tables.blobs()["HMAT"]
+
+
+def test_plan_shows_the_hmat(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    argv = [a for d in DOMAINS for a in ("-n", d)] + [a for h in LINKS for a in ("--hmat", h)] + \
+        [a for c in CACHES for a in ("--hmat-cache", c)]
+    assert main(["plan", *argv, "--svg", str(tmp_path / "p.svg")]) == 0
+    out = capsys.readouterr().out
+    assert "  0          2       300/400  8000/8000" in out
+    assert "domain 2: level 1, 256M, line 64 B, associativity direct, write policy writeback" in out
+    assert "domain 2: 350/350 ns, 6000/6000 MB/s from initiator domain(s) 1; memory tier 52" in out
+    svg = (tmp_path / "p.svg").read_text()
+    assert 'class="hmat"' in svg and "tier 52; L1 cache 256M" in svg
+    assert main(["plan", "--json", *argv]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["hmat"]["links"][4] == {"initiator": 0, "target": 2, "read_latency": 300, "write_latency": 400,
+                                       "read_bandwidth": 8000, "write_bandwidth": 8000}
+    assert doc["hmat"]["caches"] == [{"domain": 2, "size": 256 * MiB, "level": 1, "line": 64, "assoc": "direct",
+                                      "policy": "writeback"}]
+    assert doc["hmat"]["linux"]["memory_tiers"] == {"0": 4, "1": 4, "2": 52}
+    assert main(["plan", "--json", *[a for d in DOMAINS for a in ("-n", d)]]) == 0
+    assert json.loads(capsys.readouterr().out)["hmat"] == {"links": [], "caches": []}
