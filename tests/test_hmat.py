@@ -306,7 +306,7 @@ def test_plan_shows_the_hmat(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     assert 'class="hmat"' in svg and "tier 52; L1 cache 256M" in svg
     assert main(["plan", "--json", *argv]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["hmat"]["links"][4] == {"initiator": 0, "target": 2, "read_latency": 300, "write_latency": 400,
+    assert doc["hmat"]["links"][2] == {"initiator": 0, "target": 2, "read_latency": 300, "write_latency": 400,
                                        "read_bandwidth": 8000, "write_bandwidth": 8000}
     assert doc["hmat"]["caches"] == [{"domain": 2, "size": 256 * MiB, "level": 1, "line": 64, "assoc": "direct",
                                       "policy": "writeback"}]
