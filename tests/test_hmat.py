@@ -313,3 +313,104 @@ def test_plan_shows_the_hmat(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     assert doc["hmat"]["linux"]["memory_tiers"] == {"0": 4, "1": 4, "2": 52}
     assert main(["plan", "--json", *[a for d in DOMAINS for a in ("-n", d)]]) == 0
     assert json.loads(capsys.readouterr().out)["hmat"] == {"links": [], "caches": []}
+
+
+# ---------------------------------------------------------------- export
+
+
+def _export(to: str, links=LINKS, caches=CACHES, domains=DOMAINS):
+    from numavm.export import export
+    return export(topo(links, caches, domains), to)
+
+
+def test_export_qemu_hmat_options() -> None:
+    e = _export("qemu")
+    assert "-machine pc,max-ram-below-4g=3G,hmat=on" in e.text
+    # the memory-only node is attached to the initiator Linux picks from numavm's HMAT
+    assert "-numa node,nodeid=2,memdev=mem2,initiator=1" in e.text
+    assert "-numa hmat-lb,initiator=0,target=2,hierarchy=memory,data-type=write-latency,latency=400" in e.text
+    assert "-numa hmat-lb,initiator=1,target=2,hierarchy=memory,data-type=read-bandwidth,bandwidth=6000M" in e.text
+    assert e.text.count("hmat-lb") == 24
+    assert "-numa hmat-cache,node-id=2,size=256M,level=1,associativity=direct,policy=write-back,line=64" in e.text
+    assert e.warnings == []
+    plain = _export("qemu", (), ())
+    assert "hmat" not in plain.text
+
+
+def test_export_qemu_says_what_it_cannot_express() -> None:
+    # node 0's best initiator is 1, but QEMU attaches a node with vCPUs to itself
+    e = _export("qemu", ("0:0,latency=200,bandwidth=1000", "1:0,latency=100,bandwidth=2000"), ("1,size=1M",))
+    assert e.warnings[0].startswith("domain 0: QEMU attaches a node with vCPUs to itself in its HMAT; numavm's "
+                                    "lets Linux link it to initiator domain(s) 1")
+    assert any("QEMU takes a memory-side cache only for a node with latency and bandwidth" in w
+               for w in e.warnings)
+    assert "hmat-cache" not in e.text
+
+
+def test_export_libvirt_interconnects_and_cache() -> None:
+    import xml.etree.ElementTree as ET
+    e = _export("libvirt")
+    numa = ET.fromstring(e.text).find("cpu/numa")
+    lat = [(x.get("initiator"), x.get("target"), x.get("type"), x.get("value"))
+           for x in numa.findall("interconnects/latency")]
+    assert lat[0] == ("1", "2", "read", "350")  # the memory-only cell's initiator comes first
+    assert ("0", "2", "write", "400") in lat and len(lat) == 12
+    bw = {(x.get("initiator"), x.get("target"), x.get("type")): (x.get("value"), x.get("unit"))
+          for x in numa.findall("interconnects/bandwidth")}
+    assert bw[("0", "2", "read")] == (str(8000 * 1024), "KiB")
+    cache = numa.find("cell[@id='2']/cache")
+    assert cache.attrib == {"level": "1", "associativity": "direct", "policy": "writeback"}
+    assert cache.find("size").attrib == {"value": str(256 * 1024), "unit": "KiB"}
+    assert cache.find("line").attrib == {"value": "64", "unit": "B"}
+    assert e.warnings == []
+
+
+@pytest.mark.parametrize("peer, name", [("cloud-hypervisor", "Cloud Hypervisor"), ("bhyve", "bhyve")])
+def test_export_peers_without_hmat_say_so(peer: str, name: str) -> None:
+    e = _export(peer)
+    assert f"{name} has no HMAT: the latency and bandwidth figures (6 --hmat entries) are left out" in e.warnings[0]
+    assert f"{name} has no HMAT: the memory-side caches of domain(s) 2 are left out" == e.warnings[1]
+    assert "hmat" not in e.text.lower()
+
+
+def test_export_toml_round_trips_the_hmat() -> None:
+    t = topo()
+    back = config.loads(_export("toml").text, "x.toml").build(host_nodes=(0,))
+    assert [dataclass_values(x) for x in back.hmat] == [dataclass_values(x) for x in t.hmat]
+    assert [dataclass_values(x) for x in back.caches] == [dataclass_values(x) for x in t.caches]
+
+
+def dataclass_values(x) -> tuple:
+    import dataclasses
+    return tuple(v for k, v in dataclasses.asdict(x).items() if k != "origin")
+
+
+@needs_qemu
+@needs_apt
+@pytest.mark.parametrize("release", _releases())
+def test_qemu_builds_the_same_hmat_from_the_export(release: str | None, tmp_path: Path) -> None:
+    """QEMU booted with `export --to qemu` builds its own HMAT (hmat-lb, hmat-cache, initiator=):
+    the guest's sysfs must show what numavm's plan says."""
+    from numavm import assets as A, guestcheck as G, initramfs as I
+    from numavm.export import qemu_args
+    from numavm.guest import unpacked_kernel
+    from numavm.linux_numa import kernel_version
+    from numavm.plan import plan_document
+
+    t = topo()
+    a = A.fetch(log=lambda s: None, release=release)
+    kernel = unpacked_kernel(a.kernel, log=lambda s: None)
+    initrd = tmp_path / "initrd.gz"
+    initrd.write_bytes(I.build_initramfs(a.busybox))
+    argv = ["qemu-system-x86_64", *qemu_args(t), "-accel", "tcg", "-cpu", "qemu64", "-kernel", str(kernel),
+            "-initrd", str(initrd), "-append", "console=ttyS0 nokaslr panic=-1 quiet", "-nographic",
+            "-no-reboot", "-monitor", "none", "-serial", "stdio", "-net", "none"]
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    rep = I.parse_guest_report(r.stdout)
+    assert rep is not None, r.stdout[-3000:] + r.stderr
+    assert "HMAT" in rep["acpi_tables"]
+    doc = plan_document(plan_layout(t))
+    pmap = G.guest_pxm_to_node(doc, G.pxm_to_node_from_log(r.stdout), rep)
+    bad, _ = G.compare_hmat(doc, rep, pmap, kernel_version(rep["kernel"]))
+    assert bad == [], "\n".join(bad)
+    assert rep["nodes"]["2"]["access"]["0"]["initiators"] == [1]
