@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sa = sub.add_parser("acpi", help="write the ACPI tables the guest will see",
                         description="Write each ACPI table the guest will see as DIR/SIG.dat "
-                                    "(RSDP, XSDT, FACP, DSDT, APIC, and SRAT/SLIT for NUMA machines); "
+                                    "(RSDP, XSDT, FACP, DSDT, APIC, and SRAT/SLIT for NUMA machines, HMAT with --hmat or "
+                                    "--hmat-cache); "
                                     "`iasl -d DIR/SRAT.dat` disassembles one.")
     _machine_options(sa)
     sa.add_argument("--out", metavar="DIR", required=True, help="directory to write the tables into")
@@ -124,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "with the plan. Stage kernel reads the guest kernel's log (SRAT "
                                     "ranges, APIC->node (Linux 6.12+ no longer logs it), zonelist order); "
                                     "stage userspace adds the guest's sysfs (CPUs and their APIC ids, "
-                                    "MemTotal and distances per node). Exits 0 on match, 1 on mismatch, "
+                                    "MemTotal and distances per node; HMAT access classes, memory-side caches "
+                                    "and memory tiers). Exits 0 on match, 1 on mismatch, "
                                     "73 when the guest timed out before it could be compared, 130 when "
                                     "interrupted. Without machine options: the built-in example.")
     _machine_options(sc, host_nodes=False)

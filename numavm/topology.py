@@ -51,6 +51,7 @@ CACHE_KEYS = "size, level, line, assoc, policy"
 CACHE_ASSOC = ("none", "direct", "complex")  # the HMAT's associativity codes 0, 1, 2
 CACHE_POLICY = ("none", "writeback", "writethrough")  # write policy codes 0, 1, 2
 CACHE_MAX_LEVEL = 3  # the HMAT knows memory-side cache levels 1..3
+HMAT_MAX_BYTES = 65535  # QEMU's -acpitable refuses larger tables; it also bounds the table area's share
 
 
 @dataclass
@@ -482,6 +483,13 @@ def _check_hmat(domains: list[Domain], links: list[HmatLink], caches: list[Memor
                 f"{least_v} {unit} ({least.origin}): a table's 16-bit entries (at most {HMAT_MAX_ENTRY}) share "
                 f"one base unit, here {base}{' ps' if scale > 1 else ' MB/s'}; use values with a larger common "
                 f"divisor or a smaller spread")
+    tables = sum(1 for a in HMAT_ATTRS if any(lk.value(a) is not None for lk in seen.values()))
+    size = hmat_size(sum(1 for d in domains if d.size), len({k[0] for k in seen}), len({k[1] for k in seen}),
+                     tables, len(caches))
+    if size > HMAT_MAX_BYTES:
+        raise ConfigError(f"{HMAT_OPT}: {len({k[0] for k in seen})} initiators x {len({k[1] for k in seen})} targets "
+                          f"make an HMAT of {size} bytes; at most {HMAT_MAX_BYTES} (QEMU's -acpitable limit, "
+                          f"and room in numavm's table area)")
     by_level: dict[tuple[int, int], MemoryCache] = {}
     for c in caches:
         if c.domain >= n:
@@ -500,6 +508,8 @@ def _check_hmat(domains: list[Domain], links: list[HmatLink], caches: list[Memor
     return (tuple(seen[k] for k in sorted(seen)), tuple(by_level[k] for k in sorted(by_level)))
 
 
-def hmat_total_levels(topo: Topology, domain: int) -> int:
-    """How many memory-side cache levels front `domain`'s memory."""
-    return sum(1 for c in topo.caches if c.domain == domain)
+def hmat_size(memory_domains: int, initiators: int, targets: int, tables: int, caches: int) -> int:
+    """Bytes of the HMAT numavm writes (acpi/hmat.py): header, reserved field, one 40-byte
+    structure per memory domain, `tables` locality tables, 32 bytes per cache."""
+    return 40 + 40 * memory_domains + tables * (32 + 4 * (initiators + targets) + 2 * initiators * targets) \
+        + 32 * caches

@@ -417,3 +417,16 @@ def test_qemu_builds_the_same_hmat_from_the_export(release: str | None, tmp_path
     bad, _ = G.compare_hmat(doc, rep, pmap, kernel_version(rep["kernel"]))
     assert bad == [], "\n".join(bad)
     assert rep["nodes"]["2"]["access"]["0"]["initiators"] == [1]
+
+
+def test_an_hmat_too_large_for_the_table_area_is_bad_input() -> None:
+    from numavm.acpi.hmat import build_hmat
+    from numavm.topology import hmat_size
+    n = 100
+    domains = [f"id={i},size=4M,cpus={i}" for i in range(n)]
+    links = [f"{i}:{t},latency=100,bandwidth=1000" for i in range(n) for t in range(n)]
+    msg = error(links, (), domains)
+    assert msg.startswith("--hmat: 100 initiators x 100 targets make an HMAT of") and "at most 65535" in msg
+    # the estimate is the table's real size
+    t = topo([f"{i}:{t},latency=100,bandwidth=1000" for i in range(60) for t in range(3)], (), domains)
+    assert len(build_hmat(t).to_bytes()) == hmat_size(n, 60, 3, 4, 0)
