@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .guestcheck import apic_to_node_from_report, compare_userspace, guest_pxm_to_node
+from .guestcheck import apic_to_node_from_report, compare_hmat, compare_userspace, guest_pxm_to_node, parse_cpulist
 from .initramfs import parse_guest_report
 from .layout import Layout
 from .linux_numa import KernelView, compare_kernel, expected_view, kernel_version, parse_kernel_log, unlogged
@@ -85,6 +85,10 @@ def evaluate(layout: Layout, stage: str, engine: str, console_text: str, boot_ok
                 report.mismatches.append(f"domain->node numbering (log and sysfs): expected "
                                          f"{expected.pxm_to_node}, guest {pmap}")
             report.mismatches += compare_userspace(plan, guest, pmap or None)
+            if layout.topology.numa:
+                bad, notes = compare_hmat(plan, guest, pmap or expected_view(layout).pxm_to_node, seen.version)
+                report.mismatches += bad
+                report.notes += notes
     return report
 
 
@@ -121,6 +125,8 @@ def render(report: CheckReport, layout: Layout) -> str:
                 by_node = sorted((exp.pxm_to_node[j], row[j]) for j in exp.pxm_to_node)
                 rows.append(("  distances (by node)", " ".join(str(v) for _, v in by_node),
                              " ".join(map(str, n.get("distance") or []))))
+        if user and layout.topology.numa and d.segment_size:
+            _hmat_rows(rows, report, d.id, seen_node, user)
         if exp is not None:
             rows.append(("  fallback order", " ".join(map(str, exp.fallback.get(node if node is not None else -1, []))),
                          " ".join(map(str, kern["fallback"].get(str(seen_node), []))) or "-"))
@@ -136,3 +142,36 @@ def render(report: CheckReport, layout: Layout) -> str:
         lines.append(f"MISMATCH ({len(report.mismatches)}):")
         lines += [f"  - {m}" for m in report.mismatches]
     return "\n".join(lines) + "\n"
+
+
+def _hmat_rows(rows: list[tuple[str, str, str]], report: CheckReport, dom: int, node: Any,
+               user: dict[str, Any]) -> None:
+    """access0 figures and links, caches and memory tier of one memory domain, plan beside guest."""
+    hm = report.expected.get("hmat") or {}
+    n = (user.get("nodes") or {}).get(str(node), {})
+    p2n = {int(k): v for k, v in (user.get("pxm_to_node") or {}).items()}
+
+    def figs(a: dict[str, Any] | None, to_node: bool) -> str:
+        if not a:
+            return "-"
+        ini = [p2n.get(i, "?") for i in a["initiators"]] if to_node else a["initiators"]
+        return (f"{a['read_latency']}/{a['write_latency']} ns {a['read_bandwidth']}/{a['write_bandwidth']} MB/s"
+                f" <- node {','.join(map(str, ini)) or 'none'}")
+    if "linux" in hm:
+        want = hm["linux"]["access"].get(str(dom), {}).get("0")
+        rows.append(("  HMAT access0", figs(want, True), figs((n.get("access") or {}).get("0"), False)))
+    for c in hm.get("caches") or []:
+        if c["domain"] == dom:
+            got = (n.get("memory_side_cache") or {}).get(str(c["level"]))
+            rows.append((f"  memory-side cache L{c['level']}", f"{c['size'] >> 20} MiB line {c['line']}",
+                         f"{got['size'] >> 20} MiB line {got['line_size']}" if got else "-"))
+    tiers = user.get("memory_tiers")
+    if tiers is not None:
+        got_t = next((t for t, lst in tiers.items() if node in parse_cpulist(lst)), "-")
+        version = kernel_version(str(user.get("kernel", "")))
+        from .linux_numa import hmat_access, memory_tiers
+        mems = [d["id"] for d in report.expected["domains"] if d["size"]]
+        cpus = [d["id"] for d in report.expected["domains"] if d["cpus"]]
+        links = hm.get("links") or []
+        want_t = memory_tiers(hmat_access(links, mems, cpus) if links else {}, mems, cpus, version).get(dom)
+        rows.append(("  memory tier", str(want_t), str(got_t)))

@@ -18,7 +18,7 @@ from . import __version__, config
 from .aptrelease import check_release
 from .errors import ConfigError, NumavmError
 from .policy import POLICY_SYNTAX
-from .topology import MachineSpec, Topology, parse_distance, parse_numa
+from .topology import MachineSpec, Topology, parse_distance, parse_hmat, parse_hmat_cache, parse_numa
 from .units import format_list, parse_int, parse_list, parse_seconds, parse_size
 
 EXIT_OK = 0
@@ -44,9 +44,18 @@ def _machine_options(p: argparse.ArgumentParser, host_nodes: bool = True) -> Non
     g.add_argument("--distance", metavar="I:J=D", action="append", default=[],
                    help="distance between domains I and J, repeatable; symmetric unless both "
                         "directions are given; 11..254, 255 = unreachable (default 20)")
+    g.add_argument("--hmat", metavar="I:T,latency=NS,bandwidth=MBPS", action="append", default=[],
+                   help="what initiator domain I (with vCPUs) sees of target domain T's memory, for the "
+                        "ACPI HMAT, repeatable: latency in ns and bandwidth in MB/s, or read-latency=, "
+                        "write-latency=, read-bandwidth=, write-bandwidth= separately")
+    g.add_argument("--hmat-cache", metavar="T,size=SIZE[,level=L,line=B,assoc=A,policy=P]", action="append",
+                   default=[],
+                   help="a memory-side cache in front of domain T's memory, repeatable: level 1..3 (default "
+                        "1), line size in bytes (64), assoc none|direct|complex (none), policy "
+                        "none|writeback|writethrough (none)")
     g.add_argument("-f", "--config", metavar="FILE",
                    help="the machine as TOML (see examples/example.toml); -c/-m override the file, "
-                        "and -n/--distance replace its domains/distances")
+                        "and -n/--distance/--hmat/--hmat-cache replace its domains/distances/HMAT entries")
     g.add_argument("--like-host", action="store_true",
                    help="one domain per host NUMA node: memory (-m) and vCPUs (-c, default one per host CPU) "
                         "shared as the host's nodes share theirs, the host's distances, each domain bound to "
@@ -71,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sa = sub.add_parser("acpi", help="write the ACPI tables the guest will see",
                         description="Write each ACPI table the guest will see as DIR/SIG.dat "
-                                    "(RSDP, XSDT, FACP, DSDT, APIC, and SRAT/SLIT for NUMA machines); "
+                                    "(RSDP, XSDT, FACP, DSDT, APIC, and SRAT/SLIT for NUMA machines, HMAT with --hmat or "
+                                    "--hmat-cache); "
                                     "`iasl -d DIR/SRAT.dat` disassembles one.")
     _machine_options(sa)
     sa.add_argument("--out", metavar="DIR", required=True, help="directory to write the tables into")
@@ -133,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "with the plan. Stage kernel reads the guest kernel's log (SRAT "
                                     "ranges, APIC->node (Linux 6.12+ no longer logs it), zonelist order); "
                                     "stage userspace adds the guest's sysfs (CPUs and their APIC ids, "
-                                    "MemTotal and distances per node). Exits 0 on match, 1 on mismatch, "
+                                    "MemTotal and distances per node; HMAT access classes, memory-side caches "
+                                    "and memory tiers). Exits 0 on match, 1 on mismatch, "
                                     "73 when the guest timed out before it could be compared, 130 when "
                                     "interrupted. Without machine options: the built-in example.")
     _machine_options(sc, host_nodes=False)
@@ -172,9 +183,10 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
 
 def machine_spec(args: argparse.Namespace) -> MachineSpec:
     """The machine options as a spec; no options at all means the example."""
-    given = args.cpus is not None or args.memory is not None or args.numa or args.distance
     if args.like_host:
         return _like_host_spec(args)
+    given = (args.cpus is not None or args.memory is not None or args.numa or args.distance or args.hmat
+             or args.hmat_cache)
     if args.config:
         spec = config.load(args.config)
     elif not given:
@@ -190,18 +202,24 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
         spec.memory = parse_size(args.memory, "-m/--memory")
     if args.numa:
         spec.domains = [parse_numa(t) for t in args.numa]
-        spec.distances = []  # a file's distances belong to the file's domains
+        spec.distances = []  # a file's distances and HMAT entries belong to the file's domains
+        spec.hmat, spec.caches = [], []
     if args.distance:
         spec.distances = [parse_distance(t) for t in args.distance]
+    if args.hmat:
+        spec.hmat = [parse_hmat(t) for t in args.hmat]
+    if args.hmat_cache:
+        spec.caches = [parse_hmat_cache(t) for t in args.hmat_cache]
     return spec
 
 
 def _like_host_spec(args: argparse.Namespace) -> MachineSpec:
     from .likehost import OPT, like_host
 
-    if args.config or args.distance:
-        raise ConfigError(f"{OPT}: the host gives the domains and distances; it cannot be combined with "
-                          f"{'-f/--config' if args.config else '--distance'}")
+    other = next((o for o, v in (("-f/--config", args.config), ("--distance", args.distance),
+                                  ("--hmat", args.hmat), ("--hmat-cache", args.hmat_cache)) if v), None)
+    if other:
+        raise ConfigError(f"{OPT}: the host gives the domains and distances; it cannot be combined with {other}")
     cpus = parse_int(args.cpus, "-c/--cpus") if args.cpus is not None else None
     memory = parse_size(args.memory, "-m/--memory") if args.memory is not None else None
     shape = like_host(cpus, memory, given=[parse_numa(t) for t in args.numa])

@@ -7,6 +7,8 @@ Schema, version 1 (the only one so far)::
     memory = "2560M"       # optional, as -m (a string SIZE or bytes)
     distances = [[10, 20], [20, 10]]   # optional full matrix, or
     distance = ["0:1=20"]              # I:J=D entries as --distance
+    hmat = ["0:2,latency=300,bandwidth=8000"]        # optional, entries as --hmat
+    hmat_cache = ["2,size=256M,level=1,line=64,assoc=direct,policy=writeback"]  # as --hmat-cache
 
     [[domain]]             # one per guest NUMA domain, as -n
     id = 0
@@ -31,11 +33,11 @@ from typing import Any
 
 from .errors import ConfigError
 from .policy import Policy, parse_policy
-from .topology import DomainSpec, MachineSpec, parse_distance, parse_hugepages
+from .topology import DomainSpec, MachineSpec, parse_distance, parse_hmat, parse_hmat_cache, parse_hugepages
 from .units import parse_list, parse_size
 
 SCHEMA_VERSION = 1
-_TOP_KEYS = {"version", "cpus", "memory", "domain", "distances", "distance"}
+_TOP_KEYS = {"version", "cpus", "memory", "domain", "distances", "distance", "hmat", "hmat_cache"}
 _DOMAIN_KEYS = {"id", "size", "cpus", "policy", "domain_policy", "hugepages"}
 
 EXAMPLE_TOML = """\
@@ -155,7 +157,18 @@ def from_dict(doc: dict[str, Any], name: str) -> MachineSpec:
         raise ConfigError(f"{name}: distance must be an array of \"I:J=D\" strings, got {entries!r}")
     for k, entry in enumerate(entries):
         spec.distances.append(parse_distance(str(entry), f"{name}: distance[{k}]"))
+    spec.hmat = [parse_hmat(e, f"{name}: hmat[{k}]") for k, e in enumerate(_strings(doc, "hmat", name))]
+    spec.caches = [parse_hmat_cache(e, f"{name}: hmat_cache[{k}]")
+                   for k, e in enumerate(_strings(doc, "hmat_cache", name))]
     return spec
+
+
+def _strings(doc: dict[str, Any], key: str, name: str) -> list[str]:
+    v = doc.get(key, [])
+    if not isinstance(v, list) or not all(isinstance(e, str) for e in v):
+        raise ConfigError(f"{name}: {key} must be an array of strings, as the --{key.replace('_', '-')} "
+                          f"option takes them, got {v!r}")
+    return v
 
 
 def _int(v: Any, field: str) -> int:

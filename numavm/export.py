@@ -23,7 +23,7 @@ from typing import Callable
 from .errors import ConfigError
 from .layout import LOW_RAM_LIMIT
 from .policy import Mode, Policy
-from .topology import DEFAULT_DISTANCE, LOCAL_DISTANCE, Domain, Topology
+from .topology import DEFAULT_DISTANCE, HMAT_ATTRS, LOCAL_DISTANCE, Domain, MemoryCache, Topology
 from .units import KiB, format_list, format_size, ranges
 
 FORMATS = ("qemu", "libvirt", "cloud-hypervisor", "bhyve", "toml")
@@ -146,7 +146,8 @@ def _qemu_policy(dom: Domain, warnings: list[str]) -> Policy | None:
 
 
 def _qemu_lines(topo: Topology, warnings: list[str]) -> list[list[str]]:
-    lines: list[list[str]] = [["-machine", QEMU_MACHINE]]
+    has_hmat = topo.numa and bool(topo.hmat or topo.caches)
+    lines: list[list[str]] = [["-machine", QEMU_MACHINE + (",hmat=on" if has_hmat else "")]]
     smp = str(topo.cpus)
     if topo.numa:
         s = _sockets_warning(topo, warnings, "-smp")
@@ -166,11 +167,14 @@ def _qemu_lines(topo: Topology, warnings: list[str]) -> list[list[str]]:
                            for a, b in ranges(pol.nodes))
             obj += f",policy={pol.mode.label}"
         lines.append(["-object", obj])
+    attached = _qemu_initiators(topo, warnings) if has_hmat else {}
     for d in topo.domains:
         node = f"node,nodeid={d.id}"
         node += "".join(f",cpus={a}" if a == b else f",cpus={a}-{b}" for a, b in ranges(d.cpus))
         if d.size:
             node += f",memdev=mem{d.id}"  # no memdev: a memoryless node
+        if d.id in attached:
+            node += f",initiator={attached[d.id]}"
         lines.append(["-numa", node])
     # QEMU wants a distance for every pair once any is given: one direction
     # per pair when the matrix is symmetric, both otherwise.
@@ -180,6 +184,79 @@ def _qemu_lines(topo: Topology, warnings: list[str]) -> list[list[str]]:
         for j in range(n):
             if i != j and (i < j or not sym):
                 lines.append(["-numa", f"dist,src={i},dst={j},val={topo.distances[i][j]}"])
+    if has_hmat:
+        lines += _qemu_hmat(topo, warnings)
+    return lines
+
+
+# QEMU's hmat-lb data types and hmat-cache words for numavm's
+_QEMU_LB = {"read_latency": "read-latency", "write_latency": "write-latency",
+            "read_bandwidth": "read-bandwidth", "write_bandwidth": "write-bandwidth"}
+_QEMU_POLICY = {"none": "none", "writeback": "write-back", "writethrough": "write-through"}
+
+
+def _linux_access(topo: Topology) -> dict[int, list[int]]:
+    """Each memory domain's initiators as Linux picks them from numavm's HMAT (access0)."""
+    from .linux_numa import hmat_access
+    from .plan import hmat_document
+
+    links = hmat_document(topo)["links"]
+    access = hmat_access(links, [d.id for d in topo.domains if d.size], [d.id for d in topo.domains if d.cpus])
+    return {t: acc[0]["initiators"] for t, acc in access.items()}
+
+
+def _qemu_initiators(topo: Topology, warnings: list[str]) -> dict[int, int]:
+    """initiator= for the memory-only domains, so that QEMU's HMAT links what numavm's lets Linux pick.
+
+    QEMU attaches every node with vCPUs to itself ("initiator valid" in its HMAT), and
+    attaches a memory-only node to the one initiator given; numavm attaches none, so Linux
+    links each memory node to its best initiators (`linux_numa.hmat_access`).
+    """
+    picked = _linux_access(topo) if topo.hmat else {}
+    out: dict[int, int] = {}
+    for d in topo.domains:
+        best = picked.get(d.id, [])
+        if d.cpus and d.size and topo.hmat and best != [d.id]:
+            warnings.append(f"domain {d.id}: QEMU attaches a node with vCPUs to itself in its HMAT; "
+                            f"numavm's lets Linux link it to initiator domain(s) {format_list(best) or 'none'}, "
+                            f"so the guest's access0/access1 for it will differ")
+        elif not d.cpus and d.size:
+            if len(best) == 1:
+                out[d.id] = best[0]
+            elif best:
+                warnings.append(f"domain {d.id}: QEMU attaches a memory-only node to one initiator; Linux "
+                                f"links numavm's to initiator domains {format_list(best)}: none attached")
+    return out
+
+
+def _qemu_caches(topo: Topology, warnings: list[str]) -> list[MemoryCache]:
+    """The caches QEMU takes: it refuses one for a node without latency and bandwidth figures."""
+    out = []
+    for c in topo.caches:
+        kinds = {a.split("_")[1] for lk in topo.hmat if lk.target == c.domain for a in _QEMU_LB if lk.value(a)}
+        if kinds != {"latency", "bandwidth"}:
+            warnings.append(f"domain {c.domain}: QEMU takes a memory-side cache only for a node with latency "
+                            f"and bandwidth figures (--hmat I:{c.domain},latency=...,bandwidth=...): its level "
+                            f"{c.level} cache is left out")
+        else:
+            out.append(c)
+    return out
+
+
+def _qemu_hmat(topo: Topology, warnings: list[str]) -> list[list[str]]:
+    lines: list[list[str]] = []
+    for lk in topo.hmat:
+        for attr, word in _QEMU_LB.items():
+            v = lk.value(attr)
+            if v is None:
+                continue
+            # latency in ns; bandwidth in bytes/s, whole MiB/s, which QEMU writes as MB/s
+            val = f"latency={v}" if attr.endswith("latency") else f"bandwidth={v}M"
+            lines.append(["-numa", f"hmat-lb,initiator={lk.initiator},target={lk.target},hierarchy=memory,"
+                                   f"data-type={word},{val}"])
+    for c in _qemu_caches(topo, warnings):
+        lines.append(["-numa", f"hmat-cache,node-id={c.domain},size={format_size(c.size)},level={c.level},"
+                               f"associativity={c.assoc},policy={_QEMU_POLICY[c.policy]},line={c.line}"])
     return lines
 
 
@@ -232,6 +309,9 @@ def _libvirt(topo: Topology, warnings: list[str]) -> str:
             ET.SubElement(cpu, "topology", sockets=str(s[0]), dies="1", cores=str(s[1]), threads="1")
         numa = ET.SubElement(cpu, "numa")
         n = len(topo.domains)
+        # libvirt drives QEMU's HMAT: the same attachments, the same caches refused
+        attached = _qemu_initiators(topo, warnings) if topo.hmat or topo.caches else {}
+        caches = _qemu_caches(topo, warnings)
         for d in topo.domains:
             attrs = {"id": str(d.id)}
             if d.cpus:  # a memory-only cell leaves cpus out (libvirt 6.6+)
@@ -247,6 +327,27 @@ def _libvirt(topo: Topology, warnings: list[str]) -> str:
                 dist = ET.SubElement(cell, "distances")
                 for j in range(n):
                     ET.SubElement(dist, "sibling", id=str(j), value=str(topo.distances[d.id][j]))
+            for c in (c for c in caches if c.domain == d.id):
+                cache = ET.SubElement(cell, "cache", level=str(c.level),
+                                      associativity={"complex": "full"}.get(c.assoc, c.assoc), policy=c.policy)
+                ET.SubElement(cache, "size", value=str(c.size // KiB), unit="KiB")
+                ET.SubElement(cache, "line", value=str(c.line), unit="B")
+        if topo.hmat:
+            ic = ET.SubElement(numa, "interconnects")
+            # libvirt attaches a cell without vCPUs to the initiator of the first <latency> naming it
+            # (virDomainNumaGetNodeInitiator): the one numavm's HMAT lets Linux pick comes first
+            first = sorted(topo.hmat, key=lambda lk: attached.get(lk.target) != lk.initiator)
+            for kind in ("latency", "bandwidth"):
+                for lk in first:
+                    for rw in ("read", "write"):
+                        v = lk.value(f"{rw}_{kind}")
+                        if v is None:
+                            continue
+                        attrs = {"initiator": str(lk.initiator), "target": str(lk.target), "type": rw,
+                                 "value": str(v if kind == "latency" else v * 1024)}  # ns; KiB/s
+                        if kind == "bandwidth":
+                            attrs["unit"] = "KiB"
+                        ET.SubElement(ic, kind, attrs)
     ET.indent(dom, space="  ")
     return ET.tostring(dom, encoding="unicode") + "\n"
 
@@ -298,7 +399,17 @@ def _ch_host_node(d: Domain, warnings: list[str]) -> int | None:
     return None
 
 
+def _no_hmat(topo: Topology, warnings: list[str], peer: str) -> None:
+    if topo.hmat:
+        warnings.append(f"{peer} has no HMAT: the latency and bandwidth figures ({len(topo.hmat)} --hmat "
+                        f"entries) are left out; the guest sees distances only, and no memory tiers from them")
+    if topo.caches:
+        warnings.append(f"{peer} has no HMAT: the memory-side caches of domain(s) "
+                        f"{format_list(sorted({c.domain for c in topo.caches}))} are left out")
+
+
 def _ch(topo: Topology, warnings: list[str]) -> str:
+    _no_hmat(topo, warnings, "Cloud Hypervisor")
     cpus = f"boot={topo.cpus}"
     if not topo.numa:
         return _shell([[CH_BINARY], ["--cpus", cpus], ["--memory", f"size={format_size(topo.memory)}"]])
@@ -366,6 +477,7 @@ def _bhyve_policy(d: Domain, warnings: list[str]) -> str | None:
 
 
 def _bhyve(topo: Topology, warnings: list[str]) -> str:
+    _no_hmat(topo, warnings, "bhyve")
     if not topo.numa:
         return _shell([[BHYVE_BINARY], ["-c", str(topo.cpus)], ["-m", format_size(topo.memory)], [VM_NAME]])
     if not _default_distances(topo):
@@ -416,6 +528,17 @@ def _toml(topo: Topology, warnings: list[str]) -> str:
     out.append("distances = [")
     out += [f"  [{', '.join(str(v) for v in row)}]," for row in topo.distances]
     out.append("]")
+    if topo.hmat:
+        out.append("hmat = [")
+        for lk in topo.hmat:
+            figs = ",".join(f"{a.replace('_', '-')}={lk.value(a)}" for a in HMAT_ATTRS if lk.value(a) is not None)
+            out.append(f"  {_toml_str(f'{lk.initiator}:{lk.target},{figs}')},")
+        out.append("]")
+    if topo.caches:
+        out.append("hmat_cache = [")
+        out += [f"  {_toml_str(f'{c.domain},size={format_size(c.size)},level={c.level},line={c.line},assoc={c.assoc},policy={c.policy}')},"
+                for c in topo.caches]
+        out.append("]")
     for d in topo.domains:
         out += ["", "[[domain]]", f"id = {d.id}", f"size = {_toml_str(format_size(d.size))}"]
         if d.cpus:

@@ -382,9 +382,102 @@ def qemu_argv(plan_doc: Mapping[str, Any], kernel: str, initrd: str, tables: Map
         raise ValueError("QEMU cannot number the vCPUs as the plan does (APIC ids)")
     argv = [qemu, "-M", "pc,max-ram-below-4g=3G", "-accel", "tcg,thread=single", "-cpu", "qemu64",
             "-m", f"{plan_doc['memory'] // MiB}M", "-smp", smp]
-    for sig in ("SRAT", "SLIT"):
+    for sig in ("SRAT", "SLIT", "HMAT"):
         if sig in tables:
             argv += ["-acpitable", f"file={tables[sig]}"]
     argv += ["-kernel", kernel, "-initrd", initrd, "-append", tcg_cmdline(append, int(plan_doc["cpus"]), own_init=True),
              "-nographic", "-no-reboot", "-monitor", "none", "-serial", serial, "-net", "none"]
     return argv
+
+
+# ---------------------------------------------------------------- HMAT
+
+
+# Linux's enum cache_indexing and enum cache_write_policy (include/linux/node.h), as sysfs prints them
+CACHE_INDEXING = {"direct": 0, "complex": 1, "none": 2}
+CACHE_WRITE_POLICY = {"writeback": 0, "writethrough": 1, "none": 2}
+
+
+def compare_hmat(plan_doc: Mapping[str, Any], observed: Mapping[str, Any], pxm_to_node: Mapping[int, int],
+                 version: tuple[int, int] | None) -> tuple[list[str], list[str]]:
+    """(mismatches, notes): the plan's HMAT against the guest's sysfs.
+
+    Every memory node's access0 and access1 figures and initiator links
+    (`linux_numa.hmat_access`), each memory-side cache, and, where the guest
+    kernel has memory tiers, each memory node's tier (`linux_numa.memory_tiers`:
+    from HMAT figures on 6.10+).  Without HMAT figures the guest must show no
+    access classes at all.
+    """
+    from .linux_numa import HMAT_TIERS_FROM, hmat_access, memory_tiers
+
+    hm = plan_doc.get("hmat") or {}
+    links, caches = hm.get("links") or [], hm.get("caches") or []
+    nodes: Mapping[str, Any] = observed.get("nodes") or {}
+    doms = plan_doc["domains"]
+    mems = [d["id"] for d in doms if d["size"]]
+    cpus = [d["id"] for d in doms if d["cpus"]]
+    bad: list[str] = []
+    notes: list[str] = []
+    if not plan_doc.get("numa", True):
+        return bad, notes
+    if not (links or caches):
+        with_access = sorted(int(n) for n, v in nodes.items() if v.get("access"))
+        if with_access:
+            bad.append(f"HMAT: the plan has none, but the guest reports access classes for node(s) {with_access}")
+    else:
+        access = hmat_access(links, mems, cpus)
+        for t in mems:
+            node = pxm_to_node.get(t)
+            if node is None:
+                continue
+            seen = (nodes.get(str(node)) or {}).get("access") or {}
+            for a in (0, 1):
+                want = dict(access[t][a])
+                want["initiators"] = sorted(pxm_to_node[i] for i in want["initiators"] if i in pxm_to_node)
+                got = seen.get(str(a))
+                where = f"domain {t} (node {node}) access{a}"
+                if got is None:
+                    bad.append(f"{where}: not in the guest's sysfs (nodeN/access{a}/initiators)")
+                    continue
+                for key, v in want.items():
+                    g = sorted(got.get(key) or []) if key == "initiators" else got.get(key)
+                    if g != v:
+                        unit = " ns" if key.endswith("latency") else " MB/s" if key.endswith("bandwidth") else ""
+                        bad.append(f"{where} {key}: guest {g}{unit if g is not None else ''}, plan wants {v}{unit}")
+        for c in caches:
+            node = pxm_to_node.get(c["domain"])
+            if node is None:
+                continue
+            where = f"domain {c['domain']} (node {node}) memory-side cache level {c['level']}"
+            got = ((nodes.get(str(node)) or {}).get("memory_side_cache") or {}).get(str(c["level"]))
+            if got is None:
+                bad.append(f"{where}: not in the guest's sysfs (memory_side_cache/index{c['level']})")
+                continue
+            want = {"size": c["size"], "line_size": c["line"], "indexing": CACHE_INDEXING[c["assoc"]],
+                    "write_policy": CACHE_WRITE_POLICY[c["policy"]]}
+            for key, v in want.items():
+                if got.get(key) != v:
+                    bad.append(f"{where} {key}: guest {got.get(key)}, plan wants {v}")
+        for n, v in sorted(nodes.items()):
+            for lvl in sorted((v.get("memory_side_cache") or {})):
+                dom = next((p for p, x in pxm_to_node.items() if x == int(n)), None)
+                if not any(c["domain"] == dom and str(c["level"]) == lvl for c in caches):
+                    bad.append(f"node {n}: the guest reports a memory-side cache at level {lvl} the plan lacks")
+    tiers_seen = observed.get("memory_tiers")
+    if tiers_seen is None:
+        if version is not None and version >= (6, 1):
+            bad.append("memory tiers: the guest's report has none (/sys/devices/virtual/memory_tiering)")
+        else:
+            notes.append("memory tiers: this guest kernel reports none (Linux 6.1+ does)")
+        return bad, notes
+    access = hmat_access(links, mems, cpus) if links else {}
+    want_tiers = memory_tiers(access, mems, cpus, version)
+    got_tier = {node: int(tier) for tier, lst in tiers_seen.items() for node in parse_cpulist(lst)}
+    for d in mems:
+        node = pxm_to_node.get(d)
+        if node is None:
+            continue
+        if got_tier.get(node) != want_tiers[d]:
+            bad.append(f"domain {d} (node {node}): memory tier {got_tier.get(node)}, plan wants {want_tiers[d]}"
+                       f"{'' if version is None or version >= HMAT_TIERS_FROM else ' (before 6.10 every node is DRAM)'}")
+    return bad, notes

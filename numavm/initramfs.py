@@ -20,7 +20,13 @@ compact JSON between the lines ``@@NUMAVM-TOPOLOGY-BEGIN@@`` and
 
 (`cpu_apic_ids`: each online CPU's APIC id, /proc/cpuinfo's ``apicid``: with
 the nodes' cpulists it gives the APIC -> node map on every kernel version;
-Linux 6.12 stopped logging it.)
+Linux 6.12 stopped logging it.)  What Linux made of an HMAT comes with it: a
+memory node's ``"access": {"0": {"read_latency": 100, "write_latency": 100,
+"read_bandwidth": 20000, "write_bandwidth": 20000, "initiators": [0]}, "1": ...}``
+(nodeN/accessA/initiators: ns, MB/s and the linked initiator nodes), its
+``"memory_side_cache": {"1": {"size": ..., "line_size": 64, "indexing": 0,
+"write_policy": 0}}``, and ``"memory_tiers": {"4": "0-1", "52": "2"}`` (each
+/sys/devices/virtual/memory_tiering/memory_tierK's nodelist).
 
 then runs the user's command, if any, with its argv exactly as given (each
 argument is a file under /etc/numavm/argv/, read back by the script, never
@@ -96,8 +102,14 @@ tables=""
 for t in /sys/firmware/acpi/tables/*; do
   [ -f "$t" ] && tables="$tables ${t##*/}"
 done
+# what Linux made of the HMAT: access classes' initiator links, memory-side caches, memory tiers
+hmat=""
+for t in /sys/devices/system/node/node*/access[01]/initiators/node* \
+         /sys/devices/system/node/node*/memory_side_cache/index* /sys/devices/virtual/memory_tiering/memory_tier*; do
+  [ -e "$t" ] && hmat="$hmat $t"
+done
 # the kernel's NUMA lines (the console may be quiet), then the report as one line of JSON
-dmesg 2>/dev/null | awk -v nodes="$nodes" -v tables="$tables" '
+dmesg 2>/dev/null | awk -v nodes="$nodes" -v tables="$tables" -v hmat="$hmat" '
 function rd(f,   r, l, sep) { r = ""; sep = ""; while ((getline l < f) > 0) { r = r sep l; sep = "\n" }
   close(f); sub(/\n+$/, "", r); return r }
 function js(s,   o, i, c, n) { o = ""; n = length(s)
@@ -114,6 +126,17 @@ END {
     if (w[1] == "Node") { n = w[2]; sub(",", "", n) } else if (w[1] == "present") p[n] += w[2] }
   close(f)
   N = "/sys/devices/system/node"; C = "/sys/devices/system/cpu"
+  # HMAT paths: .../nodeT/accessA/initiators/nodeI, .../nodeT/memory_side_cache/indexL, .../memory_tierK
+  k = split(hmat, hs, " "); tiers = ""
+  for (i = 1; i <= k; i++) { m = split(hs[i], w, "/")
+    if (w[m] ~ /^memory_tier[0-9]+$/) { id = w[m]; sub(/memory_tier/, "", id)
+      tiers = tiers (tiers == "" ? "" : ",") "\"" id "\":" js(rd(hs[i] "/nodelist")) }
+    else if (w[m] ~ /^index[0-9]+$/) { n = w[m - 2]; sub(/node/, "", n); id = w[m]; sub(/index/, "", id)
+      c = "\"" id "\":{\"size\":" num(rd(hs[i] "/size")) ",\"line_size\":" num(rd(hs[i] "/line_size")) \
+          ",\"indexing\":" num(rd(hs[i] "/indexing")) ",\"write_policy\":" num(rd(hs[i] "/write_policy")) "}"
+      cache[n] = cache[n] (cache[n] == "" ? "" : ",") c }
+    else if (w[m - 2] ~ /^access[0-9]+$/) { n = w[m - 3]; sub(/node/, "", n); a = w[m - 2]; sub(/access/, "", a)
+      id = w[m]; sub(/node/, "", id); link[n, a] = link[n, a] (link[n, a] == "" ? "" : ",") id } }
   j = ""; k = split(nodes, ns, " ")
   for (i = 1; i <= k; i++) { n = ns[i]; d = N "/node" n
     mt = ""; f = d "/meminfo"
@@ -121,7 +144,16 @@ END {
     close(f)
     dist = rd(d "/distance"); gsub(/^[ \n]+|[ \n]+$/, "", dist); gsub(/[ \n]+/, ",", dist)
     j = j (i > 1 ? "," : "") "\"" n "\":{\"cpulist\":" js(rd(d "/cpulist")) ",\"memtotal_kb\":" num(mt) \
-        ",\"present_kb\":" ((n in p) ? p[n] * 4 : 0) ",\"distance\":[" dist "]}" }
+        ",\"present_kb\":" ((n in p) ? p[n] * 4 : 0) ",\"distance\":[" dist "]"
+    acc = ""
+    for (a = 0; a <= 1; a++) { f = d "/access" a "/initiators/"; rl = rd(f "read_latency")
+      if (rl == "") continue
+      acc = acc (acc == "" ? "" : ",") "\"" a "\":{\"read_latency\":" num(rl) ",\"write_latency\":" \
+          num(rd(f "write_latency")) ",\"read_bandwidth\":" num(rd(f "read_bandwidth")) ",\"write_bandwidth\":" \
+          num(rd(f "write_bandwidth")) ",\"initiators\":[" link[n, a] "]}" }
+    if (acc != "") j = j ",\"access\":{" acc "}"
+    if (n in cache) j = j ",\"memory_side_cache\":{" cache[n] "}"
+    j = j "}" }
   t = ""; k = split(tables, ts, " ")
   for (i = 1; i <= k; i++) t = t (i > 1 ? "," : "") js(ts[i])
   mt = ""; f = "/proc/meminfo"
@@ -139,6 +171,7 @@ END {
   printf ",\"possible_nodes\":%s,\"online_nodes\":%s", js(rd(N "/possible")), js(rd(N "/online"))
   printf ",\"has_cpu_nodes\":%s,\"has_memory_nodes\":%s", js(rd(N "/has_cpu")), js(rd(N "/has_memory"))
   printf ",\"memtotal_kb\":%s,\"acpi_tables\":[%s],\"cpu_apic_ids\":{%s}", num(mt), t, a
+  if (tiers != "") printf ",\"memory_tiers\":{%s}", tiers
   printf ",\"kernel\":%s,\"uptime\":%s,\"cmdline\":%s}", js(rd("/proc/sys/kernel/osrelease")), up, js(rd("/proc/cmdline"))
   printf "\n@@NUMAVM-TOPOLOGY-END@@\n"
 }'

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 from .layout import Layout
 
@@ -249,3 +249,113 @@ def compare_kernel(expected: KernelView, seen: KernelView) -> list[str]:
 
 def _fmt(ranges: list[tuple[int, int]]) -> str:
     return "[" + ", ".join(f"{s:#x}-{e - 1:#x}" for s, e in ranges) + "]"
+
+
+# ---------------------------------------------------------------- HMAT: access classes and memory tiers
+
+# drivers/acpi/numa/hmat.c walks the locality types in this order (enum locality_types) when it
+# picks a target's best initiators; the order matters, each type narrowing the candidates.
+HMAT_WALK = ("write_latency", "read_latency", "write_bandwidth", "read_bandwidth")
+HMAT_TIERS_FROM = (6, 10)  # "memory tier: create CPUless memory tiers after obtaining HMAT info"
+MEMORY_TIERS_FROM = (6, 1)  # mm/memory-tiers.c and /sys/devices/virtual/memory_tiering
+MEMTIER_CHUNK_BITS = 7
+MEMTIER_ADISTANCE_DRAM = (4 << MEMTIER_CHUNK_BITS) + (1 << (MEMTIER_CHUNK_BITS - 1))  # 576: tier 4
+_U32 = 0xFFFF_FFFF
+
+
+def _better(attr: str, value: int, best: int) -> bool:
+    """hmat_update_best: a value of 0 is "none"; lower latency, higher bandwidth wins."""
+    if not value:
+        return False
+    return not best or (value < best if attr.endswith("latency") else value > best)
+
+
+def hmat_access(links: list[dict[str, Any]], targets: Iterable[int], cpu_domains: Iterable[int]
+                ) -> dict[int, dict[int, dict[str, Any]]]:
+    """{target domain: {access class: {read_latency..write_bandwidth, "initiators": [domains]}}}.
+
+    What Linux (hmat.c, __hmat_register_target_initiators) reports in
+    nodeN/access0 (every initiator) and access1 (initiators with CPUs) for an
+    HMAT that names no attached initiator: candidates are the tables'
+    initiators, sorted; each locality type in `HMAT_WALK` order keeps only the
+    candidates with that type's best value (a better one drops every lower
+    numbered candidate, a worse or missing one drops itself), and the target
+    reports each type's best among the candidates left at that point.
+    `links`: the plan document's ``hmat.links``.
+    """
+    cpus = set(cpu_domains)
+    inits = sorted({lk["initiator"] for lk in links})
+    value = {(lk["initiator"], lk["target"], a): lk.get(a) or 0 for lk in links for a in HMAT_WALK}
+    present = [a for a in HMAT_WALK if any(lk.get(a) for lk in links)]
+    out: dict[int, dict[int, dict[str, Any]]] = {}
+    for t in sorted(targets):
+        out[t] = {}
+        for access in (0, 1):
+            cand = set(inits)
+            attrs: dict[str, Any] = {a: 0 for a in ("read_latency", "write_latency", "read_bandwidth",
+                                                    "write_bandwidth")}
+            for a in present:
+                best = 0
+                for i in inits:
+                    if access == 1 and i not in cpus:
+                        cand.discard(i)
+                        continue
+                    if i not in cand:
+                        continue
+                    v = value.get((i, t, a), 0)
+                    if _better(a, v, best):
+                        best = v
+                        cand = {c for c in cand if c >= i}
+                    if v != best:
+                        cand.discard(i)
+                attrs[a] = best
+            attrs["initiators"] = sorted(cand) if present else []  # no localities: no links
+            out[t][access] = attrs
+    return out
+
+
+def memory_tiers(access: dict[int, dict[int, dict[str, Any]]], memory_domains: Iterable[int],
+                 cpu_domains: Iterable[int], version: tuple[int, int] | None) -> dict[int, int]:
+    """{domain with memory: memory tier id} as mm/memory-tiers.c sets them at boot.
+
+    Nodes with CPUs are DRAM (tier 4, abstract distance 576).  From 6.10 a
+    CPU-less node's abstract distance comes from its access1 figures against
+    the DRAM nodes' (`mt_perf_to_adistance`, in the kernel's 32-bit unsigned
+    arithmetic), unless a DRAM node lacks figures or differs from the first by
+    more than 10%, or the node itself lacks figures; before 6.10 every node is DRAM.  The tier is the distance
+    in chunks of 128.
+    """
+    cpus = set(cpu_domains)
+    dram_tier = MEMTIER_ADISTANCE_DRAM >> MEMTIER_CHUNK_BITS
+    mems = sorted(memory_domains)
+    tiers = {d: dram_tier for d in mems}
+    if version is None or version < HMAT_TIERS_FROM:
+        return tiers
+    ref: dict[str, int] | None = None
+    # hmat_set_default_dram_perf: each DRAM node in node order goes to mt_set_default_dram_perf, and
+    # the first refusal (no figures, or >10% off the first node's) leaves HMAT's abstract distance
+    # algorithm unregistered: every node stays DRAM.
+    for d in (d for d in mems if d in cpus):
+        p = access.get(d, {}).get(1)
+        if p is None or not (p["read_latency"] + p["write_latency"]) or \
+                not (p["read_bandwidth"] + p["write_bandwidth"]):
+            return tiers
+        if ref is None:
+            ref = p
+        elif any(abs(p[a] - ref[a]) * 10 > ref[a] for a in HMAT_WALK):
+            return tiers  # "performance of DRAM node ... mismatches": no HMAT-based distances
+    if ref is None:
+        return tiers
+    for d in (d for d in mems if d not in cpus):
+        p = access.get(d, {}).get(1)
+        if p is None:
+            continue
+        lat, bw = p["read_latency"] + p["write_latency"], p["read_bandwidth"] + p["write_bandwidth"]
+        if not lat or not bw:
+            continue
+        adist = (MEMTIER_ADISTANCE_DRAM * lat) & _U32
+        adist //= ref["read_latency"] + ref["write_latency"]
+        adist = (adist * (ref["read_bandwidth"] + ref["write_bandwidth"])) & _U32
+        adist //= bw
+        tiers[d] = adist >> MEMTIER_CHUNK_BITS
+    return tiers

@@ -41,6 +41,8 @@ def plan_svg(layout: Layout) -> str:
     y = _address_bar(layout, parts, y + 10)
     if topo.numa:
         y = _heat_map(layout, parts, y + 10)
+    if topo.hmat or topo.caches:
+        y = _hmat_panel(layout, parts, y + 24)
     height = y + PAD
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height:.0f}" '
             f'viewBox="0 0 {WIDTH} {height:.0f}" font-family="sans-serif">\n'
@@ -144,3 +146,25 @@ def _heat_map(layout: Layout, parts: list[str], y: float) -> float:
                                    "middle", fill="white" if light < 55 else "#222"))
     parts.append("</g>")
     return y + 16 + n * cell
+
+
+def _hmat_panel(layout: Layout, parts: list[str], y: float) -> float:
+    """One line per memory domain: the figures Linux will report, its initiators, its tier and caches."""
+    from .plan import hmat_document
+
+    doc = hmat_document(layout.topology)
+    parts.append(_text(PAD, y, "HMAT: what Linux makes of it (read/write; tier on Linux 6.10+)", 13, weight="bold"))
+    parts.append('<g class="hmat">')
+    linux = doc["linux"]
+    for t, acc in linux["access"].items():
+        y += 18
+        a = acc["0"]
+        caches = [c for c in doc["caches"] if str(c["domain"]) == t]
+        line = (f"domain {t}: {a['read_latency']}/{a['write_latency']} ns, "
+                f"{a['read_bandwidth']}/{a['write_bandwidth']} MB/s from {format_list(a['initiators']) or 'none'}; "
+                f"tier {linux['memory_tiers'][t]}"
+                + "".join(f"; L{c['level']} cache {format_size(c['size'])}" for c in caches))
+        parts.append(f'<rect x="{PAD}" y="{y - 10:.1f}" width="12" height="12" fill="{_colour(int(t))}"/>')
+        parts.append(_text(PAD + 18, y, line, 11))
+    parts.append("</g>")
+    return y + 6

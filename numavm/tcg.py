@@ -51,13 +51,14 @@ LINUX_FLAT_MAX_CPUS = 8
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 
 
+NUMA_TABLES = ("SRAT", "SLIT", "HMAT")  # numavm's; QEMU makes the others (no -numa: no NUMA tables)
 QEMU_ACPITABLE_MAX = 65535  # -acpitable refuses larger tables ("ACPI table too big")
 
 
 def check_tcg(layout: Layout) -> tuple[list[str], list[str]]:
     """Refuse (ConfigError) what QEMU cannot run as planned; else its -smp and -device options."""
     blobs = build_tables(layout).blobs()
-    for sig in ("SRAT", "SLIT"):
+    for sig in NUMA_TABLES:
         if len(blobs.get(sig, b"")) > QEMU_ACPITABLE_MAX:
             raise ConfigError(f"--accel tcg: QEMU's -acpitable takes tables up to {QEMU_ACPITABLE_MAX} bytes "
                               f"and this {sig} is {len(blobs[sig])} ({len(layout.domains)} domains); "
@@ -152,7 +153,7 @@ class QemuMachine:
         assert self.memory is not None and self._tmp is not None
         tables = build_tables(self.layout).blobs()
         acpi: list[str] = []
-        for sig in ("SRAT", "SLIT"):  # QEMU supplies the rest of the platform's tables
+        for sig in NUMA_TABLES:  # QEMU supplies the rest of the platform's tables
             if sig in tables:
                 path = self._tmp / f"{sig}.dat"
                 path.write_bytes(tables[sig])

@@ -9,6 +9,7 @@ which NUMA nodes are online.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -34,6 +35,23 @@ CPUS_OPT = "-c/--cpus"
 MEMORY_OPT = "-m/--memory"
 NUMA_OPT = "-n/--numa"
 DISTANCE_OPT = "--distance"
+HMAT_OPT = "--hmat"
+HMAT_CACHE_OPT = "--hmat-cache"
+
+# HMAT (ACPI 6.3+, 5.2.27): what the table's fields can hold, as Linux reads them back.
+# Linux (drivers/acpi/numa/hmat.c, hmat_normalize) multiplies each 16-bit entry by the table's
+# base unit in 32 bits and drops the value when that overflows: latencies are picoseconds there,
+# so at most 4294967 ns; bandwidths MB/s, at most 2^32-1.  0 and 0xFFFF mean "no value".
+HMAT_MAX_ENTRY = 0xFFFE
+HMAT_MAX_LATENCY_NS = 0xFFFF_FFFF // 1000
+HMAT_MAX_BANDWIDTH = 0xFFFF_FFFF
+HMAT_KEYS = "latency, bandwidth, read-latency, write-latency, read-bandwidth, write-bandwidth"
+HMAT_ATTRS = ("read_latency", "write_latency", "read_bandwidth", "write_bandwidth")
+CACHE_KEYS = "size, level, line, assoc, policy"
+CACHE_ASSOC = ("none", "direct", "complex")  # the HMAT's associativity codes 0, 1, 2
+CACHE_POLICY = ("none", "writeback", "writethrough")  # write policy codes 0, 1, 2
+CACHE_MAX_LEVEL = 3  # the HMAT knows memory-side cache levels 1..3
+HMAT_MAX_BYTES = 65535  # QEMU's -acpitable refuses larger tables; it also bounds the table area's share
 
 
 @dataclass
@@ -57,6 +75,8 @@ class MachineSpec:
     domains: list[DomainSpec] = field(default_factory=list)
     # (i, j, d, origin) in the order given
     distances: list[tuple[int, int, int, str]] = field(default_factory=list)
+    hmat: list["HmatLink"] = field(default_factory=list)
+    caches: list["MemoryCache"] = field(default_factory=list)
 
     def build(self, host_nodes: tuple[int, ...] | None = None) -> "Topology":
         return _build(self, host_nodes if host_nodes is not None else host_online_nodes())
@@ -81,6 +101,8 @@ class Topology:
     domains: tuple[Domain, ...]
     distances: tuple[tuple[int, ...], ...]
     numa: bool = True
+    hmat: tuple["HmatLink", ...] = ()  # by (initiator, target)
+    caches: tuple["MemoryCache", ...] = ()  # by (domain, level)
 
     def domain_of_cpu(self, cpu: int) -> Domain:
         for d in self.domains:
@@ -178,6 +200,8 @@ def _build(spec: MachineSpec, online: tuple[int, ...]) -> Topology:
     if not spec.domains:
         if spec.distances:
             raise ConfigError(f"{DISTANCE_OPT}: distances need NUMA domains (-n/--numa)")
+        if spec.hmat or spec.caches:
+            raise ConfigError(f"{(spec.hmat or spec.caches)[0].origin}: the HMAT needs NUMA domains (-n/--numa)")
         n = cpus or 1
         mem = memory if memory is not None else DEFAULT_MEMORY
         return Topology(n, mem, (Domain(0, mem, tuple(range(n))),), ((LOCAL_DISTANCE,),), numa=False)
@@ -201,7 +225,9 @@ def _build(spec: MachineSpec, online: tuple[int, ...]) -> Topology:
     total = sum(sizes)
     if total > MAX_MEMORY:
         raise ConfigError(f"{NUMA_OPT}: domains total {format_size(total)}, at most {format_size(MAX_MEMORY)}")
-    return Topology(n, total, tuple(domains), _distance_matrix(len(domains), spec.distances))
+    links, caches = _check_hmat(domains, spec.hmat, spec.caches)
+    return Topology(n, total, tuple(domains), _distance_matrix(len(domains), spec.distances), True,
+                    links, caches)
 
 
 def _check_ids(domains: list[DomainSpec]) -> list[DomainSpec]:
@@ -300,3 +326,190 @@ def _distance_matrix(n: int, given: Iterable[tuple[int, int, int, str]]) -> tupl
         if (j, i) not in explicit:  # symmetric unless both directions are given
             m[j][i] = d
     return tuple(tuple(row) for row in m)
+
+
+# ---------------------------------------------------------------- HMAT
+
+
+@dataclass(frozen=True)
+class HmatLink:
+    """What one initiator domain (vCPUs) sees of one target domain's memory: ns and MB/s;
+    None where not given (the HMAT then says "no value")."""
+
+    initiator: int
+    target: int
+    read_latency: int | None = None
+    write_latency: int | None = None
+    read_bandwidth: int | None = None
+    write_bandwidth: int | None = None
+    origin: str = HMAT_OPT
+
+    def value(self, attr: str) -> int | None:
+        return getattr(self, attr)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class MemoryCache:
+    """A memory-side cache in front of one domain's memory (HMAT type 2)."""
+
+    domain: int
+    size: int  # bytes
+    level: int = 1
+    line: int = 64  # bytes
+    assoc: str = "none"  # CACHE_ASSOC
+    policy: str = "none"  # CACHE_POLICY
+    origin: str = HMAT_CACHE_OPT
+
+
+def _opts(text: str, opt: str, keys: str) -> tuple[str, dict[str, str]]:
+    """``HEAD,key=value,...`` -> (HEAD, {key: value}); keys lower-case, '_' read as '-'."""
+    head, *parts = text.split(",")
+    out: dict[str, str] = {}
+    for part in parts:
+        if not part.strip():
+            continue
+        k, eq, v = part.partition("=")
+        k = k.strip().lower().replace("_", "-")
+        if not eq:
+            raise ConfigError(f"{opt}: expected key=value, got {part.strip()!r} (keys: {keys})")
+        if k in out:
+            raise ConfigError(f"{opt}: {k} given twice in {' '.join(text.split())!r}")
+        out[k] = v.strip()
+    return head.strip(), out
+
+
+def _positive(text: str, field: str, most: int, unit: str = "") -> int:
+    n = parse_int(text, field)
+    if not 1 <= n <= most:
+        raise ConfigError(f"{field}: must be 1..{most}{' ' + unit if unit else ''}, got {n}")
+    return n
+
+
+def parse_hmat(text: str, opt: str = HMAT_OPT) -> HmatLink:
+    """Parse ``I:T,latency=NS,bandwidth=MBPS`` (or read-/write- variants of each)."""
+    head, kv = _opts(text, opt, HMAT_KEYS)
+    i, colon, t = head.partition(":")
+    if not colon:
+        raise ConfigError(f"{opt}: expected I:T,latency=NS,bandwidth=MBPS (e.g. 0:2,latency=200,bandwidth=10000), "
+                          f"got {text!r}")
+    origin = f"{opt} {' '.join(head.split())}"
+    ini, tgt = _parse_id(i, f"{opt} initiator"), _parse_id(t, f"{opt} target")
+    vals: dict[str, int] = {}
+    for k, v in kv.items():
+        if k in ("latency", "read-latency", "write-latency"):
+            n = _positive(v, f"{origin} {k}", HMAT_MAX_LATENCY_NS, "ns")
+            attrs = ["read_latency", "write_latency"] if k == "latency" else [k.replace("-", "_")]
+        elif k in ("bandwidth", "read-bandwidth", "write-bandwidth"):
+            n = _positive(v, f"{origin} {k}", HMAT_MAX_BANDWIDTH, "MB/s")
+            attrs = ["read_bandwidth", "write_bandwidth"] if k == "bandwidth" else [k.replace("-", "_")]
+        else:
+            raise ConfigError(f"{origin}: unknown key {k!r} (keys: {HMAT_KEYS})")
+        for a in attrs:
+            if a in vals:
+                raise ConfigError(f"{origin}: {a.replace('_', '-')} given twice ({k}= sets "
+                                  f"{' and '.join(x.replace('_', '-') for x in attrs)})")
+            vals[a] = n
+    if not vals:
+        raise ConfigError(f"{origin}: give latency= (ns) and/or bandwidth= (MB/s) (keys: {HMAT_KEYS})")
+    return HmatLink(ini, tgt, origin=origin, **vals)
+
+
+def parse_hmat_cache(text: str, opt: str = HMAT_CACHE_OPT) -> MemoryCache:
+    """Parse ``T,size=SIZE[,level=1..3][,line=BYTES][,assoc=none|direct|complex]
+    [,policy=none|writeback|writethrough]``."""
+    head, kv = _opts(text, opt, CACHE_KEYS)
+    if not head:
+        raise ConfigError(f"{opt}: expected T,size=SIZE[,level=L,line=BYTES,assoc=...,policy=...], got {text!r}")
+    dom = _parse_id(head, f"{opt} domain")
+    origin = f"{opt} {dom}"
+    unknown = sorted(set(kv) - {"size", "level", "line", "assoc", "policy"})
+    if unknown:
+        raise ConfigError(f"{origin}: unknown key {unknown[0]!r} (keys: {CACHE_KEYS})")
+    if "size" not in kv:
+        raise ConfigError(f"{origin}: size= is required (a SIZE such as 256M)")
+    size = parse_size(kv["size"], f"{origin} size")
+    if size == 0:
+        raise ConfigError(f"{origin} size: must be more than 0")
+    if size > MAX_MEMORY:
+        raise ConfigError(f"{origin} size: at most {format_size(MAX_MEMORY)}, got {format_size(size)}")
+    level = _positive(kv["level"], f"{origin} level", CACHE_MAX_LEVEL) if "level" in kv else 1
+    line = _positive(kv["line"], f"{origin} line", 0xFFFF, "bytes") if "line" in kv else 64
+    assoc = kv.get("assoc", "none").lower()
+    if assoc not in CACHE_ASSOC:
+        raise ConfigError(f"{origin} assoc: must be {', '.join(CACHE_ASSOC)}, got {kv['assoc']!r}")
+    policy = kv.get("policy", "none").lower()
+    if policy not in CACHE_POLICY:
+        raise ConfigError(f"{origin} policy: must be {', '.join(CACHE_POLICY)}, got {kv['policy']!r}")
+    return MemoryCache(dom, size, level, line, assoc, policy, origin)
+
+
+def hmat_base_unit(values: Iterable[int]) -> int:
+    """The HMAT base unit for one table's values: their greatest common divisor, so that
+    every entry is exact (values are picoseconds or MB/s)."""
+    return math.gcd(*values)
+
+
+def _check_hmat(domains: list[Domain], links: list[HmatLink], caches: list[MemoryCache]
+                ) -> tuple[tuple[HmatLink, ...], tuple[MemoryCache, ...]]:
+    n = len(domains)
+    seen: dict[tuple[int, int], HmatLink] = {}
+    for link in links:
+        for x, role in ((link.initiator, "initiator"), (link.target, "target")):
+            if x >= n:
+                raise ConfigError(f"{link.origin}: no domain {x} (domains 0..{n - 1})")
+        if not domains[link.initiator].cpus:
+            raise ConfigError(f"{link.origin}: initiator {link.initiator} has no vCPUs; an initiator is a "
+                              f"domain with cpus=")
+        if not domains[link.target].size:
+            raise ConfigError(f"{link.origin}: target {link.target} has no memory; a target is a domain "
+                              f"with size=")
+        key = (link.initiator, link.target)
+        if key in seen:
+            raise ConfigError(f"{link.origin}: {key[0]}:{key[1]} already given ({seen[key].origin})")
+        seen[key] = link
+    # One table per attribute: 16-bit entries times one base unit each (see hmat_base_unit).
+    for attr in HMAT_ATTRS:
+        scale = 1000 if attr.endswith("latency") else 1  # latencies go in as picoseconds
+        given = [(lk.value(attr), lk) for lk in seen.values() if lk.value(attr) is not None]
+        if not given:
+            continue
+        base = hmat_base_unit(v * scale for v, _ in given)  # type: ignore[operator]
+        worst_v, worst = max(given, key=lambda g: g[0])  # type: ignore[arg-type, return-value]
+        if worst_v * scale // base > HMAT_MAX_ENTRY:  # type: ignore[operator]
+            least_v, least = min(given, key=lambda g: g[0])  # type: ignore[arg-type, return-value]
+            unit = "ns" if scale > 1 else "MB/s"
+            raise ConfigError(
+                f"{worst.origin} {attr.replace('_', '-')}: the HMAT cannot encode {worst_v} {unit} beside "
+                f"{least_v} {unit} ({least.origin}): a table's 16-bit entries (at most {HMAT_MAX_ENTRY}) share "
+                f"one base unit, here {base}{' ps' if scale > 1 else ' MB/s'}; use values with a larger common "
+                f"divisor or a smaller spread")
+    tables = sum(1 for a in HMAT_ATTRS if any(lk.value(a) is not None for lk in seen.values()))
+    size = hmat_size(sum(1 for d in domains if d.size), len({k[0] for k in seen}), len({k[1] for k in seen}),
+                     tables, len(caches))
+    if size > HMAT_MAX_BYTES:
+        raise ConfigError(f"{HMAT_OPT}: {len({k[0] for k in seen})} initiators x {len({k[1] for k in seen})} targets "
+                          f"make an HMAT of {size} bytes; at most {HMAT_MAX_BYTES} (QEMU's -acpitable limit, "
+                          f"and room in numavm's table area)")
+    by_level: dict[tuple[int, int], MemoryCache] = {}
+    for c in caches:
+        if c.domain >= n:
+            raise ConfigError(f"{c.origin}: no domain {c.domain} (domains 0..{n - 1})")
+        if not domains[c.domain].size:
+            raise ConfigError(f"{c.origin}: domain {c.domain} has no memory for a memory-side cache to front")
+        if (c.domain, c.level) in by_level:
+            raise ConfigError(f"{c.origin}: domain {c.domain} already has a level {c.level} cache "
+                              f"({by_level[(c.domain, c.level)].origin})")
+        by_level[(c.domain, c.level)] = c
+    for d, lvl in by_level:
+        for below in range(1, lvl):
+            if (d, below) not in by_level:
+                raise ConfigError(f"{by_level[(d, lvl)].origin} level: a level {lvl} cache needs level {below} "
+                                  f"in domain {d} too (levels run from 1)")
+    return (tuple(seen[k] for k in sorted(seen)), tuple(by_level[k] for k in sorted(by_level)))
+
+
+def hmat_size(memory_domains: int, initiators: int, targets: int, tables: int, caches: int) -> int:
+    """Bytes of the HMAT numavm writes (acpi/hmat.py): header, reserved field, one 40-byte
+    structure per memory domain, `tables` locality tables, 32 bytes per cache."""
+    return 40 + 40 * memory_domains + tables * (32 + 4 * (initiators + targets) + 2 * initiators * targets) \
+        + 32 * caches

@@ -23,7 +23,8 @@ from .. import layout as _lay
 from ..errors import NumavmError
 from ..layout import Layout
 
-if TYPE_CHECKING:  # mptable imports this module
+if TYPE_CHECKING:  # mptable and hmat import this module
+    from .hmat import Hmat
     from .mptable import MpTable
 from . import aml
 
@@ -539,7 +540,7 @@ def _align(addr: int, align: int = TABLE_ALIGN) -> int:
     return (addr + align - 1) & -align
 
 
-Table = Union[Xsdt, Fadt, Dsdt, Madt, Srat, Slit]
+Table = Union[Xsdt, Fadt, Dsdt, Madt, Srat, Slit, "Hmat"]
 
 
 @dataclass(frozen=True)
@@ -557,11 +558,13 @@ class AcpiTables:
     # (name, guest-physical address) of every table but the RSDP, in memory order
     addresses: tuple[tuple[str, int], ...] = field(default=())
     mptable: "MpTable | None" = None  # not ACPI: the MP spec's table, for the pre-ACPI scan
+    hmat: "Hmat | None" = None  # only when the machine describes latency, bandwidth or caches
 
     def tables(self) -> tuple[Table, ...]:
         """The XSDT and the tables in memory order (RSDP excluded)."""
         by_name: dict[str, Table] = {t.name: t for t in
-                                     (self.xsdt, self.fadt, self.dsdt, self.madt, self.srat, self.slit)
+                                     (self.xsdt, self.fadt, self.dsdt, self.madt, self.srat, self.slit,
+                                      self.hmat)
                                      if t is not None}
         return tuple(by_name[n] for n, _ in self.addresses)
 
@@ -574,7 +577,7 @@ class AcpiTables:
         raise KeyError(name)
 
     def blobs(self) -> dict[str, bytes]:
-        """{"RSDP": ..., "XSDT": ..., "FACP": ..., "DSDT": ..., "APIC": ..., ["SRAT", "SLIT"]}."""
+        """{"RSDP": ..., "XSDT": ..., "FACP": ..., "DSDT": ..., "APIC": ..., ["SRAT", "SLIT", ["HMAT"]]}."""
         out = {"RSDP": self.rsdp.to_bytes()}
         out.update((t.name, t.to_bytes()) for t in self.tables())
         return out
@@ -604,6 +607,11 @@ def build_tables(layout: Layout, uarts: Sequence[tuple[int, int]] = ((_lay.COM1_
                                       ("APIC", len(madt.to_bytes()))]
     if srat is not None and slit is not None:
         pointed += [("SRAT", len(srat.to_bytes())), ("SLIT", len(slit.to_bytes()))]
+    from .hmat import build_hmat
+
+    hmat = build_hmat(topo)
+    if hmat is not None:
+        pointed.append(("HMAT", len(hmat.to_bytes())))
     xsdt_len = HEADER.size + 8 * (len(pointed) - 1)  # the DSDT hangs off the FADT, not the XSDT
 
     area = layout.table_area
@@ -629,6 +637,6 @@ def build_tables(layout: Layout, uarts: Sequence[tuple[int, int]] = ((_lay.COM1_
     return AcpiTables(
         rsdp=Rsdp(at["XSDT"]), xsdt=xsdt, fadt=fadt, dsdt=dsdt, madt=madt, srat=srat, slit=slit,
         rsdp_addr=layout.rsdp_addr, addresses=tuple(a for a in addresses if a[0] != "MPTABLE"),
-        mptable=MpTable(layout.apic_ids, layout.mp_pointer_addr, at["MPTABLE"]),
+        mptable=MpTable(layout.apic_ids, layout.mp_pointer_addr, at["MPTABLE"]), hmat=hmat,
     )
 
