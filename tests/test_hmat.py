@@ -432,21 +432,5 @@ def test_an_hmat_too_large_for_the_table_area_is_bad_input() -> None:
     assert len(build_hmat(t).to_bytes()) == hmat_size(n, 60, 3, 4, 0)
 
 
-from test_check import needs_kvm  # noqa: E402
-
-
-@needs_kvm
-@needs_apt
-@pytest.mark.kvm_boot
-def test_kvm_engine_gives_the_guest_its_hmat(tmp_path: Path) -> None:
-    """numavm's own VMM: the guest kernel finds the HMAT through the XSDT in guest memory
-    (kernel stage: where KVM emulates guest code the guest gets no further)."""
-    from numavm import acpi as A
-    example = str(Path(__file__).resolve().parent.parent / "examples" / "cxl-tiered.toml")
-    log = tmp_path / "console.txt"
-    r = subprocess.run([sys.executable, "-m", "numavm", "check", "--accel", "kvm", "--stage", "kernel", "-f",
-                        example, "--console-log", str(log)], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout + r.stderr
-    tables = A.build_tables(plan_layout(config.load(example).build()))
-    want = f"ACPI: HMAT 0x{tables.address_of('HMAT'):016X} {len(tables.blobs()['HMAT']):06X} (v02 NUMAVM NUMAVM"
-    assert want in log.read_text(errors="replace")
+# The KVM engine's HMAT: tests/test_hwvirt.py's `hmat` case (check at userspace on kvm_amd, from
+# the guest's sysfs); here /dev/kvm only emulates and a guest would need minutes for its kernel stage.

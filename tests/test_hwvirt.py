@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,7 @@ NUMAVM = [sys.executable, "-m", "numavm"]
 CHECK = [*NUMAVM, "check", "--verbose", "--accel", "kvm", "--stage", "userspace", "--timeout", "600"]
 RUN = [*NUMAVM, "run", "--verbose", "--accel", "kvm", "--timeout", "600"]
 SMALL = ["-n", "id=0,size=256M,cpus=0", "-n", "id=1,size=256M,cpus=1"]
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"  # L1 sees the checkout at the same path
 UP = "numavm-hwvirt-ready"  # the guest command's first line: it runs (on stdout, console or not)
 
 
@@ -47,6 +49,7 @@ CASES: dict[str, tuple[l1.Case, int]] = {c.name: (c, st) for c, st in [
     (l1.Case("memoryless_domain", [*CHECK, "-n", "id=0,size=512M,cpus=0", "-n", "id=1,size=0,cpus=1"]), 0),
     (l1.Case("8_domains_16_vcpus", [*CHECK, "--timeout", "1200", *_domains(8, "128M", 2)], timeout=1500), 0),
     (l1.Case("interleaved_vcpus", [*CHECK, "-n", "id=0,size=512M,cpus=0+2", "-n", "id=1,size=512M,cpus=1+3"]), 0),
+    (l1.Case("hmat", [*CHECK, "-f", str(EXAMPLES / "cxl-tiered.toml")]), 0),
     (l1.Case("thp_prefault", [*CHECK, "--prefault", "-n", "id=0,size=256M,cpus=0,hugepages=thp",
                               "-n", "id=1,size=256M,cpus=1"]), 0),
     (l1.Case("run_status", [*RUN, *SMALL, "--", "sh", "-c", "echo out-$((6 * 7)); exit 7"]), 7),
@@ -58,7 +61,7 @@ CASES: dict[str, tuple[l1.Case, int]] = {c.name: (c, st) for c, st in [
     (l1.Case("sigterm", [*RUN, *SMALL, "--", "sh", "-c", f"echo {UP}; sleep 600"], signal="SIGTERM", after=UP), 130),
 ]}
 # One L1 boot for all of these: what CI runs (the rest: NUMAVM_HWVIRT=all, see README).
-CI_CASES = ("detect", "example", "interleaved_vcpus", "run_status", "sigterm")
+CI_CASES = ("detect", "example", "interleaved_vcpus", "hmat", "run_status", "sigterm")
 
 
 def _selected() -> tuple[str, ...]:
@@ -116,6 +119,13 @@ def test_check_matches_at_userspace(results: dict[str, l1.CaseResult], name: str
     r = _case(results, name)
     assert "MATCH: the guest saw the planned topology" in r.stdout, r.stdout[-3000:]
     assert "engine kvm" in r.stdout + r.stderr
+
+
+def test_hmat_reaches_the_guest_on_kvm(results: dict[str, l1.CaseResult]) -> None:
+    """The HMAT that numavm's KVM engine writes into guest memory is the one Linux reports in sysfs."""
+    r = _case(results, "hmat")
+    assert re.search(r"HMAT access0\s+250/250 ns 16000/16000 MB/s <- node 0\s+250/250 ns", r.stdout), r.stdout
+    assert re.search(r"memory-side cache L1\s+128 MiB line 64\s+128 MiB line 64", r.stdout), r.stdout
 
 
 def test_run_returns_the_command_output_and_status(results: dict[str, l1.CaseResult]) -> None:
