@@ -188,8 +188,8 @@ def test_engine_names_what_dev_kvm_really_is(tmp_path):
         assert not host.kvm_usable
         assert host.reason == f"{dev} is {what}, not KVM's device (character device 10:232)"
         if qemu_binary():
-            engine, why = choose("auto", host)
-            assert engine == "tcg" and what in why
+            engine = choose("auto", host)
+            assert engine.name == "tcg" and what in engine.why
 
 
 def test_the_real_dev_kvm(tmp_path):

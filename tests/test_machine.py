@@ -21,7 +21,8 @@ from numavm import cpu as cpumode
 from numavm.acpi import build_tables
 from numavm.engine import detect
 from numavm.layout import Layout, plan_layout
-from numavm.machine import KvmMachine, Outcome, with_regs
+from numavm.machine import KvmMachine, with_regs
+from numavm.run import Outcome
 from numavm.topology import MachineSpec, parse_distance, parse_numa
 
 host = detect()
