@@ -24,7 +24,7 @@ from .errors import ConfigError
 from .layout import LOW_RAM_LIMIT
 from .policy import Mode, Policy
 from .topology import DEFAULT_DISTANCE, LOCAL_DISTANCE, Domain, Topology
-from .units import KiB, format_list, format_size, ranges
+from .units import KiB, format_cpulist, format_list, format_size, ranges
 
 FORMATS = ("qemu", "libvirt", "cloud-hypervisor", "bhyve", "toml")
 
@@ -87,9 +87,7 @@ def _symmetric(topo: Topology) -> bool:
     return all(m[i][j] == m[j][i] for i in range(len(m)) for j in range(i))
 
 
-def _comma_list(items: tuple[int, ...]) -> str:
-    """Linux cpulist spelling (``0-1,4``), which QEMU, libvirt, CH and bhyve read."""
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges(items))
+_comma_list = format_cpulist  # Linux cpulist spelling (``0-1,4``), which QEMU, libvirt, CH and bhyve read
 
 
 def _shell(lines: list[list[str]]) -> str:

@@ -51,6 +51,7 @@ import re
 import struct
 from typing import Any, Iterable, Mapping
 
+from . import units
 from .linux_numa import node_numbering
 
 MiB = 1 << 20
@@ -72,31 +73,10 @@ FOUR_GIB = 4 * GiB
 
 def parse_cpulist(text: str) -> set[int]:
     """Linux's list format ("0-3,8,10-11"; "" is empty) as a set."""
-    out: set[int] = set()
-    for part in text.strip().split(","):
-        part = part.strip()
-        if not part:
-            continue
-        lo, dash, hi = part.partition("-")
-        if dash:
-            out.update(range(int(lo), int(hi) + 1))
-        else:
-            out.add(int(lo))
-    return out
+    return set(units.parse_cpulist(text, "cpulist"))
 
 
-def format_cpulist(items: Iterable[int]) -> str:
-    """A set in Linux's list format ("0-3,8")."""
-    s = sorted(set(items))
-    runs: list[str] = []
-    k = 0
-    while k < len(s):
-        j = k
-        while j + 1 < len(s) and s[j + 1] == s[j] + 1:
-            j += 1
-        runs.append(str(s[k]) if j == k else f"{s[k]}-{s[j]}")
-        k = j + 1
-    return ",".join(runs)
+format_cpulist = units.format_cpulist
 
 
 # ---------------------------------------------------------------- PXM -> node

@@ -28,7 +28,7 @@ from .kvm import (RUN_WORD_EXIT_REASON, RUN_WORD_IO, RUN_WORD_IO_COUNT, RUN_WORD
                   KvmExit, KvmInternalError, KvmIoctlError, KvmIoDirection, MpState, Vcpu, Vm)
 from .layout import (COM1_PORT, COM2_IRQ, COM2_PORT, COM3_IRQ, COM3_PORT, CONSOLE_UARTS, STREAM_UARTS,
                      Layout)
-from .memory import GuestMemory, node_cpus
+from .memory import GuestMemory, policy_cpus
 from .policy import Mode
 from .run import PANIC_RE, GuestRun, Outcome, RunResult, prefault_for
 
@@ -279,8 +279,7 @@ class KvmMachine:
         pol = self.layout.topology.domain_of_cpu(index).policy
         if pol.mode in (Mode.DEFAULT, Mode.LOCAL) or not pol.nodes:
             return
-        allowed = os.sched_getaffinity(0)
-        cpus = {c for n in pol.nodes for c in node_cpus(n)} & allowed
+        cpus = policy_cpus(pol.nodes)  # the prefault threads' CPUs too
         if cpus:
             os.sched_setaffinity(0, cpus)  # 0 = this thread on Linux
 

@@ -21,9 +21,9 @@ from numavm.errors import ConfigError, NumavmError
 from numavm.layout import Layout, plan_layout
 from numavm.memory import (MODE_SINCE, MPOL_F_ADDR, MPOL_F_NODE, BackingFd, GuestAddressError,
                            GuestMemory, Placement, Segment, check_hugetlb, kernel_version, meminfo,
-                           nodemask, pages_per_node, parse_numa_maps_line, qemu_ram_offset,
-                           read_numa_maps)
+                           nodemask, pages_per_node, parse_numa_maps_line, read_numa_maps)
 from numavm.policy import Mode, Policy, host_online_nodes, parse_policy
+from numavm.tcg import qemu_ram_offset
 from numavm.topology import MachineSpec, parse_numa
 from numavm.units import GiB, KiB, MiB
 
@@ -297,15 +297,13 @@ def test_prefault_keeps_data_and_zero_fills() -> None:
 def test_prefault_without_fallocate(monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    import numavm.memory as memory
-
     calls = []
 
     def refuse(*args: object) -> int:
         calls.append(args)
         raise _libc.HostError(errno.EOPNOTSUPP, "fallocate")
 
-    monkeypatch.setattr(memory, "_fallocate", refuse)
+    monkeypatch.setattr(_libc, "fallocate", refuse)
     with Segment(16 * MiB, Policy(Mode.BIND, (0,)), machine="pf") as seg:
         result = seg.prefault(threads=1)
         assert calls  # tried, refused: the madvise populated alone
