@@ -10,7 +10,6 @@ thread is released, on every path.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import struct
@@ -496,8 +495,3 @@ def run_linux(run: GuestRun, pin: bool = True) -> RunResult:
         m.load([(page_tables, tables), (gdt, cpumode.gdt_bytes())])
         m.set_boot_state(cpumode.long_mode_state(page_tables, gdt, plan.rip, rsi=plan.rsi))
         return m.run(timeout=run.timeout)
-
-
-def with_regs(state: cpumode.CpuState, **regs: int) -> cpumode.CpuState:
-    """`state` with more general registers set."""
-    return dataclasses.replace(state, regs={**state.regs, **regs})

@@ -77,9 +77,21 @@ def check_ram_order(layout: Layout) -> None:
         base += d.segment_size
 
 
+_tables_of: tuple[Layout, dict[str, bytes]] | None = None
+
+
+def acpi_blobs(layout: Layout) -> dict[str, bytes]:
+    """The layout's ACPI tables by signature, built once per layout (the engine's check,
+    then the run, ask for them)."""
+    global _tables_of
+    if _tables_of is None or _tables_of[0] is not layout:
+        _tables_of = (layout, build_tables(layout).blobs())
+    return _tables_of[1]
+
+
 def check_tcg(layout: Layout) -> tuple[list[str], list[str]]:
     """Refuse (ConfigError) what QEMU cannot run as planned; else its -smp and -device options."""
-    blobs = build_tables(layout).blobs()
+    blobs = acpi_blobs(layout)
     for sig in ("SRAT", "SLIT"):
         if len(blobs.get(sig, b"")) > QEMU_ACPITABLE_MAX:
             raise EngineRefusal("--accel tcg", f"QEMU's -acpitable takes tables up to {QEMU_ACPITABLE_MAX} "
@@ -174,7 +186,7 @@ class QemuMachine:
     def command(self, kernel: Path, initrd: Path | None, cmdline: str) -> tuple[list[str], int]:
         """The QEMU argv and the guest RAM fd it inherits."""
         assert self.memory is not None and self._tmp is not None
-        tables = build_tables(self.layout).blobs()
+        tables = acpi_blobs(self.layout)
         acpi: list[str] = []
         for sig in ("SRAT", "SLIT"):  # QEMU supplies the rest of the platform's tables
             if sig in tables:

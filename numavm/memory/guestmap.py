@@ -21,7 +21,7 @@ from ..policy import host_online_nodes
 from ..units import format_size
 from .audit import Placement, range_placements
 from .checks import _check_hugepages, check_hugetlb, check_policy, domain_hugepages
-from .segment import MADV_POPULATE_READ, GuestAddressError, Memfd, PrefaultResult, ProgressFn, Segment
+from .segment import MADV_POPULATE_READ, GuestAddressError, Memfd, Segment
 
 # ---------------------------------------------------------------- guest memory
 
@@ -195,29 +195,7 @@ class GuestMemory:
         memfds = [self.memfd] if self.memfd is not None else [s.memfd for s in self.segments.values()]
         return [BackingFd(m.id, m.fd, m.size) for m in memfds if m is not None and not m.closed]
 
-    def fds(self) -> dict[int, int]:
-        """Domain id -> memfd, for handing the segments to another process
-        (per-domain mode; a unified guest has one memfd: `backing_fds`)."""
-        if self.unified:
-            raise NumavmError("unified guest memory has one memfd for every domain: "
-                              "use backing_fds()")
-        return {d: s.fd for d, s in self.segments.items() if not s.closed}
-
-    # ---- prefault and audit
-
-    def prefault(self, threads: int | None = None,
-                 progress: ProgressFn | None = None) -> dict[int, PrefaultResult]:
-        """Prefault each segment in turn; `progress` sees totals across all."""
-        total = sum(s.size for s in self.segments.values())
-        base = 0
-        out = {}
-        for d, seg in self.segments.items():
-            cb = None
-            if progress is not None:
-                cb = (lambda b: lambda done, _t: progress(b + done, total))(base)
-            out[d] = seg.prefault(threads, cb)
-            base += seg.size
-        return out
+    # ---- audit
 
     def map_resident(self) -> int:
         """Map into numavm's own mapping every page another process put in the memfds.
