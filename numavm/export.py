@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import ConfigError
-from .layout import LOW_RAM_LIMIT
+from .layout import LOW_RAM_LIMIT, QEMU_PC_MACHINE
 from .policy import Mode, Policy
 from .topology import DEFAULT_DISTANCE, LOCAL_DISTANCE, Domain, Topology
 from .units import KiB, format_cpulist, format_list, format_size, ranges
@@ -29,7 +29,7 @@ from .units import KiB, format_cpulist, format_list, format_size, ranges
 FORMATS = ("qemu", "libvirt", "cloud-hypervisor", "bhyve", "toml")
 
 QEMU_BINARY = "qemu-system-x86_64"
-QEMU_MACHINE = f"pc,max-ram-below-4g={format_size(LOW_RAM_LIMIT)}"
+QEMU_MACHINE = QEMU_PC_MACHINE
 CH_BINARY = "cloud-hypervisor"
 BHYVE_BINARY = "bhyve"
 VM_NAME = "numavm"  # libvirt's <name>, bhyve's vmname operand

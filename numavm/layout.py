@@ -19,6 +19,8 @@ from .units import GiB, KiB, MiB
 
 LOW_RAM_LIMIT = 3 * GiB
 HIGH_RAM_BASE = 4 * GiB
+# QEMU's machine with this RAM layout (the TCG engine, `numavm export --to qemu`)
+QEMU_PC_MACHINE = f"pc,max-ram-below-4g={LOW_RAM_LIMIT // GiB}G"
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
 

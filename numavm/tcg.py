@@ -37,7 +37,7 @@ from typing import Any, Callable
 from .acpi import build_tables
 from .engine import EngineRefusal, qemu_binary
 from .errors import ConfigError, NumavmError
-from .layout import HIGH_RAM_BASE, LOW_RAM_LIMIT, Layout
+from .layout import HIGH_RAM_BASE, LOW_RAM_LIMIT, QEMU_PC_MACHINE, Layout
 from .lifetime import OwnedDir, die_with_parent
 from .memory import GuestMemory
 from .run import PANIC_RE as _PANIC
@@ -198,7 +198,7 @@ class QemuMachine:
         argv = [
             self.binary, "-name", self.name,
             "-accel", f"tcg,thread={self.tcg_threads()}",
-            "-machine", "pc,max-ram-below-4g=3G,memory-backend=ram,hpet=off",
+            "-machine", f"{QEMU_PC_MACHINE},memory-backend=ram,hpet=off",
             "-cpu", QEMU_CPU,
             "-smp", *self.smp,
             "-m", f"{topo.memory // (1 << 20)}M",

@@ -36,7 +36,7 @@ from numavm import initramfs as I
 from numavm.acpi import build_tables
 from numavm.errors import NumavmError
 from numavm.guest import tcg_cmdline
-from numavm.layout import Layout, plan_layout
+from numavm.layout import QEMU_PC_MACHINE, Layout, plan_layout
 from numavm.plan import plan_document
 from numavm.tcg import QEMU_CPU, tcg_topology
 from numavm.topology import MachineSpec, Topology, parse_distance, parse_numa
@@ -487,7 +487,7 @@ def qemu_argv(layout: Layout, kernel: str, initrd: str, tables: Mapping[str, str
     several times faster.
     """
     smp, devices = tcg_topology(layout)
-    argv = [qemu, "-M", "pc,max-ram-below-4g=3G", "-accel", "tcg,thread=single", "-cpu", QEMU_CPU,
+    argv = [qemu, "-M", QEMU_PC_MACHINE, "-accel", "tcg,thread=single", "-cpu", QEMU_CPU,
             "-m", f"{layout.topology.memory >> 20}M", "-smp", *smp,
             *[a for dev in devices for a in ("-device", dev)]]
     for sig in ("SRAT", "SLIT"):
