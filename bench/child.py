@@ -49,7 +49,7 @@ def _machine(topo_text: str):
 
 
 def setup(topo_text: str) -> None:
-    from numavm.machine import Outcome
+    from numavm.run import Outcome
 
     from .guests import MARK_PORT, first_out_program, load_long_mode
 
@@ -99,7 +99,7 @@ def rss(topo_text: str) -> None:
 def exits(n: int, variant: str, so: str | None) -> None:
     import ctypes
 
-    from numavm.machine import Outcome
+    from numavm.run import Outcome
 
     from .guests import LOOP_PORT, MARK_PORT, load_long_mode, out_loop_program
 

@@ -31,6 +31,11 @@ def _raise(err: int, what: str) -> NoReturn:
     raise HostError(err, what)
 
 
+def rewrap(exc: HostError, what: str) -> HostError:
+    """The same failure (errno) named for what numavm was doing."""
+    return HostError(exc.errno or 0, what)
+
+
 def raise_from_oserror(exc: OSError, what: str) -> NoReturn:
     """Re-raise an OSError from the stdlib (fcntl.ioctl, os.*) as a HostError."""
     raise HostError(exc.errno or 0, what) from None
@@ -63,8 +68,9 @@ def _syscall_numbers() -> dict[str, int]:
     import platform  # only here: the table is per architecture
 
     return {
-        "x86_64": {"mbind": 237, "get_mempolicy": 239},
-        "aarch64": {"mbind": 235, "get_mempolicy": 236},
+        # arch/x86/entry/syscalls/syscall_64.tbl, include/uapi/asm-generic/unistd.h
+        "x86_64": {"mbind": 237, "get_mempolicy": 239, "move_pages": 279},
+        "aarch64": {"mbind": 235, "get_mempolicy": 236, "move_pages": 239},
     }.get(platform.machine(), {})
 
 
@@ -105,6 +111,13 @@ mbind = declare_syscall("mbind", ctypes.c_long, ctypes.c_void_p, ctypes.c_ulong,
 get_mempolicy = declare_syscall("get_mempolicy", ctypes.c_long, ctypes.POINTER(ctypes.c_int),
                                 ctypes.POINTER(ctypes.c_ulong), ctypes.c_ulong, ctypes.c_void_p,
                                 ctypes.c_ulong)
+# long move_pages(int pid, unsigned long count, void **pages, const int *nodes, int *status, int flags):
+# only to report pages' nodes (nodes NULL); glibc leaves it to libnuma.
+move_pages = declare_syscall("move_pages", ctypes.c_long, ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p,
+                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+# int fallocate(int fd, int mode, off_t offset, off_t len): os.posix_fallocate may fall back to
+# writing every block.
+fallocate = declare("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
 
 # Process lifetime: prctl(2).  PR_SET_PDEATHSIG: the signal a child gets when
 # the thread that forked it exits (include/uapi/linux/prctl.h).

@@ -208,6 +208,5 @@ def _replace(path: Path, text: str) -> None:
             return
     except OSError:
         pass
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from .cache import write_atomic
+    write_atomic(path, text.encode())

@@ -12,18 +12,25 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import BinaryIO, Iterator, NoReturn, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, Iterator, NoReturn, Sequence
 
 from . import __version__, config
 from .aptrelease import check_release
 from .errors import ConfigError, NumavmError
 from .policy import POLICY_SYNTAX
+from .run import ExitCode
 from .topology import MachineSpec, Topology, parse_distance, parse_hmat, parse_hmat_cache, parse_numa
 from .units import format_list, parse_int, parse_list, parse_seconds, parse_size
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .layout import Layout
+    from .run import RunResult
+
+EXIT_OK = ExitCode.OK
+EXIT_FAILURE = ExitCode.FAILURE
+EXIT_USAGE = ExitCode.USAGE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -325,9 +332,16 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).splitlines())
 
 
-def _prepare_guest(args: argparse.Namespace, stage: str | None):  # type: ignore[no-untyped-def]
+@dataclass(frozen=True)
+class _Prepared:
+    layout: Layout
+    engine: Engine
+    stage: str
+
+
+def _prepare_guest(args: argparse.Namespace, stage: str | None) -> _Prepared:
     """Validate everything, pick the engine, say which and why; nothing allocated yet."""
-    from . import engine as eng
+    from .engine import select
     from .layout import plan_layout
 
     layout = plan_layout(build_topology(args))
@@ -341,18 +355,8 @@ def _prepare_guest(args: argparse.Namespace, stage: str | None):  # type: ignore
         if missing:
             raise ConfigError(f"--prefault: no domain {missing[0]} with memory "
                               f"(domains with memory: {format_list([d.id for d in layout.domains if d.segment_size])})")
-    host = eng.detect()
-    engine, why = eng.choose(args.accel, host)
-    if engine == "tcg":
-        from .tcg import check_tcg
-        try:
-            check_tcg(layout)
-        except ConfigError as e:
-            if args.accel != "auto" or not host.kvm_usable:
-                raise
-            reason = str(e).removeprefix("--accel tcg: ").split(";")[0]
-            engine, why = "kvm", f"engine kvm: TCG cannot run this layout ({reason}), though {host.reason}"
-    emulated_kvm = engine == "kvm" and host.emulated
+    engine = select(args.accel, layout, pin=not args.no_pin)
+    emulated_kvm = engine.emulates_guest_code
     if stage is None:
         stage = "kernel" if emulated_kvm else "userspace"
     if stage == "userspace" and emulated_kvm:
@@ -365,27 +369,27 @@ def _prepare_guest(args: argparse.Namespace, stage: str | None):  # type: ignore
         print("numavm: warning: this host's KVM emulates guest code: the guest kernel boots for minutes "
               "and does not reach userspace, so no command will run (use --accel tcg or auto)",
               file=sys.stderr)
-    print(f"numavm: {why}", file=sys.stderr)
-    return layout, engine, host, emulated_kvm, stage
+    print(f"numavm: {engine.why}", file=sys.stderr)
+    return _Prepared(layout, engine, stage)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .guest import (OUTCOME_EXIT, Boot, Console, ExitCode, Sink, boot, guest_assets, guest_initrd,
-                        kernel_cmdline)
+    from .guest import Console, Sink, guest_assets, guest_initrd, kernel_cmdline
     from .initramfs import parse_guest_report
-    from .machine import Outcome
+    from .run import OUTCOME_EXIT, GuestRun, Outcome
 
     command = list(args.guest_command)
     if command and command[0] == "--":
         command = command[1:]
-    layout, engine, host, emulated_kvm, stage = _prepare_guest(args, None)
+    prep = _prepare_guest(args, None)
+    emulated_kvm = prep.engine.emulates_guest_code
     log = _stderr
     own_init = args.initrd is None
     # no command on a terminal: a shell in the guest, on the command port
     shell = own_init and not command and sys.stdin.isatty()
     assets = guest_assets(args.kernel, log, args.release)
     initrd = guest_initrd(args.initrd, assets.busybox, command, args.add, shell=shell)
-    cmdline = kernel_cmdline(stage, emulated_kvm, args.append)
+    cmdline = kernel_cmdline(prep.stage, emulated_kvm, args.append)
     if emulated_kvm:
         _stderr("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
                 "the emulator cannot run")
@@ -394,11 +398,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         console = Console(echo=echo + ([log_file] if log_file else []))
         streams = {"stdout": Sink(sys.stdout.buffer), "stderr": Sink(sys.stderr.buffer)} if own_init else {}
         with _raw_terminal(sys.stdin.fileno() if shell else None):
-            result = boot(Boot(layout, engine, assets, initrd, cmdline, args.timeout, console,
-                               verbose=args.verbose, log=log, pin=not args.no_pin,
-                               prefault=_prefault_domains(args), hugepages=args.hugepages,
-                               input_fd=sys.stdin.fileno() if shell else None, own_init=own_init, **streams))
-    _report_run(args, result)
+            result = prep.engine.run(GuestRun(
+                prep.layout, assets.vmlinux, initrd, cmdline, args.timeout, console, verbose=args.verbose,
+                log=log, prefault=_prefault_domains(args), hugepages=args.hugepages,
+                input_fd=sys.stdin.fileno() if shell else None, own_init=own_init, **streams))
+    _report_run(args, prep.engine, result)
     report = parse_guest_report(console.text) if own_init else None
     if report is not None and not report.get("streams", True):
         _stderr("numavm: warning: the guest kernel has no serial ports ttyS1 and ttyS2 for the command's "
@@ -446,28 +450,32 @@ def _raw_terminal(fd: int | None) -> Iterator[None]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import evaluate, render
-    from .guest import (OUTCOME_EXIT, Boot, Console, KernelStageWatch, boot, guest_assets, guest_initrd,
-                        kernel_cmdline)
-    from .machine import Outcome
+    from .guest import Console, KernelStageWatch, guest_assets, guest_initrd, kernel_cmdline
+    from .run import OUTCOME_EXIT, GuestRun, Outcome
 
-    layout, engine, host, emulated_kvm, stage = _prepare_guest(args, args.stage)
+    prep = _prepare_guest(args, args.stage)
+    layout, engine, stage = prep.layout, prep.engine, prep.stage
+    emulated_kvm = engine.emulates_guest_code
     log = _stderr
     assets = guest_assets(args.kernel, log, args.release)
     initrd = guest_initrd(args.initrd, assets.busybox, None, []) if stage == "userspace" else None
     cmdline = kernel_cmdline(stage, emulated_kvm)
-    watch = KernelStageWatch(until_smp=not emulated_kvm) if stage == "kernel" else None
+    # SMP bring-up shows the llc-sibling warnings, unless the engine checked its vCPUs already
+    until_smp = not (emulated_kvm or engine.cpus_checked_before_run)
+    watch = KernelStageWatch(until_smp) if stage == "kernel" else None
     if emulated_kvm:
         _stderr("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
                 "the emulator cannot run")
     with _console_log(args) as log_file:
         console = Console(echo=([sys.stderr.buffer] if args.verbose else []) + ([log_file] if log_file else []),
                           watch=watch)
-        result = boot(Boot(layout, engine, assets, initrd, cmdline, args.timeout, console, watch,
-                           verbose=args.verbose, log=log, pin=not args.no_pin, prefault=_prefault_domains(args),
-                           hugepages=args.hugepages, own_init=initrd is not None and args.initrd is None))
-    _report_run(args, result)
+        result = engine.run(GuestRun(layout, assets.vmlinux, initrd, cmdline, args.timeout, console, watch,
+                                     verbose=args.verbose, log=log, prefault=_prefault_domains(args),
+                                     hugepages=args.hugepages,
+                                     own_init=initrd is not None and args.initrd is None))
+    _report_run(args, engine, result)
     wanted = Outcome.STOPPED if stage == "kernel" else Outcome.POWEROFF
-    report = evaluate(layout, stage, engine, console.text, result.outcome is wanted,
+    report = evaluate(layout, stage, engine.name, console.text, result.outcome is wanted,
                       f"{result.outcome.value} after {result.seconds:.1f} s ({result.detail})")
     if args.json:
         print(json.dumps(report.document(), indent=2))
@@ -498,12 +506,13 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _report_run(args: argparse.Namespace, result) -> None:  # type: ignore[no-untyped-def]
+def _report_run(args: argparse.Namespace, engine: Engine, result: RunResult) -> None:
     """What every command that runs a VM prints after it: the placement audit, and --stats."""
     if result.placement:
         _stderr("numavm: guest memory placement:\n" + result.placement.rstrip())
     if args.stats:
-        exits = ", ".join(f"{k} {v}" for k, v in result.exits.most_common()) or "none counted (TCG engine)"
+        exits = (", ".join(f"{k} {v}" for k, v in result.exits.most_common())
+                 or ("none" if engine.counts_exits else f"none counted ({engine.name.upper()} engine)"))
         _stderr(f"numavm: exits: {exits}")
         for what, counter in (("reads", result.unhandled_reads), ("writes", result.unhandled_writes)):
             if counter:
@@ -543,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"numavm: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -211,13 +211,3 @@ def long_mode_state(pml4: int, gdt_base: int, rip: int, *, rsp: int = 0,
         }),
         regs=MappingProxyType({"rip": rip, "rsp": rsp, "rsi": rsi, "rflags": RFLAGS_RESERVED}),
     )
-
-
-def real_mode_state(cs_base: int, rip: int) -> CpuState:
-    """16-bit real mode with CS at `cs_base` (a multiple of 16) and IP = `rip`."""
-    if cs_base % 16 or cs_base >= 1 << 20:
-        raise ValueError(f"real-mode CS base {cs_base:#x} is not a paragraph below 1 MiB")
-    cs = Segment(base=cs_base, limit=0xFFFF, selector=cs_base >> 4,
-                 type=SEG_TYPE_CODE_XR_ACCESSED)
-    return CpuState(segments=MappingProxyType({"cs": cs}),
-                    regs=MappingProxyType({"rip": rip, "rflags": RFLAGS_RESERVED}))

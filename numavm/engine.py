@@ -1,5 +1,10 @@
 """Which engine runs the guest: KVM, or QEMU's TCG where KVM cannot run it well.
 
+Each engine is an object implementing `Engine`: it says why it was chosen and
+what it cannot do, refuses a layout it cannot run, and runs a `GuestRun`.
+Callers ask it; they never branch on its name.  The engines' modules are
+imported only when a guest runs, so a TCG run loads nothing of KVM's.
+
 `auto` picks KVM where hardware virtualization is usable, and TCG where
 /dev/kvm is missing, not accessible, or backed by a KVM that emulates guest
 kernel code (kvm_pvm and the like: a KVM module on a CPU without VT-x/AMD-V,
@@ -14,8 +19,13 @@ import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .layout import Layout
+    from .run import GuestRun, RunResult
 
 ACCELS = ("auto", "kvm", "tcg")
 KVM_DEV = Path("/dev/kvm")
@@ -91,23 +101,114 @@ def qemu_binary() -> str | None:
     return shutil.which("qemu-system-x86_64")
 
 
-def choose(accel: str, host: HostVirt | None = None) -> tuple[str, str]:
-    """(engine, one-line reason) for --accel; ConfigError when it cannot run here."""
+class Engine(Protocol):
+    """What runs a guest: chosen once per command, asked (never named) by the callers."""
+
+    name: str  # "kvm" or "tcg": for reports, not for branching
+    why: str  # one line: why this engine runs the guest
+    limits: tuple[str, ...]  # what it cannot do here, one phrase each
+    emulates_guest_code: bool  # a KVM that emulates guest kernel code: no userspace, safe kernel params
+    counts_exits: bool  # RunResult.exits is counted
+    cpus_checked_before_run: bool  # the vCPUs' APIC ids and packages are checked before the guest runs
+
+    def refuse(self, layout: Layout) -> None:
+        """Raise ConfigError when this engine cannot run `layout` as planned; nothing allocated."""
+
+    def run(self, run: GuestRun) -> RunResult:
+        """Boot the run's kernel on its layout until it ends."""
+
+
+@dataclass(frozen=True)
+class KvmEngine:
+    """numavm's own VMM on /dev/kvm (numavm.machine)."""
+
+    host: HostVirt
+    why: str
+    pin: bool = True  # vCPU threads on the CPUs of their domain's policy nodes
+    name: str = "kvm"
+    counts_exits: bool = True
+    cpus_checked_before_run: bool = False
+
+    @property
+    def emulates_guest_code(self) -> bool:
+        return self.host.emulated
+
+    @property
+    def limits(self) -> tuple[str, ...]:
+        if self.host.emulated:
+            return ("guest userspace (guest kernel code is emulated, ~1000x slower)",)
+        return ()
+
+    def refuse(self, layout: Layout) -> None:
+        return None  # KVM's own limits (vCPU count, APIC ids) are checked as the VM is built
+
+    def run(self, run: GuestRun) -> RunResult:
+        from .machine import run_linux
+        return run_linux(run, pin=self.pin)
+
+
+@dataclass(frozen=True)
+class TcgEngine:
+    """QEMU's TCG as CPU and platform, on numavm's memory and tables (numavm.tcg)."""
+
+    why: str
+    name: str = "tcg"
+    limits: tuple[str, ...] = ("exit counts", "vCPU pinning")
+    emulates_guest_code: bool = False
+    counts_exits: bool = False
+    cpus_checked_before_run: bool = True  # over QMP (numavm.tcg.check_cpus)
+
+    def refuse(self, layout: Layout) -> None:
+        from .tcg import check_tcg
+        check_tcg(layout)
+
+    def run(self, run: GuestRun) -> RunResult:
+        from .tcg import run_linux
+        return run_linux(run)
+
+
+class EngineRefusal(ConfigError):
+    """An engine cannot run a layout: `reason` says why, `advice` what to do instead."""
+
+    def __init__(self, option: str, reason: str, advice: str) -> None:
+        super().__init__(f"{option}: {reason}; {advice}")
+        self.reason = reason
+
+
+def choose(accel: str, host: HostVirt | None = None, pin: bool = True) -> Engine:
+    """The engine for --accel, with its one-line reason; ConfigError when it cannot run here."""
     if accel not in ACCELS:
         raise ConfigError(f"--accel: must be one of {', '.join(ACCELS)}, got {accel!r}")
+    if accel == "tcg":  # asked for: /dev/kvm is not looked at (nor numavm.kvm imported)
+        if not qemu_binary():
+            raise ConfigError("--accel tcg: qemu-system-x86_64 not found (Debian: apt-get install qemu-system-x86)")
+        return TcgEngine("engine tcg (asked for): QEMU software emulation")
     host = host or detect()
     if accel == "kvm":
         if not host.kvm_usable:
             raise ConfigError(f"--accel kvm: {host.reason}")
-        return "kvm", f"engine kvm (asked for): {host.reason}"
-    if accel == "tcg":
-        if not qemu_binary():
-            raise ConfigError("--accel tcg: qemu-system-x86_64 not found (Debian: apt-get install qemu-system-x86)")
-        return "tcg", "engine tcg (asked for): QEMU software emulation"
+        return KvmEngine(host, f"engine kvm (asked for): {host.reason}", pin)
     if host.kvm_usable and not host.emulated:
-        return "kvm", f"engine kvm: {host.reason}"
+        return KvmEngine(host, f"engine kvm: {host.reason}", pin)
     if qemu_binary():
-        return "tcg", f"engine tcg: {host.reason}; QEMU's TCG is faster here"
+        return TcgEngine(f"engine tcg: {host.reason}; QEMU's TCG is faster here")
     if host.kvm_usable:
-        return "kvm", f"engine kvm: {host.reason}, and no qemu-system-x86_64 for TCG; expect a slow boot"
+        return KvmEngine(host, f"engine kvm: {host.reason}, and no qemu-system-x86_64 for TCG; expect a slow boot",
+                         pin)
     raise ConfigError(f"--accel auto: no engine: {host.reason}, and qemu-system-x86_64 is not installed")
+
+
+def select(accel: str, layout: Layout, host: HostVirt | None = None, pin: bool = True) -> Engine:
+    """`choose`, then the layout: where auto chose TCG and TCG cannot run this layout,
+    KVM runs it if it can; ConfigError when no engine can."""
+    if accel == "auto":
+        host = host or detect()
+    engine = choose(accel, host, pin)
+    try:
+        engine.refuse(layout)
+    except EngineRefusal as e:
+        if accel != "auto" or host is None or not host.kvm_usable:
+            raise
+        engine = KvmEngine(host, f"engine kvm: TCG cannot run this layout ({e.reason}), though {host.reason}",
+                           pin)
+    return engine

@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import ConfigError
-from .layout import LOW_RAM_LIMIT
+from .layout import LOW_RAM_LIMIT, QEMU_PC_MACHINE
 from .policy import Mode, Policy
 from .topology import DEFAULT_DISTANCE, HMAT_ATTRS, LOCAL_DISTANCE, Domain, MemoryCache, Topology
-from .units import KiB, format_list, format_size, ranges
+from .units import KiB, format_cpulist, format_list, format_size, ranges
 
 FORMATS = ("qemu", "libvirt", "cloud-hypervisor", "bhyve", "toml")
 
 QEMU_BINARY = "qemu-system-x86_64"
-QEMU_MACHINE = f"pc,max-ram-below-4g={format_size(LOW_RAM_LIMIT)}"
+QEMU_MACHINE = QEMU_PC_MACHINE
 CH_BINARY = "cloud-hypervisor"
 BHYVE_BINARY = "bhyve"
 VM_NAME = "numavm"  # libvirt's <name>, bhyve's vmname operand
@@ -90,9 +90,7 @@ def _symmetric(topo: Topology) -> bool:
     return all(m[i][j] == m[j][i] for i in range(len(m)) for j in range(i))
 
 
-def _comma_list(items: tuple[int, ...]) -> str:
-    """Linux cpulist spelling (``0-1,4``), which QEMU, libvirt, CH and bhyve read."""
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges(items))
+_comma_list = format_cpulist  # Linux cpulist spelling (``0-1,4``), which QEMU, libvirt, CH and bhyve read
 
 
 def _shell(lines: list[list[str]]) -> str:

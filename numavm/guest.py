@@ -3,19 +3,17 @@
 The guest is Debian's kernel (host-side unpacked, entered directly) with
 numavm's own initramfs, booted on the machine the plan describes.  This
 module picks the kernel command line for the engine and host, prepares the
-assets, collects the console (and, for `run`, hands the guest command's
+assets, and collects the console (and, for `run`, hands the guest command's
 stdout and stderr, which arrive on serial ports of their own, to their
-sinks), and turns how the run ended into numavm's documented exit codes.
+sinks).  The engines run it as a `numavm.run.GuestRun`.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import os
 import re
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
@@ -24,36 +22,10 @@ from .cache import CacheError, cache_root, find, private_dir, store
 # numavm.boot (kernel loading, boot plans) is imported where used: the TCG engine needs
 # neither, and every import is paid at every `numavm check`.
 from .errors import ConfigError, NumavmError
-from .layout import Layout
-from .machine import Outcome, RunResult
-from .memory import GuestMemory
+from .run import Outcome
 
 Log = Callable[[str], None]
 
-
-class ExitCode(enum.IntEnum):
-    """numavm's exit statuses for commands that run a guest (see README)."""
-
-    OK = 0
-    FAILURE = 1  # a host-side failure, or (check) a mismatch
-    USAGE = 2
-    PANIC = 70
-    TRIPLE_FAULT = 71
-    EMULATION_FAILURE = 72
-    TIMEOUT = 73
-    RESET = 74  # the guest rebooted instead of powering off
-    INTERRUPTED = 130
-
-
-OUTCOME_EXIT = {
-    Outcome.PANIC: ExitCode.PANIC,
-    Outcome.TRIPLE_FAULT: ExitCode.TRIPLE_FAULT,
-    Outcome.EMULATION_FAILURE: ExitCode.EMULATION_FAILURE,
-    Outcome.TIMEOUT: ExitCode.TIMEOUT,
-    Outcome.RESET: ExitCode.RESET,
-    Outcome.INTERRUPTED: ExitCode.INTERRUPTED,
-    Outcome.ERROR: ExitCode.FAILURE,
-}
 
 # The console is the serial port in both engines; earlyprintk puts the early
 # boot log (SRAT, node ranges, zonelists) on it before the console driver
@@ -82,7 +54,7 @@ def tcg_cmdline(cmdline: str, cpus: int = 1, own_init: bool = False) -> str:
     """`cmdline` with what makes an emulated (TCG) guest boot fast and evenly, unless given already.
 
     Both TCG boots use it: numavm's engine (`numavm.tcg`) and the QEMU oracle
-    (`guestcheck.qemu_argv`).  None of it changes what the guest reports about its
+    (tests/test_oracle.py's `qemu_argv`).  None of it changes what the guest reports about its
     topology (nodes, CPU lists, APIC ids, distances).  Measured with N domains of one
     vCPU each on 2 busy host cores (Debian 12: 6.1 kernel, QEMU 7.2; Debian 13: 6.12,
     QEMU 10.0):
@@ -320,9 +292,9 @@ class KernelStageWatch:
 
     Ready at the kernel's "Built N zonelists" line, or, with `until_smp`, once
     the secondary CPUs are up as well (the scheduler's llc-sibling warnings come
-    then).  The TCG engine turns `until_smp` off: it checks QEMU's CPUs against
-    the plan before the guest runs (see `numavm.tcg.check_cpus`), which settles
-    what SMP bring-up would show, and saves the ~1.5 s bring-up costs there.
+    then).  `until_smp` is off where the engine checks its vCPUs against the plan
+    before the guest runs (TCG: `numavm.tcg.check_cpus`), which settles what SMP
+    bring-up would show and saves the ~1.5 s bring-up costs there.
     """
 
     READY = re.compile(r"Built \d+ zonelists")
@@ -349,107 +321,3 @@ class KernelStageWatch:
             self._done = True
             if self.stop is not None:
                 self.stop(Outcome.STOPPED, "guest kernel finished its NUMA setup")
-
-
-@dataclass
-class Boot:
-    """Everything a guest boot needs, engine-independent."""
-
-    layout: Layout
-    engine: str
-    assets: GuestAssets
-    initrd: bytes | None
-    cmdline: str
-    timeout: float | None
-    console: Console
-    watch: KernelStageWatch | None = None
-    verbose: bool = False
-    pin: bool = True
-    prefault: frozenset[int] | None = frozenset()  # domains to prefault; None = all
-    hugepages: str | None = None
-    # The guest command's streams: given, the machine has COM2 (stdout) and COM3 (stderr).
-    stdout: Callable[[bytes], None] | None = None
-    stderr: Callable[[bytes], None] | None = None
-    input_fd: int | None = None  # read into COM2: an interactive shell's terminal
-    own_init: bool = False  # the initrd is numavm's: its /init brings offline CPUs online (tcg_cmdline)
-    log: Log = field(default=lambda s: print(s, file=sys.stderr))
-
-
-def boot(b: Boot) -> RunResult:
-    if b.engine == "kvm":
-        return _boot_kvm(b)
-    return _boot_tcg(b)
-
-
-def _boot_addresses() -> tuple[int, int]:
-    """Where the machine puts the boot CPU's page tables and GDT: the scratch area
-    numavm.boot leaves free below the zero page."""
-    from .boot.linux import BOOT_SCRATCH_START
-    return BOOT_SCRATCH_START, BOOT_SCRATCH_START + 0x6000
-
-
-def _boot_kvm(b: Boot) -> RunResult:
-    from . import cpu as cpumode
-    from .boot import load_kernel, plan_boot
-    from .machine import KvmMachine
-
-    page_tables, gdt = _boot_addresses()
-
-    kernel = load_kernel(b.assets.vmlinux)
-    plan = plan_boot(b.layout, kernel, b.initrd, b.cmdline)
-    with KvmMachine(b.layout, console=b.console, stdout=b.stdout, stderr=b.stderr, pin=b.pin,
-                    hugepages=b.hugepages) as m:
-        if b.watch is not None:
-            b.watch.stop = m.stop
-        if b.prefault is None or b.prefault:
-            assert m.memory is not None
-            prefault(m.memory, b.log, b.prefault)
-        if b.input_fd is not None:
-            m.read_input_from(b.input_fd)
-        m.load(plan.writes)
-        m.load([(page_tables, cpumode.identity_page_tables(page_tables)), (gdt, cpumode.gdt_bytes())])
-        m.set_boot_state(cpumode.long_mode_state(page_tables, gdt, plan.rip, rsi=plan.rsi))
-        return m.run(timeout=b.timeout)
-
-
-def _boot_tcg(b: Boot) -> RunResult:
-    from .tcg import QemuMachine
-
-    with QemuMachine(b.layout, console=b.console, stdout=b.stdout, stderr=b.stderr,
-                     hugepages=b.hugepages, log=b.log if b.verbose else None) as m:
-        if b.watch is not None:
-            b.watch.stop = m.stop
-            b.watch.until_smp = False  # QemuMachine checks QEMU's CPUs before the guest runs
-        if b.prefault is None or b.prefault:
-            assert m.memory is not None
-            prefault(m.memory, b.log, b.prefault)
-        return m.run(b.assets.vmlinux, b.initrd, tcg_cmdline(b.cmdline, b.layout.topology.cpus, b.own_init), timeout=b.timeout,
-                     input_fd=b.input_fd)
-
-
-def prefault(memory: "GuestMemory", log: Log, domains: frozenset[int] | None = None) -> None:
-    """Populate the chosen domains (all by default) under their policies before the guest
-    starts; a progress bar on a terminal for big guests."""
-    segs = {d: seg for d, seg in sorted(memory.segments.items()) if domains is None or d in domains}
-    total = sum(seg.size for seg in segs.values())
-    show = sys.stderr.isatty() and total >= 1 << 30
-    done_before = 0
-
-    def progress(done: int, whole: int) -> None:
-        pct = (done_before + done) * 100 // max(total, 1)
-        if show:
-            sys.stderr.write(f"\rnumavm: prefault [{'#' * (pct // 4):<25}] {pct:3d}% of {total >> 20} MiB")
-            sys.stderr.flush()
-
-    for dom, seg in segs.items():
-        r = seg.prefault(progress=progress)
-        done_before += seg.size
-        if show:
-            sys.stderr.write("\n" if done_before == total else "")
-        log(f"numavm: prefaulted domain {dom}: {r.bytes >> 20} MiB in {r.seconds:.2f} s "
-            f"({r.gib_per_s:.2f} GiB/s, {r.threads} thread(s) on CPUs {_cpus(r.cpus)})")
-
-
-def _cpus(cpus: tuple[int, ...]) -> str:
-    from .units import format_list
-    return format_list(cpus) or "any"

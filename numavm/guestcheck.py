@@ -51,6 +51,7 @@ import re
 import struct
 from typing import Any, Iterable, Mapping
 
+from . import units
 from .linux_numa import node_numbering
 
 MiB = 1 << 20
@@ -72,31 +73,10 @@ FOUR_GIB = 4 * GiB
 
 def parse_cpulist(text: str) -> set[int]:
     """Linux's list format ("0-3,8,10-11"; "" is empty) as a set."""
-    out: set[int] = set()
-    for part in text.strip().split(","):
-        part = part.strip()
-        if not part:
-            continue
-        lo, dash, hi = part.partition("-")
-        if dash:
-            out.update(range(int(lo), int(hi) + 1))
-        else:
-            out.add(int(lo))
-    return out
+    return set(units.parse_cpulist(text, "cpulist"))
 
 
-def format_cpulist(items: Iterable[int]) -> str:
-    """A set in Linux's list format ("0-3,8")."""
-    s = sorted(set(items))
-    runs: list[str] = []
-    k = 0
-    while k < len(s):
-        j = k
-        while j + 1 < len(s) and s[j + 1] == s[j] + 1:
-            j += 1
-        runs.append(str(s[k]) if j == k else f"{s[k]}-{s[j]}")
-        k = j + 1
-    return ",".join(runs)
+format_cpulist = units.format_cpulist
 
 
 # ---------------------------------------------------------------- PXM -> node
@@ -328,66 +308,6 @@ def compare_userspace(plan_doc: Mapping[str, Any], observed: Mapping[str, Any],
         elif n.get("distance") not in (None, [LOCAL_DISTANCE]):
             out.append(f"{where}: distances {n.get('distance')}, the classic machine wants [10]")
     return out
-
-
-# ---------------------------------------------------------------- QEMU as the oracle
-
-
-def _ceil_log2(n: int) -> int:
-    return (n - 1).bit_length()
-
-
-def qemu_smp(plan_doc: Mapping[str, Any]) -> str | None:
-    """A QEMU ``-smp`` value whose APIC ids are the plan's, or None if QEMU has none.
-
-    QEMU numbers vCPU i as APIC id ``(i // cores) << ceil(log2(cores)) | i % cores``
-    (one thread a core, one die); numavm's SRAT names the plan's APIC ids, so
-    the two must agree for the guest's CPUs to land in their domains.
-    """
-    n = plan_doc["cpus"]
-    want = [0] * n
-    for d in plan_doc["domains"]:
-        for cpu, apic in zip(d["cpus"], d["apic_ids"]):
-            want[cpu] = apic
-    packages = len([d for d in plan_doc["domains"] if d["cpus"]])
-    candidates = [packages] + [s for s in range(1, n + 1) if s != packages]
-    for sockets in candidates:
-        if n % sockets:
-            continue
-        cores = n // sockets
-        ids = [(i // cores) << _ceil_log2(cores) | (i % cores) for i in range(n)]
-        if ids == want:
-            return f"{n},sockets={sockets},cores={cores},threads=1"
-    return None
-
-
-def qemu_argv(plan_doc: Mapping[str, Any], kernel: str, initrd: str, tables: Mapping[str, str],
-              append: str = "console=ttyS0 nokaslr panic=-1 quiet", serial: str = "stdio",
-              qemu: str = "qemu-system-x86_64") -> list[str]:
-    """QEMU (TCG) booting `kernel` on the plan's RAM layout with numavm's SRAT and SLIT.
-
-    `initrd` is numavm's (its /init reports the topology): `append` gets what numavm's
-    own TCG engine adds for a fast, even boot (`guest.tcg_cmdline`, which says why).
-
-    `tables` maps a signature ("SRAT", "SLIT") to a file with that table's
-    bytes; QEMU supplies the rest (MADT, FADT, DSDT) and no SRAT of its own,
-    since no ``-numa`` option is given.  ``max-ram-below-4g=3G`` puts RAM where
-    numavm's layout does: [0, 3 GiB) and from 4 GiB.  One TCG thread for all
-    vCPUs: with many vCPUs on few host cores it boots several times faster.
-    """
-    from .guest import tcg_cmdline  # guest imports the machines; only this function needs it
-
-    smp = qemu_smp(plan_doc)
-    if smp is None:
-        raise ValueError("QEMU cannot number the vCPUs as the plan does (APIC ids)")
-    argv = [qemu, "-M", "pc,max-ram-below-4g=3G", "-accel", "tcg,thread=single", "-cpu", "qemu64",
-            "-m", f"{plan_doc['memory'] // MiB}M", "-smp", smp]
-    for sig in ("SRAT", "SLIT", "HMAT"):
-        if sig in tables:
-            argv += ["-acpitable", f"file={tables[sig]}"]
-    argv += ["-kernel", kernel, "-initrd", initrd, "-append", tcg_cmdline(append, int(plan_doc["cpus"]), own_init=True),
-             "-nographic", "-no-reboot", "-monitor", "none", "-serial", serial, "-net", "none"]
-    return argv
 
 
 # ---------------------------------------------------------------- HMAT

@@ -254,28 +254,6 @@ def cpio_newc(entries: Iterable[Entry]) -> bytes:
     return b"".join(parts)
 
 
-def read_cpio_newc(data: bytes) -> list[Entry]:
-    """Parse a ``newc`` archive back into entries (trailer excluded); for tests and `check`."""
-    out: list[Entry] = []
-    pos = 0
-    while True:
-        hdr = data[pos:pos + 110]
-        if len(hdr) < 110 or hdr[:6] != b"070701":
-            raise ValueError(f"bad cpio newc header at offset {pos}")
-        f = [int(hdr[6 + 8 * k:14 + 8 * k], 16) for k in range(13)]
-        mode, size, rmaj, rmin, namesize = f[1], f[6], f[9], f[10], f[11]
-        name_start = pos + 110
-        name = data[name_start:name_start + namesize - 1].decode()
-        data_start = name_start + namesize
-        data_start += -data_start & 3
-        body = data[data_start:data_start + size]
-        pos = data_start + size
-        pos += -pos & 3
-        if name == "TRAILER!!!":
-            return out
-        out.append(Entry(name, mode, body, (rmaj, rmin)))
-
-
 # ---------------------------------------------------------------- building
 
 

@@ -19,6 +19,8 @@ from .units import GiB, KiB, MiB
 
 LOW_RAM_LIMIT = 3 * GiB
 HIGH_RAM_BASE = 4 * GiB
+# QEMU's machine with this RAM layout (the TCG engine, `numavm export --to qemu`)
+QEMU_PC_MACHINE = f"pc,max-ram-below-4g={LOW_RAM_LIMIT // GiB}G"
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
 
@@ -33,6 +35,14 @@ SLEEP_CONTROL_PORT = 0x600
 SLEEP_STATUS_PORT = 0x601
 RESET_PORT = 0x602
 RESET_VALUE = 0x1
+# The sleep registers' bits, which the DSDT's \_S5 package (numavm.acpi) and the
+# power device (numavm.devices.power) both follow: Linux writes SLP_TYP << 2 | SLP_EN.
+S5_SLP_TYP = 5  # SLP_TYPa in the DSDT's \_S5 package
+SLP_TYP_SHIFT = 2  # sleep control register bits 4:2
+SLP_TYP_MASK = 0x1C
+SLP_EN = 0x20  # sleep control register bit 5
+WAK_STS = 0x80  # sleep status register bit 7, write 1 to clear
+S5_SLEEP_CONTROL_VALUE = S5_SLP_TYP << SLP_TYP_SHIFT | SLP_EN  # 0x34: power off
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
 # The guest command's stdout and stderr (`numavm run`): COM2 and COM3 at the PC's

@@ -10,16 +10,12 @@ thread is released, on every path.
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import os
-import re
 import signal
 import struct
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from . import cpu as cpumode
@@ -31,8 +27,9 @@ from .kvm import (RUN_WORD_EXIT_REASON, RUN_WORD_IO, RUN_WORD_IO_COUNT, RUN_WORD
                   KvmExit, KvmInternalError, KvmIoctlError, KvmIoDirection, MpState, Vcpu, Vm)
 from .layout import (COM1_PORT, COM2_IRQ, COM2_PORT, COM3_IRQ, COM3_PORT, CONSOLE_UARTS, STREAM_UARTS,
                      Layout)
-from .memory import GuestMemory, node_cpus
+from .memory import GuestMemory, policy_cpus
 from .policy import Mode
+from .run import PANIC_RE, GuestRun, Outcome, RunResult, prefault_for
 
 # KVM's private pages for VMX (TSS and identity map), in the 3-4 GiB hole,
 # clear of the IOAPIC and LAPIC.
@@ -42,9 +39,6 @@ KICK_SIGNAL = signal.SIGUSR1
 _INT3 = 0xCC
 _BP_VECTOR = 3
 
-# The guest kernel's panic line on its console (both engines watch for it: with
-# panic=-1 the kernel reboots right after, which alone would read as a reset).
-PANIC_RE = re.compile(r"Kernel panic - not syncing: ?(.*)")
 _PANIC_WORDS = b"Kernel panic"
 
 # Exits are counted per vCPU in a list indexed by exit reason (no string keys
@@ -52,32 +46,6 @@ _PANIC_WORDS = b"Kernel panic"
 # known today) are counted by name in KvmMachine._other_exits.
 _EXIT_SLOTS = 64
 _EXIT_NAMES = {int(e): e.name.lower() for e in KvmExit}
-
-
-class Outcome(enum.Enum):
-    """How a run ended; the commands map each to a documented exit status."""
-
-    POWEROFF = "poweroff"
-    RESET = "reset"
-    TRIPLE_FAULT = "triple-fault"
-    PANIC = "panic"
-    EMULATION_FAILURE = "emulation-failure"
-    TIMEOUT = "timeout"
-    STOPPED = "stopped"  # the host asked (e.g. check saw what it needed)
-    INTERRUPTED = "interrupted"  # SIGINT/SIGTERM
-    ERROR = "error"
-
-
-@dataclass
-class RunResult:
-    outcome: Outcome
-    detail: str
-    seconds: float
-    exits: Counter[str] = field(default_factory=Counter)
-    unhandled_reads: Counter[int] = field(default_factory=Counter)
-    unhandled_writes: Counter[int] = field(default_factory=Counter)
-    vcpus_ran: frozenset[int] = frozenset()  # APIC ids that entered KVM_RUN
-    placement: str = ""  # the memory audit at the end of the run (memory.describe())
 
 
 def emulation_failure_text(data: tuple[int, ...], rip: int) -> str:
@@ -310,8 +278,7 @@ class KvmMachine:
         pol = self.layout.topology.domain_of_cpu(index).policy
         if pol.mode in (Mode.DEFAULT, Mode.LOCAL) or not pol.nodes:
             return
-        allowed = os.sched_getaffinity(0)
-        cpus = {c for n in pol.nodes for c in node_cpus(n)} & allowed
+        cpus = policy_cpus(pol.nodes)  # the prefault threads' CPUs too
         if cpus:
             os.sched_setaffinity(0, cpus)  # 0 = this thread on Linux
 
@@ -505,6 +472,26 @@ class KvmMachine:
         self.close()
 
 
-def with_regs(state: cpumode.CpuState, **regs: int) -> cpumode.CpuState:
-    """`state` with more general registers set."""
-    return dataclasses.replace(state, regs={**state.regs, **regs})
+def run_linux(run: GuestRun, pin: bool = True) -> RunResult:
+    """The KVM engine's run: the run's kernel loaded as numavm.boot plans it, in long mode."""
+    from .boot import load_kernel, plan_boot
+
+    kernel = load_kernel(run.kernel)
+    plan = plan_boot(run.layout, kernel, run.initrd, run.cmdline)
+    # the boot CPU's page tables, then its GDT: in the scratch area the plan leaves free
+    page_tables = plan.scratch.start
+    tables = cpumode.identity_page_tables(page_tables)
+    gdt = page_tables + 0x6000
+    assert page_tables + len(tables) <= gdt and gdt + len(cpumode.gdt_bytes()) <= plan.scratch.end
+    with KvmMachine(run.layout, console=run.console, stdout=run.stdout, stderr=run.stderr, pin=pin,
+                    hugepages=run.hugepages) as m:
+        if run.watch is not None:
+            run.watch.stop = m.stop
+        assert m.memory is not None
+        prefault_for(run, m.memory)
+        if run.input_fd is not None:
+            m.read_input_from(run.input_fd)
+        m.load(plan.writes)
+        m.load([(page_tables, tables), (gdt, cpumode.gdt_bytes())])
+        m.set_boot_state(cpumode.long_mode_state(page_tables, gdt, plan.rip, rsi=plan.rsi))
+        return m.run(timeout=run.timeout)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
-from .units import format_list, parse_list
+from .units import format_list, parse_cpulist, parse_list
 
 
 class Mode(enum.IntEnum):
@@ -107,5 +107,4 @@ def host_online_nodes(path: Path = NODE_ONLINE) -> tuple[int, ...]:
         text = path.read_text().strip()
     except OSError:
         return (0,)
-    # The kernel writes comma-separated ranges ("0-1,4"); LIST uses "+".
-    return parse_list(text.replace(",", "+"), str(path))
+    return parse_cpulist(text, str(path)) or (0,)

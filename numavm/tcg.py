@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .acpi import build_tables
-from .engine import qemu_binary
+from .engine import EngineRefusal, qemu_binary
 from .errors import ConfigError, NumavmError
-from .layout import HIGH_RAM_BASE, LOW_RAM_LIMIT, Layout
+from .layout import HIGH_RAM_BASE, LOW_RAM_LIMIT, QEMU_PC_MACHINE, Layout
 from .lifetime import OwnedDir, die_with_parent
-from .machine import PANIC_RE as _PANIC
-from .machine import Outcome, RunResult
 from .memory import GuestMemory
+from .run import PANIC_RE as _PANIC
+from .run import GuestRun, Outcome, RunResult, prefault_for
 
 QEMU_CPU = "qemu64"
 QEMU_PC_MAX_CPUS = 255  # pc-i440fx: xAPIC ids only
@@ -55,14 +55,49 @@ NUMA_TABLES = ("SRAT", "SLIT", "HMAT")  # numavm's; QEMU makes the others (no -n
 QEMU_ACPITABLE_MAX = 65535  # -acpitable refuses larger tables ("ACPI table too big")
 
 
+def qemu_ram_offset(gpa: int) -> int:
+    """Offset in QEMU pc's main RAM (``max-ram-below-4g=3G``) of guest RAM
+    address `gpa`: [0, 3 GiB) is RAM [0, 3 GiB), the rest comes from 4 GiB."""
+    return gpa - (HIGH_RAM_BASE - LOW_RAM_LIMIT) if gpa >= HIGH_RAM_BASE else gpa
+
+
+def check_ram_order(layout: Layout) -> None:
+    """Refuse a layout whose domains, end to end in one memfd (GuestMemory's unified
+    mode), would not sit at QEMU pc's RAM offsets: each domain's policy must cover
+    its own guest ranges under QEMU."""
+    base = 0
+    for d in layout.domains:
+        if not (d.segment_size and d.slots):
+            continue
+        for s in d.slots:
+            if qemu_ram_offset(s.guest.start) != base + s.offset:
+                raise NumavmError(
+                    f"domain {d.id}: guest range {s.guest} is at RAM offset "
+                    f"{qemu_ram_offset(s.guest.start):#x}, not {base + s.offset:#x} as the "
+                    "domains end to end would put it; unified memory needs the layout's order")
+        base += d.segment_size
+
+
+_tables_of: tuple[Layout, dict[str, bytes]] | None = None
+
+
+def acpi_blobs(layout: Layout) -> dict[str, bytes]:
+    """The layout's ACPI tables by signature, built once per layout (the engine's check,
+    then the run, ask for them)."""
+    global _tables_of
+    if _tables_of is None or _tables_of[0] is not layout:
+        _tables_of = (layout, build_tables(layout).blobs())
+    return _tables_of[1]
+
+
 def check_tcg(layout: Layout) -> tuple[list[str], list[str]]:
     """Refuse (ConfigError) what QEMU cannot run as planned; else its -smp and -device options."""
-    blobs = build_tables(layout).blobs()
+    blobs = acpi_blobs(layout)
     for sig in NUMA_TABLES:
         if len(blobs.get(sig, b"")) > QEMU_ACPITABLE_MAX:
-            raise ConfigError(f"--accel tcg: QEMU's -acpitable takes tables up to {QEMU_ACPITABLE_MAX} bytes "
-                              f"and this {sig} is {len(blobs[sig])} ({len(layout.domains)} domains); "
-                              f"use --accel kvm")
+            raise EngineRefusal("--accel tcg", f"QEMU's -acpitable takes tables up to {QEMU_ACPITABLE_MAX} "
+                                f"bytes and this {sig} is {len(blobs[sig])} ({len(layout.domains)} domains)",
+                                "use --accel kvm")
     return tcg_topology(layout)
 
 
@@ -89,15 +124,15 @@ def tcg_topology(layout: Layout) -> tuple[list[str], list[str]]:
     """
     ids = list(layout.apic_ids)
     if ids != sorted(ids) or ids[0] != 0:
-        raise ConfigError("--accel tcg: QEMU numbers vCPUs in APIC-id order, so each domain's cpus= must be "
-                          "a contiguous range and the domains' ranges must follow domain order "
-                          "(e.g. cpus=0-1, cpus=2-3); use --accel kvm for this layout")
+        raise EngineRefusal("--accel tcg", "QEMU numbers vCPUs in APIC-id order, so each domain's cpus= must be "
+                            "a contiguous range and the domains' ranges must follow domain order "
+                            "(e.g. cpus=0-1, cpus=2-3)", "use --accel kvm for this layout")
     sockets = sum(1 for d in layout.domains if d.apic_ids)
     cores = 1 << layout.core_bits
     maxcpus = sockets * cores
     if maxcpus > QEMU_PC_MAX_CPUS:
-        raise ConfigError(f"--accel tcg: QEMU's pc machine takes at most {QEMU_PC_MAX_CPUS} vCPUs, and this "
-                          f"layout spans {maxcpus} APIC ids ({sockets} packages of {cores}); use --accel kvm")
+        raise EngineRefusal("--accel tcg", f"QEMU's pc machine takes at most {QEMU_PC_MAX_CPUS} vCPUs, and this "
+                            f"layout spans {maxcpus} APIC ids ({sockets} packages of {cores})", "use --accel kvm")
     if ids == list(range(len(ids))):  # present CPUs are the first N QEMU would make
         return [f"{len(ids)},sockets={sockets},cores={cores},threads=1,maxcpus={maxcpus}"], []
     # Holes in the APIC ids: pad with empty sockets past LINUX_FLAT_MAX_CPUS (at most 16 in all).
@@ -138,6 +173,7 @@ class QemuMachine:
         self._ended = threading.Event()  # the run is over: the input copier stops
         self._fifo_fds: list[int] = []
         self.argv: list[str] = []
+        check_ram_order(layout)
         self.memory: GuestMemory | None = GuestMemory(layout, machine=name, hugepages=hugepages, unified=True)
         try:
             self._tmpdir = OwnedDir("tcg")  # a killed run's directory goes with the next run
@@ -151,7 +187,7 @@ class QemuMachine:
     def command(self, kernel: Path, initrd: Path | None, cmdline: str) -> tuple[list[str], int]:
         """The QEMU argv and the guest RAM fd it inherits."""
         assert self.memory is not None and self._tmp is not None
-        tables = build_tables(self.layout).blobs()
+        tables = acpi_blobs(self.layout)
         acpi: list[str] = []
         for sig in NUMA_TABLES:  # QEMU supplies the rest of the platform's tables
             if sig in tables:
@@ -163,7 +199,7 @@ class QemuMachine:
         argv = [
             self.binary, "-name", self.name,
             "-accel", f"tcg,thread={self.tcg_threads()}",
-            "-machine", "pc,max-ram-below-4g=3G,memory-backend=ram,hpet=off",
+            "-machine", f"{QEMU_PC_MACHINE},memory-backend=ram,hpet=off",
             "-cpu", QEMU_CPU,
             "-smp", *self.smp,
             "-m", f"{topo.memory // (1 << 20)}M",
@@ -411,6 +447,20 @@ class QemuMachine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def run_linux(run: GuestRun) -> RunResult:
+    """The TCG engine's run: QEMU boots the run's kernel on numavm's memory and tables."""
+    from .guest import tcg_cmdline
+
+    with QemuMachine(run.layout, console=run.console, stdout=run.stdout, stderr=run.stderr,
+                     hugepages=run.hugepages, log=run.log if run.verbose else None) as m:
+        if run.watch is not None:
+            run.watch.stop = m.stop
+        assert m.memory is not None
+        prefault_for(run, m.memory)
+        cmdline = tcg_cmdline(run.cmdline, run.layout.topology.cpus, run.own_init)
+        return m.run(run.kernel, run.initrd, cmdline, timeout=run.timeout, input_fd=run.input_fd)
 
 
 class _Qmp:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from typing import Iterable
 
 from .errors import ConfigError
 
@@ -110,6 +111,17 @@ def parse_list(text: str | int | list[int], field: str) -> tuple[int, ...]:
         dup = sorted(x for x, n in Counter(items).items() if n > 1)
         raise ConfigError(f"{field}: {format_list(dup)} named more than once")
     return tuple(sorted(items))
+
+
+def parse_cpulist(text: str, field: str) -> tuple[int, ...]:
+    """Linux's list format, as sysfs and /proc write it (``0-3,8``; empty is none)."""
+    text = text.strip()
+    return parse_list(text.replace(",", "+"), field) if text else ()
+
+
+def format_cpulist(items: Iterable[int]) -> str:
+    """Linux's list spelling (``0-1,4``), which sysfs, QEMU, libvirt, CH and bhyve read."""
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges(sorted(set(items))))
 
 
 def format_list(items: tuple[int, ...] | list[int]) -> str:

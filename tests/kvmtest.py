@@ -1,15 +1,19 @@
-"""What tests that run guests on /dev/kvm share: a skip mark with the reason, and kick()
-(the `kvm` and `sigusr1_handler` fixtures are in conftest.py)."""
+"""What tests that run guests on /dev/kvm share: a skip mark with the reason, kick(), and the
+CPU states small guest programs start in (the `kvm` and `sigusr1_handler` fixtures are in
+conftest.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
+from types import MappingProxyType
 from typing import Callable, Sequence
 
 import pytest
 
+from numavm import cpu
 from numavm import kvm as K
 from numavm.errors import NumavmError
 
@@ -49,3 +53,18 @@ def run_vcpu_threads(vcpus: Sequence[K.Vcpu], worker: Callable[[K.Vcpu], None],
     for v, t in stuck:
         kick(v, t)
     return [v.apic_id for v, _ in stuck]
+
+
+def real_mode_state(cs_base: int, rip: int) -> cpu.CpuState:
+    """16-bit real mode with CS at `cs_base` (a multiple of 16) and IP = `rip`."""
+    if cs_base % 16 or cs_base >= 1 << 20:
+        raise ValueError(f"real-mode CS base {cs_base:#x} is not a paragraph below 1 MiB")
+    cs = cpu.Segment(base=cs_base, limit=0xFFFF, selector=cs_base >> 4,
+                 type=cpu.SEG_TYPE_CODE_XR_ACCESSED)
+    return cpu.CpuState(segments=MappingProxyType({"cs": cs}),
+                    regs=MappingProxyType({"rip": rip, "rflags": cpu.RFLAGS_RESERVED}))
+
+
+def with_regs(state: cpu.CpuState, **regs: int) -> cpu.CpuState:
+    """`state` with more general registers set."""
+    return dataclasses.replace(state, regs={**state.regs, **regs})

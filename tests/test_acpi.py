@@ -672,8 +672,8 @@ def test_power_off_contract() -> None:
     assert acpi.S5_SLP_TYP == 5
     assert acpi.S5_SLEEP_CONTROL_VALUE == 0x34 == 5 << 2 | 0x20
     v = acpi.S5_SLEEP_CONTROL_VALUE
-    assert (v & acpi.SLEEP_TYPE_MASK) >> acpi.SLEEP_TYPE_SHIFT == acpi.S5_SLP_TYP
-    assert v & acpi.SLEEP_ENABLE
+    assert (v & acpi.SLP_TYP_MASK) >> acpi.SLP_TYP_SHIFT == acpi.S5_SLP_TYP
+    assert v & acpi.SLP_EN
 
 
 def _mp_entries(table: bytes) -> list[tuple[int, bytes]]:

@@ -166,7 +166,7 @@ def test_kernel_stage_under_tcg_stops_at_the_zonelists() -> None:
 
 def test_kernel_stage_watch_finds_a_marker_split_across_chunks() -> None:
     from numavm.guest import KernelStageWatch
-    from numavm.machine import Outcome
+    from numavm.run import Outcome
 
     stops = []
     w = KernelStageWatch(until_smp=False)

@@ -17,7 +17,6 @@ from typing import Callable, Sequence
 
 import pytest
 
-from numavm import cpu as cpumode
 from numavm import kvm as K
 from numavm.cpuid import (
     CMP_LEGACY_BIT,
@@ -536,7 +535,7 @@ def test_bad_arguments() -> None:
 # ---------------------------------------------------------------- this host's KVM
 
 
-from kvmtest import needs_kvm, run_vcpu_threads  # noqa: E402
+from kvmtest import needs_kvm, real_mode_state, run_vcpu_threads  # noqa: E402
 
 
 @needs_kvm
@@ -627,7 +626,7 @@ def test_guest_sees_the_planned_topology(kvm: K.Kvm, lay_name: str,
             stored.append({(e.function, e.index): (e.eax, e.ebx, e.ecx, e.edx)
                            for e in v.get_cpuid()})
             v.set_mp_state(K.MpState.RUNNABLE)  # secondaries would wait for INIT/SIPI
-            v.load_cpu_state(cpumode.real_mode_state(cs_base=0, rip=0x1000))
+            v.load_cpu_state(real_mode_state(cs_base=0, rip=0x1000))
 
         seen: dict[int, list[int]] = {}
         errors: dict[int, str] = {}

@@ -645,13 +645,6 @@ def test_acpi_s5_poweroff_through_the_sleep_control_register() -> None:
     assert pm.sleep_requests == [5]
 
 
-def test_s5_slp_typ_agrees_with_the_acpi_tables() -> None:
-    tables = pytest.importorskip("numavm.acpi.tables")
-    if not hasattr(tables, "S5_SLP_TYP"):
-        pytest.skip("numavm.acpi.tables defines no S5_SLP_TYP")
-    assert tables.S5_SLP_TYP == S5_SLP_TYP
-
-
 def test_acpi_other_sleep_writes_do_not_power_off() -> None:
     events: list[str] = []
     bus = IoBus()

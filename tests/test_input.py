@@ -188,8 +188,8 @@ def test_engine_names_what_dev_kvm_really_is(tmp_path):
         assert not host.kvm_usable
         assert host.reason == f"{dev} is {what}, not KVM's device (character device 10:232)"
         if qemu_binary():
-            engine, why = choose("auto", host)
-            assert engine == "tcg" and what in why
+            engine = choose("auto", host)
+            assert engine.name == "tcg" and what in engine.why
 
 
 def test_the_real_dev_kvm(tmp_path):
@@ -200,3 +200,42 @@ def test_the_real_dev_kvm(tmp_path):
     assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == KVM_DEVNO
     host = detect()
     assert host.kvm_usable and "not KVM's device" not in host.reason
+
+
+def test_auto_falls_back_to_kvm_where_tcg_refuses_the_layout():
+    """The engine says why it refused (EngineRefusal.reason); nothing parses its message."""
+    if not qemu_binary():
+        pytest.skip("needs qemu-system-x86_64 (the fallback starts from TCG)")
+    from numavm.engine import HostVirt, KvmEngine, TcgEngine, select
+    from numavm.layout import plan_layout
+    from numavm.topology import MachineSpec, parse_numa
+
+    wide = plan_layout(MachineSpec(cpus=256, domains=[parse_numa("id=0,size=64M,cpus=0-255")])
+                       .build(host_nodes=(0,)))
+    emulating = HostVirt(True, True, "/dev/kvm is kvm_pvm, which emulates guest kernel code")
+    engine = select("auto", wide, emulating)
+    assert isinstance(engine, KvmEngine) and engine.emulates_guest_code
+    assert engine.why == ("engine kvm: TCG cannot run this layout (QEMU's pc machine takes at most 255 "
+                          "vCPUs, and this layout spans 256 APIC ids (1 packages of 256)), though "
+                          "/dev/kvm is kvm_pvm, which emulates guest kernel code")
+    with pytest.raises(ConfigError, match=r"^--accel tcg: QEMU's pc machine takes at most 255 vCPUs, .*; "
+                                          r"use --accel kvm$"):
+        select("tcg", wide)
+    with pytest.raises(ConfigError, match="at most 255 vCPUs"):  # no KVM to fall back to
+        select("auto", wide, HostVirt(False, False, "/dev/kvm does not exist"))
+    narrow = plan_layout(config.example().build(host_nodes=(0,)))
+    tcg = select("auto", narrow, emulating)
+    assert isinstance(tcg, TcgEngine) and not tcg.counts_exits and tcg.cpus_checked_before_run
+
+
+def test_a_tcg_run_loads_nothing_of_kvm():
+    """--accel tcg: choosing, checking and the TCG engine's module import no KVM code."""
+    code = ("import sys; from numavm import cli, engine, guest, run; import numavm.tcg; "
+            "from numavm.layout import plan_layout; from numavm import config; "
+            "e = engine.select('tcg', plan_layout(config.example().build(host_nodes=(0,)))) "
+            "if engine.qemu_binary() else None; "
+            "print(sorted(m for m in sys.modules if m.split('.')[1:2] in "
+            "(['kvm'], ['machine'], ['cpuid'], ['devices'], ['cpu'])))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -27,7 +27,7 @@ GiB = 1 << 30
 OUT_PORT = 0x10
 
 
-from kvmtest import kick, needs_kvm, run_vcpu_threads  # noqa: E402
+from kvmtest import kick, needs_kvm, real_mode_state, run_vcpu_threads  # noqa: E402
 
 
 def _low_memory(vm: K.Vm, size: int = 0x10000) -> mmap.mmap:
@@ -263,7 +263,7 @@ def test_real_mode_out_then_hlt(kvm: K.Kvm) -> None:
         mem = _low_memory(vm)
         mem[0x1000:0x1000 + len(REAL_MODE_OUT_HLT)] = REAL_MODE_OUT_HLT
         vcpu = vm.create_vcpu(0)
-        vcpu.load_cpu_state(cpu.real_mode_state(cs_base=0, rip=0x1000))
+        vcpu.load_cpu_state(real_mode_state(cs_base=0, rip=0x1000))
 
         assert vcpu.run() == K.KvmExit.IO
         io = vcpu.io_exit()
@@ -291,7 +291,7 @@ def test_exit_words_match_the_decoded_exit(kvm: K.Kvm) -> None:
         mem = _low_memory(vm)
         mem[0x1000:0x1000 + len(code)] = code
         vcpu = vm.create_vcpu(0)
-        vcpu.load_cpu_state(cpu.real_mode_state(cs_base=0, rip=0x1000))
+        vcpu.load_cpu_state(real_mode_state(cs_base=0, rip=0x1000))
 
         assert vcpu.kvm_run() == 0  # the bare call: the exit is read from the page
         words, page = vcpu.words, vcpu.page
@@ -332,7 +332,7 @@ def test_real_mode_mmio_and_port_in(kvm: K.Kvm) -> None:
         mem = _low_memory(vm)
         mem[0x1000:0x1000 + len(code)] = code
         vcpu = vm.create_vcpu(0)
-        vcpu.load_cpu_state(cpu.real_mode_state(cs_base=0, rip=0x1000))
+        vcpu.load_cpu_state(real_mode_state(cs_base=0, rip=0x1000))
 
         assert vcpu.run() == K.KvmExit.MMIO
         m = vcpu.mmio_exit()
@@ -492,7 +492,7 @@ def test_vcpus_run_concurrently_in_threads(kvm: K.Kvm) -> None:
             expected = K.MpState.RUNNABLE if v.apic_id == apic_ids[1] else K.MpState.UNINITIALIZED
             assert v.get_mp_state() == expected
             v.set_mp_state(K.MpState.RUNNABLE)
-            v.load_cpu_state(cpu.real_mode_state(cs_base=0, rip=0x1000))
+            v.load_cpu_state(real_mode_state(cs_base=0, rip=0x1000))
             regs = v.get_regs()
             regs.rbx = v.apic_id
             v.set_regs(regs)
@@ -524,7 +524,7 @@ def test_signal_kicks_vcpu_out_of_run(kvm: K.Kvm) -> None:
         mem = _low_memory(vm)
         mem[0x1000:0x1002] = spin
         vcpu = vm.create_vcpu(0)
-        vcpu.load_cpu_state(cpu.real_mode_state(cs_base=0, rip=0x1000))
+        vcpu.load_cpu_state(real_mode_state(cs_base=0, rip=0x1000))
         got: list[K.KvmExit | int] = []
         t = threading.Thread(target=lambda: got.append(vcpu.run()))
         t.start()
@@ -588,7 +588,7 @@ def test_close_releases_every_fd() -> None:
     vcpus = [vm.create_vcpu(i) for i in range(3)]
     assert _fd_count() == before + 1 + 1 + 3 * K.FDS_PER_VCPU
     with vcpus[0]:
-        vcpus[0].load_cpu_state(cpu.real_mode_state(0, 0))
+        vcpus[0].load_cpu_state(real_mode_state(0, 0))
     vm.close()
     vm.close()  # idempotent
     kvm.close()
@@ -607,7 +607,7 @@ def test_close_with_exit_view_still_held(kvm: K.Kvm) -> None:
         mem = _low_memory(vm)
         mem[0x1000:0x1000 + len(REAL_MODE_OUT_HLT)] = REAL_MODE_OUT_HLT
         vcpu = vm.create_vcpu(0)
-        vcpu.load_cpu_state(cpu.real_mode_state(0, 0x1000))
+        vcpu.load_cpu_state(real_mode_state(0, 0x1000))
         assert vcpu.run() == K.KvmExit.IO
         io = vcpu.io_exit()
     # Closing did not fail and did not unmap under the live view: the mapping

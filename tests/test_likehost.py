@@ -146,7 +146,7 @@ def test_cli_with_a_fake_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 def test_cli_refuses_what_the_host_gives(extra: list[str], word: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--like-host", *extra]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--like-host: the host gives the domains and distances" in err and word in err
+    assert err.count("\n") == 1 and "--like-host: the host gives the domains and distances" in err and word in err
 
 
 @pytest.mark.parametrize("command", ["run", "check"])

@@ -21,8 +21,11 @@ from numavm import cpu as cpumode
 from numavm.acpi import build_tables
 from numavm.engine import detect
 from numavm.layout import Layout, plan_layout
-from numavm.machine import KvmMachine, Outcome, with_regs
+from numavm.machine import KvmMachine
+from numavm.run import Outcome
 from numavm.topology import MachineSpec, parse_distance, parse_numa
+
+from kvmtest import with_regs  # noqa: E402
 
 host = detect()
 pytestmark = pytest.mark.skipif(not host.kvm_usable, reason=f"needs a usable /dev/kvm: {host.reason}")

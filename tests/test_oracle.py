@@ -25,7 +25,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import pytest
 
@@ -35,13 +35,37 @@ from numavm import guestcheck as G
 from numavm import initramfs as I
 from numavm.acpi import build_tables
 from numavm.errors import NumavmError
-from numavm.layout import plan_layout
+from numavm.guest import tcg_cmdline
+from numavm.layout import QEMU_PC_MACHINE, Layout, plan_layout
 from numavm.plan import plan_document
+from numavm.tcg import NUMA_TABLES, QEMU_CPU, tcg_topology
 from numavm.topology import MachineSpec, Topology, parse_distance, parse_numa
 
 MiB = 1 << 20
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT = 420  # seconds; the 64-vCPU guest takes ~25 s alone on an idle core
+
+
+def read_cpio_newc(data: bytes) -> list[I.Entry]:
+    """Parse a ``newc`` archive back into entries (trailer excluded)."""
+    out: list[I.Entry] = []
+    pos = 0
+    while True:
+        hdr = data[pos:pos + 110]
+        if len(hdr) < 110 or hdr[:6] != b"070701":
+            raise ValueError(f"bad cpio newc header at offset {pos}")
+        f = [int(hdr[6 + 8 * k:14 + 8 * k], 16) for k in range(13)]
+        mode, size, rmaj, rmin, namesize = f[1], f[6], f[9], f[10], f[11]
+        name_start = pos + 110
+        name = data[name_start:name_start + namesize - 1].decode()
+        data_start = name_start + namesize
+        data_start += -data_start & 3
+        body = data[data_start:data_start + size]
+        pos = data_start + size
+        pos += -pos & 3
+        if name == "TRAILER!!!":
+            return out
+        out.append(I.Entry(name, mode, body, (rmaj, rmin)))
 
 
 # ================================================================ unit tests: cpio
@@ -69,7 +93,7 @@ def test_cpio_newc_format_and_roundtrip() -> None:
     assert fields[1] == stat.S_IFDIR | 0o755 and fields[5] == I.MTIME and fields[11] == len("bin") + 1
     assert (110 + 4) % 4 == 2 and blob[110:114] == b"bin\0" and blob[114:116] == b"\0\0"
     assert b"TRAILER!!!\0" in blob[-128:]
-    assert I.read_cpio_newc(blob) == entries
+    assert read_cpio_newc(blob) == entries
 
 
 def test_cpio_listed_by_busybox(assets: A.Assets, tmp_path: Path) -> None:
@@ -96,7 +120,7 @@ def test_initramfs_deterministic_gzip(tmp_path: Path) -> None:
     a = I.build_initramfs(bb, ["sh", "-c", "exit 3"])
     b = I.build_initramfs(bb, ["sh", "-c", "exit 3"])
     assert a == b and a[:2] == b"\x1f\x8b" and a[4:8] == b"\0\0\0\0"  # gzip, mtime 0
-    entries = I.read_cpio_newc(gzip.decompress(a))
+    entries = read_cpio_newc(gzip.decompress(a))
     names = [e.path for e in entries]
     assert names == sorted(names, key=lambda p: p.split("/"))  # parents first, stable order
     for parent in {n.rsplit("/", 1)[0] for n in names if "/" in n}:
@@ -280,10 +304,15 @@ def test_memory_bounds() -> None:
 
 
 def test_qemu_smp_matches_apic_ids() -> None:
-    doc = plan_document(plan_layout(config.example().build(host_nodes=(0,))))
-    assert G.qemu_smp(doc) == "4,sockets=2,cores=2,threads=1"
-    uneven = plan_document(plan_layout(_topo(["id=0,size=1G,cpus=0-2", "id=1,size=1G,cpus=3"])))
-    assert G.qemu_smp(uneven) is None  # apic ids 0,1,2,4: no QEMU -smp gives those
+    layout = plan_layout(config.example().build(host_nodes=(0,)))
+    assert tcg_topology(layout) == (["4,sockets=2,cores=2,threads=1,maxcpus=4"], [])
+    uneven = plan_layout(_topo(["id=0,size=1G,cpus=0-2", "id=1,size=1G,cpus=3"]))
+    # APIC ids 0,1,2,4: the boot vCPU from -smp, the others placed by socket and core,
+    # empty sockets past 8 possible CPUs (see tcg_topology)
+    assert tcg_topology(uneven) == (["1,sockets=3,cores=4,threads=1,maxcpus=12"],
+                                    ["qemu64-x86_64-cpu,socket-id=0,core-id=1,thread-id=0",
+                                     "qemu64-x86_64-cpu,socket-id=0,core-id=2,thread-id=0",
+                                     "qemu64-x86_64-cpu,socket-id=1,core-id=0,thread-id=0"])
 
 
 # ================================================================ unit tests: assets
@@ -443,6 +472,33 @@ class Boot:
     returncode: int | None
 
 
+def qemu_argv(layout: Layout, kernel: str, initrd: str, tables: Mapping[str, str],
+              append: str = "console=ttyS0 nokaslr panic=-1 quiet", serial: str = "stdio",
+              qemu: str = "qemu-system-x86_64") -> list[str]:
+    """QEMU (TCG) booting `kernel` on the plan's RAM layout with numavm's SRAT and SLIT,
+    on its own (no numavm memory, no QMP check): the oracle the engine is compared with.
+
+    `tables` maps a signature ("SRAT", "SLIT", "HMAT") to a file with that table's
+    bytes; QEMU supplies the rest (MADT, FADT, DSDT) and no SRAT of its own,
+    since no ``-numa`` option is given.  ``max-ram-below-4g=3G`` puts RAM where
+    numavm's layout does: [0, 3 GiB) and from 4 GiB.  The vCPUs and the TCG
+    kernel parameters are the TCG engine's (`tcg_topology`, `tcg_cmdline`).
+    One TCG thread for all vCPUs: with many vCPUs on few host cores it boots
+    several times faster.
+    """
+    smp, devices = tcg_topology(layout)
+    argv = [qemu, "-M", QEMU_PC_MACHINE, "-accel", "tcg,thread=single", "-cpu", QEMU_CPU,
+            "-m", f"{layout.topology.memory >> 20}M", "-smp", *smp,
+            *[a for dev in devices for a in ("-device", dev)]]
+    for sig in NUMA_TABLES:
+        if sig in tables:
+            argv += ["-acpitable", f"file={tables[sig]}"]
+    # the initrd is numavm's: its /init onlines CPUs a many-vCPU boot left offline (tcg_cmdline)
+    argv += ["-kernel", kernel, "-initrd", initrd, "-append", tcg_cmdline(append, layout.topology.cpus, own_init=True),
+             "-nographic", "-no-reboot", "-monitor", "none", "-serial", serial, "-net", "none"]
+    return argv
+
+
 def _boot(name: str, case: Case, kernel: Path, busybox: Path, work: Path) -> Boot:
     layout = plan_layout(case.topo())
     doc = plan_document(layout)
@@ -450,13 +506,13 @@ def _boot(name: str, case: Case, kernel: Path, busybox: Path, work: Path) -> Boo
     if case.srat is not None:
         blobs["SRAT"] = case.srat(blobs["SRAT"])
     tables: dict[str, str] = {}
-    for sig in ("SRAT", "SLIT"):
+    for sig in NUMA_TABLES:
         if sig in blobs:
             (work / f"{sig}.dat").write_bytes(blobs[sig])
             tables[sig] = str(work / f"{sig}.dat")
     initrd = work / "initrd.gz"
     initrd.write_bytes(I.build_initramfs(busybox, case.command, [(Path(h), g) for h, g in case.add]))
-    argv = G.qemu_argv(doc, str(kernel), str(initrd), tables)
+    argv = qemu_argv(layout, str(kernel), str(initrd), tables)
     (work / "argv.json").write_text(json.dumps(argv))
     t0 = time.monotonic()
     try:

@@ -101,7 +101,8 @@ def test_kvm_machine_routes_each_port_to_its_stream() -> None:
     COM1, then powers off: each lands in its own sink, byte for byte."""
     from numavm.devices import S5_SLEEP_CONTROL_VALUE
     from numavm.layout import SLEEP_CONTROL_PORT
-    from numavm.machine import KvmMachine, Outcome
+    from numavm.machine import KvmMachine
+    from numavm.run import Outcome
 
     gdt, prog, pt, data = 0x7000, 0x8000, 0x10000, 0x9000
     out, err, con = bytes(range(256)) + b"\r\n\n", b"oops\n", b"console\n"

@@ -6,17 +6,13 @@ into guest memory.  See `tables` for the power-off/reset contract
 (`S5_SLEEP_CONTROL_VALUE` etc.) the devices layer must honour.
 """
 
+from ..layout import S5_SLEEP_CONTROL_VALUE, SLP_EN, SLP_TYP_MASK, SLP_TYP_SHIFT, WAK_STS
 from . import aml
 from .tables import (
     FADT_LENGTH,
     IOAPIC_ID,
     NMI_LINT,
-    S5_SLEEP_CONTROL_VALUE,
     S5_SLP_TYP,
-    SLEEP_ENABLE,
-    SLEEP_STATUS_WAK_STS,
-    SLEEP_TYPE_MASK,
-    SLEEP_TYPE_SHIFT,
     TIMER_GSI,
     TIMER_IRQ,
     AcpiTables,
@@ -47,8 +43,8 @@ from .tables import (
 )
 
 __all__ = [
-    "aml", "FADT_LENGTH", "IOAPIC_ID", "NMI_LINT", "S5_SLEEP_CONTROL_VALUE", "S5_SLP_TYP", "SLEEP_ENABLE",
-    "SLEEP_STATUS_WAK_STS", "SLEEP_TYPE_MASK", "SLEEP_TYPE_SHIFT", "TIMER_GSI", "TIMER_IRQ",
+    "aml", "FADT_LENGTH", "IOAPIC_ID", "NMI_LINT", "S5_SLEEP_CONTROL_VALUE", "S5_SLP_TYP", "SLP_EN",
+    "SLP_TYP_MASK", "SLP_TYP_SHIFT", "WAK_STS", "TIMER_GSI", "TIMER_IRQ",
     "AcpiTables", "BootArch", "Dsdt", "Fadt", "FadtFlags", "Gas", "InterruptSourceOverride", "IoApic",
     "LocalApic", "LocalApicNmi", "LocalX2Apic", "LocalX2ApicNmi", "Madt", "MemoryAffinity",
     "ProcessorAffinity", "Rsdp", "Slit", "Srat", "X2ApicAffinity", "Xsdt", "build_dsdt", "build_madt",

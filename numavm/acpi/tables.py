@@ -9,7 +9,7 @@ blocks, no SCI, no FACS.  Power-off goes through the FADT's sleep control
 register: Linux writes ``SLP_TYP << 2 | SLP_EN`` there, with SLP_TYP taken
 from the DSDT's ``\\_S5`` package (`S5_SLP_TYP`), so the power device sees
 `S5_SLEEP_CONTROL_VALUE` on `layout.SLEEP_CONTROL_PORT`.  Before that, ACPICA
-clears WAK_STS by writing `SLEEP_STATUS_WAK_STS` to the sleep status port.
+clears WAK_STS by writing `WAK_STS` to the sleep status port.
 Reset is `layout.RESET_VALUE` written to `layout.RESET_PORT`.
 """
 
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, ClassVar, Sequence, Union
 
 from .. import layout as _lay
 from ..errors import NumavmError
-from ..layout import Layout
+from ..layout import S5_SLP_TYP, Layout
 
 if TYPE_CHECKING:  # mptable and hmat import this module
     from .hmat import Hmat
@@ -39,13 +39,8 @@ HEADER = struct.Struct("<4sIBB6s8sI4sI")
 assert HEADER.size == 36
 CHECKSUM_OFFSET = 9
 
-# ---- power management contract with the devices layer (hardware-reduced ACPI)
-S5_SLP_TYP = 5  # the value in the DSDT's \_S5 package
-SLEEP_TYPE_SHIFT = 2  # SLEEP_CONTROL_REG bits 4:2 = SLP_TYPx
-SLEEP_TYPE_MASK = 0x1C
-SLEEP_ENABLE = 0x20  # SLEEP_CONTROL_REG bit 5 = SLP_EN
-SLEEP_STATUS_WAK_STS = 0x80  # SLEEP_STATUS_REG bit 7 = WAK_STS (write 1 to clear)
-S5_SLEEP_CONTROL_VALUE = S5_SLP_TYP << SLEEP_TYPE_SHIFT | SLEEP_ENABLE  # 0x34: power off
+# ---- power management contract with the devices layer (hardware-reduced ACPI):
+# the sleep registers' bits are numavm.layout's (S5_SLP_TYP, SLP_EN, WAK_STS, ...)
 
 # ---- interrupt wiring the MADT promises
 IOAPIC_ID = 0

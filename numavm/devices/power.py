@@ -49,7 +49,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
-from ..layout import RESET_PORT, RESET_VALUE, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT
+from ..layout import (RESET_PORT, RESET_VALUE, S5_SLEEP_CONTROL_VALUE, S5_SLP_TYP, SLEEP_CONTROL_PORT,
+                      SLEEP_STATUS_PORT, SLP_EN, SLP_TYP_MASK, SLP_TYP_SHIFT, WAK_STS)
 from .bus import IoBus, all_ones
 
 __all__ = [
@@ -58,14 +59,8 @@ __all__ = [
     "Register", "AcpiPower", "I8042", "SinkPort", "PowerDevices", "attach_power_devices",
 ]
 
-# The value the DSDT's \_S5 package must carry as SLP_TYPa (numavm.acpi
-# builds it from its own constant; both must agree).
-S5_SLP_TYP = 5
-SLP_TYP_SHIFT = 2  # sleep control register bits 4:2
-SLP_TYP_MASK = 0x1C
-SLP_EN = 0x20  # sleep control register bit 5
-WAK_STS = 0x80  # sleep status register bit 7, write 1 to clear
-S5_SLEEP_CONTROL_VALUE = S5_SLP_TYP << SLP_TYP_SHIFT | SLP_EN  # 0x34
+# The sleep registers' bits (S5_SLP_TYP, SLP_EN, WAK_STS, ...) are numavm.layout's,
+# from which numavm.acpi builds the DSDT's \_S5 package.
 
 I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64  # reads: status
