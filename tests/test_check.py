@@ -247,6 +247,7 @@ def test_prefault_chosen_domain_and_the_placement_audit() -> None:
 
 @needs_kvm
 @needs_apt
+@pytest.mark.kvm_boot
 def test_interleaved_vcpus_fall_back_to_kvm_and_match() -> None:
     """QEMU cannot number interleaved vCPUs, so auto picks KVM; with 64 MiB domains the kernel
     image straddles domain 0 and domain 1, which the loader must write across segments."""

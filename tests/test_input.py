@@ -168,7 +168,8 @@ def test_check_reports_a_timeout_as_one(cached_kernel):
     r = subprocess.run([sys.executable, "-m", "numavm", "check", "--accel", "tcg", "--timeout", "0.3"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 73, r.stderr
-    assert r.stderr.splitlines()[-1].startswith("numavm: guest timeout: no end after 0.3 s")
+    # the last line says so; on a loaded host QEMU may not even have started within 0.3 s
+    assert r.stderr.splitlines()[-1].startswith("numavm: guest timeout: "), r.stderr
     assert "MISMATCH" in r.stdout  # the table still shows what was (not) seen
 
 

@@ -245,11 +245,11 @@ def test_sigkill_during_a_tcg_boot_leaves_nothing(tmp_path):
 @needs_apt
 @pytest.mark.kvm_boot
 def test_sigkill_during_a_kvm_boot_leaves_nothing(tmp_path):
-    args = ("check", "--accel", "kvm", "--stage", "kernel", "--verbose", "--timeout", "300")
+    args = ("check", "--accel", "kvm", "--stage", "kernel", "--verbose", "--timeout", "900")
     # early: the engine is chosen; then mid-boot: the guest kernel is printing
     for needle in (b"numavm: engine kvm", b"Linux version"):
         proc = start(tmp_path, *args)
-        read_until(proc.stderr, needle, 120)
+        read_until(proc.stderr, needle, 600)  # a loaded host's emulating KVM: minutes
         if needle == b"Linux version":
             assert memfd_inodes(proc.pid), "the guest's memory should be mapped by now"
         seen = kill_and_audit(proc)
@@ -263,13 +263,17 @@ def test_consecutive_checks_in_one_process_release_everything(tmp_path, monkeypa
     """bench.soak's measure, briefly: nothing a check allocates outlives it in the monitor process."""
     import tempfile
 
-    from bench.soak import soak
+    from bench.soak import sample, soak
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    # what this (pytest's) process holds already, an earlier test's exiting child among it
+    before = sample()
     r = soak(["check", "--accel", "tcg", "--stage", "kernel"], 3, log=lambda s: None)
     assert r["codes"] == [0, 0, 0]
     first, last = r["samples"][0], r["samples"][-1]
     for key in ("fds", "threads", "memfds", "children", "temp"):
         assert last[key] == first[key], (key, r["samples"])
-    assert first["memfds"] == first["children"] == first["temp"] == 0
+    assert first["temp"] == 0
+    for key in ("memfds", "children"):
+        assert first[key] <= before[key], (key, before, r["samples"])
     assert list(tmp_path.iterdir()) == []
