@@ -40,6 +40,7 @@ from typing import Sequence
 from numavm import assets
 from numavm.errors import NumavmError
 from numavm.initramfs import Entry, compress, cpio_newc
+from numavm.lifetime import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 QEMU = "qemu-system-x86_64"
@@ -342,8 +343,9 @@ def run(argv: Sequence[str], *, cwd: str | Path | None = None, env: dict[str, st
         log("l1: " + shlex.join(qargv))
         out, err, con = _Tail(work / "stdout"), _Tail(work / "stderr"), _Tail(work / "console")
         t0 = time.monotonic()
+        # L1 dies with its parent: a test run killed mid-way leaves no QEMU on both cores
         proc = subprocess.Popen(qargv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, start_new_session=True)
+                                stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent())
         detail = ""
         while True:
             try:
