@@ -40,7 +40,7 @@ from typing import Sequence
 from numavm import assets
 from numavm.errors import NumavmError
 from numavm.initramfs import Entry, compress, cpio_newc
-from numavm.lifetime import die_with_parent
+from numavm.lifetime import OwnedDir, die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 QEMU = "qemu-system-x86_64"
@@ -334,7 +334,8 @@ def run(argv: Sequence[str], *, cwd: str | Path | None = None, env: dict[str, st
     mods = fetch_modules(log)
     kernel = _vmlinux(log)
     full_env = dict(BASE_ENV, **(env or {}))
-    work = Path(tempfile.mkdtemp(prefix="numavm-l1-"))
+    owned = OwnedDir("l1")  # a run killed mid-way leaves it to the next run to remove
+    work = owned.path
     proc: subprocess.Popen[bytes] | None = None
     try:
         initrd = work / "initrd.gz"
@@ -388,7 +389,7 @@ def run(argv: Sequence[str], *, cwd: str | Path | None = None, env: dict[str, st
                 _kill(proc)
             if proc.stderr is not None:
                 proc.stderr.close()
-        shutil.rmtree(work, ignore_errors=True)
+        owned.close()
 
 
 def _vmlinux(log) -> Path:  # type: ignore[no-untyped-def]
