@@ -168,3 +168,18 @@ def test_module_order_follows_depends_and_skips_builtin_or_absent_modules() -> N
                 assert order.index(dep) < order.index(mod)
     with pytest.raises(l1.L1Unavailable, match="9pnet"):
         l1.module_order({"9p": ko("9pnet")}, ["9p"])
+
+
+def test_l1_boots_again_only_when_its_own_kernel_died_before_the_command() -> None:
+    """The CI failure this guards: L1's kernel (not numavm's guest) panicked 4.7 s into its boot
+    under QEMU's multi-threaded TCG.  Before the command started, nothing of ours ran: boot again.
+    After it started, or with a status, the panic is the command's business: report it."""
+    oops = ("[    4.733413] RIP: 0010:sched_clock_idle_wakeup_event+0x5/0x40\n"
+            "[    4.734262] Kernel panic - not syncing: Fatal exception in interrupt\n"
+            "[    7.443796] Shutting down cpus with NMI\n")
+    early = l1.L1Result(None, b"", b"", oops, 9.0, None, "L1 ended (QEMU exit 0) without the command's status")
+    assert l1.died_before_command(early) == "Kernel panic - not syncing: Fatal exception in interrupt"
+    started = l1.L1Result(None, b"", b"", f"\n{l1.READY_MARK} 15.2@@\n" + oops, 60.0, 15.2)
+    assert l1.died_before_command(started) is None
+    assert l1.died_before_command(l1.L1Result(3, b"", b"", oops, 60.0, None)) is None
+    assert l1.died_before_command(l1.L1Result(None, b"", b"", "[ 1.0] no console output\n", 9.0, None)) is None
