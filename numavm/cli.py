@@ -15,18 +15,20 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Iterator, NoReturn, Sequence
 
-from . import __version__, config
-from .aptrelease import check_release
-from .errors import ConfigError, NumavmError
-from .policy import POLICY_SYNTAX
-from .run import ExitCode
-from .topology import MachineSpec, Topology, parse_distance, parse_hmat, parse_hmat_cache, parse_numa
-from .units import format_list, parse_int, parse_list, parse_seconds, parse_size
+from numavm import __version__
+
+from numavm.spec import config
+from numavm.guest.aptrelease import check_release
+from numavm.errors import ConfigError, NumavmError
+from numavm.spec.policy import POLICY_SYNTAX
+from numavm.vmm.run import ExitCode
+from numavm.spec.topology import MachineSpec, Topology, parse_distance, parse_hmat, parse_hmat_cache, parse_numa
+from numavm.spec.units import format_list, parse_int, parse_list, parse_seconds, parse_size
 
 if TYPE_CHECKING:
-    from .engine import Engine
-    from .layout import Layout
-    from .run import RunResult
+    from numavm.vmm.engine import Engine
+    from numavm.plan.layout import Layout
+    from numavm.vmm.run import RunResult
 
 EXIT_OK = ExitCode.OK
 EXIT_FAILURE = ExitCode.FAILURE
@@ -221,7 +223,7 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
 
 
 def _like_host_spec(args: argparse.Namespace) -> MachineSpec:
-    from .likehost import OPT, like_host
+    from numavm.spec.likehost import OPT, like_host
 
     other = next((o for o, v in (("-f/--config", args.config), ("--distance", args.distance),
                                   ("--hmat", args.hmat), ("--hmat-cache", args.hmat_cache)) if v), None)
@@ -242,12 +244,12 @@ def build_topology(args: argparse.Namespace) -> Topology:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .layout import plan_layout
-    from .plan import plan_document, plan_text
+    from numavm.plan.layout import plan_layout
+    from numavm.plan.render import plan_document, plan_text
 
     layout = plan_layout(build_topology(args))
     if args.svg:
-        from .svg import plan_svg
+        from numavm.plan.svg import plan_svg
         _write(Path(args.svg), plan_svg(layout), "--svg")
     if args.json:
         print(json.dumps(plan_document(layout), indent=2))
@@ -257,8 +259,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_acpi(args: argparse.Namespace) -> int:
-    from .acpi import build_tables
-    from .layout import plan_layout
+    from numavm.plan.acpi import build_tables
+    from numavm.plan.layout import plan_layout
 
     tables = build_tables(plan_layout(build_topology(args)))
     out = Path(args.out)
@@ -273,7 +275,7 @@ def cmd_acpi(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import FORMATS, export
+    from numavm.peers.export import FORMATS, export
 
     if args.to not in FORMATS:
         raise ConfigError(f"--to: must be one of {', '.join(FORMATS)}, got {args.to!r}")
@@ -285,8 +287,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .export import export
-    from .peers import FORMATS, MAX_INPUT, import_topology
+    from numavm.peers.export import export
+    from numavm.peers import FORMATS, MAX_INPUT, import_topology
 
     if args.peer not in FORMATS:
         raise ConfigError(f"--from: must be one of {', '.join(FORMATS)}, got {args.peer!r}")
@@ -309,8 +311,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"numavm: import: {_one_line(Exception(note))}", file=sys.stderr)
     if args.json:
-        from .layout import plan_layout
-        from .plan import plan_document
+        from numavm.plan.layout import plan_layout
+        from numavm.plan.render import plan_document
         print(json.dumps(plan_document(plan_layout(topo)), indent=2))
     else:
         sys.stdout.write(export(topo, "toml").text)
@@ -341,8 +343,8 @@ class _Prepared:
 
 def _prepare_guest(args: argparse.Namespace, stage: str | None) -> _Prepared:
     """Validate everything, pick the engine, say which and why; nothing allocated yet."""
-    from .engine import select
-    from .layout import plan_layout
+    from numavm.vmm.engine import select
+    from numavm.plan.layout import plan_layout
 
     layout = plan_layout(build_topology(args))
     if args.release is not None:
@@ -362,7 +364,7 @@ def _prepare_guest(args: argparse.Namespace, stage: str | None) -> _Prepared:
     if stage == "userspace" and emulated_kvm:
         raise ConfigError("--stage userspace: this host's KVM emulates guest code and cannot reach the "
                           "guest's userspace; use --accel tcg (or auto)")
-    from .memory import check_memory
+    from numavm.host.memory import check_memory
     for warning in check_memory(layout, wanted, args.hugepages):  # None: prefault all
         print(f"numavm: warning: {warning}", file=sys.stderr)
     if args.command == "run" and emulated_kvm:
@@ -374,9 +376,9 @@ def _prepare_guest(args: argparse.Namespace, stage: str | None) -> _Prepared:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .guest import Console, Sink, guest_assets, guest_initrd, kernel_cmdline
-    from .initramfs import parse_guest_report
-    from .run import OUTCOME_EXIT, GuestRun, Outcome
+    from numavm.guest.launch import Console, Sink, guest_assets, guest_initrd, kernel_cmdline
+    from numavm.guest.initramfs import parse_guest_report
+    from numavm.vmm.run import OUTCOME_EXIT, GuestRun, Outcome
 
     command = list(args.guest_command)
     if command and command[0] == "--":
@@ -449,9 +451,9 @@ def _raw_terminal(fd: int | None) -> Iterator[None]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import evaluate, render
-    from .guest import Console, KernelStageWatch, guest_assets, guest_initrd, kernel_cmdline
-    from .run import OUTCOME_EXIT, GuestRun, Outcome
+    from numavm.check.verdict import evaluate, render
+    from numavm.guest.launch import Console, KernelStageWatch, guest_assets, guest_initrd, kernel_cmdline
+    from numavm.vmm.run import OUTCOME_EXIT, GuestRun, Outcome
 
     prep = _prepare_guest(args, args.stage)
     layout, engine, stage = prep.layout, prep.engine, prep.stage
@@ -489,9 +491,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from .assets import fetch
+    from numavm.guest.assets import fetch
 
-    from .assets import cache_root
+    from numavm.guest.assets import cache_root
 
     if args.release is not None:
         check_release(args.release)
