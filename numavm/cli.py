@@ -482,7 +482,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.document(), indent=2))
     else:
-        sys.stdout.write(render(report, layout))
+        sys.stdout.write(render(report))
     if not report.match and result.outcome in (Outcome.TIMEOUT, Outcome.INTERRUPTED):
         # the guest never got as far as the comparison: say why, not "mismatch"
         print(f"numavm: guest {result.outcome.value}: {result.detail}", file=sys.stderr)

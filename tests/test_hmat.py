@@ -214,28 +214,29 @@ def test_memory_tiers_from_hmat() -> None:
 
 def test_compare_hmat_finds_each_difference() -> None:
     from numavm.check.compare import compare_hmat
-    doc = plan_doc()
-    acc = doc["hmat"]["linux"]["access"]
+    from numavm.check.report import GuestReport
+    layout = plan_layout(topo())
+    acc = plan_doc()["hmat"]["linux"]["access"]
     nodes = {str(t): {"access": {a: dict(v) for a, v in acc[str(t)].items()}} for t in range(3)}
     nodes["2"]["memory_side_cache"] = {"1": {"size": 256 * MiB, "line_size": 64, "indexing": 0, "write_policy": 0}}
     seen = {"nodes": nodes, "memory_tiers": {"4": "0-1", "52": "2"}}
     pmap = {0: 0, 1: 1, 2: 2}
-    assert compare_hmat(doc, seen, pmap, (6, 12)) == ([], [])
-    bad, _ = compare_hmat(doc, seen, pmap, (6, 1))
+    assert compare_hmat(layout, GuestReport.from_document(seen), pmap, (6, 12)) == ([], [])
+    bad, _ = compare_hmat(layout, GuestReport.from_document(seen), pmap, (6, 1))
     assert bad == ["domain 2 (node 2): memory tier 52, plan wants 4 (before 6.10 every node is DRAM)"]
     nodes["2"]["access"]["1"]["read_latency"] = 300
     nodes["2"]["access"]["0"]["initiators"] = [0, 1]
     nodes["2"]["memory_side_cache"]["1"]["indexing"] = 2
-    bad, _ = compare_hmat(doc, seen, pmap, (6, 12))
+    bad, _ = compare_hmat(layout, GuestReport.from_document(seen), pmap, (6, 12))
     assert bad == ["domain 2 (node 2) access0 initiators: guest [0, 1], plan wants [1]",
                    "domain 2 (node 2) access1 read_latency: guest 300 ns, plan wants 350 ns",
                    "domain 2 (node 2) memory-side cache level 1 indexing: guest 2, plan wants 0"]
     del nodes["1"]["access"]
-    bad, _ = compare_hmat(doc, {"nodes": nodes}, pmap, (6, 12))
+    bad, _ = compare_hmat(layout, GuestReport.from_document({"nodes": nodes}), pmap, (6, 12))
     assert "domain 1 (node 1) access0: not in the guest's sysfs (nodeN/access0/initiators)" in bad
     assert "memory tiers: the guest's report has none (/sys/devices/virtual/memory_tiering)" in bad
     # no HMAT planned: the guest must show no access classes
-    bad, _ = compare_hmat(plan_doc((), ()), seen, pmap, (6, 12))
+    bad, _ = compare_hmat(plan_layout(topo((), ())), GuestReport.from_document(seen), pmap, (6, 12))
     assert bad[0].startswith("HMAT: the plan has none, but the guest reports access classes")
 
 
@@ -400,8 +401,7 @@ def test_qemu_builds_the_same_hmat_from_the_export(release: str | None, tmp_path
     from numavm.check import compare as G
     from numavm.peers.export import qemu_args
     from numavm.guest.launch import unpacked_kernel
-    from numavm.check.linux_numa import kernel_version
-    from numavm.plan.render import plan_document
+    from numavm.check.report import GuestReport
 
     t = topo()
     a = A.fetch(log=lambda s: None, release=release)
@@ -415,9 +415,9 @@ def test_qemu_builds_the_same_hmat_from_the_export(release: str | None, tmp_path
     rep = I.parse_guest_report(r.stdout)
     assert rep is not None, r.stdout[-3000:] + r.stderr
     assert "HMAT" in rep["acpi_tables"]
-    doc = plan_document(plan_layout(t))
-    pmap = G.guest_pxm_to_node(doc, G.pxm_to_node_from_log(r.stdout), rep)
-    bad, _ = G.compare_hmat(doc, rep, pmap, kernel_version(rep["kernel"]))
+    layout, report = plan_layout(t), GuestReport.from_document(rep)
+    pmap = G.guest_pxm_to_node(layout, G.pxm_to_node_from_log(r.stdout), report)
+    bad, _ = G.compare_hmat(layout, report, pmap, report.kernel_version)
     assert bad == [], "\n".join(bad)
     assert rep["nodes"]["2"]["access"]["0"]["initiators"] == [1]
 

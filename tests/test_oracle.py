@@ -4,7 +4,7 @@ QEMU builds the rest of the ACPI tables (no ``-numa`` options, so no SRAT of
 its own); numavm's SRAT and SLIT go in with ``-acpitable``, RAM lies where
 numavm's layout puts it (``max-ram-below-4g=3G``), and ``-smp`` numbers the
 vCPUs with the plan's APIC ids.  The Debian kernel boots to numavm's own
-initramfs, whose /init prints what sysfs says; `guestcheck.compare_userspace`
+initramfs, whose /init prints what sysfs says; `check.compare.compare_userspace`
 holds it against the plan.  Plus unit tests for the pieces: the cpio writer,
 the console parser, the PXM -> node rule, the .deb reader.
 """
@@ -25,19 +25,19 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import pytest
 
 from numavm.guest import assets as A
 from numavm.spec import config
 from numavm.check import compare as G
+from numavm.check.report import GuestReport
 from numavm.guest import initramfs as I
 from numavm.plan.acpi import build_tables
 from numavm.errors import NumavmError
 from numavm.guest.launch import tcg_cmdline
 from numavm.plan.layout import QEMU_PC_MACHINE, Layout, plan_layout
-from numavm.plan.render import plan_document
 from numavm.vmm.tcg import NUMA_TABLES, QEMU_CPU, tcg_topology
 from numavm.spec.topology import MachineSpec, Topology, parse_distance, parse_numa
 
@@ -241,6 +241,9 @@ def _topo(nums: list[str], dists: tuple[str, ...] = (), cpus: int | None = None,
     return spec.build(host_nodes=(0,))
 
 
+R = GuestReport.from_document  # the guest's report as check reads it
+
+
 def test_pxm_to_node_rule_on_numavm_srat() -> None:
     """Memory-only domain 0 first: Linux calls the vCPU domain node 0."""
     topo = _topo(["id=0,size=512M", "id=1,size=1G,cpus=0-1", "id=2,size=0,cpus=2-3"])
@@ -248,54 +251,52 @@ def test_pxm_to_node_rule_on_numavm_srat() -> None:
     srat = build_tables(layout).blobs()["SRAT"]
     want = {1: 0, 2: 1, 0: 2}
     assert G.pxm_to_node_from_srat(srat) == want
-    assert G.pxm_to_node_from_plan(plan_document(layout)) == want
+    assert G.pxm_to_node_from_plan(layout) == want
 
 
 def test_compare_userspace_finds_differences() -> None:
     topo = _topo(["id=0,size=1G,cpus=0-1", "id=1,size=1G,cpus=2-3"], ("0:1=20", "1:0=30"))
-    doc = plan_document(plan_layout(topo))
+    layout = plan_layout(topo)
     good = {"nodes": {"0": {"cpulist": "0-1", "memtotal_kb": 985212, "distance": [10, 20]},
                       "1": {"cpulist": "2-3", "memtotal_kb": 1031520, "distance": [30, 10]}},
             "online_cpus": "0-3", "online_nodes": "0-1", "cpu_apic_ids": {"0": 0, "1": 1, "2": 2, "3": 3}}
-    assert G.compare_userspace(doc, good, {0: 0, 1: 1}) == []
+    assert G.compare_userspace(layout, R(good), {0: 0, 1: 1}) == []
     swapped = {"nodes": {"1": good["nodes"]["0"], "0": good["nodes"]["1"]}}  # type: ignore[index]
-    assert G.compare_userspace(doc, swapped, {0: 0, 1: 1})  # CPUs and distances differ
+    assert G.compare_userspace(layout, R(swapped), {0: 0, 1: 1})  # CPUs and distances differ
     bad = json.loads(json.dumps(good))
     bad["nodes"]["1"]["memtotal_kb"] = 1048577  # more than the domain has
     bad["nodes"]["0"]["distance"] = [10, 30]
     bad["nodes"]["0"]["cpulist"] = "0"
-    out = G.compare_userspace(doc, bad, {0: 0, 1: 1})
+    out = G.compare_userspace(layout, R(bad), {0: 0, 1: 1})
     assert len(out) == 4 and any("MemTotal" in m for m in out) and any("APIC ids 0," in m for m in out)
     assert any("CPUs" in m for m in out) and any("distances" in m for m in out)
     one = {"nodes": {"0": good["nodes"]["0"]}, "online_nodes": "0"}  # type: ignore[index]
-    assert any("nodes:" in m for m in G.compare_userspace(doc, one, {0: 0, 1: 1}))
+    assert any("nodes:" in m for m in G.compare_userspace(layout, R(one), {0: 0, 1: 1}))
     # right CPU numbers on the right nodes, but the vCPUs' APIC ids crossed over between domains
     crossed = dict(good, cpu_apic_ids={"0": 0, "1": 2, "2": 1, "3": 3})
-    out = G.compare_userspace(doc, crossed, {0: 0, 1: 1})
+    out = G.compare_userspace(layout, R(crossed), {0: 0, 1: 1})
     assert out == ["domain 0 (node 0): APIC ids 0,2, plan wants 0-1",
                    "domain 1 (node 1): APIC ids 1,3, plan wants 2-3"]
-    assert G.compare_userspace(doc, {k: v for k, v in good.items() if k != "cpu_apic_ids"},
+    assert G.compare_userspace(layout, R({k: v for k, v in good.items() if k != "cpu_apic_ids"}),
                                {0: 0, 1: 1}) == ["the guest's report has no APIC ids (cpu_apic_ids)"]
 
 
 def test_apic_and_pxm_maps_from_the_guests_sysfs() -> None:
     """Linux 6.12 logs no processor affinity: APIC -> node and a CPU-only domain's node come
     from the report (node cpulists and each CPU's APIC id)."""
-    doc = plan_document(plan_layout(_topo(["id=0,size=512M", "id=1,size=0,cpus=0-1",
-                                           "id=2,size=512M,cpus=2"])))
+    layout = plan_layout(_topo(["id=0,size=512M", "id=1,size=0,cpus=0-1", "id=2,size=512M,cpus=2"]))
     rep = {"nodes": {"0": {"cpulist": "0-1"}, "1": {"cpulist": "2"}, "2": {"cpulist": ""}},
            "cpu_apic_ids": {"0": 0, "1": 1, "2": 2}}
-    apics = {d["id"]: d["apic_ids"] for d in doc["domains"]}
-    assert G.apic_to_node_from_report(rep) == {a: n for n, d in ((0, 1), (1, 2)) for a in apics[d]}
+    apics = {d.id: d.apic_ids for d in layout.domains}
+    assert R(rep).apic_to_node() == {a: n for n, d in ((0, 1), (1, 2)) for a in apics[d]}
     from_log = {2: 1, 0: 2}  # 6.12 logs only the domains with memory
-    assert G.guest_pxm_to_node(doc, from_log, rep) == {1: 0, 2: 1, 0: 2} == G.pxm_to_node_from_plan(doc)
+    assert G.guest_pxm_to_node(layout, from_log, R(rep)) == {1: 0, 2: 1, 0: 2} == G.pxm_to_node_from_plan(layout)
     split = dict(rep, nodes={"0": {"cpulist": "0"}, "1": {"cpulist": "1-2"}, "2": {"cpulist": ""}})
-    assert G.guest_pxm_to_node(doc, from_log, split) == from_log  # domain 1 split: no node to give it
+    assert G.guest_pxm_to_node(layout, from_log, R(split)) == from_log  # domain 1 split: no node to give it
 
 
 def test_memory_bounds() -> None:
-    doc = plan_document(plan_layout(_topo(["id=0,size=2G,cpus=0", "id=1,size=3G,cpus=1"])))
-    b = G.memory_bounds(doc)
+    b = G.memory_bounds(plan_layout(_topo(["id=0,size=2G,cpus=0", "id=1,size=3G,cpus=1"])))
     assert b[0][1] == 2 * 1024 * 1024 and b[1][1] == 3 * 1024 * 1024
     assert any("kernel image" in w for w in b[0][2]) and not any("swiotlb" in w for w in b[0][2])
     assert any("swiotlb" in w for w in b[1][2])  # it holds the top of low RAM, and RAM passes 4G
@@ -465,7 +466,7 @@ SLOW_FIRST = ["64-domains", "crosses-3g"]
 
 @dataclass
 class Boot:
-    doc: dict[str, Any]
+    layout: Layout
     srat: bytes | None
     console: str
     seconds: float
@@ -501,7 +502,6 @@ def qemu_argv(layout: Layout, kernel: str, initrd: str, tables: Mapping[str, str
 
 def _boot(name: str, case: Case, kernel: Path, busybox: Path, work: Path) -> Boot:
     layout = plan_layout(case.topo())
-    doc = plan_document(layout)
     blobs = build_tables(layout).blobs()
     if case.srat is not None:
         blobs["SRAT"] = case.srat(blobs["SRAT"])
@@ -523,7 +523,7 @@ def _boot(name: str, case: Case, kernel: Path, busybox: Path, work: Path) -> Boo
         out, rc = e.stdout or b"", None
     console = out.decode("utf-8", "replace")
     (work / "console.txt").write_text(console)
-    return Boot(doc, blobs.get("SRAT"), console, time.monotonic() - t0, rc)
+    return Boot(layout, blobs.get("SRAT"), console, time.monotonic() - t0, rc)
 
 
 @pytest.fixture(scope="session")
@@ -558,16 +558,16 @@ def test_guest_sees_the_plan(case: str, boots: dict[str, Future[Boot]]) -> None:
 
     from_log = G.pxm_to_node_from_log(b.console)
     # Linux 6.12+ logs a PXM only with its memory: a CPU-only domain's node comes from sysfs
-    from_guest = G.guest_pxm_to_node(b.doc, from_log, rep)
-    if b.doc["numa"]:
+    from_guest = G.guest_pxm_to_node(b.layout, from_log, R(rep))
+    if b.layout.topology.numa:
         assert b.srat is not None and {"SRAT", "SLIT"} <= set(rep["acpi_tables"])
         # Linux's numbering rule, predicted two ways, and what the guest logged and shows
-        assert from_guest == G.pxm_to_node_from_srat(b.srat) == G.pxm_to_node_from_plan(b.doc), tail
+        assert from_guest == G.pxm_to_node_from_srat(b.srat) == G.pxm_to_node_from_plan(b.layout), tail
         assert from_log.items() <= from_guest.items()
     else:
         assert from_log == {} and not {"SRAT", "SLIT"} & set(rep["acpi_tables"])
     assert "NUMA: nodes only cover" not in b.console
-    mismatches = G.compare_userspace(b.doc, rep, from_guest)
+    mismatches = G.compare_userspace(b.layout, R(rep), from_guest)
     if CASES[case].srat is not None:  # the guest obeyed the doctored SRAT: both comparisons must say so
         from numavm.check.verdict import evaluate
         assert mismatches == ["domain 0 (node 0): CPUs 0,2, plan wants 0-1",

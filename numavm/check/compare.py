@@ -1,9 +1,10 @@
 """Does a booted Linux guest see the machine numavm planned?
 
 The guest's /init (see `initramfs`) reports what sysfs says: nodes, their
-CPUs, MemTotal and distance rows.  `compare_userspace()` holds that report
-against the plan (`plan.plan_document()`) and returns one line per
-difference; `numavm check` and the QEMU oracle test both use it.
+CPUs, MemTotal and distance rows, read into a `GuestReport`.
+`compare_userspace()` holds that report against the plan (the `Layout`) and
+returns one line per difference; `numavm check` and the QEMU oracle test both
+use it.
 
 Linux numbers its nodes by first appearance in the SRAT, processor entries
 before memory entries, so node N is not necessarily proximity domain N.  The
@@ -49,10 +50,12 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
-from numavm.spec import units
 from numavm.check.linux_numa import node_numbering
+from numavm.check.report import GuestReport, parse_cpulist
+from numavm.plan.layout import Layout
+from numavm.spec import units
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -69,11 +72,6 @@ FOUR_GIB = 4 * GiB
 
 
 # ---------------------------------------------------------------- LIST syntax
-
-
-def parse_cpulist(text: str) -> set[int]:
-    """Linux's list format ("0-3,8,10-11"; "" is empty) as a set."""
-    return set(units.parse_cpulist(text, "cpulist"))
 
 
 format_cpulist = units.format_cpulist
@@ -138,24 +136,7 @@ def pxm_to_node_from_srat(srat: bytes) -> dict[int, int]:
     return out
 
 
-def apic_to_node_from_report(observed: Mapping[str, Any]) -> dict[int, int]:
-    """APIC id -> node from the guest's report: each node's cpulist, each CPU's APIC id.
-
-    A source every kernel version has (Linux 6.12 stopped logging the SRAT's
-    processor entries).  CPUs the report gives no APIC id for are left out.
-    """
-    apics = observed.get("cpu_apic_ids") or {}
-    out: dict[int, int] = {}
-    for node, n in (observed.get("nodes") or {}).items():
-        for cpu in sorted(parse_cpulist(n.get("cpulist") or "")):
-            apic = apics.get(str(cpu))
-            if isinstance(apic, int):
-                out[apic] = int(node)
-    return dict(sorted(out.items()))
-
-
-def guest_pxm_to_node(plan_doc: Mapping[str, Any], from_log: Mapping[int, int],
-                      observed: Mapping[str, Any]) -> dict[int, int]:
+def guest_pxm_to_node(layout: Layout, from_log: Mapping[int, int], report: GuestReport) -> dict[int, int]:
     """The guest's PXM -> node map: its log's, completed from its sysfs.
 
     Linux 6.12+ logs a PXM only with its memory ranges, so a CPU-only domain's
@@ -163,21 +144,21 @@ def guest_pxm_to_node(plan_doc: Mapping[str, Any], from_log: Mapping[int, int],
     plan gives that domain (none added when they are split or missing).
     """
     out = dict(from_log)
-    a2n = apic_to_node_from_report(observed)
-    for d in plan_doc["domains"]:
-        if d["id"] in out or not d.get("apic_ids"):
+    a2n = report.apic_to_node()
+    for d in layout.domains:
+        if d.id in out or not d.apic_ids:
             continue
-        nodes = {a2n.get(a) for a in d["apic_ids"]}
+        nodes = {a2n.get(a) for a in d.apic_ids}
         if len(nodes) == 1 and None not in nodes:
-            out[d["id"]] = nodes.pop()  # type: ignore[assignment]
+            out[d.id] = nodes.pop()  # type: ignore[assignment]
     return out
 
 
-def pxm_to_node_from_plan(plan_doc: Mapping[str, Any]) -> dict[int, int]:
+def pxm_to_node_from_plan(layout: Layout) -> dict[int, int]:
     """The map for numavm's own SRAT order (domains with vCPUs by id, then memory-only ones)."""
-    if not plan_doc.get("numa", True):
+    if not layout.topology.numa:
         return {0: 0}
-    return node_numbering((d["id"], bool(d["cpus"]), bool(d["size"])) for d in plan_doc["domains"])
+    return node_numbering((d.id, bool(d.domain.cpus), bool(d.segment_size)) for d in layout.domains)
 
 
 # ---------------------------------------------------------------- memory bounds
@@ -187,126 +168,121 @@ def _overlap(ranges: Iterable[tuple[int, int]], lo: int, hi: int) -> int:
     return sum(max(0, min(e, hi) - max(s, lo)) for s, e in ranges)
 
 
-def memory_bounds(plan_doc: Mapping[str, Any]) -> dict[int, tuple[int, int, list[str]]]:
+def memory_bounds(layout: Layout) -> dict[int, tuple[int, int, list[str]]]:
     """{domain id: (lowest, highest acceptable MemTotal in kB, what the allowance is made of)}."""
-    doms = plan_doc["domains"]
-    ranges = {d["id"]: [(r["start"], r["end"]) for r in d["ranges"]] for d in doms}
+    ranges = {d.id: [(r.start, r.end) for r in d.ranges] for d in layout.domains}
     low_top = max((e for rs in ranges.values() for _, e in rs if e <= FOUR_GIB), default=0)
     high_ram = any(e > FOUR_GIB for rs in ranges.values() for _, e in rs)
     out: dict[int, tuple[int, int, list[str]]] = {}
-    for d in doms:
-        size = d["size"]
+    for d in layout.domains:
+        size = d.segment_size
         if size == 0:
-            out[d["id"]] = (0, 0, ["CPU-only"])
+            out[d.id] = (0, 0, ["CPU-only"])
             continue
         parts = [("memmap", size // 64 + MEMMAP_SECTION_SLACK),
-                 ("node", NODE_SLACK + CPU_SLACK * len(d["cpus"]))]
-        k = _overlap(ranges[d["id"]], *KERNEL_WINDOW)
+                 ("node", NODE_SLACK + CPU_SLACK * len(d.domain.cpus))]
+        k = _overlap(ranges[d.id], *KERNEL_WINDOW)
         if k:
             parts.append(("kernel image", k))
         if high_ram:
-            s = _overlap(ranges[d["id"]], max(0, low_top - SWIOTLB_WINDOW), low_top)
+            s = _overlap(ranges[d.id], max(0, low_top - SWIOTLB_WINDOW), low_top)
             if s:
                 parts.append(("swiotlb", min(s, SWIOTLB_WINDOW)))
         allowance = sum(v for _, v in parts)
         lo = max(0, size - allowance) // 1024
-        out[d["id"]] = (lo, size // 1024, [f"{n} {v // 1024} kB" for n, v in parts])
+        out[d.id] = (lo, size // 1024, [f"{n} {v // 1024} kB" for n, v in parts])
     return out
 
 
 # ---------------------------------------------------------------- the comparison
 
 
-def compare_userspace(plan_doc: Mapping[str, Any], observed: Mapping[str, Any],
-                      pxm_to_node: Mapping[int, int] | None) -> list[str]:
+def compare_userspace(layout: Layout, report: GuestReport, pxm_to_node: Mapping[int, int] | None) -> list[str]:
     """Differences between the plan and the guest's report; an empty list means they match.
 
-    `observed` is what `initramfs.parse_guest_report()` returns.  `pxm_to_node`
-    maps proximity domains (numavm's domain ids) to the guest's node numbers;
-    None or empty means the identity map for the classic machine and Linux's
-    SRAT rule (`pxm_to_node_from_plan`) otherwise.  Checked: the set of nodes,
-    each node's CPUs and their APIC ids, MemTotal within `memory_bounds`, the
-    distance matrix (permuted by the map), and the online CPUs.
+    `pxm_to_node` maps proximity domains (numavm's domain ids) to the guest's
+    node numbers; None or empty means the identity map for the classic machine
+    and Linux's SRAT rule (`pxm_to_node_from_plan`) otherwise.  Checked: the
+    set of nodes, each node's CPUs and their APIC ids, MemTotal within
+    `memory_bounds`, the distance matrix (permuted by the map), and the online
+    CPUs.
     """
     out: list[str] = []
-    doms = sorted(plan_doc["domains"], key=lambda d: d["id"])
-    numa = plan_doc.get("numa", True)
+    doms = sorted(layout.domains, key=lambda d: d.id)
+    numa = layout.topology.numa
     if not numa:  # one domain, no SRAT: Linux fakes node 0
         pmap = {0: 0}
     else:
-        pmap = dict(pxm_to_node) if pxm_to_node else pxm_to_node_from_plan(plan_doc)
-    nodes: Mapping[str, Any] = observed.get("nodes") or {}
-    seen = {int(k) for k in nodes}
-    want_nodes = {pmap[d["id"]] for d in doms if d["id"] in pmap}
+        pmap = dict(pxm_to_node) if pxm_to_node else pxm_to_node_from_plan(layout)
+    nodes = report.nodes
+    seen = set(nodes)
+    want_nodes = {pmap[d.id] for d in doms if d.id in pmap}
 
     for d in doms:
-        if d["id"] not in pmap:
-            out.append(f"domain {d['id']}: the guest mapped PXM {d['id']} to no node")
-    if len(set(pmap[d["id"]] for d in doms if d["id"] in pmap)) != len(want_nodes) or \
-            len(want_nodes) != len([d for d in doms if d["id"] in pmap]):
+        if d.id not in pmap:
+            out.append(f"domain {d.id}: the guest mapped PXM {d.id} to no node")
+    if len(want_nodes) != len([d for d in doms if d.id in pmap]):
         out.append(f"PXM -> node map is not one-to-one: {dict(sorted(pmap.items()))}")
     if seen != want_nodes:
         out.append(f"nodes: guest has {format_cpulist(seen) or 'none'} ({len(seen)}), "
                    f"plan wants {format_cpulist(want_nodes)} ({len(want_nodes)})")
-    online = observed.get("online_nodes")
+    online = report.online_nodes
     if online is not None and parse_cpulist(online) != want_nodes:
         out.append(f"online nodes: guest {online!r}, plan wants {format_cpulist(want_nodes)!r}")
 
-    all_cpus = set(range(plan_doc["cpus"]))
-    online_cpus = observed.get("online_cpus")
+    all_cpus = set(range(layout.topology.cpus))
+    online_cpus = report.online_cpus
     if online_cpus is not None and parse_cpulist(online_cpus) != all_cpus:
         out.append(f"online CPUs: guest {online_cpus!r}, plan wants {format_cpulist(all_cpus)!r}")
 
-    apics = observed.get("cpu_apic_ids")
-    if not isinstance(apics, Mapping):
+    apics = report.cpu_apic_ids
+    if apics is None:
         out.append("the guest's report has no APIC ids (cpu_apic_ids)")
-        apics = None
 
-    bounds = memory_bounds(plan_doc)
+    bounds = memory_bounds(layout)
     for d in doms:
-        node = pmap.get(d["id"])
+        node = pmap.get(d.id)
         if node is None:
             continue
-        n = nodes.get(str(node))
-        where = f"domain {d['id']} (node {node})"
+        n = nodes.get(node)
+        where = f"domain {d.id} (node {node})"
         if n is None:
             out.append(f"{where}: not in the guest's sysfs")
             continue
-        cpus = parse_cpulist(n.get("cpulist") or "")
-        if cpus != set(d["cpus"]):
+        cpus = n.cpus
+        if cpus != set(d.domain.cpus):
             out.append(f"{where}: CPUs {format_cpulist(cpus) or 'none'}, plan wants "
-                       f"{format_cpulist(d['cpus']) or 'none'}")
+                       f"{format_cpulist(d.domain.cpus) or 'none'}")
         if apics is not None:
-            got = {apics.get(str(c)) for c in cpus}
-            if got != set(d.get("apic_ids") or []):
-                names = sorted(a for a in got if isinstance(a, int))
+            got = {apics.get(c) for c in cpus}
+            if got != set(d.apic_ids):
+                names = sorted(a for a in got if a is not None)
                 out.append(f"{where}: APIC ids {format_cpulist(names) or 'none'}"
                            f"{' (some CPUs without one)' if None in got else ''}, plan wants "
-                           f"{format_cpulist(d.get('apic_ids') or []) or 'none'}")
-        mt = n.get("memtotal_kb")
-        lo, hi, why = bounds[d["id"]]
-        if not isinstance(mt, int):
+                           f"{format_cpulist(d.apic_ids) or 'none'}")
+        mt = n.memtotal_kb
+        lo, hi, why = bounds[d.id]
+        if mt is None:
             out.append(f"{where}: no MemTotal in the report")
         elif not lo <= mt <= hi:
             out.append(f"{where}: MemTotal {mt} kB, plan wants {lo}..{hi} kB "
-                       f"(size {d['size'] // 1024} kB less at most {', '.join(why)})")
-        present = n.get("present_kb")
-        if isinstance(present, int):
-            plo = max(0, d["size"] - PRESENT_SLACK) // 1024
-            if not plo <= present <= d["size"] // 1024:
-                out.append(f"{where}: {present} kB present in the node's ranges, plan wants "
-                           f"{plo}..{d['size'] // 1024} kB")
+                       f"(size {d.segment_size // 1024} kB less at most {', '.join(why)})")
+        if n.present_kb is not None:
+            plo = max(0, d.segment_size - PRESENT_SLACK) // 1024
+            if not plo <= n.present_kb <= d.segment_size // 1024:
+                out.append(f"{where}: {n.present_kb} kB present in the node's ranges, plan wants "
+                           f"{plo}..{d.segment_size // 1024} kB")
+        row = list(n.distance or ())
         if numa:
-            row = n.get("distance") or []
-            want = plan_doc["distances"][d["id"]]
+            want = layout.topology.distances[d.id]
             # the guest's row is indexed by node: put the plan's row in node order
             by_node = {pmap[j]: want[j] for j in range(len(want)) if j in pmap}
             want_row = [by_node.get(k) for k in range(len(row))] if len(row) == len(by_node) else None
-            if want_row is None or want_row != list(row):
+            if want_row is None or want_row != row:
                 exp = [by_node[k] for k in sorted(by_node)]
-                out.append(f"{where}: distances {list(row)}, plan wants {exp} (in node order)")
-        elif n.get("distance") not in (None, [LOCAL_DISTANCE]):
-            out.append(f"{where}: distances {n.get('distance')}, the classic machine wants [10]")
+                out.append(f"{where}: distances {row}, plan wants {exp} (in node order)")
+        elif n.distance is not None and row != [LOCAL_DISTANCE]:
+            out.append(f"{where}: distances {row}, the classic machine wants [10]")
     return out
 
 
@@ -318,7 +294,7 @@ CACHE_INDEXING = {"direct": 0, "complex": 1, "none": 2}
 CACHE_WRITE_POLICY = {"writeback": 0, "writethrough": 1, "none": 2}
 
 
-def compare_hmat(plan_doc: Mapping[str, Any], observed: Mapping[str, Any], pxm_to_node: Mapping[int, int],
+def compare_hmat(layout: Layout, report: GuestReport, pxm_to_node: Mapping[int, int],
                  version: tuple[int, int] | None) -> tuple[list[str], list[str]]:
     """(mismatches, notes): the plan's HMAT against the guest's sysfs.
 
@@ -329,19 +305,19 @@ def compare_hmat(plan_doc: Mapping[str, Any], observed: Mapping[str, Any], pxm_t
     access classes at all.
     """
     from numavm.check.linux_numa import HMAT_TIERS_FROM, hmat_access, memory_tiers
+    from numavm.plan.render import hmat_links
 
-    hm = plan_doc.get("hmat") or {}
-    links, caches = hm.get("links") or [], hm.get("caches") or []
-    nodes: Mapping[str, Any] = observed.get("nodes") or {}
-    doms = plan_doc["domains"]
-    mems = [d["id"] for d in doms if d["size"]]
-    cpus = [d["id"] for d in doms if d["cpus"]]
+    topo = layout.topology
+    links, caches = hmat_links(topo), topo.caches
+    nodes = report.nodes
+    mems = [d.id for d in topo.domains if d.size]
+    cpus = [d.id for d in topo.domains if d.cpus]
     bad: list[str] = []
     notes: list[str] = []
-    if not plan_doc.get("numa", True):
+    if not topo.numa:
         return bad, notes
     if not (links or caches):
-        with_access = sorted(int(n) for n, v in nodes.items() if v.get("access"))
+        with_access = sorted(n for n, v in nodes.items() if v.access)
         if with_access:
             bad.append(f"HMAT: the plan has none, but the guest reports access classes for node(s) {with_access}")
     else:
@@ -350,41 +326,42 @@ def compare_hmat(plan_doc: Mapping[str, Any], observed: Mapping[str, Any], pxm_t
             node = pxm_to_node.get(t)
             if node is None:
                 continue
-            seen = (nodes.get(str(node)) or {}).get("access") or {}
+            seen = nodes[node].access if node in nodes else {}
             for a in (0, 1):
                 want = dict(access[t][a])
-                want["initiators"] = sorted(pxm_to_node[i] for i in want["initiators"] if i in pxm_to_node)
-                got = seen.get(str(a))
+                want["initiators"] = tuple(sorted(pxm_to_node[i] for i in want["initiators"] if i in pxm_to_node))
+                got = seen.get(a)
                 where = f"domain {t} (node {node}) access{a}"
                 if got is None:
                     bad.append(f"{where}: not in the guest's sysfs (nodeN/access{a}/initiators)")
                     continue
                 for key, v in want.items():
-                    g = sorted(got.get(key) or []) if key == "initiators" else got.get(key)
+                    g = getattr(got, key)
                     if g != v:
                         unit = " ns" if key.endswith("latency") else " MB/s" if key.endswith("bandwidth") else ""
-                        bad.append(f"{where} {key}: guest {g}{unit if g is not None else ''}, plan wants {v}{unit}")
+                        shown = list(g) if key == "initiators" else g
+                        bad.append(f"{where} {key}: guest {shown}{unit if g is not None else ''}, plan wants "
+                                   f"{list(v) if key == 'initiators' else v}{unit}")
         for c in caches:
-            node = pxm_to_node.get(c["domain"])
+            node = pxm_to_node.get(c.domain)
             if node is None:
                 continue
-            where = f"domain {c['domain']} (node {node}) memory-side cache level {c['level']}"
-            got = ((nodes.get(str(node)) or {}).get("memory_side_cache") or {}).get(str(c["level"]))
-            if got is None:
-                bad.append(f"{where}: not in the guest's sysfs (memory_side_cache/index{c['level']})")
+            where = f"domain {c.domain} (node {node}) memory-side cache level {c.level}"
+            got_c = nodes[node].memory_side_cache.get(c.level) if node in nodes else None
+            if got_c is None:
+                bad.append(f"{where}: not in the guest's sysfs (memory_side_cache/index{c.level})")
                 continue
-            want = {"size": c["size"], "line_size": c["line"], "indexing": CACHE_INDEXING[c["assoc"]],
-                    "write_policy": CACHE_WRITE_POLICY[c["policy"]]}
-            for key, v in want.items():
-                if got.get(key) != v:
-                    bad.append(f"{where} {key}: guest {got.get(key)}, plan wants {v}")
-        for n, v in sorted(nodes.items()):
-            for lvl in sorted((v.get("memory_side_cache") or {})):
-                dom = next((p for p, x in pxm_to_node.items() if x == int(n)), None)
-                if not any(c["domain"] == dom and str(c["level"]) == lvl for c in caches):
+            want_c = {"size": c.size, "line_size": c.line, "indexing": CACHE_INDEXING[c.assoc],
+                      "write_policy": CACHE_WRITE_POLICY[c.policy]}
+            for key, v in want_c.items():
+                if getattr(got_c, key) != v:
+                    bad.append(f"{where} {key}: guest {getattr(got_c, key)}, plan wants {v}")
+        for n, gn in sorted(nodes.items()):
+            for lvl in sorted(gn.memory_side_cache):
+                dom = next((p for p, x in pxm_to_node.items() if x == n), None)
+                if not any(c.domain == dom and c.level == lvl for c in caches):
                     bad.append(f"node {n}: the guest reports a memory-side cache at level {lvl} the plan lacks")
-    tiers_seen = observed.get("memory_tiers")
-    if tiers_seen is None:
+    if report.memory_tiers is None:
         if version is not None and version >= (6, 1):
             bad.append("memory tiers: the guest's report has none (/sys/devices/virtual/memory_tiering)")
         else:
@@ -392,7 +369,7 @@ def compare_hmat(plan_doc: Mapping[str, Any], observed: Mapping[str, Any], pxm_t
         return bad, notes
     access = hmat_access(links, mems, cpus) if links else {}
     want_tiers = memory_tiers(access, mems, cpus, version)
-    got_tier = {node: int(tier) for tier, lst in tiers_seen.items() for node in parse_cpulist(lst)}
+    got_tier = {node: tier for tier, members in report.memory_tiers.items() for node in members}
     for d in mems:
         node = pxm_to_node.get(d)
         if node is None:

@@ -45,8 +45,7 @@ def hmat_document(topo: Topology) -> dict[str, Any]:
     """The HMAT's figures as asked (ns, MB/s, bytes; None = not given), and what Linux makes of
     them: each target's access classes (`linux_numa.hmat_access`) and, from Linux 6.10, each
     memory node's memory tier (`linux_numa.memory_tiers`)."""
-    links = [{"initiator": lk.initiator, "target": lk.target, **{a: lk.value(a) for a in HMAT_ATTRS}}
-             for lk in topo.hmat]
+    links = hmat_links(topo)
     caches = [{"domain": c.domain, "size": c.size, "level": c.level, "line": c.line, "assoc": c.assoc,
                "policy": c.policy} for c in topo.caches]
     doc: dict[str, Any] = {"links": links, "caches": caches}
@@ -59,6 +58,12 @@ def hmat_document(topo: Topology) -> dict[str, Any]:
             "memory_tiers": {str(d): t for d, t in memory_tiers(access, mems, cpus, HMAT_TIERS_FROM).items()},
         }
     return doc
+
+
+def hmat_links(topo: Topology) -> list[dict[str, Any]]:
+    """The HMAT's links as `linux_numa.hmat_access` reads them (and the plan document shows them)."""
+    return [{"initiator": lk.initiator, "target": lk.target, **{a: lk.value(a) for a in HMAT_ATTRS}}
+            for lk in topo.hmat]
 
 
 def _hex_range(start: int, end: int) -> str:
