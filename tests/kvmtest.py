@@ -1,10 +1,12 @@
-"""What tests that run guests on /dev/kvm share: a skip mark with the reason, kick(), and the
+"""What tests that run guests share: skip marks with the reason (`needs_kvm`: /dev/kvm opens;
+`needs_kvm_engine`: numavm's KVM engine can boot a guest here; `needs_qemu`; `needs_apt`: guest assets can be had), kick(), and the
 CPU states small guest programs start in (the `kvm` and `sigusr1_handler` fixtures are in
 conftest.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import threading
 import time
@@ -16,6 +18,7 @@ import pytest
 from numavm.vmm.kvm import cpu
 from numavm.vmm.kvm import ioctls as K
 from numavm.errors import NumavmError
+from numavm.vmm.engine import detect, qemu_binary
 
 
 def _kvm_unusable() -> str | None:
@@ -28,6 +31,11 @@ def _kvm_unusable() -> str | None:
 
 _UNUSABLE = _kvm_unusable()
 needs_kvm = pytest.mark.skipif(_UNUSABLE is not None, reason=f"/dev/kvm unusable: {_UNUSABLE}")
+HOST = detect()
+needs_kvm_engine = pytest.mark.skipif(not HOST.kvm_usable, reason=f"needs a usable /dev/kvm: {HOST.reason}")
+needs_qemu = pytest.mark.skipif(not qemu_binary(), reason="qemu-system-x86_64 is not installed")
+needs_apt = pytest.mark.skipif(not (os.path.exists("/usr/bin/apt-get") or os.environ.get("NUMAVM_KERNEL")),
+                               reason="guest assets come from Debian's packages (apt-get)")
 
 
 def kick(vcpu: K.Vcpu, thread: threading.Thread) -> None:

@@ -22,7 +22,7 @@ from numavm.plan import acpi
 from numavm.plan.acpi import aml
 from numavm.errors import NumavmError
 from numavm.plan.layout import (COM1_IRQ, COM1_PORT, IOAPIC_ADDR, LAPIC_ADDR, RESET_PORT, RESET_VALUE,
-                           SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT, Layout, Range, plan_layout)
+                                SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT, Layout, Range, plan_layout)
 from numavm.spec.topology import MachineSpec, parse_distance, parse_numa
 from numavm.spec.units import GiB, MiB
 

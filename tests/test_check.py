@@ -16,13 +16,9 @@ import threading
 
 import pytest
 
-from numavm.vmm.engine import detect, qemu_binary
 
-host = detect()
-needs_qemu = pytest.mark.skipif(not qemu_binary(), reason="qemu-system-x86_64 is not installed")
-needs_kvm = pytest.mark.skipif(not host.kvm_usable, reason=f"needs a usable /dev/kvm: {host.reason}")
-needs_apt = pytest.mark.skipif(not (os.path.exists("/usr/bin/apt-get") or os.environ.get("NUMAVM_KERNEL")),
-                               reason="guest assets come from Debian's packages (apt-get)")
+from kvmtest import needs_apt, needs_kvm_engine, needs_qemu  # noqa: E402
+
 
 MACHINES = {
     "example": [],
@@ -94,7 +90,7 @@ def test_uneven_domains_boot_under_tcg(shape: str) -> None:
 
 
 @needs_qemu
-@needs_kvm
+@needs_kvm_engine
 @needs_apt
 @pytest.mark.kvm_boot
 @pytest.mark.parametrize("name", ["example", "crossing-3G", "1+0+2"])
@@ -245,7 +241,7 @@ def test_prefault_chosen_domain_and_the_placement_audit() -> None:
     assert used and 0 < float(used.group(1)) == float(used.group(2)) <= 64
 
 
-@needs_kvm
+@needs_kvm_engine
 @needs_apt
 @pytest.mark.kvm_boot
 def test_interleaved_vcpus_fall_back_to_kvm_and_match() -> None:

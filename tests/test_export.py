@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
 import subprocess
 import tomllib
 import xml.etree.ElementTree as ET
@@ -18,6 +17,8 @@ from numavm.peers.export import FORMATS, QEMU_BINARY, Export, export, qemu_args
 from numavm.spec.policy import Mode, Policy
 from numavm.spec.topology import DomainSpec, MachineSpec, Topology, parse_distance, parse_numa
 from numavm.spec.units import GiB, MiB
+
+from kvmtest import needs_qemu  # noqa: E402
 
 # ---------------------------------------------------------------- machines
 
@@ -143,7 +144,6 @@ def test_unknown_format_is_a_config_error():
 
 # ---------------------------------------------------------------- QEMU runs
 
-needs_qemu = pytest.mark.skipif(shutil.which(QEMU_BINARY) is None, reason=f"{QEMU_BINARY} is not installed")
 
 
 def run_qemu(topo: Topology) -> dict[str, object]:

@@ -16,14 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from numavm.vmm.engine import detect, qemu_binary
-from numavm.host.lifetime import OwnedDir, die_with_parent, sweep
+from numavm.host.lifetime import OwnedDir, sweep
 
-host = detect()
-needs_qemu = pytest.mark.skipif(not qemu_binary(), reason="qemu-system-x86_64 is not installed")
-needs_kvm = pytest.mark.skipif(not host.kvm_usable, reason=f"needs a usable /dev/kvm: {host.reason}")
-needs_apt = pytest.mark.skipif(not (os.path.exists("/usr/bin/apt-get") or os.environ.get("NUMAVM_KERNEL")),
-                               reason="guest assets come from Debian's packages (apt-get)")
+from kvmtest import needs_apt, needs_kvm_engine, needs_qemu  # noqa: E402
+
 
 
 # ---------------------------------------------------------------- helpers
@@ -241,7 +237,7 @@ def test_sigkill_during_a_tcg_boot_leaves_nothing(tmp_path):
     assert owned(tmp_path) == []
 
 
-@needs_kvm
+@needs_kvm_engine
 @needs_apt
 @pytest.mark.kvm_boot
 def test_sigkill_during_a_kvm_boot_leaves_nothing(tmp_path):

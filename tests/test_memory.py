@@ -20,9 +20,9 @@ from numavm.host import libc as _libc
 from numavm.errors import ConfigError, NumavmError
 from numavm.plan.layout import Layout, plan_layout
 from numavm.host.memory import (MODE_SINCE, MPOL_F_ADDR, MPOL_F_NODE, BackingFd, GuestAddressError,
-                           GuestMemory, Placement, PrefaultResult, ProgressFn, Segment, check_hugetlb,
-                           kernel_version, meminfo, nodemask, pages_per_node, parse_numa_maps_line,
-                           read_numa_maps)
+                                GuestMemory, Placement, PrefaultResult, ProgressFn, Segment, check_hugetlb,
+                                kernel_version, meminfo, nodemask, pages_per_node, parse_numa_maps_line,
+                                read_numa_maps)
 from numavm.spec.policy import Mode, Policy, host_online_nodes, parse_policy
 from numavm.vmm.tcg import qemu_ram_offset
 from numavm.spec.topology import MachineSpec, parse_numa

@@ -21,16 +21,12 @@ import pytest
 
 from numavm.vmm.kvm import cpu as cpumode
 from numavm.devices import IrqLines, Serial16550
-from numavm.vmm.engine import detect, qemu_binary
 from numavm.guest.initramfs import SHELL_FLAG, initramfs_entries, parse_guest_report
 from numavm.plan.layout import COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, COM3_IRQ, COM3_PORT, plan_layout
 from numavm.spec.topology import MachineSpec
 
-host = detect()
-needs_qemu = pytest.mark.skipif(not qemu_binary(), reason="qemu-system-x86_64 is not installed")
-needs_kvm = pytest.mark.skipif(not host.kvm_usable, reason=f"needs a usable /dev/kvm: {host.reason}")
-needs_apt = pytest.mark.skipif(not (os.path.exists("/usr/bin/apt-get") or os.environ.get("NUMAVM_KERNEL")),
-                               reason="guest assets come from Debian's packages (apt-get)")
+from kvmtest import needs_apt, needs_kvm_engine, needs_qemu  # noqa: E402
+
 
 CONSOLE_WORDS = (b"@@NUMAVM", b"numavm-dmesg", b"Linux version")
 
@@ -95,7 +91,7 @@ def test_report_says_when_the_guest_had_no_stream_ports() -> None:
     assert doc["streams"] is False and doc["exit_status"] == 4
 
 
-@needs_kvm
+@needs_kvm_engine
 def test_kvm_machine_routes_each_port_to_its_stream() -> None:
     """A guest program on real KVM writes every byte value to COM2, a line to COM3 and one to
     COM1, then powers off: each lands in its own sink, byte for byte."""
@@ -132,7 +128,7 @@ def test_kvm_machine_routes_each_port_to_its_stream() -> None:
     assert fed == (5, 0)
 
 
-@needs_kvm
+@needs_kvm_engine
 def test_kvm_machine_without_streams_has_only_com1() -> None:
     from numavm.vmm.kvm.machine import KvmMachine
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from numavm.plan.layout import (RESET_PORT, RESET_VALUE, S5_SLEEP_CONTROL_VALUE, S5_SLP_TYP, SLEEP_CONTROL_PORT,
-                      SLEEP_STATUS_PORT, SLP_EN, SLP_TYP_MASK, SLP_TYP_SHIFT, WAK_STS)
+                                SLEEP_STATUS_PORT, SLP_EN, SLP_TYP_MASK, SLP_TYP_SHIFT, WAK_STS)
 from numavm.devices.bus import IoBus, all_ones
 
 __all__ = [

@@ -36,13 +36,13 @@ over large chunks.
 from __future__ import annotations
 
 from numavm.host.memory.host import (CGROUP_ROOT, MEMINFO, MODE_SINCE, MOUNTINFO, NODE_DIR, POPULATE_SINCE, PROC_CGROUP,
-                   READBACK_BITS, Room, THP_DIR, _memory_cgroups, hugetlb_page_size, kernel_version, meminfo,
-                   memory_rooms, node_cpus, node_distances, node_free, node_total, policy_cpus)
+                                     READBACK_BITS, Room, THP_DIR, _memory_cgroups, hugetlb_page_size, kernel_version, meminfo,
+                                     memory_rooms, node_cpus, node_distances, node_free, node_total, policy_cpus)
 from numavm.host.memory.checks import (HUGEPAGES, MPOL_F_ADDR, MPOL_F_NODE, MPOL_F_NUMA_BALANCING, MPOL_F_RELATIVE_NODES,
-                     MPOL_F_STATIC_NODES, MPOL_MF_STRICT, MPOL_MODE_FLAGS, check_hugetlb, check_memory,
-                     check_policy, domain_hugepages, nodemask)
+                                       MPOL_F_STATIC_NODES, MPOL_MF_STRICT, MPOL_MODE_FLAGS, check_hugetlb, check_memory,
+                                       check_policy, domain_hugepages, nodemask)
 from numavm.host.memory.audit import (MAPS, MOVE_PAGES_BATCH, NUMA_MAPS, Placement, pages_per_node, parse_numa_maps_line,
-                    range_placements, read_numa_maps)
+                                      range_placements, read_numa_maps)
 from numavm.host.memory.segment import (GuestAddressError, MADV_HUGEPAGE, MADV_POPULATE_READ, MADV_POPULATE_WRITE, MEMFD_NAME_MAX,
-                      MFD_CLOEXEC, MFD_HUGETLB, Memfd, PrefaultResult, ProgressFn, Segment)
+                                        MFD_CLOEXEC, MFD_HUGETLB, Memfd, PrefaultResult, ProgressFn, Segment)
 from numavm.host.memory.guestmap import BackingFd, GuestMemory, Region

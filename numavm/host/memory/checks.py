@@ -16,7 +16,7 @@ from numavm.plan.layout import DomainLayout, Layout
 from numavm.spec.policy import Mode, Policy, host_online_nodes
 from numavm.spec.units import GiB, KiB, format_list, format_size
 from numavm.host.memory.host import (MODE_SINCE, NODE_DIR, Room, _kernel_text, _node_free_hugepages, kernel_version, meminfo,
-                   memory_rooms, node_free)
+                                     memory_rooms, node_free)
 
 # include/uapi/linux/mempolicy.h
 MPOL_F_NODE = 1 << 0

@@ -24,9 +24,9 @@ from numavm.spec.policy import Mode, Policy, host_online_nodes
 from numavm.spec.units import GiB, MiB, format_size
 from numavm.host.memory.audit import Placement, _human, range_placements
 from numavm.host.memory.checks import (MPOL_F_ADDR, MPOL_MF_STRICT, MPOL_MODE_FLAGS, _check_hugepages, _mask_nodes, check_hugetlb,
-                     check_policy, nodemask)
+                                       check_policy, nodemask)
 from numavm.host.memory.host import (MODE_SINCE, POPULATE_SINCE, THP_DIR, _kernel_text, _possible_nodes_bits, _thp_shmem_mode,
-                   hugetlb_page_size, kernel_version, policy_cpus)
+                                     hugetlb_page_size, kernel_version, policy_cpus)
 
 # include/uapi/asm-generic/mman-common.h
 MADV_HUGEPAGE = 14

@@ -24,9 +24,9 @@ from numavm.plan.cpuid import vcpu_cpuid
 from numavm.devices import IoBus, IrqLines, PowerEvent, Serial16550, attach_power_devices
 from numavm.errors import NumavmError
 from numavm.vmm.kvm.ioctls import (RUN_WORD_EXIT_REASON, RUN_WORD_IO, RUN_WORD_IO_COUNT, RUN_WORD_IO_DATA_OFFSET, Kvm,
-                  KvmExit, KvmInternalError, KvmIoctlError, KvmIoDirection, Vcpu, Vm)
+                                   KvmExit, KvmInternalError, KvmIoctlError, KvmIoDirection, Vcpu, Vm)
 from numavm.plan.layout import (COM1_PORT, COM2_IRQ, COM2_PORT, COM3_IRQ, COM3_PORT, CONSOLE_UARTS, STREAM_UARTS,
-                     Layout)
+                                Layout)
 from numavm.host.memory import GuestMemory, policy_cpus
 from numavm.spec.policy import Mode
 from numavm.vmm.run import PANIC_RE, GuestRun, Outcome, RunResult, prefault_for
