@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from numavm.guest import assets
 from numavm.errors import NumavmError
@@ -324,9 +324,11 @@ class _Tail:
 
 def run(argv: Sequence[str], *, cwd: str | Path | None = None, env: dict[str, str] | None = None,
         memory_mib: int = MEMORY_MIB, cpus: int = CPUS, timeout: float = TIMEOUT,
-        stream: bool = False, log=lambda s: None) -> L1Result:  # type: ignore[no-untyped-def]
+        stream: bool = False, log=lambda s: None,  # type: ignore[no-untyped-def]
+        stalled: Callable[[bytes, float], str | None] | None = None) -> L1Result:
     """Run `argv` in L1 (in `cwd`, default the current directory, seen through 9p) and return
-    its output and status.  `stream` copies its stdout/stderr to ours as they come."""
+    its output and status.  `stream` copies its stdout/stderr to ours as they come.
+    `stalled(stderr so far, now)` may end the run early: it returns why L1 is taken for stuck."""
     if not argv:
         raise NumavmError("l1: no command")
     why = unavailable()
@@ -337,7 +339,7 @@ def run(argv: Sequence[str], *, cwd: str | Path | None = None, env: dict[str, st
     full_env = dict(BASE_ENV, **(env or {}))
     initrd_bytes = initramfs(argv, str(Path(cwd or os.getcwd()).resolve()), full_env, mods)
     for attempt in range(1, BOOT_ATTEMPTS + 1):
-        r = _boot(kernel, initrd_bytes, memory_mib, cpus, timeout, stream, log)
+        r = _boot(kernel, initrd_bytes, memory_mib, cpus, timeout, stream, log, stalled)
         panic = died_before_command(r)
         if panic is None:
             return r
@@ -357,7 +359,7 @@ def died_before_command(r: L1Result) -> str | None:
 
 
 def _boot(kernel: Path, initrd_bytes: bytes, memory_mib: int, cpus: int, timeout: float,
-          stream: bool, log) -> L1Result:  # type: ignore[no-untyped-def]
+          stream: bool, log, stalled) -> L1Result:  # type: ignore[no-untyped-def]
     """One L1 boot running the command the initramfs carries."""
     owned = OwnedDir("l1")  # a run killed mid-way leaves it to the next run to remove
     work = owned.path
@@ -389,6 +391,10 @@ def _boot(kernel: Path, initrd_bytes: bytes, memory_mib: int, cpus: int, timeout
                 break
             if time.monotonic() - t0 > timeout:
                 detail = f"L1 timed out after {timeout:g} s"
+                break
+            why_stuck = stalled(bytes(err.data), time.monotonic()) if stalled else None
+            if why_stuck:
+                detail = why_stuck
                 break
         seconds = time.monotonic() - t0
         qemu_err = b""
@@ -462,17 +468,49 @@ class CaseResult:
     leftover_files: tuple[str, ...] = ()
 
 
+CASE_GRACE = 300.0  # host seconds past a case's own timeout before L1 is taken for stuck
+
+
+class _CaseWatch:
+    """Takes L1 for stuck when a case has run CASE_GRACE host seconds past its own timeout
+    without L1 reporting it: L1's harness ends every case at its timeout, so only an L1 that
+    stopped (seen twice in CI, both host cores busy with two L1s: no console line, no case
+    end) gets there."""
+
+    def __init__(self, cases: Sequence[Case]) -> None:
+        self.timeout = {c.name: c.timeout for c in cases}
+        self.current: str | None = None
+        self.since = 0.0
+
+    def __call__(self, err: bytes, now: float) -> str | None:
+        m = re.findall(rb"^l1: case (\S+): (exit|\S)", err, re.M)
+        name = m[-1][0].decode() if m and m[-1][1] != b"exit" else None
+        if name != self.current:
+            self.current, self.since = name, now
+        if name is not None and now - self.since > self.timeout.get(name, 900.0) + CASE_GRACE:
+            return f"L1 stopped: case {name} not ended {now - self.since:.0f} s after it started"
+        return None
+
+
 def run_cases(cases: Sequence[Case], **kw) -> tuple[dict[str, CaseResult], L1Result]:  # type: ignore[no-untyped-def]
-    """Every case, one after the other, in ONE L1 boot (booting L1 costs ~15 s)."""
+    """Every case, one after the other, in ONE L1 boot (booting L1 costs ~15 s).  When L1
+    stops answering (`_CaseWatch`), one more boot runs the cases it had not finished."""
     import json
-    doc = json.dumps([c.__dict__ for c in cases])
-    r = run([sys.executable, "-m", "bench.l1", "--cases", doc], cwd=ROOT, **kw)
     out: dict[str, CaseResult] = {}
-    for line in r.text.splitlines():
-        if line.startswith(CASE_MARK):
-            d = json.loads(line[len(CASE_MARK):])
-            d["leftover_files"] = tuple(d["leftover_files"])
-            out[d["name"]] = CaseResult(**d)
+    todo = list(cases)
+    for attempt in (1, 2):
+        doc = json.dumps([c.__dict__ for c in todo])
+        r = run([sys.executable, "-m", "bench.l1", "--cases", doc], cwd=ROOT, stalled=_CaseWatch(todo), **kw)
+        for line in r.text.splitlines():
+            if line.startswith(CASE_MARK):
+                d = json.loads(line[len(CASE_MARK):])
+                d["leftover_files"] = tuple(d["leftover_files"])
+                out[d["name"]] = CaseResult(**d)
+        todo = [c for c in todo if c.name not in out]
+        if not (todo and r.detail.startswith("L1 stopped")) or attempt == 2:
+            return out, r
+        print(f"l1: {r.detail}; booting L1 again for {', '.join(c.name for c in todo)}",
+              file=sys.stderr, flush=True)
     return out, r
 
 

@@ -183,3 +183,21 @@ def test_l1_boots_again_only_when_its_own_kernel_died_before_the_command() -> No
     assert l1.died_before_command(started) is None
     assert l1.died_before_command(l1.L1Result(3, b"", b"", oops, 60.0, None)) is None
     assert l1.died_before_command(l1.L1Result(None, b"", b"", "[ 1.0] no console output\n", 9.0, None)) is None
+
+
+def test_l1_is_taken_for_stuck_only_past_a_case_timeout_and_grace() -> None:
+    """Seen twice in CI: L1 stopped mid-case (no console line, no case end) and was killed only
+    by its overall timeout.  The watch names the case once it has run its own timeout plus
+    CASE_GRACE host seconds without an end; run_cases then boots L1 again for what is left."""
+    watch = l1._CaseWatch([l1.Case("a", ["true"], timeout=100), l1.Case("b", ["true"], timeout=50)])
+    assert watch(b"", 0.0) is None
+    started = b"l1: case a: /usr/bin/python -m numavm check\n"
+    assert watch(started, 10.0) is None
+    assert watch(started, 10.0 + 100 + l1.CASE_GRACE - 1) is None
+    assert "case a not ended" in (watch(started, 10.0 + 100 + l1.CASE_GRACE + 1) or "")
+    ended = started + b"l1: case a: exit 0 in 12.0 s\n"
+    assert watch(ended, 10_000.0) is None  # between cases: nothing runs
+    b_started = ended + b"l1: case b: sh -c 'exit 7'\n"
+    assert watch(b_started, 10_001.0) is None  # b's clock starts when its line shows
+    assert watch(b_started, 10_001.0 + 50 + l1.CASE_GRACE - 1) is None
+    assert "case b not ended" in (watch(b_started, 10_001.0 + 50 + l1.CASE_GRACE + 1) or "")
