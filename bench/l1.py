@@ -23,6 +23,7 @@ timing-sensitive: everything in L1 is emulated, so timeouts are generous.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
@@ -35,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from numavm.guest import assets
 from numavm.errors import NumavmError
@@ -338,14 +339,41 @@ def run(argv: Sequence[str], *, cwd: str | Path | None = None, env: dict[str, st
     kernel = _vmlinux(log)
     full_env = dict(BASE_ENV, **(env or {}))
     initrd_bytes = initramfs(argv, str(Path(cwd or os.getcwd()).resolve()), full_env, mods)
-    for attempt in range(1, BOOT_ATTEMPTS + 1):
-        r = _boot(kernel, initrd_bytes, memory_mib, cpus, timeout, stream, log, stalled)
-        panic = died_before_command(r)
-        if panic is None:
-            return r
-        print(f"l1: L1's kernel panicked before the command started ({panic}); "
-              f"boot {attempt} of {BOOT_ATTEMPTS}", file=sys.stderr, flush=True)
+    with _one_l1_per_host():
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            r = _boot(kernel, initrd_bytes, memory_mib, cpus, timeout, stream, log, stalled)
+            panic = died_before_command(r)
+            if panic is None:
+                return r
+            print(f"l1: L1's kernel panicked before the command started ({panic}); "
+                  f"boot {attempt} of {BOOT_ATTEMPTS}", file=sys.stderr, flush=True)
     return r
+
+
+# /dev/shm is the host's in .ci/other-release's chroot too (/dev is bound), so both CI passes
+# see one lock.
+LOCK_PATH = Path("/dev/shm/numavm-l1.lock")
+
+
+@contextlib.contextmanager
+def _one_l1_per_host() -> Iterator[None]:
+    """One L1 at a time on this host.  L1 wants both cores: with two or three L1s on 2 busy
+    cores, L1 kernels logged "soft lockup - CPU#1 stuck for 365s" and stopped mid-case (CI's
+    two passes each boot one).  The second waits, and says so."""
+    import fcntl
+    path = LOCK_PATH if LOCK_PATH.parent.is_dir() else Path(tempfile.gettempdir()) / LOCK_PATH.name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"l1: another L1 runs on this host; waiting for it ({path})", file=sys.stderr, flush=True)
+            t0 = time.monotonic()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            print(f"l1: waited {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def died_before_command(r: L1Result) -> str | None:

@@ -201,3 +201,23 @@ def test_l1_is_taken_for_stuck_only_past_a_case_timeout_and_grace() -> None:
     assert watch(b_started, 10_001.0) is None  # b's clock starts when its line shows
     assert watch(b_started, 10_001.0 + 50 + l1.CASE_GRACE - 1) is None
     assert "case b not ended" in (watch(b_started, 10_001.0 + 50 + l1.CASE_GRACE + 1) or "")
+
+
+def test_one_l1_at_a_time_on_a_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second L1 waits for the first (two at once starved each other into soft lockups)."""
+    import subprocess
+    lock, done = tmp_path / "l1.lock", tmp_path / "first-l1-done"
+    monkeypatch.setattr(l1, "LOCK_PATH", lock)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(1)\n"
+                               f"open({str(done)!r}, 'w').close()"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with l1._one_l1_per_host():
+            assert done.exists()  # the lock came only once the first was done with it
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()  # type: ignore[union-attr]
