@@ -28,8 +28,9 @@ from another thread raises `NumavmError` saying so.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Union
@@ -189,6 +190,11 @@ class Verdict:
         return self.report.match
 
     @property
+    def detail(self) -> str:
+        """How the guest's run ended, in words (the engine's)."""
+        return self.engine_result.detail if self.engine_result is not None else self.report.boot
+
+    @property
     def mismatches(self) -> list[str]:
         return self.report.mismatches
 
@@ -321,7 +327,8 @@ class Machine:
         `timeout`: seconds.  `stdout`/`stderr`: where the command's streams go as they arrive (a
         binary stream or a callable); None collects them into the result.  `console`: streams the
         guest console is copied to; `console_log`: a file that gets it.  `shell`/`input_fd`: an
-        interactive shell on the command port, fed from `input_fd`.  `log`: numavm's own lines
+        interactive shell on the command port, fed from `input_fd` (a terminal there is in raw
+        mode for the run, so that its keys, Ctrl-C too, reach the guest).  `log`: numavm's own lines
         (engine choice, warnings).  Raises ConfigError for bad input (nothing was allocated) and
         GuestFailed when the guest did not power off.
         """
@@ -354,10 +361,11 @@ class Machine:
         with _console_log(console_log) as log_file:
             echo = list(console) + ([log_file] if log_file else [])
             con = Console(echo=echo)
-            result = prep.engine.run(GuestRun(
-                self.layout, assets.vmlinux, initrd_bytes, cmdline, prep.timeout, con, verbose=verbose,
-                log=log, prefault=prep.prefault, hugepages=hugepages, input_fd=input_fd, own_init=own_init,
-                **streams))
+            with _raw_terminal(input_fd if shell else None):
+                result = prep.engine.run(GuestRun(
+                    self.layout, assets.vmlinux, initrd_bytes, cmdline, prep.timeout, con, verbose=verbose,
+                    log=log, prefault=prep.prefault, hugepages=hugepages, input_fd=input_fd, own_init=own_init,
+                    **streams))
         text = con.text
         report = parse_guest_report(text) if own_init else None
         if report is not None and not report.get("streams", True):
@@ -494,6 +502,24 @@ def _argv(command: Sequence[str] | str | None) -> list[str] | None:
     if not all(isinstance(a, str) for a in argv):
         raise ConfigError(f"command: expected a list of strings, got {list(command)!r}")
     return argv or None
+
+
+@contextlib.contextmanager
+def _raw_terminal(fd: int | None) -> Iterator[None]:
+    """A terminal on `fd` in raw mode for an interactive guest shell: keys (Ctrl-C too) go
+    to the guest, whose own tty echoes, edits and ends lines; restored however the run ends."""
+    if fd is None or not os.isatty(fd):
+        yield
+        return
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd, termios.TCSANOW)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 class _console_log:

@@ -8,11 +8,10 @@ what is allowed, and exit status 2, before anything is allocated.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 from . import __version__, config
 from .aptrelease import check_release
@@ -361,10 +360,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     shell = own_init and not command and sys.stdin.isatty()
     echo = [sys.stderr.buffer] if args.verbose else [] if own_init else [sys.stdout.buffer]
     try:
-        with _raw_terminal(sys.stdin.fileno() if shell else None):
-            result = machine.run(command, add=args.add, append=args.append, stdout=sys.stdout.buffer,
-                                 stderr=sys.stderr.buffer, console=echo, shell=shell,
-                                 input_fd=sys.stdin.fileno() if shell else None, **_guest_kwargs(args))
+        result = machine.run(command, add=args.add, append=args.append, stdout=sys.stdout.buffer,
+                             stderr=sys.stderr.buffer, console=echo, shell=shell,
+                             input_fd=sys.stdin.fileno() if shell else None, **_guest_kwargs(args))
     except GuestFailed as e:
         failed = e.result
         _report_run(args, failed.counts_exits, failed.engine, failed.engine_result)
@@ -374,24 +372,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         return e.exit_code
     _report_run(args, result.counts_exits, result.engine, result.engine_result)
     return result.status
-
-
-@contextlib.contextmanager
-def _raw_terminal(fd: int | None) -> Iterator[None]:
-    """The host terminal in raw mode for an interactive guest shell: keys (Ctrl-C too) go
-    to the guest, whose own tty echoes, edits and ends lines; restored however the run ends."""
-    if fd is None:
-        yield
-        return
-    import termios
-    import tty
-
-    saved = termios.tcgetattr(fd)
-    try:
-        tty.setraw(fd, termios.TCSANOW)
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -404,7 +384,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         sys.stdout.write(verdict.text())
     if not verdict.match and verdict.exit_code != EXIT_FAILURE:
         # the guest never got as far as the comparison: say why, not "mismatch"
-        print(f"numavm: guest {verdict.outcome.value}: {verdict.report.boot}", file=sys.stderr)
+        print(f"numavm: guest {verdict.outcome.value}: {verdict.detail}", file=sys.stderr)
     return verdict.exit_code
 
 
