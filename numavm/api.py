@@ -268,15 +268,16 @@ class Machine:
         return m
 
     @classmethod
-    def from_options(cls, options: Sequence[str]) -> Machine:
+    def from_options(cls, options: Sequence[str], log: Log | None = None) -> Machine:
         """From the command line's machine options, e.g. ``["-c", "2", "-n", "id=0,cpus=0", ...]``
-        (`-f FILE`, `--like-host` and `--host-nodes` too); none at all is the built-in example."""
+        (`-f FILE`, `--like-host` and `--host-nodes` too); none at all is the built-in example.
+        `log` gets what `--like-host` says about the host."""
         from .cli import machine_options
 
         if isinstance(options, str):
             raise ConfigError("Machine.from_options: options must be a list of strings, as on the command "
                               f"line, got the string {options!r}")
-        spec, host_nodes = machine_options(list(options))
+        spec, host_nodes = machine_options(list(options), log or _quiet)
         return cls.from_spec(spec, host_nodes)
 
     @classmethod

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 from . import __version__, config
 from .aptrelease import check_release
@@ -185,10 +185,10 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stats", action="store_true", help="print VM exit statistics after the run")
 
 
-def machine_spec(args: argparse.Namespace) -> MachineSpec:
+def machine_spec(args: argparse.Namespace, note: Callable[[str], None] | None = None) -> MachineSpec:
     """The machine options as a spec; no options at all means the example."""
     if args.like_host:
-        return _like_host_spec(args)
+        return _like_host_spec(args, note or _stderr)
     given = (args.cpus is not None or args.memory is not None or args.numa or args.distance or args.hmat
              or args.hmat_cache)
     if args.config:
@@ -217,7 +217,7 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
     return spec
 
 
-def _like_host_spec(args: argparse.Namespace) -> MachineSpec:
+def _like_host_spec(args: argparse.Namespace, note: Callable[[str], None]) -> MachineSpec:
     from .likehost import OPT, like_host
 
     other = next((o for o, v in (("-f/--config", args.config), ("--distance", args.distance),
@@ -227,8 +227,8 @@ def _like_host_spec(args: argparse.Namespace) -> MachineSpec:
     cpus = parse_int(args.cpus, "-c/--cpus") if args.cpus is not None else None
     memory = parse_size(args.memory, "-m/--memory") if args.memory is not None else None
     shape = like_host(cpus, memory, given=[parse_numa(t) for t in args.numa])
-    for note in shape.notes:
-        _stderr(f"numavm: {OPT}: {note}")
+    for line in shape.notes:
+        note(f"numavm: {OPT}: {line}")
     return shape.spec
 
 
@@ -241,12 +241,13 @@ def _host_nodes(args: argparse.Namespace) -> tuple[int, ...] | None:
     return parse_list(host.replace(",", "+"), "--host-nodes") if host is not None else None
 
 
-def machine_options(options: list[str]) -> tuple[MachineSpec, tuple[int, ...] | None]:
-    """The machine options alone (`numavm.Machine.from_options`): the spec and --host-nodes."""
+def machine_options(options: list[str], note: Callable[[str], None]) -> tuple[MachineSpec, tuple[int, ...] | None]:
+    """The machine options alone (`numavm.Machine.from_options`): the spec and --host-nodes;
+    `note` gets what --like-host says about the host."""
     p = _Parser(prog="numavm", add_help=False)
     _machine_options(p)
     args = p.parse_args(options)
-    return machine_spec(args), _host_nodes(args)
+    return machine_spec(args, note), _host_nodes(args)
 
 
 def _machine(args: argparse.Namespace) -> Machine:
