@@ -6,9 +6,9 @@ import json
 import subprocess
 import sys
 
-from numavm import config
-from numavm.engine import detect
-from numavm.export import qemu_args
+from numavm.spec import config
+from numavm.vmm.engine import detect
+from numavm.peers.export import qemu_args
 
 from .proc import QEMU, ROOT, BenchError, Spawned, child_env, shell
 from .runner import Bench, Side
@@ -30,7 +30,7 @@ def numavm_check_available() -> str:
 
 def guest_kernel() -> tuple[str, str]:
     """(vmlinux ELF path, kernel command line) exactly as `numavm check --stage kernel` uses them."""
-    from numavm.guest import guest_assets, kernel_cmdline
+    from numavm.guest.launch import guest_assets, kernel_cmdline
 
     assets = guest_assets(None, lambda s: None)
     return str(assets.vmlinux), kernel_cmdline("kernel", detect().emulated)

@@ -10,9 +10,9 @@ import stat
 import sys
 import time
 
-from numavm import config
-from numavm.engine import qemu_binary
-from numavm.export import qemu_args
+from numavm.spec import config
+from numavm.vmm.engine import qemu_binary
+from numavm.peers.export import qemu_args
 
 from .proc import QEMU, ROOT, BenchError, Spawned, child_env, scratch, shell
 from .runner import Bench, Side, median_ratio
@@ -45,7 +45,7 @@ def numavm_sample(stage: str, info: list[dict]) -> float:
 
 def guest_side() -> tuple[str, dict[str, str]]:
     """The vmlinux and the kernel command line numavm's TCG engine uses, per stage."""
-    from numavm.guest import guest_assets, kernel_cmdline, tcg_cmdline
+    from numavm.guest.launch import guest_assets, kernel_cmdline, tcg_cmdline
 
     assets = guest_assets(None, lambda s: None)
     return str(assets.vmlinux), {st: tcg_cmdline(kernel_cmdline(st, False)) for st in ("kernel", "userspace")}
@@ -53,8 +53,8 @@ def guest_side() -> tuple[str, dict[str, str]]:
 
 def minimal_initrd() -> str:
     """busybox and an /init that prints a marker and powers off: the least a userspace can be."""
-    from numavm.assets import cached, fetch
-    from numavm.initramfs import Entry, cpio_newc
+    from numavm.guest.assets import cached, fetch
+    from numavm.guest.initramfs import Entry, cpio_newc
 
     busybox = (cached() or fetch(log=lambda s: None)).busybox
     init = b"#!/bin/sh\necho " + USER_MARK + b"\n/bin/busybox poweroff -f\n"

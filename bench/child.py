@@ -21,8 +21,8 @@ T_START = time.monotonic()
 
 def topology(spec_text: str):
     """The example, or D domains x C vCPUs of S MiB each ("64:64:32")."""
-    from numavm import config
-    from numavm.topology import MachineSpec, parse_numa
+    from numavm.spec import config
+    from numavm.spec.topology import MachineSpec, parse_numa
 
     if spec_text == "example":
         return config.example().build()
@@ -41,15 +41,15 @@ def topology(spec_text: str):
 
 
 def _machine(topo_text: str):
-    from numavm.layout import plan_layout
-    from numavm.machine import KvmMachine
+    from numavm.plan.layout import plan_layout
+    from numavm.vmm.kvm.machine import KvmMachine
 
     layout = plan_layout(topology(topo_text))
     return KvmMachine(layout, name="bench")
 
 
 def setup(topo_text: str) -> None:
-    from numavm.run import Outcome
+    from numavm.vmm.run import Outcome
 
     from .guests import MARK_PORT, first_out_program, load_long_mode
 
@@ -99,7 +99,7 @@ def rss(topo_text: str) -> None:
 def exits(n: int, variant: str, so: str | None) -> None:
     import ctypes
 
-    from numavm.run import Outcome
+    from numavm.vmm.run import Outcome
 
     from .guests import LOOP_PORT, MARK_PORT, load_long_mode, out_loop_program
 

@@ -1,6 +1,6 @@
 """Tiny guest programs: 64-bit code for KvmMachine and 64 KiB firmware images for QEMU.
 
-numavm's side starts its boot vCPU in long mode (numavm.cpu builds the page
+numavm's side starts its boot vCPU in long mode (numavm.vmm.kvm.cpu builds the page
 tables and GDT); QEMU's side starts at the x86 reset vector in real mode from
 a `-bios` image that holds only our few instructions (no SeaBIOS, no option
 ROMs): the first instruction the vCPU executes is ours, on both sides.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import struct
 
-from numavm import cpu as cpumode
-from numavm.layout import Layout
+from numavm.vmm.kvm import cpu as cpumode
+from numavm.plan.layout import Layout
 
 GDT_ADDR = 0x7000
 PROGRAM_ADDR = 0x8000

@@ -7,7 +7,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-from numavm.engine import detect
+from numavm.vmm.engine import detect
 
 from .proc import QEMU
 

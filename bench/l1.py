@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from numavm import assets
+from numavm.guest import assets
 from numavm.errors import NumavmError
-from numavm.initramfs import Entry, compress, cpio_newc
-from numavm.lifetime import OwnedDir, die_with_parent
+from numavm.guest.initramfs import Entry, compress, cpio_newc
+from numavm.host.lifetime import OwnedDir, die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 QEMU = "qemu-system-x86_64"
@@ -419,7 +419,7 @@ def _boot(kernel: Path, initrd_bytes: bytes, memory_mib: int, cpus: int, timeout
 
 def _vmlinux(log) -> Path:  # type: ignore[no-untyped-def]
     """The cached kernel's ELF (numavm's own host-side unpack, cached by content)."""
-    from numavm.guest import unpacked_kernel
+    from numavm.guest.launch import unpacked_kernel
     return unpacked_kernel(_kernel().kernel, log)
 
 

@@ -38,15 +38,15 @@ SMALL = ["-c", "1", "-n", "id=0,size=256M,cpus=0", "-n", "id=1,size=256M"]
 
 
 def _machine(small: bool):  # type: ignore[no-untyped-def]
-    from numavm import config
-    from numavm.topology import MachineSpec, parse_numa
+    from numavm.spec import config
+    from numavm.spec.topology import MachineSpec, parse_numa
     if not small:
         return config.example().build()
     return MachineSpec(cpus=1, domains=[parse_numa("id=0,size=256M,cpus=0"), parse_numa("id=1,size=256M")]).build()
 
 
 def _qemu_argv(kernel: str, initrd: str, cmdline: str, small: bool, qboot: bool) -> list[str]:
-    from numavm.export import qemu_args
+    from numavm.peers.export import qemu_args
     topo = _machine(small)
     fw = ["-bios", "/usr/share/qemu/qboot.rom"] if qboot else []
     return ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", *fw, *qemu_args(topo), "-kernel", kernel,
@@ -71,7 +71,7 @@ def _sample(argv: list[str]) -> dict[str, float | None]:
 
 
 def inner(runs: int) -> int:
-    from numavm.guest import guest_assets, guest_initrd, kernel_cmdline
+    from numavm.guest.launch import guest_assets, guest_initrd, kernel_cmdline
 
     from .exits import numavm_sample, qemu_sample
     assets = guest_assets(None, lambda s: None)

@@ -7,8 +7,8 @@ import mmap
 import os
 import time
 
-from numavm.memory import MADV_POPULATE_WRITE, Segment
-from numavm.policy import Mode, Policy
+from numavm.host.memory import MADV_POPULATE_WRITE, Segment
+from numavm.spec.policy import Mode, Policy
 
 from .proc import QEMU, BenchError, Qmp, shell
 from .runner import Bench, Side, median_ratio
@@ -75,7 +75,7 @@ def qemu_sample(size: int, backend: str) -> float:
 def benches(quick: bool) -> list[Bench]:
     size = 256 * MiB if quick else 1 * GiB
     n = Side("numavm", lambda: numavm_sample(size),
-             command=f"python -c 'from numavm.memory import Segment; from numavm.policy import Mode, Policy; "
+             command=f"python -c 'from numavm.host.memory import Segment; from numavm.spec.policy import Mode, Policy; "
                      f"print(Segment({size}, Policy(Mode.BIND, (0,))).prefault(threads=1))'")
     lim = Side("limit: one MADV_POPULATE_WRITE", lambda: limit_sample(size),
                command="(in-process) memfd_create + ftruncate + mmap(MAP_SHARED) + one "

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from numavm import config
-from numavm.export import qemu_args
+from numavm.spec import config
+from numavm.peers.export import qemu_args
 
 from .proc import QEMU, BenchError, Qmp, python_child, shell, smaps_rss
 from .runner import Bench, Side

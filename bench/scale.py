@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from numavm.engine import detect
+from numavm.vmm.engine import detect
 
 from .proc import BenchError, shell
 from .runner import Bench, Side

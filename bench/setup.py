@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from numavm.export import qemu_args
+from numavm.peers.export import qemu_args
 
 from .child import topology
 from .guests import bios_first_byte

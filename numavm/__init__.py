@@ -1,7 +1,9 @@
 """numavm: a NUMA-first virtual machine monitor on Linux KVM.
 
-Layers, each one job (see README.md):
-topology -> layout -> acpi -> memory -> kvm -> boot -> devices -> machine -> cli
+Packages follow the data path (README.md's code map): spec (what the user asked) -> plan
+(layout, CPUID, ACPI tables, boot plan) -> host (memory segments, policies, system calls) ->
+devices -> vmm (the run, engine choice, the KVM and TCG engines) -> guest (the built-in Linux
+guest) -> check (what the guest saw against the plan); peers and cli at the edges.
 
 As a library: `numavm.Machine` (numavm.api), imported on first use so that
 `import numavm` stays cheap.

@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Union
 
-from .errors import ConfigError, NumavmError
-from .run import OUTCOME_EXIT, ExitCode, Outcome, RunResult
-from .topology import MachineSpec, Topology
+from numavm.errors import ConfigError, NumavmError
+from numavm.vmm.run import OUTCOME_EXIT, ExitCode, Outcome, RunResult
+from numavm.spec.topology import MachineSpec, Topology
 
 if TYPE_CHECKING:
-    from .check import CheckReport
-    from .engine import Engine
-    from .layout import Layout
+    from numavm.check.verdict import CheckReport
+    from numavm.vmm.engine import Engine
+    from numavm.plan.layout import Layout
 
 Log = Callable[[str], None]
 Sink = Callable[[bytes], None]
@@ -95,7 +95,7 @@ class GuestTopology:
 
     @classmethod
     def from_report(cls, doc: Mapping[str, Any]) -> GuestTopology:
-        from .units import parse_cpulist
+        from numavm.spec.units import parse_cpulist
 
         def cpus(text: Any) -> tuple[int, ...]:
             return tuple(sorted(parse_cpulist(text, "cpulist"))) if isinstance(text, str) and text else ()
@@ -156,7 +156,7 @@ class Plan:
         return self.layout.topology
 
     def to_dict(self) -> dict[str, Any]:
-        from .plan import plan_document
+        from numavm.plan.render import plan_document
         return plan_document(self.layout)
 
     def to_json(self) -> str:
@@ -165,11 +165,11 @@ class Plan:
 
     def text(self) -> str:
         """`numavm plan`'s table."""
-        from .plan import plan_text
+        from numavm.plan.render import plan_text
         return plan_text(self.layout)
 
     def svg(self) -> str:
-        from .svg import plan_svg
+        from numavm.plan.svg import plan_svg
         return plan_svg(self.layout)
 
 
@@ -223,7 +223,7 @@ class Verdict:
 
     def text(self) -> str:
         """`numavm check`'s table: expected beside observed, then the verdict."""
-        from .check import render
+        from numavm.check.verdict import render
         return render(self.report, self.layout)
 
 
@@ -254,7 +254,7 @@ class Machine:
         self._init(_kwargs_spec(cpus, memory, domains, distances, hmat, hmat_cache), host_nodes)
 
     def _init(self, spec: MachineSpec, host_nodes: Iterable[int] | None) -> None:
-        from .layout import plan_layout
+        from numavm.plan.layout import plan_layout
 
         self.spec = spec
         self.host_nodes = tuple(host_nodes) if host_nodes is not None else None
@@ -272,7 +272,7 @@ class Machine:
         """From the command line's machine options, e.g. ``["-c", "2", "-n", "id=0,cpus=0", ...]``
         (`-f FILE`, `--like-host` and `--host-nodes` too); none at all is the built-in example.
         `log` gets what `--like-host` says about the host."""
-        from .cli import machine_options
+        from numavm.cli import machine_options
 
         if isinstance(options, str):
             raise ConfigError("Machine.from_options: options must be a list of strings, as on the command "
@@ -284,7 +284,7 @@ class Machine:
     def from_toml(cls, source: str | os.PathLike[str], host_nodes: Iterable[int] | None = None) -> Machine:
         """From TOML (`-f`'s format): a path (a `Path`, or a string without a newline or "="),
         or the text itself."""
-        from . import config
+        from numavm.spec import config
 
         if isinstance(source, str) and ("\n" in source or "=" in source):
             return cls.from_spec(config.loads(source, "TOML text"), host_nodes)
@@ -293,7 +293,7 @@ class Machine:
     @classmethod
     def example(cls) -> Machine:
         """The built-in example: 4 vCPUs, domains 0 and 1 with 1G and 2 vCPUs each, memory-only domain 2."""
-        from . import config
+        from numavm.spec import config
         return cls.from_spec(config.example())
 
     def __repr__(self) -> str:
@@ -308,7 +308,7 @@ class Machine:
     def engine(self, accel: str = "auto", pin: bool = True) -> Engine:
         """The engine that would run this machine (`--accel`), with its reason in `.why`;
         ConfigError (its message says why) where none can."""
-        from .engine import select
+        from numavm.vmm.engine import select
         return select(accel, self.layout, pin=pin)
 
     # ------------------------------------------------------------ run
@@ -333,10 +333,10 @@ class Machine:
         (engine choice, warnings).  Raises ConfigError for bad input (nothing was allocated) and
         GuestFailed when the guest did not power off.
         """
-        from .guest import Console, guest_assets, guest_initrd, kernel_cmdline
-        from .guest import Sink as StreamSink
-        from .initramfs import parse_guest_report
-        from .run import GuestRun
+        from numavm.guest.launch import Console, guest_assets, guest_initrd, kernel_cmdline
+        from numavm.guest.launch import Sink as StreamSink
+        from numavm.guest.initramfs import parse_guest_report
+        from numavm.vmm.run import GuestRun
 
         log = log or _quiet
         argv = _argv(command)
@@ -399,9 +399,9 @@ class Machine:
         engine is a KVM that emulates guest code, else userspace.  The verdict's `match`,
         `mismatches` and `exit_code` say how it went; a guest that ended before it could be compared
         is a mismatch ("boot: ...") with `outcome` saying why."""
-        from .check import STAGES, evaluate
-        from .guest import Console, KernelStageWatch, guest_assets, guest_initrd, kernel_cmdline
-        from .run import GuestRun
+        from numavm.check.verdict import STAGES, evaluate
+        from numavm.guest.launch import Console, KernelStageWatch, guest_assets, guest_initrd, kernel_cmdline
+        from numavm.vmm.run import GuestRun
 
         if stage is not None and stage not in STAGES:
             raise ConfigError(f"--stage: must be one of {', '.join(STAGES)}, got {stage!r}")
@@ -436,10 +436,10 @@ class Machine:
                  prefault: bool | Iterable[int], hugepages: str | None, pin: bool, stage: str | None,
                  runs_command: bool, log: Log, warnings: list[str]) -> _Prepared:
         """Validate everything, pick the engine, say which and why; nothing allocated yet."""
-        from .aptrelease import check_release
-        from .engine import select
-        from .memory import check_memory
-        from .units import format_list, parse_seconds
+        from numavm.guest.aptrelease import check_release
+        from numavm.vmm.engine import select
+        from numavm.host.memory import check_memory
+        from numavm.spec.units import format_list, parse_seconds
 
         layout = self.layout
         if release is not None:
@@ -547,9 +547,9 @@ class _console_log:
 def _kwargs_spec(cpus: int | None, memory: int | str | None, domains: Sequence[str | Mapping[str, Any]],
                  distances: Any, hmat: Sequence[str], hmat_cache: Sequence[str]) -> MachineSpec:
     """Machine(...)'s keywords as a spec, each parsed as its command-line option or TOML key is."""
-    from .config import _domain, _matrix
-    from .topology import parse_distance, parse_hmat, parse_hmat_cache, parse_numa
-    from .units import parse_size
+    from numavm.spec.config import _domain, _matrix
+    from numavm.spec.topology import parse_distance, parse_hmat, parse_hmat_cache, parse_numa
+    from numavm.spec.units import parse_size
 
     spec = MachineSpec()
     if cpus is not None:

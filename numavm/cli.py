@@ -13,17 +13,18 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
-from . import __version__, config
-from .aptrelease import check_release
-from .errors import ConfigError, NumavmError
-from .policy import POLICY_SYNTAX
-from .run import ExitCode
-from .topology import MachineSpec, Topology, parse_distance, parse_hmat, parse_hmat_cache, parse_numa
-from .units import parse_int, parse_list, parse_size
+from numavm import __version__
+from numavm.spec import config
+from numavm.guest.aptrelease import check_release
+from numavm.errors import ConfigError, NumavmError
+from numavm.spec.policy import POLICY_SYNTAX
+from numavm.vmm.run import ExitCode
+from numavm.spec.topology import MachineSpec, Topology, parse_distance, parse_hmat, parse_hmat_cache, parse_numa
+from numavm.spec.units import parse_int, parse_list, parse_size
 
 if TYPE_CHECKING:
-    from .api import Machine
-    from .run import RunResult
+    from numavm.api import Machine
+    from numavm.vmm.run import RunResult
 
 EXIT_OK = ExitCode.OK
 EXIT_FAILURE = ExitCode.FAILURE
@@ -218,7 +219,7 @@ def machine_spec(args: argparse.Namespace, note: Callable[[str], None] | None = 
 
 
 def _like_host_spec(args: argparse.Namespace, note: Callable[[str], None]) -> MachineSpec:
-    from .likehost import OPT, like_host
+    from numavm.spec.likehost import OPT, like_host
 
     other = next((o for o, v in (("-f/--config", args.config), ("--distance", args.distance),
                                   ("--hmat", args.hmat), ("--hmat-cache", args.hmat_cache)) if v), None)
@@ -251,7 +252,7 @@ def machine_options(options: list[str], note: Callable[[str], None]) -> tuple[Ma
 
 
 def _machine(args: argparse.Namespace) -> Machine:
-    from .api import Machine
+    from numavm.api import Machine
     return Machine.from_spec(machine_spec(args), _host_nodes(args))
 
 
@@ -267,8 +268,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_acpi(args: argparse.Namespace) -> int:
-    from .acpi import build_tables
-    from .layout import plan_layout
+    from numavm.plan.acpi import build_tables
+    from numavm.plan.layout import plan_layout
 
     tables = build_tables(plan_layout(build_topology(args)))
     out = Path(args.out)
@@ -283,7 +284,7 @@ def cmd_acpi(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import FORMATS, export
+    from numavm.peers.export import FORMATS, export
 
     if args.to not in FORMATS:
         raise ConfigError(f"--to: must be one of {', '.join(FORMATS)}, got {args.to!r}")
@@ -295,8 +296,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .export import export
-    from .peers import FORMATS, MAX_INPUT, import_topology
+    from numavm.peers.export import export
+    from numavm.peers import FORMATS, MAX_INPUT, import_topology
 
     if args.peer not in FORMATS:
         raise ConfigError(f"--from: must be one of {', '.join(FORMATS)}, got {args.peer!r}")
@@ -319,8 +320,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"numavm: import: {_one_line(Exception(note))}", file=sys.stderr)
     if args.json:
-        from .layout import plan_layout
-        from .plan import plan_document
+        from numavm.plan.layout import plan_layout
+        from numavm.plan.render import plan_document
         print(json.dumps(plan_document(plan_layout(topo)), indent=2))
     else:
         sys.stdout.write(export(topo, "toml").text)
@@ -350,7 +351,7 @@ def _guest_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .api import GuestFailed
+    from numavm.api import GuestFailed
 
     command = list(args.guest_command)
     if command and command[0] == "--":
@@ -390,9 +391,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from .assets import fetch
+    from numavm.guest.assets import fetch
 
-    from .assets import cache_root
+    from numavm.guest.assets import cache_root
 
     if args.release is not None:
         check_release(args.release)

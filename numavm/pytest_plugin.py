@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from .api import CommandResult, Machine, Plan, Verdict
-    from .engine import Engine
+    from numavm.api import CommandResult, Machine, Plan, Verdict
+    from numavm.vmm.engine import Engine
 
 MARKER = ("numavm(*options, toml=None, accel='auto', timeout=300, add=(), kernel=None, release=None, "
           "**machine_keywords): the machine the numavm_guest fixture boots (numavm's machine options, "
@@ -87,8 +87,8 @@ class Guest:
 def machine_from(source: Any) -> Machine:
     """A `numavm.Machine` from what a test names: a Machine, a list of machine options, a TOML
     path or text, or a dict of Machine keywords."""
-    from .api import Machine
-    from .errors import ConfigError
+    from numavm.api import Machine
+    from numavm.errors import ConfigError
 
     if isinstance(source, Machine):
         return source
@@ -105,8 +105,8 @@ def machine_from(source: Any) -> Machine:
 @pytest.fixture
 def numavm_guest(request: pytest.FixtureRequest) -> Guest:
     """A guest with the topology the test names (marker `numavm` or an indirect parameter)."""
-    from .errors import ConfigError
-    from .engine import ACCELS
+    from numavm.errors import ConfigError
+    from numavm.vmm.engine import ACCELS
 
     marker = request.node.get_closest_marker("numavm")
     args: tuple[Any, ...] = marker.args if marker else ()
@@ -142,8 +142,8 @@ def numavm_guest(request: pytest.FixtureRequest) -> Guest:
 
 def _assets(kernel: Any, release: str | None) -> str | None:
     """Why numavm cannot get the guest's kernel and busybox (fetched once per session), or None."""
-    from .errors import ConfigError, NumavmError
-    from .guest import guest_assets
+    from numavm.errors import ConfigError, NumavmError
+    from numavm.guest.launch import guest_assets
 
     key = (None if kernel is None else os.fspath(kernel), release)
     if key not in _assets_problem:

@@ -7,9 +7,7 @@ from typing import Iterator
 
 import pytest
 
-from numavm import kvm as K
-
-
+from numavm.vmm.kvm import ioctls as K
 @pytest.fixture
 def kvm() -> Iterator[K.Kvm]:
     """An open /dev/kvm; tests that take it are marked `kvmtest.needs_kvm`."""

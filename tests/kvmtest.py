@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 
 import pytest
 
-from numavm import cpu
-from numavm import kvm as K
+from numavm.vmm.kvm import cpu
+from numavm.vmm.kvm import ioctls as K
 from numavm.errors import NumavmError
 
 

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from numavm import acpi
-from numavm.acpi import aml
+from numavm.plan import acpi
+from numavm.plan.acpi import aml
 from numavm.errors import NumavmError
-from numavm.layout import (COM1_IRQ, COM1_PORT, IOAPIC_ADDR, LAPIC_ADDR, RESET_PORT, RESET_VALUE,
+from numavm.plan.layout import (COM1_IRQ, COM1_PORT, IOAPIC_ADDR, LAPIC_ADDR, RESET_PORT, RESET_VALUE,
                            SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT, Layout, Range, plan_layout)
-from numavm.topology import MachineSpec, parse_distance, parse_numa
-from numavm.units import GiB, MiB
+from numavm.spec.topology import MachineSpec, parse_distance, parse_numa
+from numavm.spec.units import GiB, MiB
 
 IASL = shutil.which("iasl")
 
@@ -386,7 +386,7 @@ def test_dsdt_lists_every_uart_of_a_run(example: Layout, work: Path) -> None:
     """`run`'s machine has COM2 and COM3 for the command's streams: a hardware-reduced guest
     routes an ISA IRQ only for a device its DSDT describes, so the DSDT lists all three, and the
     console-only machine keeps its DSDT byte for byte."""
-    from numavm.layout import CONSOLE_UARTS, STREAM_UARTS
+    from numavm.plan.layout import CONSOLE_UARTS, STREAM_UARTS
 
     assert acpi.build_tables(example, CONSOLE_UARTS).blobs()["DSDT"] == acpi.build_tables(example).blobs()["DSDT"]
     d = disassemble(acpi.build_tables(example, STREAM_UARTS).blobs()["DSDT"], work, "dsdt-streams")
@@ -689,7 +689,7 @@ def _mp_entries(table: bytes) -> list[tuple[int, bytes]]:
 
 def test_mp_table_lists_xapic_cpus_ioapic_and_isa_irqs(example: Layout) -> None:
     """The MP floating pointer sits where Linux looks first and points at a valid table."""
-    from numavm.acpi.mptable import MpTable
+    from numavm.plan.acpi.mptable import MpTable
 
     t = acpi.build_tables(example)
     mp = t.mptable

@@ -1,4 +1,4 @@
-"""numavm.aptrelease: another release's packages through a private apt configuration.
+"""numavm.guest.aptrelease: another release's packages through a private apt configuration.
 
 Unit tests on apt's own output formats and both sources formats; one real
 run (skipped without apt or its network) fetches the other Debian release's
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from numavm import aptrelease as R
-from numavm import assets as A
+from numavm.guest import aptrelease as R
+from numavm.guest import assets as A
 from numavm.cli import main
 from numavm.errors import ConfigError
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from numavm.engine import detect
+from numavm.vmm.engine import detect
 
 ROOT = Path(__file__).resolve().parent.parent
 host = detect()

@@ -1,7 +1,7 @@
-"""numavm.boot: bzImage and ELF parsing, payload unpacking, the zero page and boot plan.
+"""numavm.plan.boot: bzImage and ELF parsing, payload unpacking, the zero page and boot plan.
 
 Uses the real Debian kernel (the package linux-image-amd64 depends on), got
-through numavm.assets when that works, else with apt-get download into a cache
+through numavm.guest.assets when that works, else with apt-get download into a cache
 under the temp directory; those tests skip with the reason when neither works.
 Synthetic images made here cover the other compressions and the error paths.
 """
@@ -25,7 +25,7 @@ from typing import Callable
 
 import pytest
 
-from numavm.boot import (
+from numavm.plan.boot import (
     BOOT_PARAMS_ADDR,
     BOOT_SCRATCH_END,
     BOOT_SCRATCH_START,
@@ -42,9 +42,9 @@ from numavm.boot import (
     parse_kernel,
     plan_boot,
 )
-from numavm.boot.bzimage import XLF_KERNEL_64
+from numavm.plan.boot.bzimage import XLF_KERNEL_64
 from numavm.errors import ConfigError, NumavmError
-from numavm.layout import (
+from numavm.plan.layout import (
     LEGACY_END,
     TABLE_AREA_START,
     E820Type,
@@ -52,8 +52,8 @@ from numavm.layout import (
     Range,
     plan_layout,
 )
-from numavm.topology import MachineSpec, parse_numa
-from numavm.units import GiB, MiB
+from numavm.spec.topology import MachineSpec, parse_numa
+from numavm.spec.units import GiB, MiB
 
 KERNEL_CACHE = Path(tempfile.gettempdir()) / "numavm-test-kernel"
 
@@ -62,7 +62,7 @@ KERNEL_CACHE = Path(tempfile.gettempdir()) / "numavm-test-kernel"
 
 def _from_assets() -> Path | None:
     try:
-        from numavm import assets
+        from numavm.guest import assets
     except ImportError:
         return None
     try:
@@ -637,8 +637,8 @@ def test_emulation_safe_cmdline() -> None:
 
 
 def test_emulation_safe_cmdline_speedups_keep_the_topology() -> None:
-    from numavm.boot.linux import _EMULATION_SAFE_PARAMS
-    from numavm.topology import MAX_CPUS
+    from numavm.plan.boot.linux import _EMULATION_SAFE_PARAMS
+    from numavm.spec.topology import MAX_CPUS
 
     params = emulation_safe_cmdline().split()
     assert "percpu_alloc=page" in params

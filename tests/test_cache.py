@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from numavm import cache as C
-from numavm import guest as G
-from numavm.assets import cached
-from numavm.engine import qemu_binary
-from numavm.initramfs import cached_initramfs
+from numavm.host import cache as C
+from numavm.guest import launch as G
+from numavm.guest.assets import cached
+from numavm.vmm.engine import qemu_binary
+from numavm.guest.initramfs import cached_initramfs
 
 
 def mount_tmpfs(where: Path, options: str) -> None:

@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from numavm.engine import detect, qemu_binary
+from numavm.vmm.engine import detect, qemu_binary
 
 host = detect()
 needs_qemu = pytest.mark.skipif(not qemu_binary(), reason="qemu-system-x86_64 is not installed")
@@ -165,8 +165,8 @@ def test_kernel_stage_under_tcg_stops_at_the_zonelists() -> None:
 
 
 def test_kernel_stage_watch_finds_a_marker_split_across_chunks() -> None:
-    from numavm.guest import KernelStageWatch
-    from numavm.run import Outcome
+    from numavm.guest.launch import KernelStageWatch
+    from numavm.vmm.run import Outcome
 
     stops = []
     w = KernelStageWatch(until_smp=False)
@@ -186,9 +186,9 @@ def test_kernel_stage_watch_finds_a_marker_split_across_chunks() -> None:
 
 
 def test_tcg_cpu_check_wants_the_plans_apic_ids_one_socket_per_domain() -> None:
-    from numavm import config
-    from numavm.layout import plan_layout
-    from numavm.tcg import check_cpus
+    from numavm.spec import config
+    from numavm.plan.layout import plan_layout
+    from numavm.vmm.tcg import check_cpus
 
     layout = plan_layout(config.example().build(host_nodes=(0,)))  # apic 0-1 domain 0, 2-3 domain 1
     good = [({"socket-id": a >> 1, "core-id": a & 1}, a) for a in range(4)]
@@ -199,7 +199,7 @@ def test_tcg_cpu_check_wants_the_plans_apic_ids_one_socket_per_domain() -> None:
 
 
 def test_userspace_cmdline_is_quiet_and_tcg_presets_lpj() -> None:
-    from numavm.guest import kernel_cmdline, tcg_cmdline
+    from numavm.guest.launch import kernel_cmdline, tcg_cmdline
 
     line = kernel_cmdline("userspace", False)
     assert "loglevel=5" in line and "earlyprintk" in line
@@ -212,8 +212,8 @@ def test_userspace_cmdline_is_quiet_and_tcg_presets_lpj() -> None:
 
 def test_tcg_boots_one_cpu_and_init_brings_the_rest_online() -> None:
     """numavm's /init onlines the CPUs that maxcpus=1 left offline, only when the line says so."""
-    from numavm.guest import TCG_ONLINE_FROM_INIT, tcg_cmdline
-    from numavm.initramfs import INIT_SCRIPT, ONLINE_CPUS_MARK
+    from numavm.guest.launch import TCG_ONLINE_FROM_INIT, tcg_cmdline
+    from numavm.guest.initramfs import INIT_SCRIPT, ONLINE_CPUS_MARK
 
     many = TCG_ONLINE_FROM_INIT
     own = tcg_cmdline("console=ttyS0", many, own_init=True).split()
@@ -304,9 +304,9 @@ def _parent(pid: int) -> int:
 def test_tcg_refuses_what_qemu_cannot_run_as_planned() -> None:
     """Before anything runs: a 256-domain SLIT is past -acpitable's limit; >255 vCPUs past pc's."""
     from numavm.errors import ConfigError
-    from numavm.layout import plan_layout
-    from numavm.tcg import check_tcg
-    from numavm.topology import MachineSpec, parse_numa
+    from numavm.plan.layout import plan_layout
+    from numavm.vmm.tcg import check_tcg
+    from numavm.spec.topology import MachineSpec, parse_numa
 
     big = MachineSpec(domains=[parse_numa(f"id={i},size=4M" + (",cpus=0" if i == 0 else ""))
                                for i in range(256)]).build(host_nodes=(0,))
@@ -323,10 +323,10 @@ def test_fallback_model_matches_what_linux_printed() -> None:
     """Zonelist orders Linux 6.1 printed: the 3-node reference boot (shared/reference) and a
     256-node boot on this host's KVM (4 domains with vCPUs, equal distances), where ties go by
     node id because no CPU is in its node's mask yet when the zonelists are built."""
-    from numavm.config import example
-    from numavm.layout import plan_layout
-    from numavm.linux_numa import expected_view
-    from numavm.topology import MachineSpec, parse_numa
+    from numavm.spec.config import example
+    from numavm.plan.layout import plan_layout
+    from numavm.check.linux_numa import expected_view
+    from numavm.spec.topology import MachineSpec, parse_numa
 
     assert expected_view(plan_layout(example().build(host_nodes=(0,)))).fallback == {
         0: [0, 1, 2], 1: [1, 2, 0], 2: [2, 1, 0]}
@@ -341,9 +341,9 @@ def test_each_kernel_versions_log_is_read_as_that_version_writes_it() -> None:
     """Linux 6.12 logs no SRAT processor entries and leaves a memoryless node out of its own
     zonelist (both measured on Debian's 6.1 and 6.12 under TCG): the kernel stage expects each
     version's wording, notes what 6.12 cannot show, and still fails a 6.1 log that lacks it."""
-    from numavm.layout import plan_layout
-    from numavm.linux_numa import compare_kernel, expected_view, parse_kernel_log, unlogged
-    from numavm.topology import MachineSpec, parse_distance, parse_numa
+    from numavm.plan.layout import plan_layout
+    from numavm.check.linux_numa import compare_kernel, expected_view, parse_kernel_log, unlogged
+    from numavm.spec.topology import MachineSpec, parse_distance, parse_numa
 
     spec = MachineSpec(domains=[parse_numa(t) for t in MACHINES["memory-only+memoryless"][1::2]
                                 if t.startswith("id=")],
@@ -387,7 +387,7 @@ def test_each_kernel_versions_log_is_read_as_that_version_writes_it() -> None:
 def test_the_other_debian_releases_kernel_gets_the_same_verdict(stage: str) -> None:
     """`--release` boots the other Debian release's kernel (6.12 on Debian 12, 6.1 on 13) on
     the machine with a memory-only and a memoryless domain: it must match as this host's does."""
-    from numavm.aptrelease import host_release
+    from numavm.guest.aptrelease import host_release
 
     other = {"bookworm": "trixie", "trixie": "bookworm"}.get(host_release() or "")
     if other is None:
@@ -429,9 +429,9 @@ def test_tcg_topology_gives_the_plans_apic_ids_and_keeps_linux_off_logical_mode(
     """The argv QEMU gets: exactly the plan's APIC ids in vCPU order, one socket per domain, and
     wherever the ids have a hole more than 8 possible CPUs (QEMU 7.2 loses xAPIC logical-mode
     IPIs to ids past a hole; Linux uses that mode only with at most 8 possible CPUs)."""
-    from numavm.layout import plan_layout
-    from numavm.tcg import LINUX_FLAT_MAX_CPUS, tcg_topology
-    from numavm.topology import MachineSpec, parse_numa
+    from numavm.plan.layout import plan_layout
+    from numavm.vmm.tcg import LINUX_FLAT_MAX_CPUS, tcg_topology
+    from numavm.spec.topology import MachineSpec, parse_numa
 
     args = uneven(shape)
     spec = MachineSpec(cpus=int(args[1]), domains=[parse_numa(a) for a in args[3::2]])

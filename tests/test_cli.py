@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from numavm.cli import main
-from numavm.policy import host_online_nodes
-from numavm.units import format_list
+from numavm.spec.policy import host_online_nodes
+from numavm.spec.units import format_list
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_FILE = REPO / "examples" / "example.toml"
@@ -325,7 +325,7 @@ def test_no_command_is_usage():
 # ---------------------------------------------------------------- --svg
 
 
-needs_svg = pytest.mark.skipif(importlib.util.find_spec("numavm.svg") is None, reason="numavm/svg.py not there yet")
+needs_svg = pytest.mark.skipif(importlib.util.find_spec("numavm.plan.svg") is None, reason="numavm/plan/svg.py not there yet")
 
 
 def svg_domain_groups(path: Path) -> list[ET.Element]:

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from numavm import config
+from numavm.spec import config
 from numavm.errors import ConfigError
-from numavm.layout import plan_layout
-from numavm.policy import Mode, Policy
-from numavm.units import GiB, MiB
+from numavm.plan.layout import plan_layout
+from numavm.spec.policy import Mode, Policy
+from numavm.spec.units import GiB, MiB
 
 EXAMPLE_FILE = Path(__file__).resolve().parent.parent / "examples" / "example.toml"
 HOSTS = (0, 1, 2, 3)

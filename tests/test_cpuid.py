@@ -1,4 +1,4 @@
-"""numavm.cpuid: per-vCPU CPUID checked against a model of what Linux 6.1 derives from it.
+"""numavm.plan.cpuid: per-vCPU CPUID checked against a model of what Linux 6.1 derives from it.
 
 `linux_view` follows arch/x86/kernel/cpu/{common,intel,amd,topology,cacheinfo}.c
 of Linux 6.1 for one CPU (initial/extended APIC id, package, core, die and
@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 
 import pytest
 
-from numavm import kvm as K
-from numavm.cpuid import (
+from numavm.vmm.kvm import ioctls as K
+from numavm.plan.cpuid import (
     CMP_LEGACY_BIT,
     HTT_BIT,
     HYPERVISOR_BIT,
@@ -31,10 +31,10 @@ from numavm.cpuid import (
     vcpu_cpuid,
     vendor,
 )
-from numavm.kvm import KVM_CPUID_FLAG_SIGNIFCANT_INDEX as INDEXED
-from numavm.kvm import KvmCpuidEntry2
-from numavm.layout import Layout, plan_layout
-from numavm.topology import MachineSpec, parse_numa
+from numavm.vmm.kvm.ioctls import KVM_CPUID_FLAG_SIGNIFCANT_INDEX as INDEXED
+from numavm.vmm.kvm.ioctls import KvmCpuidEntry2
+from numavm.plan.layout import Layout, plan_layout
+from numavm.spec.topology import MachineSpec, parse_numa
 
 Regs = tuple[int, int, int, int]
 Table = dict[tuple[int, int], Regs]  # (function, index) -> eax, ebx, ecx, edx

@@ -20,7 +20,7 @@ from numavm.devices import (
     attach_power_devices,
 )
 from numavm.devices import serial as uart
-from numavm.layout import (
+from numavm.plan.layout import (
     COM1_IRQ,
     COM1_PORT,
     RESET_PORT,

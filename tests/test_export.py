@@ -14,10 +14,10 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from numavm.errors import ConfigError
-from numavm.export import FORMATS, QEMU_BINARY, Export, export, qemu_args
-from numavm.policy import Mode, Policy
-from numavm.topology import DomainSpec, MachineSpec, Topology, parse_distance, parse_numa
-from numavm.units import GiB, MiB
+from numavm.peers.export import FORMATS, QEMU_BINARY, Export, export, qemu_args
+from numavm.spec.policy import Mode, Policy
+from numavm.spec.topology import DomainSpec, MachineSpec, Topology, parse_distance, parse_numa
+from numavm.spec.units import GiB, MiB
 
 # ---------------------------------------------------------------- machines
 
@@ -417,8 +417,8 @@ TOML_MACHINES = {
 def test_toml_round_trips(name):
     topo = TOML_MACHINES[name]()
     doc = tomllib.loads(export(topo, "toml").text)
-    from numavm.units import parse_list, parse_size
-    from numavm.policy import parse_policy
+    from numavm.spec.units import parse_list, parse_size
+    from numavm.spec.policy import parse_policy
 
     assert doc["cpus"] == topo.cpus
     assert parse_size(doc["memory"], "memory") == topo.memory
@@ -434,9 +434,9 @@ def test_toml_round_trips(name):
 
 @pytest.mark.parametrize("name", sorted(TOML_MACHINES))
 def test_toml_loads_back_through_numavm_config(name):
-    config = pytest.importorskip("numavm.config")
+    config = pytest.importorskip("numavm.spec.config")
     if not hasattr(config, "loads"):
-        pytest.skip("numavm.config has no loads()")
+        pytest.skip("numavm.spec.config has no loads()")
     topo = TOML_MACHINES[name]()
     assert config.loads(export(topo, "toml").text, "export").build(host_nodes=(0, 1, 2)) == topo
 

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from numavm import acpi, config
-from numavm.acpi.hmat import build_hmat
+from numavm.plan import acpi
+
+from numavm.spec import config
+from numavm.plan.acpi.hmat import build_hmat
 from numavm.cli import main
 from numavm.errors import ConfigError
-from numavm.layout import plan_layout
-from numavm.topology import MachineSpec, parse_hmat, parse_hmat_cache, parse_numa
-from numavm.units import MiB
+from numavm.plan.layout import plan_layout
+from numavm.spec.topology import MachineSpec, parse_hmat, parse_hmat_cache, parse_numa
+from numavm.spec.units import MiB
 
 from test_acpi import check_header, disassemble, hexval
 
@@ -173,7 +175,7 @@ def test_hmat_under_iasl(tmp_path: Path) -> None:
 
 
 def plan_doc(links=LINKS, caches=CACHES, domains=DOMAINS) -> dict:
-    from numavm.plan import plan_document
+    from numavm.plan.render import plan_document
     return plan_document(plan_layout(topo(links, caches, domains)))
 
 
@@ -194,7 +196,7 @@ def test_linux_picks_the_best_initiators_type_by_type() -> None:
 
 
 def test_memory_tiers_from_hmat() -> None:
-    from numavm.linux_numa import hmat_access, memory_tiers
+    from numavm.check.linux_numa import hmat_access, memory_tiers
     doc = plan_doc()
     acc = hmat_access(doc["hmat"]["links"], [0, 1, 2], [0, 1])
     # 576 * 700 / 200 * 40000 / 12000 = 6720: tier 52 (measured in 6.12)
@@ -211,7 +213,7 @@ def test_memory_tiers_from_hmat() -> None:
 
 
 def test_compare_hmat_finds_each_difference() -> None:
-    from numavm.guestcheck import compare_hmat
+    from numavm.check.compare import compare_hmat
     doc = plan_doc()
     acc = doc["hmat"]["linux"]["access"]
     nodes = {str(t): {"access": {a: dict(v) for a, v in acc[str(t)].items()}} for t in range(3)}
@@ -260,7 +262,7 @@ HMAT_TIERS = {"full": {"4": "0-1", "52": "2"}, "cxl-example": {"4": "0-1", "31":
 
 
 def _releases() -> list[str | None]:
-    from numavm.aptrelease import host_release
+    from numavm.guest.aptrelease import host_release
     other = {"bookworm": "trixie", "trixie": "bookworm"}.get(host_release() or "")
     return [None] + ([other] if other else [])
 
@@ -322,7 +324,7 @@ def test_plan_shows_the_hmat(capsys: pytest.CaptureFixture[str], tmp_path: Path)
 
 
 def _export(to: str, links=LINKS, caches=CACHES, domains=DOMAINS):
-    from numavm.export import export
+    from numavm.peers.export import export
     return export(topo(links, caches, domains), to)
 
 
@@ -394,11 +396,12 @@ def dataclass_values(x) -> tuple:
 def test_qemu_builds_the_same_hmat_from_the_export(release: str | None, tmp_path: Path) -> None:
     """QEMU booted with `export --to qemu` builds its own HMAT (hmat-lb, hmat-cache, initiator=):
     the guest's sysfs must show what numavm's plan says."""
-    from numavm import assets as A, guestcheck as G, initramfs as I
-    from numavm.export import qemu_args
-    from numavm.guest import unpacked_kernel
-    from numavm.linux_numa import kernel_version
-    from numavm.plan import plan_document
+    from numavm.guest import assets as A, initramfs as I
+    from numavm.check import compare as G
+    from numavm.peers.export import qemu_args
+    from numavm.guest.launch import unpacked_kernel
+    from numavm.check.linux_numa import kernel_version
+    from numavm.plan.render import plan_document
 
     t = topo()
     a = A.fetch(log=lambda s: None, release=release)
@@ -420,8 +423,8 @@ def test_qemu_builds_the_same_hmat_from_the_export(release: str | None, tmp_path
 
 
 def test_an_hmat_too_large_for_the_table_area_is_bad_input() -> None:
-    from numavm.acpi.hmat import build_hmat
-    from numavm.topology import hmat_size
+    from numavm.plan.acpi.hmat import build_hmat
+    from numavm.spec.topology import hmat_size
     n = 100
     domains = [f"id={i},size=4M,cpus={i}" for i in range(n)]
     links = [f"{i}:{t},latency=100,bandwidth=1000" for i in range(n) for t in range(n)]

@@ -42,7 +42,7 @@ def _domains(n: int, size: str, per: int) -> list[str]:
 # name: (command, expected exit status); signals are sent once the guest runs its command
 CASES: dict[str, tuple[l1.Case, int]] = {c.name: (c, st) for c, st in [
     (l1.Case("detect", ["sh", "-c", "cat /sys/module/kvm_amd/parameters/npt; exec \"$0\" -c "
-                        "'from numavm.engine import detect; print(detect().reason)'", sys.executable]), 0),
+                        "'from numavm.vmm.engine import detect; print(detect().reason)'", sys.executable]), 0),
     (l1.Case("example", CHECK), 0),
     (l1.Case("crossing_3g", [*CHECK, "-n", "id=0,size=2G,cpus=0", "-n", "id=1,size=3G,cpus=1"]), 0),
     (l1.Case("memory_only_domain_0", [*CHECK, "-n", "id=0,size=512M", "-n", "id=1,size=512M,cpus=0-1"]), 0),

@@ -15,14 +15,14 @@ from hypothesis import strategies as st
 
 from numavm.cli import main
 from numavm.errors import ConfigError
-from numavm.export import export
-from numavm.layout import plan_layout
+from numavm.peers.export import export
+from numavm.plan.layout import plan_layout
 from numavm.peers import FORMATS, import_topology, read
 from numavm.peers.libvirt import parse_xml
-from numavm.plan import plan_document
-from numavm.policy import Mode, Policy
-from numavm.topology import DomainSpec, MachineSpec, Topology, parse_distance, parse_numa
-from numavm.units import GiB, MiB
+from numavm.plan.render import plan_document
+from numavm.spec.policy import Mode, Policy
+from numavm.spec.topology import DomainSpec, MachineSpec, Topology, parse_distance, parse_numa
+from numavm.spec.units import GiB, MiB
 
 HOST = (0, 1, 2, 3)  # the host nodes the generated policies name (checked against these, not this host)
 

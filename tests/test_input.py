@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from numavm import config
+from numavm.spec import config
 from numavm.cli import main
-from numavm.engine import KVM_DEVNO, choose, detect, device_kind, qemu_binary
+from numavm.vmm.engine import KVM_DEVNO, choose, detect, device_kind, qemu_binary
 from numavm.errors import ConfigError
-from numavm.units import parse_int, parse_seconds, parse_size
+from numavm.spec.units import parse_int, parse_seconds, parse_size
 
 
 def one_error(capsys, argv: list[str]) -> str:  # type: ignore[no-untyped-def]
@@ -135,7 +135,7 @@ def test_toml_directory(capsys, tmp_path):
 
 @pytest.fixture
 def cached_kernel():  # type: ignore[no-untyped-def]
-    from numavm.assets import cached
+    from numavm.guest.assets import cached
     a = cached()
     if a is None:
         pytest.skip("no guest kernel in the cache (numavm fetch)")
@@ -145,7 +145,7 @@ def cached_kernel():  # type: ignore[no-untyped-def]
 @pytest.mark.skipif(not qemu_binary(), reason="qemu-system-x86_64 is not installed")
 def test_bad_kernels_are_bad_input(capsys, tmp_path, cached_kernel):
     data = cached_kernel.read_bytes()
-    from numavm.guest import unpacked_kernel
+    from numavm.guest.launch import unpacked_kernel
     vmlinux = unpacked_kernel(cached_kernel, lambda s: None).read_bytes()
     cases = {"garbage": b"garbage" * 100, "empty": b"", "truncated-bzImage": data[: len(data) // 3],
              "truncated-vmlinux": vmlinux[: len(vmlinux) // 3], "elf-header-only": vmlinux[:64]}
@@ -207,9 +207,9 @@ def test_auto_falls_back_to_kvm_where_tcg_refuses_the_layout():
     """The engine says why it refused (EngineRefusal.reason); nothing parses its message."""
     if not qemu_binary():
         pytest.skip("needs qemu-system-x86_64 (the fallback starts from TCG)")
-    from numavm.engine import HostVirt, KvmEngine, TcgEngine, select
-    from numavm.layout import plan_layout
-    from numavm.topology import MachineSpec, parse_numa
+    from numavm.vmm.engine import HostVirt, KvmEngine, TcgEngine, select
+    from numavm.plan.layout import plan_layout
+    from numavm.spec.topology import MachineSpec, parse_numa
 
     wide = plan_layout(MachineSpec(cpus=256, domains=[parse_numa("id=0,size=64M,cpus=0-255")])
                        .build(host_nodes=(0,)))
@@ -231,12 +231,13 @@ def test_auto_falls_back_to_kvm_where_tcg_refuses_the_layout():
 
 def test_a_tcg_run_loads_nothing_of_kvm():
     """--accel tcg: choosing, checking and the TCG engine's module import no KVM code."""
-    code = ("import sys; from numavm import cli, engine, guest, run; import numavm.tcg; "
-            "from numavm.layout import plan_layout; from numavm import config; "
+    code = ("import sys; from numavm import cli; from numavm.vmm import engine, run; import numavm.vmm.tcg; "
+            "from numavm.guest import launch; "
+            "from numavm.plan.layout import plan_layout; from numavm.spec import config; "
             "e = engine.select('tcg', plan_layout(config.example().build(host_nodes=(0,)))) "
             "if engine.qemu_binary() else None; "
-            "print(sorted(m for m in sys.modules if m.split('.')[1:2] in "
-            "(['kvm'], ['machine'], ['cpuid'], ['devices'], ['cpu'])))")
+            "print(sorted(m for m in sys.modules if m.startswith(('numavm.vmm.kvm', 'numavm.plan.cpuid', "
+            "'numavm.devices'))))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""numavm.kvm on the real /dev/kvm, plus the pure long-mode helpers of numavm.cpu.
+"""numavm.vmm.kvm.ioctls on the real /dev/kvm, plus the pure long-mode helpers of numavm.vmm.kvm.cpu.
 
 Guest programs are a few hand-assembled instructions (plain mov/out/hlt):
 some hosts' KVM emulates guest kernel code and fails on fancier ones.
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from numavm import cpu
-from numavm import kvm as K
+from numavm.vmm.kvm import cpu
+from numavm.vmm.kvm import ioctls as K
 from numavm.errors import NumavmError
 
 GiB = 1 << 30
@@ -160,7 +160,7 @@ def test_sizes_and_requests_against_installed_headers(tmp_path: Path) -> None:
         assert getattr(K, req) == int(out[req]), req
 
 
-# --- pure long-mode helpers (numavm.cpu) --------------------------------------
+# --- pure long-mode helpers (numavm.vmm.kvm.cpu) --------------------------------------
 
 def _walk(tables: bytes, base: int, vaddr: int) -> int:
     """Translate `vaddr` through tables copied at guest `base` (a tiny MMU)."""

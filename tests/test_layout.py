@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from numavm import config
-from numavm.layout import (
+from numavm.spec import config
+from numavm.plan.layout import (
     EBDA_START,
     HIGH_RAM_BASE,
     IOAPIC_ADDR,
@@ -20,8 +20,8 @@ from numavm.layout import (
     Range,
     plan_layout,
 )
-from numavm.topology import MachineSpec, Topology, parse_distance, parse_numa
-from numavm.units import GiB, KiB, MiB, TiB
+from numavm.spec.topology import MachineSpec, Topology, parse_distance, parse_numa
+from numavm.spec.units import GiB, KiB, MiB, TiB
 
 HOSTS = (0, 1, 2, 3)
 

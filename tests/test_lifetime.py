@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from numavm.engine import detect, qemu_binary
-from numavm.lifetime import OwnedDir, die_with_parent, sweep
+from numavm.vmm.engine import detect, qemu_binary
+from numavm.host.lifetime import OwnedDir, die_with_parent, sweep
 
 host = detect()
 needs_qemu = pytest.mark.skipif(not qemu_binary(), reason="qemu-system-x86_64 is not installed")
@@ -145,7 +145,7 @@ def owned(tmp: Path) -> list[str]:
 def test_child_dies_when_numavm_is_killed(tmp_path):
     """A child started with die_with_parent() gets SIGKILL when its parent is SIGKILLed."""
     code = ("import subprocess, sys, time\n"
-            "from numavm.lifetime import die_with_parent\n"
+            "from numavm.host.lifetime import die_with_parent\n"
             "p = subprocess.Popen(['sleep', '600'], preexec_fn=die_with_parent())\n"
             "print(p.pid, flush=True)\n"
             "time.sleep(600)\n")

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-import numavm.likehost
+import numavm.spec.likehost
 from numavm.cli import main
 from numavm.errors import ConfigError
-from numavm.likehost import like_host
-from numavm.memory import NODE_DIR, node_cpus, node_total
-from numavm.policy import Mode, Policy, host_online_nodes
-from numavm.topology import Topology, parse_numa
-from numavm.units import GiB, MiB
+from numavm.spec.likehost import like_host
+from numavm.host.memory import NODE_DIR, node_cpus, node_total
+from numavm.spec.policy import Mode, Policy, host_online_nodes
+from numavm.spec.topology import Topology, parse_numa
+from numavm.spec.units import GiB, MiB
 
 
 def fake_sysfs(root: Path, nodes: dict[int, tuple[str, int, str]], online: str | None = None) -> Path:
@@ -134,7 +134,7 @@ def test_this_host(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_with_a_fake_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                               capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(numavm.likehost, "NODE_DIR", fake_sysfs(tmp_path / "node", FOUR))
+    monkeypatch.setattr(numavm.spec.likehost, "NODE_DIR", fake_sysfs(tmp_path / "node", FOUR))
     assert main(["export", "--to", "toml", "--like-host", "-c", "6", "-m", "2G", "--host-nodes", "0-3"]) == 0
     out = capsys.readouterr()
     assert out.err == ""

@@ -17,13 +17,13 @@ import time
 
 import pytest
 
-from numavm import cpu as cpumode
-from numavm.acpi import build_tables
-from numavm.engine import detect
-from numavm.layout import Layout, plan_layout
-from numavm.machine import KvmMachine
-from numavm.run import Outcome
-from numavm.topology import MachineSpec, parse_distance, parse_numa
+from numavm.vmm.kvm import cpu as cpumode
+from numavm.plan.acpi import build_tables
+from numavm.vmm.engine import detect
+from numavm.plan.layout import Layout, plan_layout
+from numavm.vmm.kvm.machine import KvmMachine
+from numavm.vmm.run import Outcome
+from numavm.spec.topology import MachineSpec, parse_distance, parse_numa
 
 from kvmtest import with_regs  # noqa: E402
 
@@ -310,7 +310,7 @@ def test_port_io_sizes_and_string_io_through_the_bus() -> None:
 
 def test_power_off_through_the_acpi_sleep_register() -> None:
     from numavm.devices import S5_SLEEP_CONTROL_VALUE
-    from numavm.layout import SLEEP_CONTROL_PORT
+    from numavm.plan.layout import SLEEP_CONTROL_PORT
 
     layout = plan_layout(MachineSpec(cpus=1, memory=64 << 20).build())
     program = bytes.fromhex(f"66ba{SLEEP_CONTROL_PORT & 0xff:02x}{SLEEP_CONTROL_PORT >> 8:02x}"  # mov dx, port

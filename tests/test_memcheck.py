@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from numavm import memory as M
+from numavm.host import memory as M
 from numavm.cli import main
 from numavm.errors import ConfigError
-from numavm.layout import plan_layout
-from numavm.topology import MachineSpec, parse_numa
-from numavm.units import GiB, MiB
+from numavm.plan.layout import plan_layout
+from numavm.spec.topology import MachineSpec, parse_numa
+from numavm.spec.units import GiB, MiB
 
 
 def layout(*numa: str, memory: int | None = None):  # type: ignore[no-untyped-def]

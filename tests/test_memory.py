@@ -1,4 +1,4 @@
-"""numavm.memory against the real kernel: memfds, mbind, get_mempolicy, numa_maps.
+"""numavm.host.memory against the real kernel: memfds, mbind, get_mempolicy, numa_maps.
 
 Written for a host with node 0 online (any host has it); policies naming
 other nodes are refused or rejected by the kernel, which the tests use.
@@ -16,17 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from numavm import _libc
+from numavm.host import libc as _libc
 from numavm.errors import ConfigError, NumavmError
-from numavm.layout import Layout, plan_layout
-from numavm.memory import (MODE_SINCE, MPOL_F_ADDR, MPOL_F_NODE, BackingFd, GuestAddressError,
+from numavm.plan.layout import Layout, plan_layout
+from numavm.host.memory import (MODE_SINCE, MPOL_F_ADDR, MPOL_F_NODE, BackingFd, GuestAddressError,
                            GuestMemory, Placement, PrefaultResult, ProgressFn, Segment, check_hugetlb,
                            kernel_version, meminfo, nodemask, pages_per_node, parse_numa_maps_line,
                            read_numa_maps)
-from numavm.policy import Mode, Policy, host_online_nodes, parse_policy
-from numavm.tcg import qemu_ram_offset
-from numavm.topology import MachineSpec, parse_numa
-from numavm.units import GiB, KiB, MiB
+from numavm.spec.policy import Mode, Policy, host_online_nodes, parse_policy
+from numavm.vmm.tcg import qemu_ram_offset
+from numavm.spec.topology import MachineSpec, parse_numa
+from numavm.spec.units import GiB, KiB, MiB
 
 def _fds(mem: GuestMemory) -> dict[int, int]:
     """Domain id -> memfd of a per-domain guest memory."""
@@ -529,8 +529,8 @@ def test_unified_skips_memoryless_domains() -> None:
 CHILD = textwrap.dedent("""
     # What QEMU does with mem-path=/proc/self/fd/N,share=on: open, map shared, write.
     import ctypes, json, mmap, os, sys
-    from numavm import _libc
-    from numavm.memory import MPOL_F_ADDR, MPOL_F_NODE
+    from numavm.host import libc as _libc
+    from numavm.host.memory import MPOL_F_ADDR, MPOL_F_NODE
     fd, size, sig_at, fill_at, fill = (int(a) for a in sys.argv[1:6])
     f = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
     m = mmap.mmap(f, size, flags=mmap.MAP_SHARED)

@@ -29,17 +29,17 @@ from typing import Any, Callable, Iterator, Mapping
 
 import pytest
 
-from numavm import assets as A
-from numavm import config
-from numavm import guestcheck as G
-from numavm import initramfs as I
-from numavm.acpi import build_tables
+from numavm.guest import assets as A
+from numavm.spec import config
+from numavm.check import compare as G
+from numavm.guest import initramfs as I
+from numavm.plan.acpi import build_tables
 from numavm.errors import NumavmError
-from numavm.guest import tcg_cmdline
-from numavm.layout import QEMU_PC_MACHINE, Layout, plan_layout
-from numavm.plan import plan_document
-from numavm.tcg import NUMA_TABLES, QEMU_CPU, tcg_topology
-from numavm.topology import MachineSpec, Topology, parse_distance, parse_numa
+from numavm.guest.launch import tcg_cmdline
+from numavm.plan.layout import QEMU_PC_MACHINE, Layout, plan_layout
+from numavm.plan.render import plan_document
+from numavm.vmm.tcg import NUMA_TABLES, QEMU_CPU, tcg_topology
+from numavm.spec.topology import MachineSpec, Topology, parse_distance, parse_numa
 
 MiB = 1 << 20
 QEMU = "qemu-system-x86_64"
@@ -398,7 +398,7 @@ def assets() -> A.Assets:
 def guest_kernel(assets: A.Assets) -> Path:
     """The bzImage's vmlinux, unpacked on the host by numavm (xz on Debian 12, zstd on 13):
     QEMU starts it at its PVH entry, with no decompression in the emulated guest."""
-    from numavm.guest import unpacked_kernel
+    from numavm.guest.launch import unpacked_kernel
     return unpacked_kernel(assets.kernel, log=lambda s: None)
 
 
@@ -569,7 +569,7 @@ def test_guest_sees_the_plan(case: str, boots: dict[str, Future[Boot]]) -> None:
     assert "NUMA: nodes only cover" not in b.console
     mismatches = G.compare_userspace(b.doc, rep, from_guest)
     if CASES[case].srat is not None:  # the guest obeyed the doctored SRAT: both comparisons must say so
-        from numavm.check import evaluate
+        from numavm.check.verdict import evaluate
         assert mismatches == ["domain 0 (node 0): CPUs 0,2, plan wants 0-1",
                               "domain 0 (node 0): APIC ids 0,2, plan wants 0-1",
                               "domain 1 (node 1): CPUs 1,3, plan wants 2-3",

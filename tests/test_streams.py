@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from numavm import cpu as cpumode
+from numavm.vmm.kvm import cpu as cpumode
 from numavm.devices import IrqLines, Serial16550
-from numavm.engine import detect, qemu_binary
-from numavm.initramfs import SHELL_FLAG, initramfs_entries, parse_guest_report
-from numavm.layout import COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, COM3_IRQ, COM3_PORT, plan_layout
-from numavm.topology import MachineSpec
+from numavm.vmm.engine import detect, qemu_binary
+from numavm.guest.initramfs import SHELL_FLAG, initramfs_entries, parse_guest_report
+from numavm.plan.layout import COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, COM3_IRQ, COM3_PORT, plan_layout
+from numavm.spec.topology import MachineSpec
 
 host = detect()
 needs_qemu = pytest.mark.skipif(not qemu_binary(), reason="qemu-system-x86_64 is not installed")
@@ -100,9 +100,9 @@ def test_kvm_machine_routes_each_port_to_its_stream() -> None:
     """A guest program on real KVM writes every byte value to COM2, a line to COM3 and one to
     COM1, then powers off: each lands in its own sink, byte for byte."""
     from numavm.devices import S5_SLEEP_CONTROL_VALUE
-    from numavm.layout import SLEEP_CONTROL_PORT
-    from numavm.machine import KvmMachine
-    from numavm.run import Outcome
+    from numavm.plan.layout import SLEEP_CONTROL_PORT
+    from numavm.vmm.kvm.machine import KvmMachine
+    from numavm.vmm.run import Outcome
 
     gdt, prog, pt, data = 0x7000, 0x8000, 0x10000, 0x9000
     out, err, con = bytes(range(256)) + b"\r\n\n", b"oops\n", b"console\n"
@@ -134,7 +134,7 @@ def test_kvm_machine_routes_each_port_to_its_stream() -> None:
 
 @needs_kvm
 def test_kvm_machine_without_streams_has_only_com1() -> None:
-    from numavm.machine import KvmMachine
+    from numavm.vmm.kvm.machine import KvmMachine
 
     with KvmMachine(plan_layout(MachineSpec(cpus=1, memory=64 << 20).build())) as m:
         assert m.uarts == [m.serial] and m.stdout_serial is None

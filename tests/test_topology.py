@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from numavm.errors import ConfigError, NumavmError
-from numavm.policy import Mode, Policy, host_online_nodes, parse_policy
-from numavm.topology import (
+from numavm.spec.policy import Mode, Policy, host_online_nodes, parse_policy
+from numavm.spec.topology import (
     DEFAULT_MEMORY,
     MAX_CPUS,
     MAX_DOMAINS,
@@ -25,7 +25,7 @@ from numavm.topology import (
     parse_distance,
     parse_numa,
 )
-from numavm.units import GiB, KiB, MiB, TiB, format_list, format_size, parse_list, parse_size
+from numavm.spec.units import GiB, KiB, MiB, TiB, format_list, format_size, parse_list, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -168,7 +168,7 @@ def test_parse_list_huge_number_is_a_config_error():
 
 def test_parse_list_duplicate_report_is_fast():
     code = textwrap.dedent("""
-        from numavm.units import parse_list
+        from numavm.spec.units import parse_list
         from numavm.errors import ConfigError
         try:
             parse_list("0-32767+0-32767", "f")

@@ -7,9 +7,9 @@ reaches the outside world only through callbacks given at construction
 unit-tested alone and the machine wires them to KVM.
 """
 
-from .bus import PORT_LIMIT, Device, IoBus, all_ones
-from .irq import IrqLines
-from .power import (
+from numavm.devices.bus import PORT_LIMIT, Device, IoBus, all_ones
+from numavm.devices.irq import IrqLines
+from numavm.devices.power import (
     I8042,
     IO_DELAY_PORT,
     POST_PORT,
@@ -26,7 +26,7 @@ from .power import (
     SinkPort,
     attach_power_devices,
 )
-from .serial import UART_PORTS, Serial16550
+from numavm.devices.serial import UART_PORTS, Serial16550
 
 __all__ = [
     "PORT_LIMIT", "Device", "IoBus", "all_ones", "IrqLines",

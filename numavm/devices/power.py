@@ -4,7 +4,7 @@ Each device reports through ``on_event(event)`` with a `PowerEvent` (a
 `str`: ``"poweroff"`` or ``"reset"``); the machine decides what to do (stop
 the vCPUs, rebuild the guest).  Nothing here stops anything by itself.
 
-Hardware-reduced ACPI (the FADT's registers, ports from `numavm.layout`):
+Hardware-reduced ACPI (the FADT's registers, ports from `numavm.plan.layout`):
 
 * Sleep control register (`SLEEP_CONTROL_PORT`, 8 bits): Linux writes
   ``SLP_TYP << 2 | SLP_EN`` with SLP_TYP from the DSDT's ``\\_S5`` package.
@@ -49,9 +49,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
-from ..layout import (RESET_PORT, RESET_VALUE, S5_SLEEP_CONTROL_VALUE, S5_SLP_TYP, SLEEP_CONTROL_PORT,
+from numavm.plan.layout import (RESET_PORT, RESET_VALUE, S5_SLEEP_CONTROL_VALUE, S5_SLP_TYP, SLEEP_CONTROL_PORT,
                       SLEEP_STATUS_PORT, SLP_EN, SLP_TYP_MASK, SLP_TYP_SHIFT, WAK_STS)
-from .bus import IoBus, all_ones
+from numavm.devices.bus import IoBus, all_ones
 
 __all__ = [
     "PowerEvent", "S5_SLP_TYP", "SLP_TYP_SHIFT", "SLP_TYP_MASK", "SLP_EN", "WAK_STS",
@@ -59,8 +59,8 @@ __all__ = [
     "Register", "AcpiPower", "I8042", "SinkPort", "PowerDevices", "attach_power_devices",
 ]
 
-# The sleep registers' bits (S5_SLP_TYP, SLP_EN, WAK_STS, ...) are numavm.layout's,
-# from which numavm.acpi builds the DSDT's \_S5 package.
+# The sleep registers' bits (S5_SLP_TYP, SLP_EN, WAK_STS, ...) are numavm.plan.layout's,
+# from which numavm.plan.acpi builds the DSDT's \_S5 package.
 
 I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64  # reads: status

@@ -62,7 +62,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
-from ..layout import COM1_IRQ
+from numavm.plan.layout import COM1_IRQ
 
 __all__ = [
     "Serial16550", "UART_PORTS",

@@ -14,9 +14,9 @@ import importlib
 import shlex
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
-from ..topology import MachineSpec, Topology
-from ..units import parse_size
+from numavm.errors import ConfigError
+from numavm.spec.topology import MachineSpec, Topology
+from numavm.spec.units import parse_size
 
 # format -> module in this package
 READERS = {"qemu": "qemu", "libvirt": "libvirt", "cloud-hypervisor": "cloud_hypervisor", "bhyve": "bhyve"}
@@ -88,7 +88,7 @@ def flag(value: str, field: str) -> bool:
 
 def comma_list(text: str, field: str) -> tuple[int, ...]:
     """Linux cpulist spelling (``0-3,6``, libvirt's ``^2`` exclusions too) as sorted numbers."""
-    from ..units import parse_list
+    from numavm.spec.units import parse_list
 
     take: list[int] = []
     drop: list[int] = []

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import getopt
 
-from ..errors import ConfigError
-from ..policy import Mode, Policy, parse_policy
-from ..topology import DomainSpec, MachineSpec
-from ..units import MiB, parse_int
-from . import Imported, comma_list, command_words, size
+from numavm.errors import ConfigError
+from numavm.spec.policy import Mode, Policy, parse_policy
+from numavm.spec.topology import DomainSpec, MachineSpec
+from numavm.spec.units import MiB, parse_int
+from numavm.peers import Imported, comma_list, command_words, size
 
 FMT = "bhyve"
 # bhyve(8)'s getopt string (FreeBSD 15): the letters with ':' take a value

@@ -5,11 +5,11 @@ note."""
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from ..policy import Mode, Policy
-from ..topology import DomainSpec, MachineSpec
-from ..units import format_list, parse_int, parse_list
-from . import Imported, command_words, flag, size
+from numavm.errors import ConfigError
+from numavm.spec.policy import Mode, Policy
+from numavm.spec.topology import DomainSpec, MachineSpec
+from numavm.spec.units import format_list, parse_int, parse_list
+from numavm.peers import Imported, command_words, flag, size
 
 FMT = "cloud-hypervisor"
 _CPUS_KEYS = {"boot", "max", "topology", "kvm_hyperv", "max_phys_bits", "affinity", "features", "nested"}

@@ -13,11 +13,11 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from xml.parsers import expat
 
-from ..errors import ConfigError
-from ..policy import Mode, Policy
-from ..topology import DomainSpec, MachineSpec
-from ..units import format_list, parse_int
-from . import Imported, comma_list
+from numavm.errors import ConfigError
+from numavm.spec.policy import Mode, Policy
+from numavm.spec.topology import DomainSpec, MachineSpec
+from numavm.spec.units import format_list, parse_int
+from numavm.peers import Imported, comma_list
 
 FMT = "libvirt"
 # libvirt's memory units (docs: formatdomain, "Memory Allocation"); the default is KiB

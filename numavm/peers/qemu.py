@@ -5,11 +5,11 @@ accelerator) do not describe the NUMA machine and are listed in a note."""
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from ..policy import Mode, Policy
-from ..topology import MAX_CPUS, DomainSpec, MachineSpec
-from ..units import MiB, format_list, parse_int, parse_list
-from . import Imported, command_words, flag, size
+from numavm.errors import ConfigError
+from numavm.spec.policy import Mode, Policy
+from numavm.spec.topology import MAX_CPUS, DomainSpec, MachineSpec
+from numavm.spec.units import MiB, format_list, parse_int, parse_list
+from numavm.peers import Imported, command_words, flag, size
 
 FMT = "qemu"
 _BACKENDS = ("memory-backend-ram", "memory-backend-memfd", "memory-backend-file")

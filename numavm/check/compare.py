@@ -1,0 +1,403 @@
+"""Does a booted Linux guest see the machine numavm planned?
+
+The guest's /init (see `initramfs`) reports what sysfs says: nodes, their
+CPUs, MemTotal and distance rows.  `compare_userspace()` holds that report
+against the plan (`plan.plan_document()`) and returns one line per
+difference; `numavm check` and the QEMU oracle test both use it.
+
+Linux numbers its nodes by first appearance in the SRAT, processor entries
+before memory entries, so node N is not necessarily proximity domain N.  The
+comparison therefore takes the PXM -> node map explicitly: from the guest's
+kernel log (`pxm_to_node_from_log`), or predicted from the SRAT bytes by
+Linux's rule (`pxm_to_node_from_srat`); the two should agree.
+
+MemTotal tolerance (`memory_bounds`)
+------------------------------------
+A node's MemTotal (its managed pages) is never more than its domain's size,
+and is less by what the kernel keeps for itself on that node:
+
+* the memory map: one 64-byte `struct page` per 4 KiB page, 1/64 of the
+  node, allocated per 128 MiB section (2 MiB of map each) on the node that
+  owns the section's first page -- so a small node may pay for a whole
+  section, or for nothing.  Allowed: size/64 + 2 MiB.
+* fixed per-node costs: pg_data_t (~170 KiB), page tables, early memblock
+  allocations that go to the highest node (~3 MiB with 64 nodes), the
+  first 1 MiB that x86 keeps.  Allowed: 8 MiB (`NODE_SLACK`), plus 512 KiB
+  a vCPU of the domain for its per-CPU area (~250 KiB each measured).
+* the kernel image: with ``nokaslr`` it sits at 16 MiB; Debian's 6.1 image is
+  ~46 MiB (text, data, bss).  Allowed: the overlap of the node's RAM with the
+  `KERNEL_WINDOW` [16 MiB, 80 MiB).
+* swiotlb: when RAM reaches above 4 GiB, the kernel takes 64 MiB of bounce
+  buffers as high as it can below 4 GiB, i.e. at the top of low RAM.
+  Allowed: the overlap with [top of low RAM - 80 MiB, top of low RAM).
+
+The tolerance is deliberately additive and per-range rather than a flat
+percentage: it keeps a 32 MiB node honest (it must still show ~21 MiB
+unless the kernel image sits on it; measured: 29-32 MiB) while letting the
+node that holds the kernel or the bounce buffers lose what they cost.
+Measured under QEMU with Debian's 6.1 kernel, what a node lost beyond its
+memory map, the kernel image and swiotlb was at most ~3 MiB.
+
+MemTotal alone cannot see a few MiB put in the wrong node, so the report's
+``present_kb`` (pages the kernel found present in the node's ranges, from
+/proc/zoneinfo) is held tighter: never above the domain's size and at most
+`PRESENT_SLACK` (2 MiB) below it -- the e820 holes inside RAM: page 0, the
+640 KiB-1 MiB hole, QEMU's 128 KiB of firmware tables at the top of low RAM.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import Any, Iterable, Mapping
+
+from numavm.spec import units
+from numavm.check.linux_numa import node_numbering
+
+MiB = 1 << 20
+GiB = 1 << 30
+LOCAL_DISTANCE = 10
+
+NODE_SLACK = 8 * MiB
+CPU_SLACK = 512 * 1024
+PRESENT_SLACK = 2 * MiB
+MEMMAP_SECTION_SLACK = 2 * MiB
+KERNEL_WINDOW = (16 * MiB, 80 * MiB)
+SWIOTLB_SIZE = 64 * MiB
+SWIOTLB_WINDOW = 80 * MiB  # below the top of low RAM: the buffers plus alignment and neighbours
+FOUR_GIB = 4 * GiB
+
+
+# ---------------------------------------------------------------- LIST syntax
+
+
+def parse_cpulist(text: str) -> set[int]:
+    """Linux's list format ("0-3,8,10-11"; "" is empty) as a set."""
+    return set(units.parse_cpulist(text, "cpulist"))
+
+
+format_cpulist = units.format_cpulist
+
+
+# ---------------------------------------------------------------- PXM -> node
+
+
+_PROC_LINE = re.compile(r"SRAT: PXM (\d+) -> (?:X2)?APIC 0x[0-9a-fA-F]+ -> Node (\d+)")
+_MEM_LINE = re.compile(r"ACPI: SRAT: Node (\d+) PXM (\d+) \[mem")
+
+
+def pxm_to_node_from_log(console_text: str) -> dict[int, int]:
+    """The PXM -> node map in a Linux guest's kernel log.
+
+    From ``SRAT: PXM P -> APIC 0xA -> Node N`` and ``ACPI: SRAT: Node N PXM P
+    [mem ...]`` lines (printed at KERN_INFO/DEBUG: not on a ``quiet`` console,
+    so numavm's /init copies them from dmesg).  Empty when there are none.
+    """
+    out: dict[int, int] = {}
+    for m in _PROC_LINE.finditer(console_text):
+        out.setdefault(int(m.group(1)), int(m.group(2)))
+    for m in _MEM_LINE.finditer(console_text):
+        out.setdefault(int(m.group(2)), int(m.group(1)))
+    return out
+
+
+def pxm_to_node_from_srat(srat: bytes) -> dict[int, int]:
+    """The PXM -> node map Linux (x86) will make of an SRAT.
+
+    Linux walks the processor entries (local APIC and x2APIC affinity, in
+    table order) before the memory entries, and gives each proximity domain
+    the next node number the first time an enabled entry names it.
+    """
+    procs: list[int] = []
+    mems: list[int] = []
+    pos = 48  # 36-byte header + 4 reserved + 8 reserved
+    while pos + 2 <= len(srat):
+        kind, length = srat[pos], srat[pos + 1]
+        if length < 2:
+            break
+        e = srat[pos:pos + length]
+        if kind == 0 and length >= 16:  # processor local APIC/SAPIC affinity
+            flags, = struct.unpack_from("<I", e, 4)
+            if flags & 1:
+                procs.append(e[2] | e[9] << 8 | e[10] << 16 | e[11] << 24)
+        elif kind == 2 and length >= 24:  # processor local x2APIC affinity
+            pxm, _, flags = struct.unpack_from("<III", e, 4)
+            if flags & 1:
+                procs.append(pxm)
+        elif kind == 1 and length >= 40:  # memory affinity
+            pxm, = struct.unpack_from("<I", e, 2)
+            size, = struct.unpack_from("<Q", e, 16)
+            flags, = struct.unpack_from("<I", e, 28)
+            if flags & 1 and size:
+                mems.append(pxm)
+        pos += length
+    out: dict[int, int] = {}
+    for pxm in procs + mems:
+        if pxm not in out:
+            out[pxm] = len(out)
+    return out
+
+
+def apic_to_node_from_report(observed: Mapping[str, Any]) -> dict[int, int]:
+    """APIC id -> node from the guest's report: each node's cpulist, each CPU's APIC id.
+
+    A source every kernel version has (Linux 6.12 stopped logging the SRAT's
+    processor entries).  CPUs the report gives no APIC id for are left out.
+    """
+    apics = observed.get("cpu_apic_ids") or {}
+    out: dict[int, int] = {}
+    for node, n in (observed.get("nodes") or {}).items():
+        for cpu in sorted(parse_cpulist(n.get("cpulist") or "")):
+            apic = apics.get(str(cpu))
+            if isinstance(apic, int):
+                out[apic] = int(node)
+    return dict(sorted(out.items()))
+
+
+def guest_pxm_to_node(plan_doc: Mapping[str, Any], from_log: Mapping[int, int],
+                      observed: Mapping[str, Any]) -> dict[int, int]:
+    """The guest's PXM -> node map: its log's, completed from its sysfs.
+
+    Linux 6.12+ logs a PXM only with its memory ranges, so a CPU-only domain's
+    node shows only where its vCPUs landed: the node holding every APIC id the
+    plan gives that domain (none added when they are split or missing).
+    """
+    out = dict(from_log)
+    a2n = apic_to_node_from_report(observed)
+    for d in plan_doc["domains"]:
+        if d["id"] in out or not d.get("apic_ids"):
+            continue
+        nodes = {a2n.get(a) for a in d["apic_ids"]}
+        if len(nodes) == 1 and None not in nodes:
+            out[d["id"]] = nodes.pop()  # type: ignore[assignment]
+    return out
+
+
+def pxm_to_node_from_plan(plan_doc: Mapping[str, Any]) -> dict[int, int]:
+    """The map for numavm's own SRAT order (domains with vCPUs by id, then memory-only ones)."""
+    if not plan_doc.get("numa", True):
+        return {0: 0}
+    return node_numbering((d["id"], bool(d["cpus"]), bool(d["size"])) for d in plan_doc["domains"])
+
+
+# ---------------------------------------------------------------- memory bounds
+
+
+def _overlap(ranges: Iterable[tuple[int, int]], lo: int, hi: int) -> int:
+    return sum(max(0, min(e, hi) - max(s, lo)) for s, e in ranges)
+
+
+def memory_bounds(plan_doc: Mapping[str, Any]) -> dict[int, tuple[int, int, list[str]]]:
+    """{domain id: (lowest, highest acceptable MemTotal in kB, what the allowance is made of)}."""
+    doms = plan_doc["domains"]
+    ranges = {d["id"]: [(r["start"], r["end"]) for r in d["ranges"]] for d in doms}
+    low_top = max((e for rs in ranges.values() for _, e in rs if e <= FOUR_GIB), default=0)
+    high_ram = any(e > FOUR_GIB for rs in ranges.values() for _, e in rs)
+    out: dict[int, tuple[int, int, list[str]]] = {}
+    for d in doms:
+        size = d["size"]
+        if size == 0:
+            out[d["id"]] = (0, 0, ["CPU-only"])
+            continue
+        parts = [("memmap", size // 64 + MEMMAP_SECTION_SLACK),
+                 ("node", NODE_SLACK + CPU_SLACK * len(d["cpus"]))]
+        k = _overlap(ranges[d["id"]], *KERNEL_WINDOW)
+        if k:
+            parts.append(("kernel image", k))
+        if high_ram:
+            s = _overlap(ranges[d["id"]], max(0, low_top - SWIOTLB_WINDOW), low_top)
+            if s:
+                parts.append(("swiotlb", min(s, SWIOTLB_WINDOW)))
+        allowance = sum(v for _, v in parts)
+        lo = max(0, size - allowance) // 1024
+        out[d["id"]] = (lo, size // 1024, [f"{n} {v // 1024} kB" for n, v in parts])
+    return out
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def compare_userspace(plan_doc: Mapping[str, Any], observed: Mapping[str, Any],
+                      pxm_to_node: Mapping[int, int] | None) -> list[str]:
+    """Differences between the plan and the guest's report; an empty list means they match.
+
+    `observed` is what `initramfs.parse_guest_report()` returns.  `pxm_to_node`
+    maps proximity domains (numavm's domain ids) to the guest's node numbers;
+    None or empty means the identity map for the classic machine and Linux's
+    SRAT rule (`pxm_to_node_from_plan`) otherwise.  Checked: the set of nodes,
+    each node's CPUs and their APIC ids, MemTotal within `memory_bounds`, the
+    distance matrix (permuted by the map), and the online CPUs.
+    """
+    out: list[str] = []
+    doms = sorted(plan_doc["domains"], key=lambda d: d["id"])
+    numa = plan_doc.get("numa", True)
+    if not numa:  # one domain, no SRAT: Linux fakes node 0
+        pmap = {0: 0}
+    else:
+        pmap = dict(pxm_to_node) if pxm_to_node else pxm_to_node_from_plan(plan_doc)
+    nodes: Mapping[str, Any] = observed.get("nodes") or {}
+    seen = {int(k) for k in nodes}
+    want_nodes = {pmap[d["id"]] for d in doms if d["id"] in pmap}
+
+    for d in doms:
+        if d["id"] not in pmap:
+            out.append(f"domain {d['id']}: the guest mapped PXM {d['id']} to no node")
+    if len(set(pmap[d["id"]] for d in doms if d["id"] in pmap)) != len(want_nodes) or \
+            len(want_nodes) != len([d for d in doms if d["id"] in pmap]):
+        out.append(f"PXM -> node map is not one-to-one: {dict(sorted(pmap.items()))}")
+    if seen != want_nodes:
+        out.append(f"nodes: guest has {format_cpulist(seen) or 'none'} ({len(seen)}), "
+                   f"plan wants {format_cpulist(want_nodes)} ({len(want_nodes)})")
+    online = observed.get("online_nodes")
+    if online is not None and parse_cpulist(online) != want_nodes:
+        out.append(f"online nodes: guest {online!r}, plan wants {format_cpulist(want_nodes)!r}")
+
+    all_cpus = set(range(plan_doc["cpus"]))
+    online_cpus = observed.get("online_cpus")
+    if online_cpus is not None and parse_cpulist(online_cpus) != all_cpus:
+        out.append(f"online CPUs: guest {online_cpus!r}, plan wants {format_cpulist(all_cpus)!r}")
+
+    apics = observed.get("cpu_apic_ids")
+    if not isinstance(apics, Mapping):
+        out.append("the guest's report has no APIC ids (cpu_apic_ids)")
+        apics = None
+
+    bounds = memory_bounds(plan_doc)
+    for d in doms:
+        node = pmap.get(d["id"])
+        if node is None:
+            continue
+        n = nodes.get(str(node))
+        where = f"domain {d['id']} (node {node})"
+        if n is None:
+            out.append(f"{where}: not in the guest's sysfs")
+            continue
+        cpus = parse_cpulist(n.get("cpulist") or "")
+        if cpus != set(d["cpus"]):
+            out.append(f"{where}: CPUs {format_cpulist(cpus) or 'none'}, plan wants "
+                       f"{format_cpulist(d['cpus']) or 'none'}")
+        if apics is not None:
+            got = {apics.get(str(c)) for c in cpus}
+            if got != set(d.get("apic_ids") or []):
+                names = sorted(a for a in got if isinstance(a, int))
+                out.append(f"{where}: APIC ids {format_cpulist(names) or 'none'}"
+                           f"{' (some CPUs without one)' if None in got else ''}, plan wants "
+                           f"{format_cpulist(d.get('apic_ids') or []) or 'none'}")
+        mt = n.get("memtotal_kb")
+        lo, hi, why = bounds[d["id"]]
+        if not isinstance(mt, int):
+            out.append(f"{where}: no MemTotal in the report")
+        elif not lo <= mt <= hi:
+            out.append(f"{where}: MemTotal {mt} kB, plan wants {lo}..{hi} kB "
+                       f"(size {d['size'] // 1024} kB less at most {', '.join(why)})")
+        present = n.get("present_kb")
+        if isinstance(present, int):
+            plo = max(0, d["size"] - PRESENT_SLACK) // 1024
+            if not plo <= present <= d["size"] // 1024:
+                out.append(f"{where}: {present} kB present in the node's ranges, plan wants "
+                           f"{plo}..{d['size'] // 1024} kB")
+        if numa:
+            row = n.get("distance") or []
+            want = plan_doc["distances"][d["id"]]
+            # the guest's row is indexed by node: put the plan's row in node order
+            by_node = {pmap[j]: want[j] for j in range(len(want)) if j in pmap}
+            want_row = [by_node.get(k) for k in range(len(row))] if len(row) == len(by_node) else None
+            if want_row is None or want_row != list(row):
+                exp = [by_node[k] for k in sorted(by_node)]
+                out.append(f"{where}: distances {list(row)}, plan wants {exp} (in node order)")
+        elif n.get("distance") not in (None, [LOCAL_DISTANCE]):
+            out.append(f"{where}: distances {n.get('distance')}, the classic machine wants [10]")
+    return out
+
+
+# ---------------------------------------------------------------- HMAT
+
+
+# Linux's enum cache_indexing and enum cache_write_policy (include/linux/node.h), as sysfs prints them
+CACHE_INDEXING = {"direct": 0, "complex": 1, "none": 2}
+CACHE_WRITE_POLICY = {"writeback": 0, "writethrough": 1, "none": 2}
+
+
+def compare_hmat(plan_doc: Mapping[str, Any], observed: Mapping[str, Any], pxm_to_node: Mapping[int, int],
+                 version: tuple[int, int] | None) -> tuple[list[str], list[str]]:
+    """(mismatches, notes): the plan's HMAT against the guest's sysfs.
+
+    Every memory node's access0 and access1 figures and initiator links
+    (`linux_numa.hmat_access`), each memory-side cache, and, where the guest
+    kernel has memory tiers, each memory node's tier (`linux_numa.memory_tiers`:
+    from HMAT figures on 6.10+).  Without HMAT figures the guest must show no
+    access classes at all.
+    """
+    from numavm.check.linux_numa import HMAT_TIERS_FROM, hmat_access, memory_tiers
+
+    hm = plan_doc.get("hmat") or {}
+    links, caches = hm.get("links") or [], hm.get("caches") or []
+    nodes: Mapping[str, Any] = observed.get("nodes") or {}
+    doms = plan_doc["domains"]
+    mems = [d["id"] for d in doms if d["size"]]
+    cpus = [d["id"] for d in doms if d["cpus"]]
+    bad: list[str] = []
+    notes: list[str] = []
+    if not plan_doc.get("numa", True):
+        return bad, notes
+    if not (links or caches):
+        with_access = sorted(int(n) for n, v in nodes.items() if v.get("access"))
+        if with_access:
+            bad.append(f"HMAT: the plan has none, but the guest reports access classes for node(s) {with_access}")
+    else:
+        access = hmat_access(links, mems, cpus)
+        for t in mems:
+            node = pxm_to_node.get(t)
+            if node is None:
+                continue
+            seen = (nodes.get(str(node)) or {}).get("access") or {}
+            for a in (0, 1):
+                want = dict(access[t][a])
+                want["initiators"] = sorted(pxm_to_node[i] for i in want["initiators"] if i in pxm_to_node)
+                got = seen.get(str(a))
+                where = f"domain {t} (node {node}) access{a}"
+                if got is None:
+                    bad.append(f"{where}: not in the guest's sysfs (nodeN/access{a}/initiators)")
+                    continue
+                for key, v in want.items():
+                    g = sorted(got.get(key) or []) if key == "initiators" else got.get(key)
+                    if g != v:
+                        unit = " ns" if key.endswith("latency") else " MB/s" if key.endswith("bandwidth") else ""
+                        bad.append(f"{where} {key}: guest {g}{unit if g is not None else ''}, plan wants {v}{unit}")
+        for c in caches:
+            node = pxm_to_node.get(c["domain"])
+            if node is None:
+                continue
+            where = f"domain {c['domain']} (node {node}) memory-side cache level {c['level']}"
+            got = ((nodes.get(str(node)) or {}).get("memory_side_cache") or {}).get(str(c["level"]))
+            if got is None:
+                bad.append(f"{where}: not in the guest's sysfs (memory_side_cache/index{c['level']})")
+                continue
+            want = {"size": c["size"], "line_size": c["line"], "indexing": CACHE_INDEXING[c["assoc"]],
+                    "write_policy": CACHE_WRITE_POLICY[c["policy"]]}
+            for key, v in want.items():
+                if got.get(key) != v:
+                    bad.append(f"{where} {key}: guest {got.get(key)}, plan wants {v}")
+        for n, v in sorted(nodes.items()):
+            for lvl in sorted((v.get("memory_side_cache") or {})):
+                dom = next((p for p, x in pxm_to_node.items() if x == int(n)), None)
+                if not any(c["domain"] == dom and str(c["level"]) == lvl for c in caches):
+                    bad.append(f"node {n}: the guest reports a memory-side cache at level {lvl} the plan lacks")
+    tiers_seen = observed.get("memory_tiers")
+    if tiers_seen is None:
+        if version is not None and version >= (6, 1):
+            bad.append("memory tiers: the guest's report has none (/sys/devices/virtual/memory_tiering)")
+        else:
+            notes.append("memory tiers: this guest kernel reports none (Linux 6.1+ does)")
+        return bad, notes
+    access = hmat_access(links, mems, cpus) if links else {}
+    want_tiers = memory_tiers(access, mems, cpus, version)
+    got_tier = {node: int(tier) for tier, lst in tiers_seen.items() for node in parse_cpulist(lst)}
+    for d in mems:
+        node = pxm_to_node.get(d)
+        if node is None:
+            continue
+        if got_tier.get(node) != want_tiers[d]:
+            bad.append(f"domain {d} (node {node}): memory tier {got_tier.get(node)}, plan wants {want_tiers[d]}"
+                       f"{'' if version is None or version >= HMAT_TIERS_FROM else ' (before 6.10 every node is DRAM)'}")
+    return bad, notes

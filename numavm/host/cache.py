@@ -1,0 +1,100 @@
+"""numavm's cache, which is optional: a run works from a private place when it cannot be written.
+
+The cache (``$XDG_CACHE_HOME/numavm``) holds what is slow to make again:
+Debian's kernel and busybox, unpacked vmlinux images, compressed initramfs
+images.  Every file lands whole or not at all (`write_atomic`: a temporary
+file, fsync, rename), and readers check what they take from it.  When the
+cache is read-only or full, `store` puts the file in a directory private to
+this run instead (removed when numavm ends, or by the next run if it was
+killed, see `numavm.host.lifetime`), and says so once; when neither can take the
+file, one line says what is needed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from numavm.errors import NumavmError
+from numavm.host.lifetime import OwnedDir
+from numavm.spec.units import MiB
+
+Log = Callable[[str], object]
+
+
+class CacheError(NumavmError):
+    """Neither the cache nor a private temporary directory can take a file."""
+
+
+def cache_root() -> Path:
+    """numavm's cache: ``$XDG_CACHE_HOME/numavm`` or ``~/.cache/numavm``."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "numavm"
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def probe(directory: Path) -> None:
+    """Raise the OSError a write into `directory` would meet (read-only, no permission), early."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".probe.", dir=directory)
+    os.close(fd)
+    os.unlink(tmp)
+
+
+_private: OwnedDir | None = None
+
+
+def private_dir() -> Path:
+    """This run's private directory for what the cache cannot take; removed at exit."""
+    global _private
+    if _private is None:
+        _private = OwnedDir("cache")
+        atexit.register(_private.close)
+    return _private.path
+
+
+def store(name: str, data: bytes, log: Log, mode: int = 0o644, root: Path | None = None) -> Path:
+    """`data` as `name` in the cache, or in this run's private directory when the cache
+    cannot take it; the path it is at.  CacheError when neither can."""
+    cache = root if root is not None else cache_root()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        write_atomic(cache / name, data, mode)
+        return cache / name
+    except OSError as e:
+        first = e
+    try:
+        where = private_dir()
+        write_atomic(where / name, data, mode)
+    except OSError as e:  # FileNotFoundError from tempfile when no temporary directory is usable
+        tmp = f"{_private.path.parent}: {e.strerror}" if _private else f"no usable temporary directory ({e})"
+        raise CacheError(
+            f"cannot keep {name} ({len(data) / MiB:.1f} MiB): the cache {cache}: {first.strerror}; "
+            f"{tmp}; free space there or point XDG_CACHE_HOME or TMPDIR at a writable directory") from None
+    log(f"numavm: the cache {cache} cannot be written ({first.strerror}): using {where} for this run")
+    return where / name
+
+
+def find(name: str, root: Path | None = None) -> Path | None:
+    """`name` in the cache or in this run's private directory, if it is there."""
+    for where in (root if root is not None else cache_root(), _private.path if _private else None):
+        if where is not None and (where / name).is_file():
+            return where / name
+    return None

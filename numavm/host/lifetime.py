@@ -1,0 +1,116 @@
+"""What numavm starts dies with it, and what a killed numavm left is removed by the next run.
+
+Children (QEMU, dpkg-deb) get PR_SET_PDEATHSIG=SIGKILL between fork and
+exec (`die_with_parent`), so a numavm killed by SIGKILL or the OOM killer
+takes them along: the kernel sends the signal when the thread that forked
+the child exits, so children are started from the thread that waits for
+them (the run's own thread).  Memfds need nothing: the kernel frees them
+with the last process holding them.
+
+Private temporary directories (`OwnedDir`) carry their owner's pid in
+their name and stay flock()ed by it while they live; a later numavm removes
+those whose lock it can take and whose owner pid is gone (`sweep`).  The
+lock settles pid reuse and pid namespaces sharing /tmp; the pid settles the
+instant between mkdtemp and flock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from numavm.host import libc as _libc
+_OWNED = re.compile(r"^numavm-(?:[a-z]+)-(\d+)-[A-Za-z0-9_]+$")
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A subprocess `preexec_fn`: the child gets SIGKILL when numavm's forking thread dies.
+
+    Runs in the child between fork and exec, so it only calls prctl and
+    getppid (no locks, no imports); a parent already gone by then (the fork
+    raced its death) ends the child at once.
+    """
+    parent = os.getpid()
+    prctl = _libc.prctl
+    sig = int(signal.SIGKILL)
+
+    def preexec() -> None:
+        prctl(_libc.PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+class OwnedDir:
+    """A private directory under the temp dir, locked by this process while it lives."""
+
+    def __init__(self, kind: str) -> None:
+        sweep(kind)
+        self.path = Path(tempfile.mkdtemp(prefix=f"numavm-{kind}-{os.getpid()}-"))
+        try:
+            self._fd: int | None = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # released by the kernel however we end
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> "OwnedDir":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def sweep(kind: str, root: Path | None = None) -> list[Path]:
+    """Remove the `numavm-KIND-*` directories whose owner has died; returns them."""
+    base = Path(root if root is not None else tempfile.gettempdir())
+    removed = []
+    try:
+        entries = list(base.glob(f"numavm-{kind}-*"))
+    except OSError:
+        return removed
+    for path in entries:
+        m = _OWNED.match(path.name)
+        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # its owner still holds it (another pid namespace)
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has released everything it held
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
