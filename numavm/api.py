@@ -340,6 +340,8 @@ class Machine:
 
         log = log or _quiet
         argv = _argv(command)
+        if isinstance(add, (str, os.PathLike)):
+            add = [add]  # one file, not its name's characters
         warnings: list[str] = []
         prep = self._prepare(accel, timeout, release, prefault, hugepages, pin, None, True, log, warnings)
         own_init = initrd is None

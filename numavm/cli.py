@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, NoReturn, Sequence
 
 from numavm import __version__
 from numavm.spec import config
@@ -360,10 +360,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     own_init = args.initrd is None
     # no command on a terminal: a shell in the guest, on the command port
     shell = own_init and not command and sys.stdin.isatty()
-    echo = [sys.stderr.buffer] if args.verbose else [] if own_init else [sys.stdout.buffer]
+    out, err = _binary(sys.stdout), _binary(sys.stderr)
+    echo = [err] if args.verbose else [] if own_init else [out]
     try:
-        result = machine.run(command, add=args.add, append=args.append, stdout=sys.stdout.buffer,
-                             stderr=sys.stderr.buffer, console=echo, shell=shell,
+        result = machine.run(command, add=args.add, append=args.append, stdout=out, stderr=err, console=echo,
+                             shell=shell,
                              input_fd=sys.stdin.fileno() if shell else None, **_guest_kwargs(args))
     except GuestFailed as e:
         failed = e.result
@@ -377,7 +378,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    verdict = _machine(args).check(stage=args.stage, console=[sys.stderr.buffer] if args.verbose else [],
+    verdict = _machine(args).check(stage=args.stage, console=[_binary(sys.stderr)] if args.verbose else [],
                                    **_guest_kwargs(args))
     _report_run(args, verdict.counts_exits, verdict.engine, verdict.engine_result)
     if args.json:
@@ -437,6 +438,12 @@ def _prefault_domains(args: argparse.Namespace) -> frozenset[int] | None:
     if args.prefault == "all":
         return None
     return frozenset(parse_list(args.prefault, "--prefault"))
+
+
+def _binary(stream: Any) -> BinaryIO:
+    """The binary stream under a text one; a stream without one (a test's StringIO) is passed
+    as it is: nothing is written to it before the run's input is checked."""
+    return getattr(stream, "buffer", stream)  # type: ignore[no-any-return]
 
 
 def _stderr(line: str) -> None:
