@@ -8,26 +8,22 @@ what is allowed, and exit status 2, before anything is allocated.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Iterator, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, NoReturn, Sequence
 
 from numavm import __version__
-
 from numavm.spec import config
 from numavm.guest.aptrelease import check_release
 from numavm.errors import ConfigError, NumavmError
 from numavm.spec.policy import POLICY_SYNTAX
 from numavm.vmm.run import ExitCode
 from numavm.spec.topology import MachineSpec, Topology, parse_distance, parse_hmat, parse_hmat_cache, parse_numa
-from numavm.spec.units import format_list, parse_int, parse_list, parse_seconds, parse_size
+from numavm.spec.units import parse_int, parse_list, parse_size
 
 if TYPE_CHECKING:
-    from numavm.vmm.engine import Engine
-    from numavm.plan.layout import Layout
+    from numavm.api import Machine
     from numavm.vmm.run import RunResult
 
 EXIT_OK = ExitCode.OK
@@ -190,10 +186,10 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stats", action="store_true", help="print VM exit statistics after the run")
 
 
-def machine_spec(args: argparse.Namespace) -> MachineSpec:
+def machine_spec(args: argparse.Namespace, note: Callable[[str], None] | None = None) -> MachineSpec:
     """The machine options as a spec; no options at all means the example."""
     if args.like_host:
-        return _like_host_spec(args)
+        return _like_host_spec(args, note or _stderr)
     given = (args.cpus is not None or args.memory is not None or args.numa or args.distance or args.hmat
              or args.hmat_cache)
     if args.config:
@@ -222,7 +218,7 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
     return spec
 
 
-def _like_host_spec(args: argparse.Namespace) -> MachineSpec:
+def _like_host_spec(args: argparse.Namespace, note: Callable[[str], None]) -> MachineSpec:
     from numavm.spec.likehost import OPT, like_host
 
     other = next((o for o, v in (("-f/--config", args.config), ("--distance", args.distance),
@@ -232,29 +228,42 @@ def _like_host_spec(args: argparse.Namespace) -> MachineSpec:
     cpus = parse_int(args.cpus, "-c/--cpus") if args.cpus is not None else None
     memory = parse_size(args.memory, "-m/--memory") if args.memory is not None else None
     shape = like_host(cpus, memory, given=[parse_numa(t) for t in args.numa])
-    for note in shape.notes:
-        _stderr(f"numavm: {OPT}: {note}")
+    for line in shape.notes:
+        note(f"numavm: {OPT}: {line}")
     return shape.spec
 
 
 def build_topology(args: argparse.Namespace) -> Topology:
+    return machine_spec(args).build(_host_nodes(args))
+
+
+def _host_nodes(args: argparse.Namespace) -> tuple[int, ...] | None:
     host = getattr(args, "host_nodes", None)
-    nodes = parse_list(host.replace(",", "+"), "--host-nodes") if host is not None else None
-    return machine_spec(args).build(nodes)
+    return parse_list(host.replace(",", "+"), "--host-nodes") if host is not None else None
+
+
+def machine_options(options: list[str], note: Callable[[str], None]) -> tuple[MachineSpec, tuple[int, ...] | None]:
+    """The machine options alone (`numavm.Machine.from_options`): the spec and --host-nodes;
+    `note` gets what --like-host says about the host."""
+    p = _Parser(prog="numavm", add_help=False)
+    _machine_options(p)
+    args = p.parse_args(options)
+    return machine_spec(args, note), _host_nodes(args)
+
+
+def _machine(args: argparse.Namespace) -> Machine:
+    from numavm.api import Machine
+    return Machine.from_spec(machine_spec(args), _host_nodes(args))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from numavm.plan.layout import plan_layout
-    from numavm.plan.render import plan_document, plan_text
-
-    layout = plan_layout(build_topology(args))
+    plan = _machine(args).plan()
     if args.svg:
-        from numavm.plan.svg import plan_svg
-        _write(Path(args.svg), plan_svg(layout), "--svg")
+        _write(Path(args.svg), plan.svg(), "--svg")
     if args.json:
-        print(json.dumps(plan_document(layout), indent=2))
+        print(plan.to_json())
     else:
-        sys.stdout.write(plan_text(layout))
+        sys.stdout.write(plan.text())
     return EXIT_OK
 
 
@@ -334,160 +343,52 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).splitlines())
 
 
-@dataclass(frozen=True)
-class _Prepared:
-    layout: Layout
-    engine: Engine
-    stage: str
-
-
-def _prepare_guest(args: argparse.Namespace, stage: str | None) -> _Prepared:
-    """Validate everything, pick the engine, say which and why; nothing allocated yet."""
-    from numavm.vmm.engine import select
-    from numavm.plan.layout import plan_layout
-
-    layout = plan_layout(build_topology(args))
-    if args.release is not None:
-        check_release(args.release)
-    if args.timeout is not None:
-        args.timeout = parse_seconds(args.timeout, "--timeout")
-    wanted = _prefault_domains(args)
-    if wanted:
-        missing = sorted(wanted - {d.id for d in layout.domains if d.segment_size})
-        if missing:
-            raise ConfigError(f"--prefault: no domain {missing[0]} with memory "
-                              f"(domains with memory: {format_list([d.id for d in layout.domains if d.segment_size])})")
-    engine = select(args.accel, layout, pin=not args.no_pin)
-    emulated_kvm = engine.emulates_guest_code
-    if stage is None:
-        stage = "kernel" if emulated_kvm else "userspace"
-    if stage == "userspace" and emulated_kvm:
-        raise ConfigError("--stage userspace: this host's KVM emulates guest code and cannot reach the "
-                          "guest's userspace; use --accel tcg (or auto)")
-    from numavm.host.memory import check_memory
-    for warning in check_memory(layout, wanted, args.hugepages):  # None: prefault all
-        print(f"numavm: warning: {warning}", file=sys.stderr)
-    if args.command == "run" and emulated_kvm:
-        print("numavm: warning: this host's KVM emulates guest code: the guest kernel boots for minutes "
-              "and does not reach userspace, so no command will run (use --accel tcg or auto)",
-              file=sys.stderr)
-    print(f"numavm: {engine.why}", file=sys.stderr)
-    return _Prepared(layout, engine, stage)
+def _guest_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """What `run` and `check` pass to `Machine.run`/`Machine.check` from their shared options."""
+    return dict(accel=args.accel, timeout=args.timeout, kernel=args.kernel, release=args.release,
+                initrd=args.initrd, prefault=_prefault(args), hugepages=args.hugepages,
+                pin=not args.no_pin, console_log=args.console_log, verbose=args.verbose, log=_stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from numavm.guest.launch import Console, Sink, guest_assets, guest_initrd, kernel_cmdline
-    from numavm.guest.initramfs import parse_guest_report
-    from numavm.vmm.run import OUTCOME_EXIT, GuestRun, Outcome
+    from numavm.api import GuestFailed
 
     command = list(args.guest_command)
     if command and command[0] == "--":
         command = command[1:]
-    prep = _prepare_guest(args, None)
-    emulated_kvm = prep.engine.emulates_guest_code
-    log = _stderr
+    machine = _machine(args)
     own_init = args.initrd is None
     # no command on a terminal: a shell in the guest, on the command port
     shell = own_init and not command and sys.stdin.isatty()
-    assets = guest_assets(args.kernel, log, args.release)
-    initrd = guest_initrd(args.initrd, assets.busybox, command, args.add, shell=shell)
-    cmdline = kernel_cmdline(prep.stage, emulated_kvm, args.append)
-    if emulated_kvm:
-        _stderr("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
-                "the emulator cannot run")
-    with _console_log(args) as log_file:
-        echo = [sys.stderr.buffer] if args.verbose else [] if own_init else [sys.stdout.buffer]
-        console = Console(echo=echo + ([log_file] if log_file else []))
-        streams = {"stdout": Sink(sys.stdout.buffer), "stderr": Sink(sys.stderr.buffer)} if own_init else {}
-        with _raw_terminal(sys.stdin.fileno() if shell else None):
-            result = prep.engine.run(GuestRun(
-                prep.layout, assets.vmlinux, initrd, cmdline, args.timeout, console, verbose=args.verbose,
-                log=log, prefault=_prefault_domains(args), hugepages=args.hugepages,
-                input_fd=sys.stdin.fileno() if shell else None, own_init=own_init, **streams))
-    _report_run(args, prep.engine, result)
-    report = parse_guest_report(console.text) if own_init else None
-    if report is not None and not report.get("streams", True):
-        _stderr("numavm: warning: the guest kernel has no serial ports ttyS1 and ttyS2 for the command's "
-                "stdout and stderr: its output went to the console (--verbose or --console-log show it)")
-    if result.outcome is Outcome.POWEROFF:
-        status = report.get("exit_status") if report else None
-        return int(status) & 0xFF if isinstance(status, int) else ExitCode.OK
-    if own_init and not args.verbose and console.text:
-        _stderr("numavm: the guest console's last lines:\n" + console.tail(15))
-    print(f"numavm: guest {result.outcome.value}: {result.detail}", file=sys.stderr)
-    return OUTCOME_EXIT.get(result.outcome, ExitCode.FAILURE)
-
-
-@contextlib.contextmanager
-def _console_log(args: argparse.Namespace) -> Iterator[BinaryIO | None]:
-    """--console-log FILE, open for the run (created or truncated), or None."""
-    if args.console_log is None:
-        yield None
-        return
+    out, err = _binary(sys.stdout), _binary(sys.stderr)
+    echo = [err] if args.verbose else [] if own_init else [out]
     try:
-        f = open(args.console_log, "wb")
-    except OSError as e:
-        raise ConfigError(f"--console-log: cannot write {args.console_log}: {e.strerror}") from None
-    with f:
-        yield f
-
-
-@contextlib.contextmanager
-def _raw_terminal(fd: int | None) -> Iterator[None]:
-    """The host terminal in raw mode for an interactive guest shell: keys (Ctrl-C too) go
-    to the guest, whose own tty echoes, edits and ends lines; restored however the run ends."""
-    if fd is None:
-        yield
-        return
-    import termios
-    import tty
-
-    saved = termios.tcgetattr(fd)
-    try:
-        tty.setraw(fd, termios.TCSANOW)
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        result = machine.run(command, add=args.add, append=args.append, stdout=out, stderr=err, console=echo,
+                             shell=shell,
+                             input_fd=sys.stdin.fileno() if shell else None, **_guest_kwargs(args))
+    except GuestFailed as e:
+        failed = e.result
+        _report_run(args, failed.counts_exits, failed.engine, failed.engine_result)
+        if own_init and not args.verbose and failed.console:
+            _stderr("numavm: the guest console's last lines:\n" + failed.console_tail(15))
+        print(f"numavm: {e}", file=sys.stderr)
+        return e.exit_code
+    _report_run(args, result.counts_exits, result.engine, result.engine_result)
+    return result.status
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from numavm.check.verdict import evaluate, render
-    from numavm.guest.launch import Console, KernelStageWatch, guest_assets, guest_initrd, kernel_cmdline
-    from numavm.vmm.run import OUTCOME_EXIT, GuestRun, Outcome
-
-    prep = _prepare_guest(args, args.stage)
-    layout, engine, stage = prep.layout, prep.engine, prep.stage
-    emulated_kvm = engine.emulates_guest_code
-    log = _stderr
-    assets = guest_assets(args.kernel, log, args.release)
-    initrd = guest_initrd(args.initrd, assets.busybox, None, []) if stage == "userspace" else None
-    cmdline = kernel_cmdline(stage, emulated_kvm)
-    # SMP bring-up shows the llc-sibling warnings, unless the engine checked its vCPUs already
-    until_smp = not (emulated_kvm or engine.cpus_checked_before_run)
-    watch = KernelStageWatch(until_smp) if stage == "kernel" else None
-    if emulated_kvm:
-        _stderr("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
-                "the emulator cannot run")
-    with _console_log(args) as log_file:
-        console = Console(echo=([sys.stderr.buffer] if args.verbose else []) + ([log_file] if log_file else []),
-                          watch=watch)
-        result = engine.run(GuestRun(layout, assets.vmlinux, initrd, cmdline, args.timeout, console, watch,
-                                     verbose=args.verbose, log=log, prefault=_prefault_domains(args),
-                                     hugepages=args.hugepages,
-                                     own_init=initrd is not None and args.initrd is None))
-    _report_run(args, engine, result)
-    wanted = Outcome.STOPPED if stage == "kernel" else Outcome.POWEROFF
-    report = evaluate(layout, stage, engine.name, console.text, result.outcome is wanted,
-                      f"{result.outcome.value} after {result.seconds:.1f} s ({result.detail})")
+    verdict = _machine(args).check(stage=args.stage, console=[_binary(sys.stderr)] if args.verbose else [],
+                                   **_guest_kwargs(args))
+    _report_run(args, verdict.counts_exits, verdict.engine, verdict.engine_result)
     if args.json:
-        print(json.dumps(report.document(), indent=2))
+        print(json.dumps(verdict.to_dict(), indent=2))
     else:
-        sys.stdout.write(render(report))
-    if not report.match and result.outcome in (Outcome.TIMEOUT, Outcome.INTERRUPTED):
+        sys.stdout.write(verdict.text())
+    if not verdict.match and verdict.exit_code != EXIT_FAILURE:
         # the guest never got as far as the comparison: say why, not "mismatch"
-        print(f"numavm: guest {result.outcome.value}: {result.detail}", file=sys.stderr)
-        return OUTCOME_EXIT[result.outcome]
-    return EXIT_OK if report.match else EXIT_FAILURE
+        print(f"numavm: guest {verdict.outcome.value}: {verdict.detail}", file=sys.stderr)
+    return verdict.exit_code
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -508,18 +409,26 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _report_run(args: argparse.Namespace, engine: Engine, result: RunResult) -> None:
+def _report_run(args: argparse.Namespace, counts_exits: bool, engine: str, result: RunResult | None) -> None:
     """What every command that runs a VM prints after it: the placement audit, and --stats."""
+    if result is None:
+        return
     if result.placement:
         _stderr("numavm: guest memory placement:\n" + result.placement.rstrip())
     if args.stats:
         exits = (", ".join(f"{k} {v}" for k, v in result.exits.most_common())
-                 or ("none" if engine.counts_exits else f"none counted ({engine.name.upper()} engine)"))
+                 or ("none" if counts_exits else f"none counted ({engine.upper()} engine)"))
         _stderr(f"numavm: exits: {exits}")
         for what, counter in (("reads", result.unhandled_reads), ("writes", result.unhandled_writes)):
             if counter:
                 ports = ", ".join(f"{p:#x}x{n}" for p, n in counter.most_common(8))
                 _stderr(f"numavm: unhandled port {what}: {ports}")
+
+
+def _prefault(args: argparse.Namespace) -> bool | frozenset[int]:
+    """--prefault as `Machine.run` takes it: True for every domain."""
+    wanted = _prefault_domains(args)
+    return True if wanted is None else wanted
 
 
 def _prefault_domains(args: argparse.Namespace) -> frozenset[int] | None:
@@ -529,6 +438,12 @@ def _prefault_domains(args: argparse.Namespace) -> frozenset[int] | None:
     if args.prefault == "all":
         return None
     return frozenset(parse_list(args.prefault, "--prefault"))
+
+
+def _binary(stream: Any) -> BinaryIO:
+    """The binary stream under a text one; a stream without one (a test's StringIO) is passed
+    as it is: nothing is written to it before the run's input is checked."""
+    return getattr(stream, "buffer", stream)  # type: ignore[no-any-return]
 
 
 def _stderr(line: str) -> None:

@@ -85,9 +85,10 @@ def acpi_blobs(layout: Layout) -> dict[str, bytes]:
     """The layout's ACPI tables by signature, built once per layout (the engine's check,
     then the run, ask for them)."""
     global _tables_of
-    if _tables_of is None or _tables_of[0] is not layout:
-        _tables_of = (layout, build_tables(layout).blobs())
-    return _tables_of[1]
+    known = _tables_of  # one read: another thread's machine may replace it meanwhile
+    if known is None or known[0] is not layout:
+        known = _tables_of = (layout, build_tables(layout).blobs())
+    return known[1]
 
 
 def check_tcg(layout: Layout) -> tuple[list[str], list[str]]:
@@ -245,7 +246,11 @@ class QemuMachine:
         self.argv, fd = self.command(kernel, initrd_path, cmdline)
         self._log("qemu: " + " ".join(_quote(a) for a in self.argv))
         start = time.monotonic()
-        old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # Python sets signal handlers from the main thread only; a run from another thread
+        # (several machines at once, numavm.api) leaves SIGINT/SIGTERM to the process, and QEMU
+        # still dies with the thread that started it (die_with_parent).
+        old = ({sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+               if threading.current_thread() is threading.main_thread() else {})
         pumps: list[threading.Thread] = []
         try:
             fifos = self._open_fifos()
