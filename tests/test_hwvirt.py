@@ -59,6 +59,14 @@ CASES: dict[str, tuple[l1.Case, int]] = {c.name: (c, st) for c, st in [
     (l1.Case("timeout", [*NUMAVM, "run", "--accel", "kvm", "--timeout", "5", *SMALL, "--", "true"]), 73),
     (l1.Case("sigint", [*RUN, *SMALL, "--", "sh", "-c", f"echo {UP}; sleep 600"], signal="SIGINT", after=UP), 130),
     (l1.Case("sigterm", [*RUN, *SMALL, "--", "sh", "-c", f"echo {UP}; sleep 600"], signal="SIGTERM", after=UP), 130),
+    # APIC ids past 254 (x2APIC): 9 domains, the first of 17 vCPUs, so vCPU 24's APIC id is 8 << 5 = 256
+    (l1.Case("x2apic_9_domains", [*CHECK, "-n", "id=0,size=256M,cpus=0-16",
+                                  *(a for k in range(1, 9) for a in ("-n", f"id={k},size=64M,cpus={16 + k}"))],
+             timeout=1500), 0),
+    # the issue's machine: 128, 1 and 1 vCPUs, vCPU 129's APIC id 256
+    (l1.Case("x2apic_128_1_1", [*CHECK[:-1], "1500", "-n", "id=0,size=256M,cpus=0-127",
+                                "-n", "id=1,size=128M,cpus=128", "-n", "id=2,size=128M,cpus=129"],
+             timeout=1800), 0),
 ]}
 # One L1 boot for all of these: what CI runs (the rest: NUMAVM_HWVIRT=all, see README).
 CI_CASES = ("detect", "example", "interleaved_vcpus", "hmat", "run_status", "sigterm")
@@ -183,3 +191,13 @@ def test_l1_boots_again_only_when_its_own_kernel_died_before_the_command() -> No
     assert l1.died_before_command(started) is None
     assert l1.died_before_command(l1.L1Result(3, b"", b"", oops, 60.0, None)) is None
     assert l1.died_before_command(l1.L1Result(None, b"", b"", "[ 1.0] no console output\n", 9.0, None)) is None
+
+
+@pytest.mark.parametrize("name", ["x2apic_9_domains", "x2apic_128_1_1"])
+def test_vcpus_past_apic_id_254_are_online_on_their_nodes(results: dict[str, l1.CaseResult], name: str) -> None:
+    """check's userspace match covers every vCPU online and its APIC id's node; the row of the
+    domain holding APIC id 256 shows it on both sides."""
+    r = _case(results, name)
+    assert "MATCH: the guest saw the planned topology" in r.stdout, r.stdout[-3000:]
+    assert re.search(r"APIC ids\s+256\s+256\s*$", r.stdout, re.M), r.stdout[-3000:]
+    assert "X2APIC" not in r.stdout + r.stderr or "ignored" not in r.stdout + r.stderr
