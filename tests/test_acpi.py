@@ -712,10 +712,44 @@ def test_mp_table_lists_xapic_cpus_ioapic_and_isa_irqs(example: Layout) -> None:
     assert irqs[0] == 2 and 2 not in irqs and all(irqs[i] == i for i in range(3, 16)) and irqs[1] == 1
 
 
-def test_mp_table_leaves_out_x2apic_ids() -> None:
+def test_no_mp_table_where_apic_ids_pass_254() -> None:
+    """The MP table cannot list x2APIC ids: it would contradict the MADT, so there is none."""
     lay = machine(*(f"id={i},size=4M,cpus={i * 4}-{i * 4 + 3}" for i in range(128)))
+    assert max(lay.apic_ids) > 254 and lay.needs_x2apic
     t = acpi.build_tables(lay)
-    assert t.mptable is not None
-    table = t.mptable.table()
-    cpus = [e[1] for k, e in _mp_entries(table) if k == 0]
-    assert cpus == [a for a in lay.apic_ids if a < 255]
+    assert t.mptable is None
+    places = t.placements()
+    assert lay.mp_pointer_addr not in {a for a, _ in places}
+    assert not any(blob[:4] in (b"_MP_", b"PCMP") for _, blob in places)
+    # The ACPI tables sit where they would with an MP table: only its reservation went.
+    assert [n for n, _ in t.addresses] == ["XSDT", "FACP", "DSDT", "APIC", "SRAT", "SLIT"]
+    # One id below the limit keeps it.
+    small = machine(*(f"id={i},size=4M,cpus={i * 4}-{i * 4 + 3}" for i in range(63)),
+                    "id=63,size=4M,cpus=252-254")
+    assert max(small.apic_ids) == 254 and not small.needs_x2apic
+    assert acpi.build_tables(small).mptable is not None
+
+
+@pytest.fixture(scope="module")
+def past_255() -> Layout:
+    """The issue's machine: 128, 1 and 1 vCPUs; vCPU 129 has APIC id 256 (core_bits 7)."""
+    return machine("id=0,size=256M,cpus=0-127", "id=1,size=128M,cpus=128", "id=2,size=128M,cpus=129")
+
+
+def test_x2apic_entries_for_ids_past_254_in_iasl(past_255: Layout, work: Path) -> None:
+    """iasl reads the x2APIC MADT and SRAT entries of the one vCPU past the xAPIC range."""
+    assert past_255.apic_ids[127:] == (127, 128, 256)
+    blobs = acpi.build_tables(past_255).blobs()
+    m = disassemble(blobs["APIC"], work, "p255-APIC")
+    check_header(m, "APIC", 44 + 129 * 8 + 16 + 12 + 10 + 6 + 12, 4)
+    procs = madt_procs(m)
+    assert procs[:129] == [("lapic", cpu, apic) for cpu, apic in enumerate(past_255.apic_ids[:129])]
+    assert procs[129] == ("x2apic", 129, 256)
+    x2nmi = [s for s in m.subtables() if hexval(s["Subtable Type"]) == 10]
+    assert len(x2nmi) == 1 and hexval(x2nmi[0]["Processor UID"]) == 0xFFFFFFFF
+    s = disassemble(blobs["SRAT"], work, "p255-SRAT")
+    check_header(s, "SRAT", 48 + 129 * 16 + 24 + 3 * 40, 3)
+    cpus = srat_cpus(s)
+    assert cpus[-1] == (256, 2, "x2apic") and cpus[-2] == (128, 1, "lapic")
+    assert {(a, p) for a, p, _ in cpus} == expected_cpus(past_255)
+    assert sum(1 for t in s.subtables() if hexval(t["Subtable Type"]) == 2) == 1

@@ -22,6 +22,8 @@ from numavm.plan.cpuid import (
     CMP_LEGACY_BIT,
     HTT_BIT,
     HYPERVISOR_BIT,
+    KVM_CPUID_FEATURES,
+    KVM_FEATURE_MSI_EXT_DEST_ID,
     NODEID_MSR_BIT,
     TOPOEXT_BIT,
     X2APIC_BIT,
@@ -56,6 +58,9 @@ LAYOUTS: dict[str, Callable[[], Layout]] = {
     "memory-only-first": lambda: layout("id=0,size=64M", "id=1,size=64M,cpus=0-2",
                                         "id=2,size=64M,cpus=3"),
     "one-cpu-domains": lambda: layout(*(f"id={i},size=8M,cpus={i}" for i in range(6))),
+    # The issue's machine: vCPU 129 has APIC id 256, whose low byte is vCPU 0's id.
+    "past-255-128+1+1": lambda: layout("id=0,size=64M,cpus=0-127", "id=1,size=64M,cpus=128",
+                                       "id=2,size=64M,cpus=129"),
     "1024-in-4": lambda: layout(*(f"id={i},size=64M,cpus={256 * i}-{256 * i + 255}"
                                   for i in range(4)), cpus=1024),
     "1024-300+724": lambda: layout("id=0,size=64M,cpus=0-299", "id=1,size=64M,cpus=300-1023",
@@ -150,7 +155,16 @@ HOSTS: dict[str, Callable[[], list[KvmCpuidEntry2]]] = {
     "amd-zen1": lambda: amd_table(0x00800F12),  # family 0x17 model 0x01: LLC = ApicId[3]
     "amd-fam15h": lambda: amd_table(0x00600F20, topoext=True),
     "amd-no-topoext": lambda: amd_table(topoext=False),
+    "amd-qemu64-no-topoext": lambda: qemu64_table(),
 }
+
+
+def qemu64_table() -> list[KvmCpuidEntry2]:
+    """The nested-SVM harness's L1 (QEMU TCG `-cpu qemu64,+svm,+npt`): family 0xF, no
+    TOPOEXT, extended leaves only up to 0x8000000A."""
+    out = [e for e in amd_table(0x00060FB1, topoext=False) if not 0x8000000A < e.function < 0xC0000000]
+    entry(out, 0x80000000).eax = 0x8000000A
+    return out
 
 
 # ---------------------------------------------------------------- a model of Linux 6.1
@@ -385,10 +399,6 @@ def assert_linux_matches(views: Sequence[LinuxCpu], lay: Layout, *, llc_is_packa
 def test_linux_derives_the_domains(host: str, lay_name: str) -> None:
     lay = LAYOUTS[lay_name]()
     supported = HOSTS[host]()
-    if host in ("amd-no-topoext",) and max(lay.apic_ids) > 0xFF:
-        with pytest.raises(CpuidError, match=r"APIC id \d+ exceeds 255.*without TOPOEXT"):
-            vcpu_cpuid(supported, lay, 0)
-        return
     if host == "amd-zen1" and max(lay.apic_ids) > 0xFF and lay.core_bits < 3:
         with pytest.raises(CpuidError, match=r"family 0x17 model 0x1"):
             vcpu_cpuid(supported, lay, 0)
@@ -401,7 +411,9 @@ def test_linux_derives_the_domains(host: str, lay_name: str) -> None:
         # AMD's llc id is the package index itself.
         assert [v.llc_id for v in views] == [a >> lay.core_bits for a in lay.apic_ids]
     if host.startswith("amd"):
-        assert all(v.topoext == (host != "amd-no-topoext") for v in views)
+        # Past 255, numavm announces TOPOEXT itself where the host lacks it.
+        assert all(v.topoext == (not host.endswith("no-topoext") or max(lay.apic_ids) > 0xFF)
+                   for v in views)
 
 
 def test_model_flags_a_cache_shared_across_domains() -> None:
@@ -454,8 +466,9 @@ def test_leaf_values_for_the_example(host: str) -> None:
         if vendor(t) == "AuthenticAMD":
             assert entry(t, 0x80000008).ecx & 0xF0FF == 1 << 12 | 1
             assert entry(t, 0x80000001).ecx & CMP_LEGACY_BIT
-            e = entry(t, 0x8000001E)
-            assert (e.eax, e.ebx, e.ecx, e.edx) == (apic, apic & 1, apic >> 1, 0)
+            if entry(t, 0x80000000).eax >= 0x8000001E:
+                e = entry(t, 0x8000001E)
+                assert (e.eax, e.ebx, e.ecx, e.edx) == (apic, apic & 1, apic >> 1, 0)
     assert [bytes(e) for e in supported] == before  # the input is never changed
 
 
@@ -515,6 +528,58 @@ def test_amd_without_l3_descriptor_refuses_ids_above_255() -> None:
     assert_linux_matches(guest_views(supported, LAYOUTS["example"]()), LAYOUTS["example"]())
     with pytest.raises(CpuidError, match="without an L3 descriptor"):
         vcpu_cpuid(supported, LAYOUTS["1024-in-4"](), 0)
+
+
+@pytest.mark.parametrize("host", sorted(HOSTS))
+def test_x2apic_leaves_only_where_apic_ids_pass_254(host: str) -> None:
+    """x2APIC and KVM's extended destination ids are announced exactly when an id passes 254."""
+    supported = HOSTS[host]()
+    host_features = entry(supported, KVM_CPUID_FEATURES).eax
+    assert not host_features & KVM_FEATURE_MSI_EXT_DEST_ID  # KVM leaves it to the VMM
+    wide = LAYOUTS["past-255-128+1+1"]()
+    assert wide.needs_x2apic and max(wide.apic_ids) == 256
+    for c in (0, 128, 129):
+        t = vcpu_cpuid(supported, wide, c)
+        assert entry(t, KVM_CPUID_FEATURES).eax == host_features | KVM_FEATURE_MSI_EXT_DEST_ID
+        assert entry(t, 1).ecx & X2APIC_BIT
+    narrow = layout(*(f"id={i},size=8M,cpus={2 * i}-{2 * i + 1}" for i in range(127)),
+                    "id=127,size=8M,cpus=254")
+    assert max(narrow.apic_ids) == 254 and not narrow.needs_x2apic
+    t = vcpu_cpuid(supported, narrow, 254)
+    assert entry(t, KVM_CPUID_FEATURES).eax == host_features
+
+
+def test_x2apic_needs_kvm_paravirtual_leaf() -> None:
+    supported = [e for e in amd_table() if e.function != KVM_CPUID_FEATURES]
+    with pytest.raises(CpuidError, match="0x40000001"):
+        vcpu_cpuid(supported, LAYOUTS["past-255-128+1+1"](), 0)
+
+
+def test_amd_without_topoext_gets_it_past_255() -> None:
+    """The nested-SVM harness's case: TOPOEXT, 0x8000001E and 0x8000001D from the legacy descriptors."""
+    supported = HOSTS["amd-qemu64-no-topoext"]()
+    assert cpu_family_model(entry(supported, 1).eax) == (0xF, 0x6B)
+    assert entry(supported, 0x80000000).eax == 0x8000000A
+    assert not entry(supported, 0x80000001).ecx & TOPOEXT_BIT
+    assert not [e for e in supported if e.function == 0x8000001D]
+    lay = LAYOUTS["past-255-128+1+1"]()
+    t = vcpu_cpuid(supported, lay, 129)
+    assert entry(t, 0x80000001).ecx & TOPOEXT_BIT
+    assert entry(t, 0x80000000).eax == 0x8000001E
+    e = entry(t, 0x8000001E)
+    assert (e.eax, e.ebx & 0xFF, e.ecx & 0xFF) == (256, 0, 2)
+    caches = [x for x in t if x.function == 0x8000001D]
+    assert [x.index for x in caches] == [0, 1, 2, 3, 4] and all(x.flags & INDEXED for x in caches)
+    kinds = [(x.eax & 0x1F, x.eax >> 5 & 7, (x.eax >> 14 & 0xFFF) + 1) for x in caches[:4]]
+    assert kinds == [(1, 1, 1), (2, 1, 1), (3, 2, 1), (3, 3, 128)]  # the L3 is the package's
+    assert caches[4].eax & 0x1F == 0
+    l1d = caches[0]  # 0x80000005 ECX 0x20080140: 32 KiB, 8 ways, 64-byte lines
+    assert (l1d.ebx & 0xFFF, l1d.ebx >> 22, l1d.ecx) == (63, 7, 32 * 1024 // 64 // 8 - 1)
+    l2 = caches[2]  # 0x80000006 ECX 0x04006140: 1 MiB, code 6 = 8 ways
+    assert (l2.ebx & 0xFFF, l2.ebx >> 22, l2.ecx) == (63, 7, 1024 * 1024 // 64 // 8 - 1)
+    # With ids below 256 the host's leaves stay as they were.
+    t = vcpu_cpuid(supported, LAYOUTS["example"](), 0)
+    assert not entry(t, 0x80000001).ecx & TOPOEXT_BIT and not [x for x in t if x.function == 0x8000001D]
 
 
 def test_newer_amd_topology_leaf_is_dropped() -> None:

@@ -216,12 +216,22 @@ def test_auto_falls_back_to_kvm_where_tcg_refuses_the_layout():
     emulating = HostVirt(True, True, "/dev/kvm is kvm_pvm, which emulates guest kernel code")
     engine = select("auto", wide, emulating)
     assert isinstance(engine, KvmEngine) and engine.emulates_guest_code
-    assert engine.why == ("engine kvm: TCG cannot run this layout (QEMU's pc machine takes at most 255 "
-                          "vCPUs, and this layout spans 256 APIC ids (1 packages of 256)), though "
+    assert engine.why == ("engine kvm: TCG cannot run this layout (APIC id 255 (vCPU 255) passes 254, so "
+                          "the guest needs x2APIC, and QEMU's pc machine takes at most 255 vCPUs with "
+                          "xAPIC ids (QEMU 7.2's TCG has no x2APIC)), though "
                           "/dev/kvm is kvm_pvm, which emulates guest kernel code")
-    with pytest.raises(ConfigError, match=r"^--accel tcg: QEMU's pc machine takes at most 255 vCPUs, .*; "
+    with pytest.raises(ConfigError, match=r"^--accel tcg: APIC id 255 .* at most 255 vCPUs .*; "
                                           r"use --accel kvm$"):
         select("tcg", wide)
+    # 130 vCPUs, but vCPU 129's APIC id is 256: refused for the id, not the count.
+    past = plan_layout(MachineSpec(domains=[parse_numa("id=0,size=64M,cpus=0-127"),
+                                            parse_numa("id=1,size=64M,cpus=128"),
+                                            parse_numa("id=2,size=64M,cpus=129")]).build(host_nodes=(0,)))
+    engine = select("auto", past, emulating)
+    assert isinstance(engine, KvmEngine)
+    assert "APIC id 256 (vCPU 129) passes 254, so the guest needs x2APIC" in engine.why
+    with pytest.raises(ConfigError, match=r"APIC id 256 \(vCPU 129\) passes 254"):
+        select("tcg", past)
     with pytest.raises(ConfigError, match="at most 255 vCPUs"):  # no KVM to fall back to
         select("auto", wide, HostVirt(False, False, "/dev/kvm does not exist"))
     narrow = plan_layout(config.example().build(host_nodes=(0,)))

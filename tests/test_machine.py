@@ -341,3 +341,41 @@ def test_signal_stops_the_machine_and_releases_everything(sig: signal.Signals) -
     time.sleep(0.05)  # the Timer thread ends right after it fired
     assert _fds() == fds
     assert threading.active_count() == threads
+
+
+def test_apic_ids_past_254_start_in_x2apic_mode_with_extended_destination_ids() -> None:
+    """The 128+1+1 machine (APIC id 256): every vCPU's APIC is in x2APIC mode with its full id,
+    KVM_FEATURE_MSI_EXT_DEST_ID is in its CPUID; a machine below 255 keeps xAPIC mode."""
+    from numavm.plan.cpuid import KVM_CPUID_FEATURES, KVM_FEATURE_MSI_EXT_DEST_ID, X2APIC_BIT
+
+    spec = MachineSpec(domains=[parse_numa("id=0,size=64M,cpus=0-127"), parse_numa("id=1,size=64M,cpus=128"),
+                                parse_numa("id=2,size=64M,cpus=129")])
+    layout = plan_layout(spec.build(host_nodes=(0,)))
+    assert layout.apic_ids[128:] == (128, 256)
+    x2apic_id_msr = 0x802
+    with KvmMachine(layout, name="x2apic") as m:
+        for index in (0, 1, 127, 128, 129):
+            msrs = m.vcpus[index].get_msrs([cpumode.MSR_IA32_APIC_BASE, x2apic_id_msr])
+            assert msrs[cpumode.MSR_IA32_APIC_BASE] == cpumode.x2apic_base(index == 0)
+            assert msrs[x2apic_id_msr] == layout.apic_ids[index]
+            cpuid = {(e.function, e.index): e for e in m.vcpus[index].get_cpuid()}
+            assert cpuid[(KVM_CPUID_FEATURES, 0)].eax & KVM_FEATURE_MSI_EXT_DEST_ID
+            assert cpuid[(1, 0)].ecx & X2APIC_BIT
+    small = plan_layout(MACHINES["example"].build(host_nodes=(0,)))
+    with KvmMachine(small, name="xapic") as m:
+        base = m.vcpus[0].get_msrs([cpumode.MSR_IA32_APIC_BASE])[cpumode.MSR_IA32_APIC_BASE]
+        assert not base & cpumode.APIC_BASE_X2APIC and base & cpumode.APIC_BASE_ENABLE
+        cpuid = {(e.function, e.index): e for e in m.vcpus[0].get_cpuid()}
+        assert not cpuid[(KVM_CPUID_FEATURES, 0)].eax & KVM_FEATURE_MSI_EXT_DEST_ID
+
+
+def test_x2apic_machine_routes_device_interrupts_to_the_boot_vcpu() -> None:
+    from numavm.vmm.kvm.machine import X2APIC_IRQ_CMDLINE, x2apic_cmdline
+
+    wide = plan_layout(MachineSpec(domains=[parse_numa("id=0,size=64M,cpus=0-127"),
+                                            parse_numa("id=1,size=64M,cpus=128"),
+                                            parse_numa("id=2,size=64M,cpus=129")]).build(host_nodes=(0,)))
+    assert x2apic_cmdline(wide, "console=ttyS0") == f"console=ttyS0 {X2APIC_IRQ_CMDLINE}"
+    assert x2apic_cmdline(wide, "irqaffinity=0-1") == "irqaffinity=0-1"
+    small = plan_layout(MACHINES["example"].build(host_nodes=(0,)))
+    assert x2apic_cmdline(small, "console=ttyS0") == "console=ttyS0"

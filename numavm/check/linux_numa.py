@@ -145,8 +145,9 @@ _RE = {
     "zonelists": re.compile(r"Built (\d+) zonelists"),
     "version": re.compile(r"Linux version (\d+)\.(\d+)"),
     "llc": re.compile(r"llc-sibling CPU #\d+ is not on the same node.*|sched: CPU #\d+'s .* is not on the same node.*"
-                     # APIC ids >= 255 need the guest in x2APIC mode (interrupt remapping or KVM's
-                     # extended destination ids); without it Linux drops those vCPUs:
+                     # APIC ids >= 255 need the guest in x2APIC mode with KVM's extended
+                     # destination ids (numavm's KVM engine gives both); without it Linux
+                     # drops those vCPUs:
                      r"|SRAT: PXM \d+ -> X2APIC 0x[0-9a-f]+ ignored"),
     "numa_off": re.compile(r"(NUMA: nodes only cover .*|No NUMA configuration found|SRAT: .*(?:invalid|bad|Not used).*|"
                            r"NUMA: Warning: invalid .*|ACPI: SLIT: .*invalid.*|NUMA turned off)"),

@@ -38,7 +38,9 @@ leaf 0x4   Intel init_intel_cacheinfo(): for each cache subleaf (until type 0)
            package.  EAX[31:26] = (1 << core_bits) - 1 (63 at most), read
            only by detect_num_cpu_cores() when leaf 0xB is unusable.
 0x80000001 ECX: TOPOEXT (bit 22) selects the AMD path below; kept as KVM
-           reports it.  CmpLegacy (bit 1) is set as HTT is (the AMD meaning of
+           reports it, but set (with 0x8000001D built from the legacy cache
+           descriptors 0x80000005/6 and the max extended leaf raised to
+           0x8000001E) where APIC ids pass 255 on a host without it.  CmpLegacy (bit 1) is set as HTT is (the AMD meaning of
            HTT: cores, not threads); NodeId MSR (bit 19) is cleared so Linux
            never reads MSR 0xC001100C for a die id.
 0x80000008 AMD ECX[7:0] NC = vCPUs in this package - 1 (255 at most) ->
@@ -67,14 +69,23 @@ leaf 0x4   Intel init_intel_cacheinfo(): for each cache subleaf (until type 0)
            0x8000001D.
 0x80000026 AMD extended topology (read by newer kernels before 0xB): dropped,
            so they fall back to leaf 0xB.
-0x40000000 and the other KVM paravirt leaves: kept as KVM reports them.
+0x40000000 and the other KVM paravirt leaves: kept as KVM reports them, but
+           where an APIC id passes 254 (`Layout.needs_x2apic`), 0x40000001 EAX
+           gets KVM_FEATURE_MSI_EXT_DEST_ID (bit 15) and leaf 1 ECX the x2APIC
+           bit: Linux then runs x2APIC in physical mode without interrupt
+           remapping and brings up ids up to 32767 (try_to_enable_x2apic).
 
-On AMD without TOPOEXT (or without a legacy L3 descriptor, or on Zen 1 with
-core_bits < 3), Linux's package and LLC come only from the 8-bit leaf 1 id:
-right for APIC ids up to 255, impossible above, so `vcpu_cpuid` refuses such
-a layout (`CpuidError`) rather than hand the guest packages merged across
-nodes.  Hygon CPUs get the AMD leaves, but Linux hard-codes their socket as
-ApicId >> 6 and their LLC as ApicId >> 3: right only when core_bits is 6.
+Past 255, Linux's AMD package and LLC come from the 8-bit leaf 1 id
+(amd_detect_cmp) unless TOPOEXT sends it to leaf 0xB and 0x8000001E (32-bit
+ids) and a legacy L3 descriptor sends its LLC to the node id (family < 0x17)
+or to 0x8000001D (later families).  So numavm announces TOPOEXT itself on AMD
+hosts without it (older AMD, the nested-SVM harness's qemu64) and refuses
+(`CpuidError`) only where no L3 descriptor exists or Zen 1's hard-coded
+ApicId >> 3 LLC would merge packages (core_bits < 3), rather than hand the
+guest packages merged across nodes.  Intel takes everything from leaf 0xB
+and leaf 4 with the 32-bit id.  Hygon CPUs get the AMD leaves, but Linux
+hard-codes their socket as ApicId >> 6 and their LLC as ApicId >> 3: right
+only when core_bits is 6.
 """
 
 from __future__ import annotations
@@ -90,6 +101,7 @@ __all__ = [
     "CpuidError", "VcpuTopology", "vcpu_topology", "vcpu_cpuid",
     "HYPERVISOR_BIT", "HTT_BIT", "X2APIC_BIT", "TOPOEXT_BIT", "CMP_LEGACY_BIT",
     "NODEID_MSR_BIT", "LEAF_TYPE_SMT", "LEAF_TYPE_CORE", "cpu_family_model",
+    "KVM_CPUID_FEATURES", "KVM_FEATURE_MSI_EXT_DEST_ID",
     "vendor", "get_count_order",
 ]
 
@@ -101,6 +113,10 @@ HYPERVISOR_BIT = 1 << 31  # ECX
 CMP_LEGACY_BIT = 1 << 1
 NODEID_MSR_BIT = 1 << 19
 TOPOEXT_BIT = 1 << 22
+# KVM's paravirtual features leaf: EAX bit 15, the IOAPIC and MSI destination ids
+# past 255 (Linux: kvm_msi_ext_dest_id()).
+KVM_CPUID_FEATURES = 0x40000001
+KVM_FEATURE_MSI_EXT_DEST_ID = 1 << 15
 # Leaf 0xB / 0x1F level types (ECX[15:8]).
 LEAF_TYPE_INVALID = 0
 LEAF_TYPE_SMT = 1
@@ -248,10 +264,21 @@ def vcpu_cpuid(supported: Sequence[KvmCpuidEntry2], layout: Layout,
         elif e.function == 0x8000001D and e.eax & 0x1F:
             e.eax = _cache_sharing(e.eax, topo)
 
+    if layout.needs_x2apic:
+        _x2apic_leaves(out, leaf1)
+
     ext0 = _find(out, 0x80000000)
     max_ext = ext0.eax if ext0 is not None else 0
     ext1 = _find(out, 0x80000001)
     topoext = ext1 is not None and bool(ext1.ecx & TOPOEXT_BIT)
+    if is_amd and not topoext and max_apic > 0xFF and ext0 is not None and ext1 is not None:
+        # Linux's AMD path reads 32-bit ids (leaf 0xB, 0x8000001E) only with TOPOEXT:
+        # announce it and describe the caches in 0x8000001D ourselves.
+        ext1.ecx |= TOPOEXT_BIT
+        topoext = True
+        if not any(e.function == 0x8000001D for e in out):
+            out.extend(_amd_cache_leaves(out, topo))
+        ext0.eax = max_ext = max(max_ext, 0x8000001E)
     if is_amd and ext1 is not None:
         ext1.ecx = ext1.ecx | CMP_LEGACY_BIT if ids > 1 else ext1.ecx & ~CMP_LEGACY_BIT
         ext1.ecx &= ~NODEID_MSR_BIT
@@ -268,6 +295,61 @@ def vcpu_cpuid(supported: Sequence[KvmCpuidEntry2], layout: Layout,
         _amd_llc(out, topo, max_apic, topoext=topoext, family=family, model=model,
                  has_e6=max_ext >= 0x80000006)
     return out
+
+
+def _x2apic_leaves(out: list[KvmCpuidEntry2], leaf1: KvmCpuidEntry2) -> None:
+    """What a Linux guest needs to keep APIC ids past 254 without interrupt remapping.
+
+    x2apic_setup()/try_to_enable_x2apic(): x2APIC mode (the CPUID bit; the vCPU
+    starts in it, numavm.vmm.kvm.cpu.x2apic_base), a KVM guest (leaf 0x40000000) so that
+    x2APIC without IR is allowed, and KVM_FEATURE_MSI_EXT_DEST_ID (leaf
+    0x40000001 EAX bit 15), without which Linux caps the APIC ids it brings
+    online at 255 ("x2apic_set_max_apicid(255)").
+    """
+    leaf1.ecx |= X2APIC_BIT
+    features = _find(out, KVM_CPUID_FEATURES)
+    if features is None:
+        raise CpuidError("APIC ids past 254 need KVM's paravirtual CPUID leaf 0x40000001 "
+                         "(KVM_FEATURE_MSI_EXT_DEST_ID), which this host's KVM does not report")
+    features.eax |= KVM_FEATURE_MSI_EXT_DEST_ID
+
+
+# AMD's 4-bit associativity codes (CPUID 0x80000006 ECX/EDX [15:12]), in ways; 0xF: full.
+_AMD_ASSOC = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 8, 8: 16, 0xA: 32, 0xB: 48, 0xC: 64, 0xD: 96,
+              0xE: 128}
+
+
+def _amd_cache_leaves(out: list[KvmCpuidEntry2], topo: VcpuTopology) -> list[KvmCpuidEntry2]:
+    """CPUID 0x8000001D (leaf 4's format) built from the legacy descriptors in 0x80000005
+    (L1d ECX, L1i EDX) and 0x80000006 (L2 ECX, L3 EDX), as Linux's amd_cpuid4() reads
+    them; the L3 (and anything past L2) shared by the package, the rest per core."""
+    e5, e6 = _find(out, 0x80000005), _find(out, 0x80000006)
+    # (type, level, size in bytes, ways or 0 for fully associative, line size, lines per tag)
+    caches: list[tuple[int, int, int, int, int, int]] = []
+    for reg, type_ in ((e5.ecx if e5 else 0, 1), (e5.edx if e5 else 0, 2)):  # L1d, L1i
+        if reg:
+            ways = reg >> 16 & 0xFF
+            caches.append((type_, 1, (reg >> 24) * 1024, 0 if ways == 0xFF else ways,
+                           reg & 0xFF, reg >> 8 & 0xFF))
+    if e6 is not None:
+        l2, l3 = e6.ecx, e6.edx
+        if l2:
+            caches.append((3, 2, (l2 >> 16) * 1024, _AMD_ASSOC.get(l2 >> 12 & 0xF, 0),
+                           l2 & 0xFF, l2 >> 8 & 0xF))
+        if l3:
+            caches.append((3, 3, (l3 >> 18) * 512 * 1024, _AMD_ASSOC.get(l3 >> 12 & 0xF, 0),
+                           l3 & 0xFF, l3 >> 8 & 0xF))
+    leaves = []
+    for i, (type_, level, size, ways, line, per_tag) in enumerate(caches):
+        line = line or 64
+        full = ways == 0
+        sets = max(size // (line * (ways or 1)), 1) if not full else 1
+        eax = _cache_sharing(type_ | level << 5 | 1 << 8 | (1 << 9 if full else 0), topo)
+        ebx = (line - 1) | (max(per_tag, 1) - 1) << 12 | (max(ways if not full else size // line, 1) - 1) << 22
+        leaves.append(_entry(0x8000001D, i, indexed=True, eax=eax, ebx=ebx & 0xFFFFFFFF,
+                             ecx=sets - 1, edx=0))
+    leaves.append(_entry(0x8000001D, len(caches), indexed=True))  # type 0: the end
+    return leaves
 
 
 def _amd_llc(out: list[KvmCpuidEntry2], topo: VcpuTopology, max_apic: int, *, topoext: bool,

@@ -21,6 +21,9 @@ LOW_RAM_LIMIT = 3 * GiB
 HIGH_RAM_BASE = 4 * GiB
 # QEMU's machine with this RAM layout (the TCG engine, `numavm export --to qemu`)
 QEMU_PC_MACHINE = f"pc,max-ram-below-4g={LOW_RAM_LIMIT // GiB}G"
+# xAPIC ids are 8 bits and 255 is their broadcast id: a vCPU whose APIC id is above
+# this one exists for the guest only in x2APIC mode.
+MAX_XAPIC_ID = 254
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
 
@@ -130,6 +133,11 @@ class Layout:
     rsdp_addr: int
     ram_top: int  # highest guest-physical RAM address + 1
     mp_pointer_addr: int = MP_POINTER_ADDR
+
+    @property
+    def needs_x2apic(self) -> bool:
+        """Some vCPU's APIC id is past MAX_XAPIC_ID: the guest must run its APICs in x2APIC mode."""
+        return max(self.apic_ids) > MAX_XAPIC_ID
 
     def domain_at(self, addr: int) -> DomainLayout | None:
         for d in self.domains:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from numavm.plan.layout import Layout
+from numavm.plan.layout import MAX_XAPIC_ID, Layout
 from numavm.check.linux_numa import HMAT_TIERS_FROM, hmat_access, memory_tiers
 from numavm.spec.topology import HMAT_ATTRS, Topology
 from numavm.spec.units import format_list, format_size
 
 PLAN_SCHEMA = 1
-X2APIC_FROM = 255  # xAPIC ids are 8 bits and 255 is the broadcast id
 
 
 def plan_document(layout: Layout) -> dict[str, Any]:
@@ -106,10 +105,11 @@ def plan_text(layout: Layout) -> str:
     lines.append("")
     lines.append(f"ACPI tables at {_hex_range(layout.table_area.start, layout.table_area.end)}, "
                  f"RSDP at {layout.rsdp_addr:#x}")
-    x2 = [cpu for cpu, apic in enumerate(layout.apic_ids) if apic >= X2APIC_FROM]
+    x2 = [cpu for cpu, apic in enumerate(layout.apic_ids) if apic > MAX_XAPIC_ID]
     if x2:
-        lines.append(f"note: vCPUs {format_list(x2)} have APIC ids >= {X2APIC_FROM}: a Linux guest uses them "
-                     f"only in x2APIC mode, which numavm does not enable yet (see README, Limits)")
+        lines.append(f"note: vCPUs {format_list(x2)} have APIC ids >= {MAX_XAPIC_ID + 1}: the KVM engine starts "
+                     "every vCPU in x2APIC mode with KVM's extended destination ids (device interrupts on "
+                     "vCPU 0); the TCG engine cannot run this machine")
     return "\n".join(lines) + "\n"
 
 

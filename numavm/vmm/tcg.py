@@ -124,6 +124,11 @@ def tcg_topology(layout: Layout) -> tuple[list[str], list[str]]:
     SRAT entry); Linux then uses physical mode, which QEMU delivers by id.
     """
     ids = list(layout.apic_ids)
+    if layout.needs_x2apic:
+        top = max(ids)
+        raise EngineRefusal("--accel tcg", f"APIC id {top} (vCPU {ids.index(top)}) passes 254, so the guest "
+                            f"needs x2APIC, and QEMU's pc machine takes at most {QEMU_PC_MAX_CPUS} vCPUs "
+                            "with xAPIC ids (QEMU 7.2's TCG has no x2APIC)", "use --accel kvm")
     if ids != sorted(ids) or ids[0] != 0:
         raise EngineRefusal("--accel tcg", "QEMU numbers vCPUs in APIC-id order, so each domain's cpus= must be "
                             "a contiguous range and the domains' ranges must follow domain order "

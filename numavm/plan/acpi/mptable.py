@@ -5,8 +5,9 @@ for the table's floating pointer before it reads ACPI, scanning the EBDA,
 the top of base memory and the 64 KiB BIOS area; under an emulating KVM
 that scan alone costs ~5 s (it remaps for every 16 bytes).  A valid pointer
 in the first place it looks ends the scan, and with ``acpi=off`` the guest
-still finds its vCPUs (xAPIC ids only), IOAPIC and ISA interrupts here, as
-Firecracker's guests do.
+still finds its vCPUs, IOAPIC and ISA interrupts here, as Firecracker's
+guests do.  The table holds only xAPIC ids, so a machine with an APIC id past
+254 gets none (`numavm.plan.acpi.build_tables`): it would contradict the MADT.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from numavm.plan.layout import IOAPIC_ADDR, LAPIC_ADDR, Layout
+from numavm.plan.layout import IOAPIC_ADDR, LAPIC_ADDR, MAX_XAPIC_ID, Layout
 from numavm.plan.acpi.tables import IOAPIC_ID, NMI_LINT, TIMER_GSI, TIMER_IRQ
 
 _FLOATING = struct.Struct("<4sIBBB5s")  # "_MP_", physptr, length/16, spec rev, checksum, features
@@ -34,7 +35,6 @@ CPU_SIGNATURE = 0x600  # family 6
 CPU_FEATURES = 0x201  # FPU, local APIC
 MP_INT, MP_NMI, MP_EXTINT = 0, 1, 3
 ISA_IRQS = 16
-XAPIC_LIMIT = 255  # the table's APIC id field is 8 bits, and 255 is broadcast
 
 
 def _checksum(data: bytes) -> int:
@@ -53,7 +53,7 @@ class MpTable:
         entries = [
             _PROCESSOR.pack(0, apic, APIC_VERSION, CPU_ENABLED | (CPU_BSP if k == 0 else 0),
                             CPU_SIGNATURE, CPU_FEATURES)
-            for k, apic in enumerate(self.apic_ids) if apic < XAPIC_LIMIT]
+            for k, apic in enumerate(self.apic_ids) if apic <= MAX_XAPIC_ID]
         entries.append(_BUS.pack(1, 0, b"ISA   "))
         entries.append(_IOAPIC.pack(2, IOAPIC_ID, IOAPIC_VERSION, 1, IOAPIC_ADDR))
         for irq in range(ISA_IRQS):  # ISA IRQ n on IOAPIC pin n, but the timer on pin 2 (as the MADT says)
@@ -79,5 +79,5 @@ class MpTable:
 
 
 def table_size(layout: Layout) -> int:
-    cpus = sum(1 for a in layout.apic_ids if a < XAPIC_LIMIT)
+    cpus = sum(1 for a in layout.apic_ids if a <= MAX_XAPIC_ID)
     return _HEADER.size + cpus * _PROCESSOR.size + _BUS.size + _IOAPIC.size + (ISA_IRQS - 1 + 2) * _INTERRUPT.size

@@ -50,7 +50,7 @@ TIMER_GSI = 2  # IRQ0 -> GSI 2, as on every PC
 NMI_LINT = 1  # LINT1 of every local APIC carries NMI
 ALL_PROCESSORS_UID = 0xFF  # in a Local APIC NMI entry
 ALL_PROCESSORS_X2UID = 0xFFFF_FFFF  # in a Local x2APIC NMI entry
-MAX_XAPIC_ID = 254  # 255 is the xAPIC broadcast id: from 255 on, x2APIC entries
+MAX_XAPIC_ID = _lay.MAX_XAPIC_ID  # 255 is the xAPIC broadcast id: from 255 on, x2APIC entries
 MAX_XAPIC_UID = 254  # 255 in a Local APIC NMI entry means "all processors"
 
 TABLE_ALIGN = 16
@@ -614,7 +614,11 @@ def build_tables(layout: Layout, uarts: Sequence[tuple[int, int]] = ((_lay.COM1_
     addresses: list[tuple[str, int]] = []
     from numavm.plan.acpi.mptable import MpTable, table_size
 
-    for name, size in [("XSDT", xsdt_len)] + pointed + [("MPTABLE", table_size(layout))]:
+    # An MP table can list only xAPIC ids: where a vCPU's id is >= 255 it would
+    # contradict the MADT (a guest booted with acpi=off would lose those vCPUs), so
+    # such machines get none, as with Cloud Hypervisor.
+    mp = not layout.needs_x2apic
+    for name, size in [("XSDT", xsdt_len)] + pointed + ([("MPTABLE", table_size(layout))] if mp else []):
         addresses.append((name, addr))
         end = addr + size
         if end > area.end:
@@ -632,6 +636,7 @@ def build_tables(layout: Layout, uarts: Sequence[tuple[int, int]] = ((_lay.COM1_
     return AcpiTables(
         rsdp=Rsdp(at["XSDT"]), xsdt=xsdt, fadt=fadt, dsdt=dsdt, madt=madt, srat=srat, slit=slit,
         rsdp_addr=layout.rsdp_addr, addresses=tuple(a for a in addresses if a[0] != "MPTABLE"),
-        mptable=MpTable(layout.apic_ids, layout.mp_pointer_addr, at["MPTABLE"]), hmat=hmat,
+        mptable=MpTable(layout.apic_ids, layout.mp_pointer_addr, at["MPTABLE"]) if mp else None,
+        hmat=hmat,
     )
 

@@ -23,6 +23,25 @@ ENTRIES_PER_TABLE = 512
 _PDPT_SPAN = ENTRIES_PER_TABLE * GiB
 MAX_IDENTITY_TOP = ENTRIES_PER_TABLE * _PDPT_SPAN
 
+# IA32_APIC_BASE (MSR 0x1B): where a vCPU's local APIC is and which mode it runs in.
+MSR_IA32_APIC_BASE = 0x1B
+APIC_BASE_BSP = 1 << 8
+APIC_BASE_X2APIC = 1 << 10  # x2APIC mode: 32-bit ids through MSRs
+APIC_BASE_ENABLE = 1 << 11
+DEFAULT_LAPIC_ADDR = 0xFEE0_0000
+
+
+def x2apic_base(bsp: bool, lapic_addr: int = DEFAULT_LAPIC_ADDR) -> int:
+    """IA32_APIC_BASE of a vCPU whose firmware left it in x2APIC mode.
+
+    A Linux guest parses the MADT and SRAT before it could switch to x2APIC
+    itself, and then keeps APIC ids past 254 only if x2APIC is already on
+    ("x2apic: enabled by BIOS, switching to x2apic ops"), as SeaBIOS leaves
+    every CPU of a machine with such ids.
+    """
+    return lapic_addr | APIC_BASE_ENABLE | APIC_BASE_X2APIC | (APIC_BASE_BSP if bsp else 0)
+
+
 # Page-table entry bits.
 PTE_PRESENT = 1 << 0
 PTE_WRITE = 1 << 1

@@ -34,7 +34,8 @@ __all__ = [
     "KvmInternalError", "KvmSystemEvent", "MpState", "REQUIRED_CAPS",
     "KvmRegs", "KvmSegment", "KvmDtable", "KvmSregs", "KvmFpu", "KvmLapicState",
     "KvmVcpuEvents", "KvmUserspaceMemoryRegion", "KvmCpuidEntry2", "KvmCpuid2",
-    "KvmMsrEntry", "KvmMsrs", "KvmIrqLevel", "KvmPitConfig", "KvmMpState", "KvmRun",
+    "KvmMsrEntry", "KvmMsrs", "KvmIrqLevel", "KvmPitConfig", "KvmMpState", "KvmEnableCap", "KvmRun",
+    "X2APIC_API_FLAGS",
     "IoExit", "MmioExit", "InternalErrorExit", "SystemEventExit", "FailEntryExit",
     "Kvm", "Vm", "Vcpu", "host_address", "APIC_ID_OFFSET",
     "RUN_WORD_EXIT_REASON", "RUN_WORD_IO", "RUN_WORD_IO_COUNT", "RUN_WORD_IO_DATA_OFFSET",
@@ -244,6 +245,11 @@ class KvmMpState(ctypes.Structure):
     _fields_ = [("mp_state", u32)]
 
 
+class KvmEnableCap(ctypes.Structure):
+    _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", ctypes.c_uint8 * 64)]
+
+
+
 # kvm_run and the exit union members numavm reads.
 
 class _RunHw(ctypes.Structure):
@@ -305,6 +311,7 @@ assert ctypes.sizeof(KvmVcpuEvents) == 64
 assert KvmVcpuEvents.exception_payload.offset == 56
 assert ctypes.sizeof(KvmUserspaceMemoryRegion) == 32
 assert ctypes.sizeof(KvmCpuidEntry2) == 40
+assert ctypes.sizeof(KvmEnableCap) == 104
 assert ctypes.sizeof(KvmCpuid2) == 8
 assert ctypes.sizeof(KvmMsrEntry) == 16
 assert ctypes.sizeof(KvmMsrs) == 8
@@ -366,6 +373,7 @@ KVM_SET_CPUID2 = _IOW(0x90, KvmCpuid2)
 KVM_GET_CPUID2 = _IOWR(0x91, KvmCpuid2)
 KVM_GET_MP_STATE = _IOR(0x98, KvmMpState)
 KVM_SET_MP_STATE = _IOW(0x99, KvmMpState)
+KVM_ENABLE_CAP = _IOW(0xA3, KvmEnableCap)
 KVM_GET_VCPU_EVENTS = _IOR(0x9F, KvmVcpuEvents)
 KVM_SET_VCPU_EVENTS = _IOW(0xA0, KvmVcpuEvents)
 
@@ -389,6 +397,12 @@ class KvmCap(enum.IntEnum):
     MAX_VCPU_ID = 128
     IMMEDIATE_EXIT = 136
 
+
+# KVM_CAP_X2APIC_API flags: 32-bit x2APIC ids in MSI routes and the LAPIC state, and
+# x2APIC destination 0xFF not treated as xAPIC broadcast (it is APIC id 255).
+KVM_X2APIC_API_USE_32BIT_IDS = 1 << 0
+KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK = 1 << 1
+X2APIC_API_FLAGS = KVM_X2APIC_API_USE_32BIT_IDS | KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK
 
 # What every numavm VM uses; Kvm() refuses a host lacking any of them.
 REQUIRED_CAPS: tuple[KvmCap, ...] = (
@@ -726,6 +740,22 @@ class Vm:
     def irq_line(self, irq: int, level: int) -> None:
         """Drive GSI `irq` (PIC 0-15 / IOAPIC 0-23) to `level` (0 or 1)."""
         _ioctl(self.fd, "KVM_IRQ_LINE", KVM_IRQ_LINE, KvmIrqLevel(irq=irq, level=level))
+
+    def enable_cap(self, cap: KvmCap, *args: int) -> None:
+        """KVM_ENABLE_CAP on the VM with up to four arguments."""
+        req = KvmEnableCap(cap=int(cap))
+        for i, a in enumerate(args):
+            req.args[i] = a
+        _ioctl(self.fd, f"KVM_ENABLE_CAP({cap.name})", KVM_ENABLE_CAP, req)
+
+    def enable_x2apic_api(self, flags: int = X2APIC_API_FLAGS) -> None:
+        """KVM_CAP_X2APIC_API (what a guest with APIC ids past 254 needs); refused with the
+        reason when this KVM lacks any of `flags` (the capability answers the flags it has)."""
+        have = self.check_extension(KvmCap.X2APIC_API)
+        if have & flags != flags:
+            raise KvmError(f"this host's KVM lacks KVM_CAP_X2APIC_API flags {flags & ~have:#x} "
+                           "(APIC ids past 254 need 32-bit x2APIC ids)")
+        self.enable_cap(KvmCap.X2APIC_API, flags)
 
     def set_boot_cpu_id(self, apic_id: int) -> None:
         """Make `apic_id` the bootstrap processor; only before any vCPU exists."""

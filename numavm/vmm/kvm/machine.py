@@ -25,8 +25,8 @@ from numavm.devices import IoBus, IrqLines, PowerEvent, Serial16550, attach_powe
 from numavm.errors import NumavmError
 from numavm.vmm.kvm.ioctls import (RUN_WORD_EXIT_REASON, RUN_WORD_IO, RUN_WORD_IO_COUNT, RUN_WORD_IO_DATA_OFFSET, Kvm,
                                    KvmExit, KvmInternalError, KvmIoctlError, KvmIoDirection, Vcpu, Vm)
-from numavm.plan.layout import (COM1_PORT, COM2_IRQ, COM2_PORT, COM3_IRQ, COM3_PORT, CONSOLE_UARTS, STREAM_UARTS,
-                                Layout)
+from numavm.plan.layout import (COM1_PORT, COM2_IRQ, COM2_PORT, COM3_IRQ, COM3_PORT, CONSOLE_UARTS, LAPIC_ADDR,
+                                STREAM_UARTS, Layout)
 from numavm.host.memory import GuestMemory, policy_cpus
 from numavm.spec.policy import Mode
 from numavm.vmm.run import PANIC_RE, GuestRun, Outcome, RunResult, prefault_for
@@ -112,6 +112,9 @@ class KvmMachine:
         vm.set_identity_map_addr(KVM_IDENTITY_MAP_ADDR)
         vm.create_irqchip()
         vm.create_pit2()
+        x2apic = layout.needs_x2apic and use_cpuid
+        if x2apic:  # APIC ids past 254: 32-bit ids, and 0xFF no longer means broadcast
+            vm.enable_x2apic_api()
         for region in self.memory.regions():
             vm.set_user_memory_region(*region)
         vm.set_boot_cpu_id(layout.apic_ids[0])
@@ -121,6 +124,8 @@ class KvmMachine:
             self.vcpus.append(vcpu)
             if use_cpuid:
                 vcpu.set_cpuid(vcpu_cpuid(supported, layout, index))
+            if x2apic:  # after the CPUID: KVM takes x2APIC mode only with the CPUID bit
+                vcpu.set_msrs({cpumode.MSR_IA32_APIC_BASE: cpumode.x2apic_base(index == 0, LAPIC_ADDR)})
         uarts = CONSOLE_UARTS if self._stream_sinks is None else STREAM_UARTS
         for addr, blob in build_tables(layout, uarts).placements():
             self.memory.write(addr, blob)
@@ -466,12 +471,27 @@ class KvmMachine:
         self.close()
 
 
+# KVM's in-kernel IOAPIC takes an 8-bit destination: the extended destination id a
+# Linux guest writes (KVM_FEATURE_MSI_EXT_DEST_ID) in RTE bits 49-55 is dropped, so an
+# interrupt routed to APIC id 256 would reach APIC id 0 and be lost.  The guest routes
+# its device interrupts to the boot vCPU (APIC id 0) instead.
+X2APIC_IRQ_CMDLINE = "irqaffinity=0"
+
+
+def x2apic_cmdline(layout: Layout, cmdline: str) -> str:
+    """`cmdline`, plus `X2APIC_IRQ_CMDLINE` for a machine with APIC ids past 254 unless
+    the line already sets an irqaffinity."""
+    if not layout.needs_x2apic or "irqaffinity=" in cmdline:
+        return cmdline
+    return f"{cmdline} {X2APIC_IRQ_CMDLINE}".strip()
+
+
 def run_linux(run: GuestRun, pin: bool = True) -> RunResult:
     """The KVM engine's run: the run's kernel loaded as numavm.plan.boot plans it, in long mode."""
     from numavm.plan.boot import load_kernel, plan_boot
 
     kernel = load_kernel(run.kernel)
-    plan = plan_boot(run.layout, kernel, run.initrd, run.cmdline)
+    plan = plan_boot(run.layout, kernel, run.initrd, x2apic_cmdline(run.layout, run.cmdline))
     # the boot CPU's page tables, then its GDT: in the scratch area the plan leaves free
     page_tables = plan.scratch.start
     tables = cpumode.identity_page_tables(page_tables)
