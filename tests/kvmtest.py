@@ -67,7 +67,7 @@ def real_mode_state(cs_base: int, rip: int) -> cpu.CpuState:
     """16-bit real mode with CS at `cs_base` (a multiple of 16) and IP = `rip`."""
     if cs_base % 16 or cs_base >= 1 << 20:
         raise ValueError(f"real-mode CS base {cs_base:#x} is not a paragraph below 1 MiB")
-    cs = cpu.Segment(base=cs_base, limit=0xFFFF, selector=cs_base >> 4,
+    cs = cpu.SegmentDescriptor(base=cs_base, limit=0xFFFF, selector=cs_base >> 4,
                  type=cpu.SEG_TYPE_CODE_XR_ACCESSED)
     return cpu.CpuState(segments=MappingProxyType({"cs": cs}),
                     regs=MappingProxyType({"rip": rip, "rflags": cpu.RFLAGS_RESERVED}))

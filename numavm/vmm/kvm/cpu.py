@@ -134,7 +134,7 @@ def identity_page_tables(base: int, top: int = 4 * GiB, *, huge_1g: bool = False
 
 
 @dataclass(frozen=True)
-class Segment:
+class SegmentDescriptor:
     """A segment register as KVM holds it (limit is byte-granular, expanded)."""
 
     base: int
@@ -172,16 +172,16 @@ class DescriptorTable:
     limit: int
 
 
-CODE64 = Segment(base=0, limit=0xFFFFFFFF, selector=BOOT_CS,
+CODE64 = SegmentDescriptor(base=0, limit=0xFFFFFFFF, selector=BOOT_CS,
                  type=SEG_TYPE_CODE_XR_ACCESSED, l=1, g=1)
-DATA = Segment(base=0, limit=0xFFFFFFFF, selector=BOOT_DS,
+DATA = SegmentDescriptor(base=0, limit=0xFFFFFFFF, selector=BOOT_DS,
                type=SEG_TYPE_DATA_RW_ACCESSED, db=1, g=1)
 
 
-def tss_segment(base: int = 0) -> Segment:
+def tss_segment(base: int = 0) -> SegmentDescriptor:
     # A usable (busy) TR is required by VM entry even if the guest never
     # switches stacks through it.
-    return Segment(base=base, limit=0x67, selector=BOOT_TSS, type=SEG_TYPE_TSS_BUSY, s=0)
+    return SegmentDescriptor(base=base, limit=0x67, selector=BOOT_TSS, type=SEG_TYPE_TSS_BUSY, s=0)
 
 
 def gdt_bytes(tss_base: int = 0) -> bytes:
@@ -201,7 +201,7 @@ class CpuState:
     names (rip, rsp, rsi, rflags, ...), unnamed general registers become 0.
     """
 
-    segments: Mapping[str, Segment] = field(default_factory=dict)
+    segments: Mapping[str, SegmentDescriptor] = field(default_factory=dict)
     gdt: DescriptorTable | None = None
     idt: DescriptorTable | None = None
     control: Mapping[str, int] = field(default_factory=dict)

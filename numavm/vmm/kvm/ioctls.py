@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar, cast
 
-from numavm.vmm.kvm.cpu import CpuState, DescriptorTable, Segment
+from numavm.vmm.kvm.cpu import CpuState, DescriptorTable, SegmentDescriptor
 from numavm.host.libc import HostError
 from numavm.errors import NumavmError
 
@@ -799,7 +799,7 @@ _SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 _CONTROL_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 
 
-def _load_segment(dst: KvmSegment, seg: Segment) -> None:
+def _load_segment(dst: KvmSegment, seg: SegmentDescriptor) -> None:
     dst.base, dst.limit, dst.selector, dst.type = seg.base, seg.limit, seg.selector, seg.type
     dst.present, dst.dpl, dst.db, dst.s = seg.present, seg.dpl, seg.db, seg.s
     dst.l, dst.g, dst.avl = seg.l, seg.g, seg.avl
