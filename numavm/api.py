@@ -517,7 +517,7 @@ class _console_log:
 def _kwargs_spec(cpus: int | None, memory: int | str | None, domains: Sequence[str | Mapping[str, Any]],
                  distances: Any, hmat: Sequence[str], hmat_cache: Sequence[str]) -> MachineSpec:
     """Machine(...)'s keywords as a spec, each parsed as its command-line option or TOML key is."""
-    from numavm.spec.config import _domain, _matrix
+    from numavm.spec.config import distance_matrix, domain_from_table
     from numavm.spec.topology import parse_distance, parse_hmat, parse_hmat_cache, parse_numa
     from numavm.spec.units import parse_size
 
@@ -532,7 +532,7 @@ def _kwargs_spec(cpus: int | None, memory: int | str | None, domains: Sequence[s
         if isinstance(d, str):
             spec.domains.append(parse_numa(d))
         elif isinstance(d, Mapping):
-            spec.domains.append(_domain(dict(d), k, "domains"))
+            spec.domains.append(domain_from_table(dict(d), k, "domains"))
         else:
             raise ConfigError(f"domains[{k}]: expected a -n string or a mapping of TOML domain keys, got {d!r}")
     if isinstance(distances, Mapping):
@@ -541,7 +541,7 @@ def _kwargs_spec(cpus: int | None, memory: int | str | None, domains: Sequence[s
                 raise ConfigError(f"distances: keys are (i, j) pairs, got {key!r}")
             spec.distances.append(parse_distance(f"{key[0]}:{key[1]}={d}"))
     elif distances and all(not isinstance(r, str) for r in _seq(distances, "distances")):
-        spec.distances = _matrix([list(r) for r in distances], len(spec.domains), "distances")
+        spec.distances = distance_matrix([list(r) for r in distances], len(spec.domains), "distances")
     else:
         spec.distances = [parse_distance(t) for t in _seq(distances, "distances")]
     spec.hmat = [parse_hmat(t) for t in _seq(hmat, "hmat")]

@@ -147,11 +147,11 @@ def from_dict(doc: dict[str, Any], name: str) -> MachineSpec:
     domains = doc.get("domain", [])
     if not isinstance(domains, list) or not all(isinstance(d, dict) for d in domains):
         raise ConfigError(f"{name}: domain must be an array of tables ([[domain]])")
-    spec.domains = [_domain(d, k, name) for k, d in enumerate(domains)]
+    spec.domains = [domain_from_table(d, k, name) for k, d in enumerate(domains)]
     if "distances" in doc and "distance" in doc:
         raise ConfigError(f"{name}: give distances (a matrix) or distance (I:J=D entries), not both")
     if "distances" in doc:
-        spec.distances = _matrix(doc["distances"], len(spec.domains), f"{name}: distances")
+        spec.distances = distance_matrix(doc["distances"], len(spec.domains), f"{name}: distances")
     entries = doc.get("distance", [])
     if not isinstance(entries, list):
         raise ConfigError(f"{name}: distance must be an array of \"I:J=D\" strings, got {entries!r}")
@@ -177,7 +177,8 @@ def _int(v: Any, field: str) -> int:
     return v
 
 
-def _domain(d: dict[str, Any], k: int, name: str) -> DomainSpec:
+def domain_from_table(d: dict[str, Any], k: int, name: str) -> DomainSpec:
+    """One [[domain]] table (or the API's keyword dict) as a DomainSpec; errors name `name`."""
     where = f"{name}: domain[{k}]"
     unknown = sorted(set(d) - _DOMAIN_KEYS)
     if unknown:
@@ -199,7 +200,8 @@ def _domain(d: dict[str, Any], k: int, name: str) -> DomainSpec:
     )
 
 
-def _matrix(m: Any, domains: int, field: str) -> list[tuple[int, int, int, str]]:
+def distance_matrix(m: Any, domains: int, field: str) -> list[tuple[int, int, int, str]]:
+    """A square distance matrix as (i, j, distance, where) entries, one row per domain."""
     if not isinstance(m, list) or not all(isinstance(r, list) and len(r) == len(m) for r in m):
         raise ConfigError(f"{field}: expected a square matrix (an array of equal-length rows)")
     if len(m) != domains:
