@@ -60,16 +60,15 @@ CASES: dict[str, tuple[l1.Case, int]] = {c.name: (c, st) for c, st in [
     (l1.Case("sigint", [*RUN, *SMALL, "--", "sh", "-c", f"echo {UP}; sleep 600"], signal="SIGINT", after=UP), 130),
     (l1.Case("sigterm", [*RUN, *SMALL, "--", "sh", "-c", f"echo {UP}; sleep 600"], signal="SIGTERM", after=UP), 130),
     # APIC ids past 254 (x2APIC): 9 domains, the first of 17 vCPUs, so vCPU 24's APIC id is 8 << 5 = 256.
-    # Measured: MATCH in an L1 of one vCPU (`python -m bench.l1 --cpus 1`, 795.6 s); in this
-    # fixture's two-vCPU L1, 24- and 25-vCPU guests crashed or stalled, x2APIC or not.
+    # Measured: MATCH in an L1 of one vCPU (`python -m bench.l1 --cpus 1`, 795.6 s); in a
+    # two-vCPU L1, 24- and 25-vCPU guests crashed or stalled, x2APIC or not: it runs in an L1
+    # of its own with one vCPU (ONE_VCPU_L1).  The issue's 128+1+1 machine is proven at the
+    # kernel stage on this host's KVM (test_check, kvm_boot); in L1 it would take hours.
     (l1.Case("x2apic_9_domains", [*CHECK, "-n", "id=0,size=256M,cpus=0-16",
                                   *(a for k in range(1, 9) for a in ("-n", f"id={k},size=64M,cpus={16 + k}"))],
              timeout=1500), 0),
-    # the issue's machine: 128, 1 and 1 vCPUs, vCPU 129's APIC id 256
-    (l1.Case("x2apic_128_1_1", [*CHECK[:-1], "1500", "-n", "id=0,size=256M,cpus=0-127",
-                                "-n", "id=1,size=128M,cpus=128", "-n", "id=2,size=128M,cpus=129"],
-             timeout=1800), 0),
 ]}
+ONE_VCPU_L1 = frozenset({"x2apic_9_domains"})
 # One L1 boot for all of these: what CI runs (the rest: NUMAVM_HWVIRT=all, see README).
 CI_CASES = ("detect", "example", "interleaved_vcpus", "hmat", "run_status", "sigterm")
 
@@ -98,10 +97,16 @@ def results() -> dict[str, l1.CaseResult]:
     why = l1.unavailable()
     if why is not None:
         pytest.skip(f"no hardware-virtualization KVM to run on (L1): {why}")
-    out, r = l1.run_cases([CASES[n][0] for n in names])
-    if r.status != 0:
-        pytest.fail(f"L1: {r.detail or 'exit ' + str(r.status)}\n{r.stderr.decode(errors='replace')[-3000:]}"
-                    f"\n{r.console[-3000:]}")
+    out: dict[str, l1.CaseResult] = {}
+    for one_vcpu in (False, True):
+        batch = [CASES[n][0] for n in names if (n in ONE_VCPU_L1) == one_vcpu]
+        if not batch:
+            continue
+        got, r = l1.run_cases(batch, **({"cpus": 1} if one_vcpu else {}))
+        if r.status != 0:
+            pytest.fail(f"L1: {r.detail or 'exit ' + str(r.status)}\n{r.stderr.decode(errors='replace')[-3000:]}"
+                        f"\n{r.console[-3000:]}")
+        out.update(got)
     return out
 
 
@@ -233,7 +238,7 @@ def test_one_l1_at_a_time_on_a_host(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         holder.stdout.close()  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("name", ["x2apic_9_domains", "x2apic_128_1_1"])
+@pytest.mark.parametrize("name", sorted(ONE_VCPU_L1))
 def test_vcpus_past_apic_id_254_are_online_on_their_nodes(results: dict[str, l1.CaseResult], name: str) -> None:
     """check's userspace match covers every vCPU online and its APIC id's node; the row of the
     domain holding APIC id 256 shows it on both sides."""
