@@ -77,9 +77,3 @@ def with_regs(state: cpu.CpuState, **regs: int) -> cpu.CpuState:
     """`state` with more general registers set."""
     return dataclasses.replace(state, regs={**state.regs, **regs})
 
-
-def start_all(machine, state_for: Callable[[int], cpu.CpuState]) -> None:  # type: ignore[no-untyped-def]
-    """Every vCPU of a KvmMachine starts running at once (small guest programs, no SIPI)."""
-    for index, vcpu in enumerate(machine.vcpus):
-        vcpu.load_cpu_state(state_for(index))
-        vcpu.set_mp_state(K.MpState.RUNNABLE)

@@ -25,7 +25,7 @@ from numavm.vmm.kvm.machine import KvmMachine
 from numavm.vmm.run import Outcome
 from numavm.spec.topology import MachineSpec, parse_distance, parse_numa
 
-from kvmtest import start_all, with_regs  # noqa: E402
+from kvmtest import with_regs  # noqa: E402
 
 host = detect()
 pytestmark = pytest.mark.skipif(not host.kvm_usable, reason=f"needs a usable /dev/kvm: {host.reason}")
@@ -100,7 +100,7 @@ def run_program(layout: Layout) -> tuple[KvmMachine, list[int], set[int]]:
                     (TABLE_ADDR, struct.pack(f"<{len(addrs)}Q", *addrs)), (PT_ADDR, tables)]
     m.load(host_written)
     state = cpumode.long_mode_state(PT_ADDR, GDT_ADDR, PROGRAM_ADDR)
-    start_all(m, lambda i: with_regs(state, rsi=TABLE_ADDR, rcx=len(addrs), rdx=SIGNATURE))
+    m.start_all(lambda i: with_regs(state, rsi=TABLE_ADDR, rcx=len(addrs), rdx=SIGNATURE))
     result = m.run(timeout=120)
     assert result.outcome is Outcome.STOPPED, result.detail
     assert result.vcpus_ran == frozenset(layout.apic_ids)
@@ -213,7 +213,7 @@ def test_timeout_stops_a_spinning_guest() -> None:
         m.load([(GDT_ADDR, cpumode.gdt_bytes()), (PROGRAM_ADDR, b"\xeb\xfe"),  # jmp $
                 (PT_ADDR, cpumode.identity_page_tables(PT_ADDR))])
         state = cpumode.long_mode_state(PT_ADDR, GDT_ADDR, PROGRAM_ADDR)
-        start_all(m, lambda i: state)
+        m.start_all(lambda i: state)
         result = m.run(timeout=0.5)
     assert result.outcome is Outcome.TIMEOUT
     assert result.vcpus_ran == frozenset(layout.apic_ids)
@@ -333,7 +333,7 @@ def test_signal_stops_the_machine_and_releases_everything(sig: signal.Signals) -
         m.load([(GDT_ADDR, cpumode.gdt_bytes()), (PROGRAM_ADDR, b"\xeb\xfe"),  # jmp $ on every vCPU
                 (PT_ADDR, cpumode.identity_page_tables(PT_ADDR))])
         state = cpumode.long_mode_state(PT_ADDR, GDT_ADDR, PROGRAM_ADDR)
-        start_all(m, lambda i: state)
+        m.start_all(lambda i: state)
         threading.Timer(0.3, os.kill, (os.getpid(), sig)).start()
         result = m.run(timeout=60)
     assert result.outcome is Outcome.INTERRUPTED and sig.name in result.detail

@@ -24,7 +24,7 @@ from numavm.plan.cpuid import vcpu_cpuid
 from numavm.devices import IoBus, IrqLines, PowerEvent, Serial16550, attach_power_devices
 from numavm.errors import NumavmError
 from numavm.vmm.kvm.ioctls import (RUN_WORD_EXIT_REASON, RUN_WORD_IO, RUN_WORD_IO_COUNT, RUN_WORD_IO_DATA_OFFSET, Kvm,
-                                   KvmExit, KvmInternalError, KvmIoctlError, KvmIoDirection, Vcpu, Vm)
+                                   KvmExit, KvmInternalError, KvmIoctlError, KvmIoDirection, MpState, Vcpu, Vm)
 from numavm.plan.layout import (COM1_PORT, COM2_IRQ, COM2_PORT, COM3_IRQ, COM3_PORT, CONSOLE_UARTS, LAPIC_ADDR,
                                 STREAM_UARTS, Layout)
 from numavm.host.memory import GuestMemory, policy_cpus
@@ -176,6 +176,12 @@ class KvmMachine:
     def set_boot_state(self, state: cpumode.CpuState) -> None:
         """The boot vCPU starts here; the others wait for INIT/SIPI, as on hardware."""
         self.vcpus[0].load_cpu_state(state)
+
+    def start_all(self, state_for: Callable[[int], cpumode.CpuState]) -> None:
+        """Every vCPU starts running at once (small guest programs, no SIPI: bench/ and tests)."""
+        for index, vcpu in enumerate(self.vcpus):
+            vcpu.load_cpu_state(state_for(index))
+            vcpu.set_mp_state(MpState.RUNNABLE)
 
     def read_input_from(self, fd: int) -> None:
         """Feed the guest from a host fd (an interactive stdin) until the run ends: the
