@@ -461,3 +461,16 @@ def test_tcg_topology_gives_the_plans_apic_ids_and_keeps_linux_off_logical_mode(
         assert possible > LINUX_FLAT_MAX_CPUS
     else:  # nothing added where -smp alone gives the ids
         assert possible == len([d for d in layout.domains if d.apic_ids]) << layout.core_bits
+
+
+def test_a_console_message_inside_a_log_line_is_taken_out() -> None:
+    """CI (Debian 13 guest on L1): a live printk landed inside /init's dmesg copy of the
+    Initmem line, so check saw no node 0 setup.  The line is whole again for the parser."""
+    from numavm.check.linux_numa import parse_kernel_log
+    text = ("numavm-dmesg: [    0.155239] Initmem setup node 0 [mem 0x000000000[   21.202320] hrtimer: "
+            "interrupt took 23926354 ns\n0001000-0x000000001fffffff]\n"
+            "numavm-dmesg: [    0.157646] Initmem setup node 1 [mem 0x0000000020000000-0x000000003fffffff]\n"
+            "[    1.141353] Built 2 zonelists, mobility grouping on.  Total pages: 262046\n")
+    v = parse_kernel_log(text)
+    assert v.initmem == {0: (0x1000, 0x20000000), 1: (0x20000000, 0x40000000)}
+    assert v.zonelists == 2

@@ -154,9 +154,15 @@ _RE = {
 }
 
 
+# A console message the kernel printed in the middle of another line (the guest's dmesg copy
+# shares the console with live printk), as CI saw: "Initmem setup node 0 [mem 0x000000000[
+# 21.202320] hrtimer: interrupt took 23926354 ns\n0001000-0x000000001fffffff]".
+_INJECTED = re.compile(r"(?<=[^\n])(?<!numavm-dmesg: )\[ *\d+\.\d+\] [^\n]*\n")
+
+
 def parse_kernel_log(text: str) -> KernelView:
     v = KernelView()
-    for line in text.splitlines():
+    for line in _INJECTED.sub("", text).splitlines():
         if m := _RE["pxm_apic"].search(line):
             pxm, apic, node = int(m[1]), int(m[2], 16), int(m[3])
             v.pxm_to_node.setdefault(pxm, node)
