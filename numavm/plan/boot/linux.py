@@ -36,6 +36,7 @@ are megabytes; never write zero buffers for them).
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import time
 from dataclasses import dataclass, field
@@ -238,7 +239,7 @@ class KernelImage:
         return self.setup.initrd_addr_max if self.setup is not None else INITRD_ADDR_MAX
 
 
-def parse_kernel(data: bytes, name: str = "kernel") -> KernelImage:
+def parse_kernel(data: bytes | mmap.mmap, name: str = "kernel") -> KernelImage:
     """`load_kernel` on bytes already read; `name` is for messages."""
     if is_bzimage(data):
         bz = parse_bzimage(data, name)
@@ -255,7 +256,7 @@ def parse_kernel(data: bytes, name: str = "kernel") -> KernelImage:
     raise NumavmError(f"{name}: neither a bzImage (no 'HdrS' header at 0x202) nor an ELF vmlinux")
 
 
-def _release(data: bytes, hdr: SetupHeader) -> str | None:
+def _release(data: bytes | mmap.mmap, hdr: SetupHeader) -> str | None:
     """The string kernel_version points at (offset from 0x200 in the image)."""
     if not hdr.kernel_version:
         return None
@@ -271,7 +272,11 @@ def load_kernel(path: str | os.PathLike[str]) -> KernelImage:
     name = os.fspath(path)
     try:
         with open(name, "rb") as f:
-            data = f.read()
+            # Mapped, not read: a vmlinux's segments then go from the page cache straight into
+            # guest memory, one copy instead of two (~0.7 s of a boot in the nested-SVM L1).
+            # The mapping lives as long as views into it do (the boot plan's writes).
+            empty = os.fstat(f.fileno()).st_size == 0
+            data = b"" if empty else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise NumavmError(f"kernel {name}: {e.strerror or e}") from e
     return parse_kernel(data, name)
