@@ -34,12 +34,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Union
 
-from numavm.check.report import GuestNode, GuestReport
 from numavm.errors import ConfigError, NumavmError
-from numavm.vmm.run import OUTCOME_EXIT, ExitCode, Outcome, RunResult
+from numavm.vmm.run import OUTCOME_EXIT, STAGES, ExitCode, Outcome, RunResult
 from numavm.spec.topology import MachineSpec, Topology
 
 if TYPE_CHECKING:
+    from numavm.check.report import GuestNode, GuestReport
     from numavm.check.verdict import CheckReport
     from numavm.vmm.engine import Engine
     from numavm.plan.layout import Layout
@@ -51,6 +51,25 @@ Output = Union[None, BinaryIO, IO[bytes], Sink]
 
 __all__ = ["Machine", "Plan", "CommandResult", "GuestReport", "GuestNode", "Verdict", "GuestFailed",
            "ConfigError", "NumavmError"]
+
+
+def __getattr__(name: str) -> Any:
+    # The guest-report classes load with what reads a result, not with numavm.api: a run
+    # imports them while its guest boots (_read_results_soon).
+    if name in ("GuestReport", "GuestNode"):
+        from numavm.check import report
+        return getattr(report, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _read_results_soon(*modules: str) -> Callable[[], None]:
+    """GuestRun.on_start: import what reads the run's result while the guest boots; imported
+    before the run, it delayed the guest by ~0.5 s in the nested-SVM L1, where Python is emulated."""
+    def load() -> None:
+        import importlib
+        for m in modules:
+            importlib.import_module(m)
+    return load
 
 
 def _quiet(line: str) -> None:
@@ -336,7 +355,7 @@ class Machine:
                 result = prep.engine.run(GuestRun(
                     self.layout, assets.vmlinux, initrd_bytes, cmdline, prep.timeout, con, verbose=verbose,
                     log=log, prefault=prep.prefault, hugepages=hugepages, input_fd=input_fd, own_init=own_init,
-                    **streams))
+                    on_start=_read_results_soon("numavm.check.report"), **streams))
         text = con.text
         report = parse_guest_report(text) if own_init else None
         if report is not None and not report.get("streams", True):
@@ -345,6 +364,7 @@ class Machine:
             warnings.append(w)
             log(f"numavm: warning: {w}")
         status = report.get("exit_status") if report else None
+        from numavm.check.report import GuestReport
         res = CommandResult(
             status=int(status) & 0xFF if isinstance(status, int) else 0, stdout=bytes(out), stderr=bytes(err),
             topology=GuestReport.from_document(report) if report else None, engine=prep.engine.name,
@@ -369,7 +389,6 @@ class Machine:
         engine is a KVM that emulates guest code, else userspace.  The verdict's `match`,
         `mismatches` and `exit_code` say how it went; a guest that ended before it could be compared
         is a mismatch ("boot: ...") with `outcome` saying why."""
-        from numavm.check.verdict import STAGES, evaluate
         from numavm.guest.launch import Console, KernelStageWatch, guest_assets, guest_initrd, kernel_cmdline
         from numavm.vmm.run import GuestRun
 
@@ -393,7 +412,9 @@ class Machine:
             result = engine.run(GuestRun(self.layout, assets.vmlinux, initrd_bytes, cmdline, prep.timeout, con,
                                          watch, verbose=verbose, log=log, prefault=prep.prefault,
                                          hugepages=hugepages,
-                                         own_init=initrd_bytes is not None and initrd is None))
+                                         own_init=initrd_bytes is not None and initrd is None,
+                                         on_start=_read_results_soon("numavm.check.verdict")))
+        from numavm.check.verdict import evaluate
         wanted = Outcome.STOPPED if stage == "kernel" else Outcome.POWEROFF
         report = evaluate(self.layout, stage, engine.name, con.text, result.outcome is wanted,
                           f"{result.outcome.value} after {result.seconds:.1f} s ({result.detail})")

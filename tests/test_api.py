@@ -170,11 +170,18 @@ def test_import_numavm_is_cheap_and_the_api_loads_no_kvm_code() -> None:
 
 @needs_qemu
 @needs_apt
-def test_run_gives_status_streams_topology_engine_and_audit() -> None:
+def test_run_gives_status_streams_topology_engine_and_audit(monkeypatch) -> None:
+    import threading
+
+    import numavm.api
     m = Machine.from_options(TWO)
     logged: list[str] = []
+    started: list[str] = []  # the engine calls GuestRun.on_start once, from this thread, once QEMU runs
+    monkeypatch.setattr(numavm.api, "_read_results_soon",
+                        lambda *mods: lambda: started.append(threading.current_thread().name))
     r = m.run(["sh", "-c", "cat /sys/devices/system/node/node1/distance; printf 'x\\0y'; echo oops >&2; exit 7"],
               accel="tcg", timeout=300, log=logged.append)
+    assert started == ["MainThread"]
     assert isinstance(r, CommandResult)
     assert r.status == 7 and r.exit_code == 7 and r.outcome is Outcome.POWEROFF
     assert r.stdout == b"21 10\nx\0y" and r.stderr == b"oops\n"

@@ -196,12 +196,18 @@ def test_a_kernel_panic_line_on_the_console_ends_the_machine_as_a_panic() -> Non
                             "f36e"      # rep outsb (rsi = text, rcx = its length)
                             "ebfe")     # jmp $
     seen: list[bytes] = []
+    started: list[str] = []  # on_start's thread
+
+    def on_start() -> None:
+        started.append(threading.current_thread().name)
+
     with KvmMachine(layout, console=seen.append) as m:
         m.load([(GDT_ADDR, cpumode.gdt_bytes()), (PROGRAM_ADDR, program), (TABLE_ADDR, text),
                 (PT_ADDR, cpumode.identity_page_tables(PT_ADDR))])
         state = cpumode.long_mode_state(PT_ADDR, GDT_ADDR, PROGRAM_ADDR)
         m.set_boot_state(with_regs(state, rsi=TABLE_ADDR, rcx=len(text)))
-        result = m.run(timeout=60)
+        result = m.run(timeout=60, on_start=on_start)
+    assert started == ["MainThread"]  # once, in the caller's thread
     assert result.outcome is Outcome.PANIC, result.detail
     assert result.detail == "guest kernel panic: sysrq triggered crash"
     assert b"".join(seen) == text

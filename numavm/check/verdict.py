@@ -24,7 +24,6 @@ from numavm.plan.layout import Layout
 from numavm.plan.render import hmat_links, plan_document
 from numavm.spec.units import format_list, format_size
 
-STAGES = ("kernel", "userspace")
 
 
 @dataclass

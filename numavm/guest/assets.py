@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import subprocess
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -270,6 +269,8 @@ def extract_matching(deb: Path, pattern: re.Pattern[str]) -> dict[str, bytes]:
 def _scan_deb(deb: Path, pattern: re.Pattern[str], first: bool) -> dict[str, bytes]:
     """The matching files of `deb`'s data.tar (only the first one with `first`), keyed by the
     first group that matched; Python reads gz/xz/bz2, dpkg-deb the rest (zstd)."""
+    import tarfile  # only when fetching: a boot does not pay for it
+
     found: dict[str, bytes] = {}
 
     def scan(stream: IO[bytes]) -> None:

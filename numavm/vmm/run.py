@@ -27,6 +27,9 @@ Sink = Callable[[bytes], None]
 # panic=-1 the kernel reboots right after, which alone would read as a reset).
 PANIC_RE = re.compile(r"Kernel panic - not syncing: ?(.*)")
 
+# How far a checked guest runs: to its kernel's NUMA setup, or on to its userspace report.
+STAGES = ("kernel", "userspace")
+
 
 class Outcome(enum.Enum):
     """How a run ended; the commands map each to a documented exit status."""
@@ -109,6 +112,10 @@ class GuestRun:
     input_fd: int | None = None  # read into COM2: an interactive shell's terminal
     own_init: bool = False  # the initrd is numavm's: its /init brings offline CPUs online (guest.tcg_cmdline)
     log: Log = field(default=_stderr)
+    # Called once from the calling thread as soon as the guest runs: the caller's own work that can
+    # wait until then (numavm.api imports what reads the result) overlaps the boot instead of
+    # delaying it.
+    on_start: Callable[[], None] | None = None
 
 
 def prefault(memory: GuestMemory, log: Log, domains: frozenset[int] | None = None) -> None:

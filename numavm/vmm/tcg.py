@@ -240,9 +240,11 @@ class QemuMachine:
     # ------------------------------------------------------------ running
 
     def run(self, kernel: Path, initrd: bytes | None, cmdline: str,
-            timeout: float | None = None, input_fd: int | None = None) -> RunResult:
+            timeout: float | None = None, input_fd: int | None = None,
+            on_start: Callable[[], None] | None = None) -> RunResult:
         """Boot and run the guest; `input_fd` (with stream ports): what is read from it
-        goes to the guest's COM2 (an interactive shell's terminal)."""
+        goes to the guest's COM2 (an interactive shell's terminal).  `on_start` is called
+        (in this thread) once the guest runs."""
         assert self._tmp is not None
         initrd_path = None
         if initrd is not None:
@@ -278,6 +280,8 @@ class QemuMachine:
                                               daemon=True))
             for t in pumps:
                 t.start()
+            if on_start is not None:
+                on_start()
             deadline = None if timeout is None else start + timeout
             # woken at once by stop() or by the console's end (QEMU exited): no polling delay
             while self._outcome is None and self._proc.poll() is None:
@@ -470,7 +474,8 @@ def run_linux(run: GuestRun) -> RunResult:
         assert m.memory is not None
         prefault_for(run, m.memory)
         cmdline = tcg_cmdline(run.cmdline, run.layout.topology.cpus, run.own_init)
-        return m.run(run.kernel, run.initrd, cmdline, timeout=run.timeout, input_fd=run.input_fd)
+        return m.run(run.kernel, run.initrd, cmdline, timeout=run.timeout, input_fd=run.input_fd,
+                     on_start=run.on_start)
 
 
 class _Qmp:

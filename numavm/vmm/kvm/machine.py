@@ -220,8 +220,9 @@ class KvmMachine:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def run(self, timeout: float | None = None) -> RunResult:
-        """Run every vCPU until one ends the machine, `stop()` or the timeout."""
+    def run(self, timeout: float | None = None, on_start: Callable[[], None] | None = None) -> RunResult:
+        """Run every vCPU until one ends the machine, `stop()` or the timeout; `on_start` is
+        called (in this thread) once the vCPUs run."""
         if threading.current_thread() is not threading.main_thread():
             raise NumavmError("KvmMachine.run must be called from the main thread (it handles signals)")
         start = time.monotonic()
@@ -235,6 +236,8 @@ class KvmMachine:
                                      name=f"{self.name}-vcpu{index}", daemon=True)
                 self._threads.append(t)
                 t.start()
+            if on_start is not None:
+                on_start()
             deadline = None if timeout is None else start + timeout
             # Short waits keep the main thread responsive to SIGINT/SIGTERM.
             while not self._stop.wait(0.05):
@@ -514,4 +517,5 @@ def run_linux(run: GuestRun, pin: bool = True) -> RunResult:
         m.load(plan.writes)
         m.load([(page_tables, tables), (gdt, cpumode.gdt_bytes())])
         m.set_boot_state(cpumode.long_mode_state(page_tables, gdt, plan.rip, rsi=plan.rsi))
-        return m.run(timeout=run.timeout)
+        del plan, kernel  # loaded: the kernel file's mapping can go
+        return m.run(timeout=run.timeout, on_start=run.on_start)
