@@ -366,6 +366,31 @@ def test_hugepages_word_checked() -> None:
         Segment(4 * MiB, hugepages="1G")
 
 
+def test_a_big_unaligned_write_is_populated_first_and_lands_whole(monkeypatch) -> None:
+    """Segment.write maps the pages of a write of POPULATE_BEFORE_WRITE or more with one
+    MADV_POPULATE_WRITE before copying: an unaligned one ending at the segment's end, too."""
+    from numavm.host import libc
+    from numavm.host.memory.segment import MADV_POPULATE_WRITE, POPULATE_BEFORE_WRITE
+    calls: list[tuple[int, int, int]] = []
+    real = libc.madvise
+
+    def madvise(addr: int, n: int, advice: int) -> None:
+        real(addr, n, advice)  # raises if the range were not page-aligned or past the mapping
+        calls.append((addr, n, advice))
+
+    monkeypatch.setattr(libc, "madvise", madvise)
+    with Segment(8 * MiB, Policy(Mode.BIND, (0,)), machine="big") as seg:
+        data = os.urandom(POPULATE_BEFORE_WRITE + 5)
+        at = seg.size - len(data)
+        lo = at // 4096 * 4096
+        seg.write(at, data)
+        assert calls[-1:] == [(seg.addr + lo, seg.size - lo, MADV_POPULATE_WRITE)]
+        assert seg.read(at, len(data)) == data
+        assert seg.placement().bytes_on(0) == seg.size - lo
+        seg.write(0, b"small")  # below the threshold: copied, no madvise
+        assert len(calls) == 1
+
+
 def test_thp_advised_before_touching() -> None:
     with Segment(8 * MiB, Policy(Mode.BIND, (0,)), machine="thp", hugepages="thp") as seg:
         seg.write(0, b"\1" * (4 * MiB))

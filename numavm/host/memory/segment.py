@@ -37,6 +37,7 @@ MADV_POPULATE_WRITE = 23
 MFD_CLOEXEC = 0x1
 MFD_HUGETLB = 0x4
 MEMFD_NAME_MAX = 249  # NAME_MAX - len("memfd:")
+POPULATE_BEFORE_WRITE = 1 * MiB  # Segment.write: from this size on, the pages are mapped first
 
 ProgressFn = Callable[[int, int], None]
 
@@ -293,7 +294,28 @@ class Segment:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         src = memoryview(data).cast("B")
         mapping, at = self._check(offset, src.nbytes)
+        if src.nbytes >= POPULATE_BEFORE_WRITE:
+            # Pages allocated and mapped in one call, not one fault per page inside the copy: 10 %
+            # of loading a kernel here, more where faults are dear (an emulated L1).  Best effort:
+            # without it the copy faults the pages in, as before.
+            page = self.page_size
+            lo, hi = offset // page * page, min(self.size, -(-(offset + src.nbytes) // page) * page)
+            try:
+                self._populate(lo, hi - lo)
+            except HostError:
+                pass
         mapping[at:at + src.nbytes] = src
+
+    def _populate(self, off: int, n: int) -> None:
+        """Allocate and map [off, off + n) of the window (page-aligned) under its policy: with
+        plain shmem pages fallocate(2) on the memfd first (see `prefault`), then
+        madvise(MADV_POPULATE_WRITE), whose HostError is raised."""
+        if self.hugepages is None:
+            try:
+                _libc.fallocate(self.fd, 0, self.offset + off, n)
+            except HostError:
+                pass  # the madvise populates the range alone, or reports why not
+        _libc.madvise(self.addr + off, n, MADV_POPULATE_WRITE)
 
     # ---- prefault
 
@@ -333,8 +355,6 @@ class Segment:
             work.put((off, min(chunk, self.size - off)))
         done_q: queue.SimpleQueue[int | BaseException] = queue.SimpleQueue()
         stop = threading.Event()
-        addr = self.addr
-        fd, base = (self.fd, self.offset) if self.hugepages is None else (-1, 0)
 
         def worker() -> None:
             try:
@@ -344,12 +364,7 @@ class Segment:
                         off, n = work.get_nowait()
                     except queue.Empty:
                         return
-                    if fd >= 0:
-                        try:
-                            _libc.fallocate(fd, 0, base + off, n)
-                        except HostError:
-                            pass  # the madvise populates the chunk alone, or reports why not
-                    _libc.madvise(addr + off, n, MADV_POPULATE_WRITE)
+                    self._populate(off, n)
                     done_q.put(n)
             except BaseException as e:  # reported by the caller's thread
                 done_q.put(e)
