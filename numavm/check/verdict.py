@@ -25,7 +25,6 @@ from numavm.plan.render import hmat_links, plan_document
 from numavm.spec.units import format_list, format_size
 
 
-
 @dataclass
 class CheckReport:
     """The verdict and the values it was reached from: the plan, the guest kernel's log, and

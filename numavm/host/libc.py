@@ -65,13 +65,11 @@ syscall.argtypes = None  # variadic: callers pass ctypes-typed arguments
 
 
 def _syscall_numbers() -> dict[str, int]:
-    import platform  # only here: the table is per architecture
-
     return {
         # arch/x86/entry/syscalls/syscall_64.tbl, include/uapi/asm-generic/unistd.h
         "x86_64": {"mbind": 237, "get_mempolicy": 239, "move_pages": 279},
         "aarch64": {"mbind": 235, "get_mempolicy": 236, "move_pages": 239},
-    }.get(platform.machine(), {})
+    }.get(os.uname().machine, {})  # what platform.machine() reads, without loading it
 
 
 _SYSCALLS = _syscall_numbers()
