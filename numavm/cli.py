@@ -18,7 +18,7 @@ from numavm.spec import config
 from numavm.guest.aptrelease import check_release
 from numavm.errors import ConfigError, NumavmError
 from numavm.spec.policy import POLICY_SYNTAX
-from numavm.vmm.run import ExitCode
+from numavm.vmm.run import STAGES, ExitCode
 from numavm.spec.topology import MachineSpec, Topology, parse_distance, parse_hmat, parse_hmat_cache, parse_numa
 from numavm.spec.units import parse_int, parse_list, parse_size
 
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "interrupted. Without machine options: the built-in example.")
     _machine_options(sc, host_nodes=False)
     _guest_options(sc)
-    sc.add_argument("--stage", choices=("kernel", "userspace"),
+    sc.add_argument("--stage", choices=STAGES,
                     help="default: kernel where the engine is a KVM that emulates guest code, else userspace")
     sc.add_argument("--json", action="store_true", help="print one JSON document")
     return p
