@@ -1,6 +1,6 @@
 """numavm's KVM engine against QEMU-KVM on a hardware-virtualization KVM (L1, bench/l1.py).
 
-`python -m bench.l1bench [--runs N] [--out BENCHMARKS.md]` boots L1 once and
+`python -m bench.l1bench [--runs N] [--fastest-only] [--out BENCHMARKS.md]` boots L1 once and
 measures inside it, alternating the sides each round:
 
 - launch to the guest's NUMA-ready line ("Built N zonelists") and to its
@@ -8,7 +8,7 @@ measures inside it, alternating the sides each round:
   example machine: numavm `check --accel kvm --stage userspace --verbose`
   against QEMU-KVM with the same topology (`numavm export --to qemu`), the
   same initramfs, kernel command line and kernel, once as the vmlinux through
-  PVH with qboot and once as the bzImage with SeaBIOS;
+  PVH with qboot and once as the bzImage with SeaBIOS (`--fastest-only`: qboot only);
 - a 1-vCPU, 2-domain machine likewise, launch to numavm's exit vs QEMU's;
 - one port-I/O exit (bench/exits.py's guest loop), numavm vs QEMU-KVM.
 
