@@ -140,7 +140,7 @@ class Spawned:
             self.err = err or b""
         except subprocess.TimeoutExpired:
             self.kill()
-            raise BenchError(f"did not exit within {timeout:g} s")
+            raise BenchError(f"did not exit within {timeout:g} s; last output: {self.tail()}")
         return self.proc.returncode
 
     def __enter__(self) -> "Spawned":
