@@ -426,6 +426,16 @@ def died_before_command(r: L1Result) -> str | None:
     return r.console[at:].splitlines()[0].strip()
 
 
+def last_words(console: str) -> str:
+    """What an L1 that ended without a status said last: its kernel's panic line if it
+    panicked, else the console's last line (L1's console is kept only while it runs)."""
+    lines = [ln.strip() for ln in console.splitlines() if ln.strip()]
+    panic = [ln for ln in lines if "Kernel panic" in ln]
+    if panic:
+        return panic[0][:300]
+    return lines[-1][:300] if lines else "no console output"
+
+
 def _boot(kernel: Path, initrd_bytes: bytes, memory_mib: int, cpus: int, timeout: float,
           stream: bool, log, stalled) -> L1Result:  # type: ignore[no-untyped-def]
     """One L1 boot running the command the initramfs carries."""
@@ -478,6 +488,7 @@ def _boot(kernel: Path, initrd_bytes: bytes, memory_mib: int, cpus: int, timeout
             errs = re.findall(re.escape(ERROR_MARK) + r" ([^@]*)@@", console)
             detail = (f"L1 ended (QEMU exit {proc.returncode}) without the command's status"
                       + (f"; {', '.join(errs)}" if errs else "")
+                      + f"; its console ended with: {last_words(console)}"
                       + (f"; QEMU: {qemu_err.decode(errors='replace').strip()[-300:]}"
                          if proc.returncode else ""))
         return L1Result(status, bytes(out.data), bytes(err.data), console, seconds,

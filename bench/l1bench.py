@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     c = cases.get("bench")
     line = next((ln for ln in (c.stdout if c else "").splitlines() if ln.startswith("@@L1BENCH ")), None)
     if line is None:
-        print(f"l1bench: no results ({r.detail}); {c.stderr[-2000:] if c else r.stderr[-2000:]!r}",
-              file=sys.stderr)
+        print(f"l1bench: no results ({r.detail}); {c.stderr[-2000:] if c else r.stderr[-2000:]!r}\n"
+              f"L1's console, last lines:\n{r.console[-3000:]}", file=sys.stderr)
         return 1
     text = report(json.loads(line[len("@@L1BENCH "):]), ns.runs, r.seconds,
                   " --fastest-only" if ns.fastest_only else "")

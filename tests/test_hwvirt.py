@@ -208,6 +208,18 @@ def test_l1_boots_again_only_when_its_own_kernel_died_before_the_command() -> No
     assert l1.died_before_command(l1.L1Result(None, b"", b"", "[ 1.0] no console output\n", 9.0, None)) is None
 
 
+def test_an_l1_without_a_status_says_what_its_console_said_last() -> None:
+    """An l1bench run once ended with only "L1 ended (QEMU exit 0) without the command's status",
+    and its console went with its work directory: the reason now goes into the detail."""
+    oops = ("[    4.733413] RIP: 0010:sched_clock_idle_wakeup_event+0x5/0x40\n"
+            "[    4.734262] Kernel panic - not syncing: Fatal exception in interrupt\n"
+            "[    7.443796] Shutting down cpus with NMI\n")
+    assert l1.last_words(oops) == "[    4.734262] Kernel panic - not syncing: Fatal exception in interrupt"
+    assert l1.last_words("[ 1.0] a\n[ 2.0] Out of memory: Killed process 7 (python)\n\n") == \
+        "[ 2.0] Out of memory: Killed process 7 (python)"
+    assert l1.last_words("") == "no console output"
+
+
 def test_l1_is_taken_for_stuck_only_past_a_case_timeout_and_grace() -> None:
     """Seen twice in CI: L1 stopped mid-case (no console line, no case end) and was killed only
     by its overall timeout.  The watch names the case once it has run its own timeout plus
