@@ -73,6 +73,17 @@ def _sample(argv: list[str]) -> dict[str, float | None]:
     return out
 
 
+def _progress(line: str) -> None:
+    """A line on stderr and on L1's console too: the console is the only output of L1 that the
+    host sees while L1 runs (and keeps if L1 dies), so a run that stops shows where."""
+    print(line, file=sys.stderr, flush=True)
+    try:
+        with open("/dev/console", "w") as con:
+            con.write(line[:500] + "\n")
+    except OSError:
+        pass
+
+
 def inner(runs: int, fastest_only: bool = False) -> int:
     from numavm.guest.launch import guest_assets, guest_initrd, kernel_cmdline
 
@@ -99,7 +110,7 @@ def inner(runs: int, fastest_only: bool = False) -> int:
                 results[name].append(_sample(argv))
             except Exception as e:  # noqa: BLE001 - a failed side is a row entry, not a crash
                 results[name].append({"error": str(e)[-600:]})
-            print(f"l1bench: round {r} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
+            _progress(f"l1bench: round {r} {name}: {results[name][-1]}")
         for name, fn in (("exits/numavm-KVM", lambda: numavm_sample(20000, "full")),
                          ("exits/QEMU-KVM", lambda: qemu_sample(20000))):
             try:
