@@ -18,7 +18,7 @@ from numavm.host import cache as C
 from numavm.guest import launch as G
 from numavm.guest.assets import cached
 from numavm.vmm.engine import qemu_binary
-from numavm.guest.initramfs import cached_initramfs
+from numavm.guest.initramfs import build_initramfs, cached_initramfs
 
 
 def mount_tmpfs(where: Path, options: str) -> None:
@@ -133,6 +133,47 @@ def test_a_truncated_initramfs_in_the_cache_is_built_again(assets, tmp_path):
     path.write_bytes(data[:-100])
     assert cached_initramfs(assets.busybox, cache_dir=tmp_path) == data
     assert path.read_bytes() == data
+
+
+def test_a_note_is_recalled_only_for_its_whole_identity(tmp_path):
+    """Notes are named by a CRC-32 of the identity, which may collide: the note holds the whole
+    identity and only that one recalls it."""
+    from numavm.host.cache import _note_name, note, recall
+    note("k", "/a|1|2|3", "v1", tmp_path)
+    assert recall("k", "/a|1|2|3", tmp_path) == "v1"
+    assert recall("k", "/a|1|2|4", tmp_path) is None and recall("j", "/a|1|2|3", tmp_path) is None
+    (tmp_path / _note_name("k", "/b")).write_text("/c\nforged\n")  # another identity, same name
+    assert recall("k", "/b", tmp_path) is None
+
+
+def test_a_repeated_initramfs_is_found_by_what_it_is_made_of(assets, tmp_path, monkeypatch):
+    """A second run with the same busybox and command takes the image without building the
+    archive (nor reading busybox); a changed busybox, another command or a forged identity
+    file is a miss that builds the right image."""
+    import shutil
+
+    from numavm.guest import initramfs as I
+    bb = tmp_path / "busybox"
+    shutil.copy2(assets.busybox, bb)
+    cache = tmp_path / "cache"
+    data = cached_initramfs(bb, ["true"], cache_dir=cache)
+    built = []
+    real = I.initramfs_entries
+    monkeypatch.setattr(I, "initramfs_entries", lambda *a, **k: built.append(a) or real(*a, **k))
+    assert cached_initramfs(bb, ["true"], cache_dir=cache) == data and built == []
+    assert cached_initramfs(bb, ["false"], cache_dir=cache) != data and len(built) == 1
+    with open(bb, "ab") as f:  # a new busybox (still an ELF file): a new image
+        f.write(b"\0")
+    assert cached_initramfs(bb, ["true"], cache_dir=cache) != data and len(built) == 2
+    (ident,) = [p for p in cache.glob("initramfs-id-*") if b'"true"' in p.read_bytes()
+                and str(bb.stat().st_size).encode() in p.read_bytes()]
+    text = ident.read_text().splitlines()
+    ident.write_text(text[0].replace('"true"', '"trux"') + "\n" + text[1] + "\n")  # a crc32 collision
+    expected = build_initramfs(bb, ["true"])
+    n = len(built)
+    assert cached_initramfs(bb, ["true"], cache_dir=cache) == expected and len(built) == n + 1
+    # three archives (true, false, true with the new busybox), each found by one identity
+    assert len(list(cache.glob("initramfs-id-*"))) == 3 and len(list(cache.glob("initramfs-*.cpio.gz"))) == 3
 
 
 # ---------------------------------------------------------------- the command line

@@ -16,13 +16,15 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from numavm.errors import ConfigError, NumavmError
+
+if TYPE_CHECKING:
+    import subprocess
 
 # A release codename or suite name as apt takes it (trixie, bookworm, sid, stable).
 _RELEASE_RE = re.compile(r"^[a-z][a-z0-9]{1,31}$")
@@ -134,6 +136,8 @@ def renamed_sources(release: str) -> str:
 
 
 def _apt(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    import subprocess  # only when apt runs: a run from the cache never starts a process
+
     env = dict(os.environ, LC_ALL="C")
     return subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
 

@@ -23,16 +23,18 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
 
 from numavm.guest.aptrelease import PrivateApt, check_release, host_release
 from numavm.host.cache import cache_root, probe
 from numavm.host.cache import write_atomic as _write_atomic
 from numavm.errors import NumavmError
 from numavm.host.lifetime import OwnedDir, die_with_parent
+
+if TYPE_CHECKING:  # subprocess is imported where Debian's packages are fetched: a cached run skips it
+    import subprocess
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -128,6 +130,8 @@ def _fetch(cache: Path, log: Log, opts: list[str], apt: PrivateApt | None) -> As
 
 
 def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    import subprocess
+
     env = dict(os.environ, LC_ALL="C")
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False,
                           preexec_fn=die_with_parent())
@@ -269,7 +273,8 @@ def extract_matching(deb: Path, pattern: re.Pattern[str]) -> dict[str, bytes]:
 def _scan_deb(deb: Path, pattern: re.Pattern[str], first: bool) -> dict[str, bytes]:
     """The matching files of `deb`'s data.tar (only the first one with `first`), keyed by the
     first group that matched; Python reads gz/xz/bz2, dpkg-deb the rest (zstd)."""
-    import tarfile  # only when fetching: a boot does not pay for it
+    import subprocess
+    import tarfile  # only when fetching: a boot does not pay for it (nor for subprocess)
 
     found: dict[str, bytes] = {}
 

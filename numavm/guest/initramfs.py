@@ -49,7 +49,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Sequence
@@ -303,6 +302,8 @@ def shared_libraries(path: Path) -> list[str]:
     cmds += [[ld, "--list", str(path)] for ld in _LOADERS if os.access(ld, os.X_OK)]
     if not cmds:
         raise NumavmError(f"initramfs: no ldd or dynamic loader on the host to resolve {path}'s libraries")
+    import subprocess  # only for --add: a run without it never starts a process
+
     for cmd in cmds:
         r = subprocess.run(cmd, capture_output=True, text=True, check=False,
                            env=dict(os.environ, LC_ALL="C"))
@@ -430,34 +431,69 @@ def cached_initramfs(busybox: Path, command: list[str] | None = None,
 
     The archive is built (cheap: concatenation), then looked up by the SHA-256
     of its uncompressed bytes; compressing busybox costs ~0.1 s a run
-    otherwise.  The newest CACHE_KEEP images are kept.  A cache that cannot be
-    written is not an error.
+    otherwise.  Without `add`, a run first looks the image up by what it is
+    made of (`_identity`, a `note` in the cache), so a repeated run neither
+    reads busybox nor hashes the archive.  The newest CACHE_KEEP images are
+    kept.  A cache that cannot be written is not an error.
     """
-    import hashlib
+    from numavm.host.cache import cache_root, note, recall, write_atomic
 
-    from numavm.host.cache import cache_root, write_atomic
+    root = cache_dir if cache_dir is not None else cache_root()
+    add = list(add)
+    ident = None if add else _identity(Path(busybox), command, shell)
+    if ident is not None:
+        digest, _, size = (recall("initramfs", ident, root) or "").partition(" ")
+        data = _whole(root / f"initramfs-{digest}.cpio.gz", int(size)) if size.isdigit() else None
+        if data is not None:
+            return data
+    import hashlib  # only when the image is not known by its identity: its import alone is ~15 ms
 
     raw = cpio_newc(initramfs_entries(busybox, command, add, shell))
-    root = cache_dir if cache_dir is not None else cache_root()
-    path = root / f"initramfs-{hashlib.sha256(raw).hexdigest()[:20]}.cpio.gz"
-    try:
-        data = path.read_bytes()
-        # whole: gzip's trailer ends with the uncompressed size (mod 2**32)
-        if data[:2] == b"\x1f\x8b" and int.from_bytes(data[-4:], "little") == len(raw) & 0xFFFFFFFF:
-            os.utime(path)  # recently used: kept by the pruning below
+    digest = hashlib.sha256(raw).hexdigest()[:20]
+    path = root / f"initramfs-{digest}.cpio.gz"
+    data = _whole(path, len(raw))
+    if data is None:
+        data = _compress(raw, "gzip")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, data)
+        except OSError:
             return data
-    except OSError:
-        pass
-    data = _compress(raw, "gzip")
+    if ident is not None:
+        note("initramfs", ident, f"{digest} {len(raw)}", root)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, data)
-        old = sorted(root.glob("initramfs-*.cpio.gz"), key=lambda q: q.stat().st_mtime, reverse=True)
-        for q in old[CACHE_KEEP:]:
-            q.unlink(missing_ok=True)
+        for pattern in ("initramfs-*.cpio.gz", "initramfs-id-*"):
+            old = sorted(root.glob(pattern), key=lambda q: q.stat().st_mtime, reverse=True)
+            for q in old[CACHE_KEEP:]:
+                q.unlink(missing_ok=True)
     except OSError:
         pass
     return data
+
+
+def _identity(busybox: Path, command: list[str] | None, shell: bool) -> str | None:
+    """What an image without added files is made of, as one line: busybox and this module
+    (which holds /init and the archive's whole recipe) each by path, size, mtime and inode,
+    so a changed file is a new identity; the command; whether it is a shell."""
+    try:
+        files = [(str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+                 for p in (busybox, Path(__file__)) for st in (p.stat(),)]
+    except OSError:
+        return None  # initramfs_entries says what is wrong with busybox
+    return json.dumps([files, command, shell])
+
+
+def _whole(path: Path, raw_size: int) -> bytes | None:
+    """The gzip image at `path` if whole (its trailer ends with the uncompressed size mod
+    2**32), marked recently used; else None."""
+    try:
+        data = path.read_bytes()
+        if data[:2] == b"\x1f\x8b" and int.from_bytes(data[-4:], "little") == raw_size & 0xFFFFFFFF:
+            os.utime(path)  # recently used: kept by the pruning
+            return data
+    except OSError:
+        pass
+    return None
 
 
 # ---------------------------------------------------------------- reading the console

@@ -10,7 +10,6 @@ sinks).  The engines run it as a `numavm.vmm.run.GuestRun`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
 from numavm.guest.assets import Assets, cached, fetch
-from numavm.host.cache import CacheError, cache_root, find, private_dir, store
+from numavm.host.cache import CacheError, cache_root, find, note, private_dir, recall, store
 # numavm.plan.boot (kernel loading, boot plans) is imported where used: the TCG engine needs
 # neither, and every import is paid at every `numavm check`.
 from numavm.errors import ConfigError, NumavmError
@@ -199,7 +198,6 @@ def unpacked_kernel(path: Path, log: Log) -> Path:
     whole (`_valid_elf`); when the cache cannot be written the unpacked image
     goes to this run's private directory (`numavm.host.cache.store`).
     """
-    quiet: Log = lambda line: None
     with open(path, "rb") as f:
         head = f.read(4)
         if head == b"\x7fELF":
@@ -209,18 +207,13 @@ def unpacked_kernel(path: Path, log: Log) -> Path:
             return path
         # hashing an 8 MB bzImage costs ~40 ms a run: remember the digest per (file, size, mtime)
         st = os.fstat(f.fileno())
-        key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()[:16]
-        known = find(f"vmlinux-src-{key}")
-        try:
-            digest = known.read_text().strip() if known else ""
-        except OSError:
-            digest = ""
+        ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        digest = recall("vmlinux-src", ident) or ""
         if not (len(digest) == 16 and find(f"vmlinux-{digest}")):
+            import hashlib  # only to hash a new kernel: its import alone is ~15 ms
+
             digest = hashlib.sha256(head + f.read()).hexdigest()[:16]
-            try:  # best effort: without it the next run hashes again
-                store(f"vmlinux-src-{key}", digest.encode(), quiet)
-            except CacheError:
-                pass
+            note("vmlinux-src", ident, digest)
     out = find(f"vmlinux-{digest}")
     if out is not None and _valid_elf(out):
         return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -98,3 +99,38 @@ def find(name: str, root: Path | None = None) -> Path | None:
         if where is not None and (where / name).is_file():
             return where / name
     return None
+
+
+# What is slow to learn about a file (its digest, the image built from it) is noted under a
+# short name and looked up by the file's identity; the note holds the whole identity, compared
+# exactly, so the short name (a CRC-32, cheap: hashlib's import alone is ~15 ms) may collide.
+
+
+def _note_name(kind: str, identity: str) -> str:
+    return f"{kind}-id-{zlib.crc32(identity.encode()):08x}"
+
+
+def note(kind: str, identity: str, value: str, root: Path | None = None) -> None:
+    """Remember `value` for `identity` (one line, e.g. a file's path, size, mtime and inode);
+    best effort: a cache that cannot take it only costs the next run the slow way."""
+    try:
+        store(_note_name(kind, identity), f"{identity}\n{value}\n".encode(), lambda line: None, root=root)
+    except CacheError:
+        pass
+
+
+def recall(kind: str, identity: str, root: Path | None = None) -> str | None:
+    """The value `note` remembered for `identity`, or None; a recalled note counts as used."""
+    path = find(_note_name(kind, identity), root)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.readline().rstrip("\n") != identity:
+                return None
+            value = f.readline().rstrip("\n")
+        os.utime(path)
+    except (OSError, UnicodeDecodeError):
+        return None
+    return value
+

@@ -27,7 +27,6 @@ version must keep loading it with the same meaning (the classic machine).
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +98,8 @@ def example() -> MachineSpec:
 
 
 def loads(text: str, name: str) -> MachineSpec:
+    import tomllib  # here, not at the top: a machine given by options alone never loads it
+
     _check_shape(text, name)
     try:
         doc = tomllib.loads(text)
