@@ -1,6 +1,6 @@
 """numavm's KVM engine against QEMU-KVM on a hardware-virtualization KVM (L1, bench/l1.py).
 
-`python -m bench.l1bench [--runs N] [--fastest-only] [--out BENCHMARKS.md]` boots L1 once and
+`python -m bench.l1bench [--runs N] [--fastest-only] [--out BENCHMARKS.md] [--console FILE]` boots L1 once and
 measures inside it, alternating the sides each round:
 
 - launch to the guest's NUMA-ready line ("Built N zonelists") and to its
@@ -64,9 +64,13 @@ def _sample(argv: list[str]) -> dict[str, float | None]:
     from .proc import Spawned, child_env
     out: dict[str, float | None] = {}
     with Spawned(argv, env=child_env(), cwd=str(l1.ROOT), stderr_to_stdout=True) as c:
-        out["ready"] = c.wait_for_re(READY, SIDE_TIMEOUT)
-        out["userspace"] = c.wait_for(UP, SIDE_TIMEOUT)
-        c.finish(SIDE_TIMEOUT)
+        try:
+            out["ready"] = c.wait_for_re(READY, SIDE_TIMEOUT)
+            out["userspace"] = c.wait_for(UP, SIDE_TIMEOUT)
+            c.finish(SIDE_TIMEOUT)
+        except Exception:
+            _progress(f"l1bench: a side failed; the end of its output:\n{bytes(c.out[-4000:]).decode(errors='replace')}")
+            raise
         out["exit"] = time.monotonic() - c.t0
         m = re.findall(rb"\"uptime\":([\d.]+)", bytes(c.out))
         out["guest_uptime"] = float(m[-1]) if m else None
@@ -170,6 +174,11 @@ def report(results: dict, runs: int, l1_seconds: float, flags: str = "") -> str:
         f"{name}: " + ", ".join(f"{s['guest_uptime']:.1f}" for s in samples if s.get("guest_uptime"))
         for name, samples in results.items() if "/" in name and not name.startswith("exits/")
         and any(s.get("guest_uptime") for s in samples)) + ".")
+    failed = [(name, i, smp["error"]) for name, samples in results.items() if isinstance(samples, list)
+              for i, smp in enumerate(samples) if "error" in smp]
+    if failed:
+        lines += ["", "Failed samples (the end of what each printed):"]
+        lines += [f"- {name}, round {i}: {' '.join(err.split())[-400:]}" for name, i, err in failed]
     lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -180,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="BENCHMARKS.md")
     p.add_argument("--fastest-only", action="store_true",
                    help="QEMU only as its fastest here (vmlinux+qboot), not also as bzImage+SeaBIOS")
+    p.add_argument("--console", metavar="FILE", help="write L1's whole console (its kernel log, each "
+                   "side's result as it ends) to FILE")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     if ns.inner:
@@ -191,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = [sys.executable, "-m", "bench.l1bench", "--inner", "--runs", str(ns.runs)]
     cases, r = l1.run_cases([l1.Case("bench", argv + (["--fastest-only"] if ns.fastest_only else []), timeout=7200)],
                             timeout=7800)
+    if ns.console:
+        Path(ns.console).write_text(r.console)
     c = cases.get("bench")
     line = next((ln for ln in (c.stdout if c else "").splitlines() if ln.startswith("@@L1BENCH ")), None)
     if line is None:
