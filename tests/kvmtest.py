@@ -36,6 +36,8 @@ needs_kvm_engine = pytest.mark.skipif(not HOST.kvm_usable, reason=f"needs a usab
 needs_qemu = pytest.mark.skipif(not qemu_binary(), reason="qemu-system-x86_64 is not installed")
 needs_apt = pytest.mark.skipif(not (os.path.exists("/usr/bin/apt-get") or os.environ.get("NUMAVM_KERNEL")),
                                reason="guest assets come from Debian's packages (apt-get)")
+# the modules only the KVM engine needs: tests that the API and the TCG engine never import them
+KVM_ONLY_MODULES = ("numavm.vmm.kvm", "numavm.plan.cpuid", "numavm.devices")
 
 
 def kick(vcpu: K.Vcpu, thread: threading.Thread) -> None:

@@ -25,14 +25,13 @@ import pytest
 import numavm
 from numavm import cli
 from numavm.api import CommandResult, GuestFailed, Machine, Verdict
-from numavm.vmm.engine import detect, qemu_binary
+from numavm.vmm.engine import detect
 from numavm.errors import ConfigError
 from numavm.vmm.run import Outcome
 
+from kvmtest import KVM_ONLY_MODULES, needs_apt, needs_qemu  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-needs_qemu = pytest.mark.skipif(not qemu_binary(), reason="qemu-system-x86_64 is not installed")
-needs_apt = pytest.mark.skipif(not (os.path.exists("/usr/bin/apt-get") or os.environ.get("NUMAVM_KERNEL")),
-                               reason="guest assets come from Debian's packages (apt-get)")
 HOST = (0,)  # policies checked against a one-node host, whatever runs the tests
 
 TWO = ["-c", "2", "-m", "512M", "-n", "id=0,cpus=0", "-n", "id=1,cpus=1,domain_policy=bind:0",
@@ -158,8 +157,7 @@ def test_import_numavm_is_cheap_and_the_api_loads_no_kvm_code() -> None:
             "m = numavm.Machine.example(); m.plan().to_dict(); "
             "e = m.engine('tcg') if numavm.api.__name__ and __import__('shutil').which('qemu-system-x86_64') else None; "
             "import numavm.pytest_plugin; "
-            "print(first, sorted(m for m in sys.modules if m.startswith(('numavm.vmm.kvm', 'numavm.plan.cpuid', "
-            "'numavm.devices'))))")
+            f"print(first, sorted(m for m in sys.modules if m.startswith({KVM_ONLY_MODULES!r})))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "['numavm'] []"
