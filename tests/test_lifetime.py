@@ -18,6 +18,8 @@ import pytest
 
 from numavm.host.lifetime import OwnedDir, sweep
 
+ROOT = Path(__file__).resolve().parent.parent
+
 from kvmtest import needs_apt, needs_kvm_engine, needs_qemu  # noqa: E402
 
 
@@ -199,6 +201,34 @@ def test_sweep_removes_only_dead_owners_dirs(tmp_path, monkeypatch):
     finally:
         os.close(fd)
     assert sweep("tcg") == [locked]
+
+
+def test_a_cache_write_killed_midway_is_swept_by_the_next(tmp_path):
+    """write_atomic's temporary file outlives a writer killed by SIGKILL; the next write into
+    that directory removes it, but never a live writer's, nor a file not of its naming."""
+    from numavm.host.cache import write_atomic
+    target = tmp_path / "vmlinux-x"
+    writer = ("import os, sys, time; from pathlib import Path; from numavm.host.lifetime import owned_tmp_file; "
+              "fd, tmp = owned_tmp_file(Path(sys.argv[1])); os.write(fd, b'half'); print(tmp, flush=True); "
+              "os.kill(os.getpid(), 9) if sys.argv[2] == 'die' else time.sleep(60)")
+    live = subprocess.Popen([sys.executable, "-c", writer, str(target), "live"], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    try:
+        assert live.stdout is not None
+        busy = Path(live.stdout.readline().strip())
+        killed = subprocess.run([sys.executable, "-c", writer, str(target), "die"], capture_output=True,
+                                text=True, cwd=ROOT, timeout=60)
+        assert killed.returncode == -signal.SIGKILL
+        orphan = Path(killed.stdout.strip())
+        other = tmp_path / ".notes.tmp"
+        other.write_text("")
+        assert orphan.exists() and busy.exists()
+        write_atomic(target, b"whole")
+        assert target.read_bytes() == b"whole"
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, busy.name, other.name])
+    finally:
+        live.kill()
+        live.wait()
 
 
 # ---------------------------------------------------------------- real boots

@@ -3,7 +3,8 @@
 The cache (``$XDG_CACHE_HOME/numavm``) holds what is slow to make again:
 Debian's kernel and busybox, unpacked vmlinux images, compressed initramfs
 images.  Every file lands whole or not at all (`write_atomic`: a temporary
-file, fsync, rename), and readers check what they take from it.  When the
+file, fsync, rename; the temporary file of a writer that was killed is removed
+by the next write there), and readers check what they take from it.  When the
 cache is read-only or full, `store` puts the file in a directory private to
 this run instead (removed when numavm ends, or by the next run if it was
 killed, see `numavm.host.lifetime`), and says so once; when neither can take the
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from numavm.errors import NumavmError
-from numavm.host.lifetime import OwnedDir
+from numavm.host.lifetime import OwnedDir, owned_tmp_file
 from numavm.spec.units import MiB
 
 Log = Callable[[str], object]
@@ -38,7 +39,7 @@ def cache_root() -> Path:
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write `data` to `path` so that a reader sees the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = owned_tmp_file(path)  # a writer killed mid-way leaves it to the next writer to remove
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -47,7 +48,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -11,7 +11,8 @@ Private temporary directories (`OwnedDir`) carry their owner's pid in
 their name and stay flock()ed by it while they live; a later numavm removes
 those whose lock it can take and whose owner pid is gone (`sweep`).  The
 lock settles pid reuse and pid namespaces sharing /tmp; the pid settles the
-instant between mkdtemp and flock.
+instant between mkdtemp and flock.  The cache's temporary files (`owned_tmp_file`,
+written then renamed into place) work the same way, swept from their own directory.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Callable
 
 from numavm.host import libc as _libc
 _OWNED = re.compile(r"^numavm-(?:[a-z]+)-(\d+)-[A-Za-z0-9_]+$")
+_OWNED_TMP = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
 
 
 def die_with_parent() -> Callable[[], None]:
@@ -77,30 +79,56 @@ class OwnedDir:
 def sweep(kind: str, root: Path | None = None) -> list[Path]:
     """Remove the `numavm-KIND-*` directories whose owner has died; returns them."""
     base = Path(root if root is not None else tempfile.gettempdir())
-    removed = []
     try:
         entries = list(base.glob(f"numavm-{kind}-*"))
     except OSError:
-        return removed
-    for path in entries:
-        m = _OWNED.match(path.name)
-        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
-            continue
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue  # its owner still holds it (another pid namespace)
-        try:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-        finally:
-            os.close(fd)
-    return removed
+        return []
+    return [path for path in entries if (m := _OWNED.match(path.name))
+            and _remove_if_orphaned(path, int(m.group(1)), lambda p: shutil.rmtree(p, ignore_errors=True))]
+
+
+def owned_tmp_file(path: Path) -> tuple[int, Path]:
+    """A temporary file beside `path` (for a write then rename), locked by this process while
+    its fd is open; a later `sweep_tmp_files` removes it if its writer was killed."""
+    sweep_tmp_files(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel however we end
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, Path(tmp)
+
+
+def sweep_tmp_files(directory: Path) -> list[Path]:
+    """Remove the `owned_tmp_file`s in `directory` whose writer has died; returns them."""
+    try:
+        entries = list(directory.glob(".*.tmp"))
+    except OSError:
+        return []
+    return [path for path in entries if (m := _OWNED_TMP.match(path.name))
+            and _remove_if_orphaned(path, int(m.group(1)), lambda p: p.unlink(missing_ok=True))]
+
+
+def _remove_if_orphaned(path: Path, pid: int, remove: Callable[[Path], object]) -> bool:
+    """Remove `path` if its owner `pid` is gone and its lock is free (the pid settles the
+    instant between creating and locking; the lock settles pid reuse and pid namespaces)."""
+    if pid == os.getpid() or _alive(pid):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # its owner still holds it (another pid namespace)
+    else:
+        remove(path)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
