@@ -134,4 +134,3 @@ def recall(kind: str, identity: str, root: Path | None = None) -> str | None:
     except (OSError, UnicodeDecodeError):
         return None
     return value
-
