@@ -474,3 +474,20 @@ def test_a_console_message_inside_a_log_line_is_taken_out() -> None:
     v = parse_kernel_log(text)
     assert v.initmem == {0: (0x1000, 0x20000000), 1: (0x20000000, 0x40000000)}
     assert v.zonelists == 2
+
+
+
+def test_a_console_message_inside_the_dmesg_prefix_is_taken_out() -> None:
+    """CI again (Debian 13 guest on L1): the live printk split /init's "numavm-dmesg: " prefix,
+    and taking every message out in one pass also took out the SRAT line it had split."""
+    from numavm.check.linux_numa import parse_kernel_log
+    text = ("numavm-dmesg: [    0.049663] ACPI: SRAT: Node 0 PXM 0 [mem 0x00000000-0x3fffffff]\n"
+            "numavm-dmes[   20.020418] hrtimer: interrupt took 19711881 ns\n"
+            "g: [    0.050123] ACPI: SRAT: Node 1 PXM 1 [mem 0x40000000-0x7fffffff]\n"
+            "numavm-dmesg: [    0.050180] ACPI: SRAT: Node 2 PXM 2 [mem 0x80000000-0x9fffffff]\n"
+            "numavm-dmesg: [    0.088767] Initmem setup node 0 [mem 0x00[   21.1] a\n[   21.2] b\n0001000-0x3fffffff]\n")
+    for crlf in (False, True):
+        v = parse_kernel_log(text.replace("\n", "\r\n") if crlf else text)
+        assert v.pxm_to_node == {0: 0, 1: 1, 2: 2}
+        assert v.srat_ranges == {0: [(0, 0x40000000)], 1: [(0x40000000, 0x80000000)], 2: [(0x80000000, 0xa0000000)]}
+        assert v.initmem == {0: (0x1000, 0x40000000)}

@@ -157,12 +157,23 @@ _RE = {
 # A console message the kernel printed in the middle of another line (the guest's dmesg copy
 # shares the console with live printk), as CI saw: "Initmem setup node 0 [mem 0x000000000[
 # 21.202320] hrtimer: interrupt took 23926354 ns\n0001000-0x000000001fffffff]".
+# One at a time: a message may split the "numavm-dmesg: " prefix itself ("numavm-dmes[ 20.02]
+# hrtimer: ...\ng: [ 0.05] ACPI: SRAT: Node 1 ..."), and only once it is out does the rest
+# of the line read as the copy it is rather than as another message.
 _INJECTED = re.compile(r"(?<=[^\n])(?<!numavm-dmesg: )\[ *\d+\.\d+\] [^\n]*\n")
+
+
+def _without_injected(text: str) -> str:
+    pos = 0
+    while m := _INJECTED.search(text, pos):  # the lookbehind sees the text as rejoined so far
+        text = text[:m.start()] + text[m.end():]
+        pos = m.start()
+    return text
 
 
 def parse_kernel_log(text: str) -> KernelView:
     v = KernelView()
-    for line in _INJECTED.sub("", text).splitlines():
+    for line in _without_injected(text).splitlines():
         if m := _RE["pxm_apic"].search(line):
             pxm, apic, node = int(m[1]), int(m[2], 16), int(m[3])
             v.pxm_to_node.setdefault(pxm, node)
