@@ -117,7 +117,7 @@ def benches(quick: bool) -> list[Bench]:
 
         notes = [
             "numavm: `" + shell(n_argv[1:]) + "`, timed from spawn to process exit (the verdict printed, QEMU "
-            "gone, guest memory released): Python start and imports, plan, assets, initramfs (cached), memfd, "
+            "gone, guest memory released): Python start and imports, plan, assets, initramfs (cached), guest memory, "
             "QEMU start, the RAM-layout and CPU checks over QMP, the guest, teardown.",
             "QEMU: the fastest equivalent command typed by hand — TCG, qboot, the same PVH vmlinux numavm "
             "unpacks and caches, `numavm export --to qemu` of the example (QEMU builds its own SRAT/SLIT), "

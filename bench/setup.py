@@ -68,7 +68,7 @@ def make(topo: str, key: str, title: str, goal: str, limit: float | None) -> Ben
         "Launch to the guest's first instruction, observed as the guest's first port write: the harness "
         "spawns the process and stops the clock when the byte it causes arrives on the child's stdout.",
         "numavm: a fresh `python -m bench.child setup` (interpreter start-up, `import numavm`, "
-        "plan_layout, KvmMachine(...) — memfds, mbind, VM, vCPUs, CPUID, ACPI tables —, loading a "
+        "plan_layout, KvmMachine(...) — guest memory, mbind, VM, vCPUs, CPUID, ACPI tables —, loading a "
         "3-instruction 64-bit program, KvmMachine.run() starting every vCPU thread); the boot vCPU's first "
         "instruction is `out 0x98, al`, whose handler writes `!` to stdout. Teardown is not timed.",
         "QEMU: `qemu-system-x86_64 -accel kvm` with `numavm export --to qemu`'s options for the same "

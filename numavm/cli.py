@@ -182,7 +182,8 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
                    help="populate guest memory under each domain's policy before the guest starts: "
                         "every domain, or the domains in DOMAINS (a LIST like 0-1+3)")
     g.add_argument("--hugepages", choices=("thp", "hugetlbfs"),
-                   help="back guest memory with transparent huge pages or hugetlbfs pages")
+                   help="back guest memory with transparent huge pages or hugetlbfs pages (the KVM "
+                        "engine's memory gets transparent huge pages anyway where the host allows them)")
     g.add_argument("--stats", action="store_true", help="print VM exit statistics after the run")
 
 

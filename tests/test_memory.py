@@ -233,6 +233,42 @@ def test_guest_memory_routes_across_the_hole() -> None:
         assert "slot 2: guest 0x100000000-0x180000000 -> segment +0x40000000" in text
 
 
+def _vma_flags(addr: int) -> set[str]:
+    """The VmFlags of this process's mapping that starts at `addr` (/proc/self/smaps)."""
+    text = Path("/proc/self/smaps").read_text()
+    at = text.index(f"{addr:x}-")
+    return set(text[text.index("VmFlags:", at):].split("\n", 1)[0].split()[1:])
+
+
+def test_unshared_guest_memory_is_private_anonymous_memory_under_each_policy() -> None:
+    """The KVM engine's memory (shared=False): no memfd, each domain's policy applied and read
+    back, advised for THP (where the host's THP setting allows) and kept out of forked children."""
+    from numavm.host.memory.host import _thp_mode
+
+    before, memfds = _counts(), _memfds()
+    with GuestMemory(_layout(*SPLIT), machine="anon", shared=False) as mem:
+        s0, s1 = mem.segments[0], mem.segments[1]
+        assert mem.backing_fds() == [] and s0.fd == s1.fd == -1 and _memfds() == memfds
+        assert s1.policy_readback == Policy(Mode.BIND, (0,))
+        mem.write(4 * GiB, b"high")  # the part of domain 1 above the hole
+        assert _through_segment(s1, 1 * GiB, 4) == b"high" and mem.read(4 * GiB, 4) == b"high"
+        # one 4K page, or the 2 MiB huge page around it (512 pages)
+        assert mem.audit()[1].pages in ({0: 1}, {0: 512}) and mem.audit()[1].policy == Policy(Mode.BIND, (0,))
+        flags = _vma_flags(s1.addr)
+        assert "dc" in flags  # MADV_DONTFORK
+        thp = _thp_mode() not in ("never", "unknown")
+        assert ("hg" in flags) == thp  # MADV_HUGEPAGE
+        text = mem.describe()
+        assert "domain 1: 3G anonymous memory 'numavm:anon:domain1', mapped at" in text
+        assert ("4K + THP pages" in text) == thp
+    assert _counts() == before
+
+
+def test_unified_guest_memory_is_always_shared() -> None:
+    with pytest.raises(ValueError, match="always shared"):
+        GuestMemory(_layout(*SPLIT), machine="x", unified=True, shared=False)
+
+
 def test_guest_memory_bounds() -> None:
     with GuestMemory(_layout(*SPLIT), machine="bounds") as mem:
         with pytest.raises(GuestAddressError, match=r"0xc0000000 is outside RAM \(in the 3-4 GiB hole\)"):

@@ -120,5 +120,8 @@ fallocate = declare("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int, ctype
 # Process lifetime: prctl(2).  PR_SET_PDEATHSIG: the signal a child gets when
 # the thread that forked it exits (include/uapi/linux/prctl.h).
 PR_SET_PDEATHSIG = 1
+# PR_SET_VMA_ANON_NAME (Linux 5.17+, CONFIG_ANON_VMA_NAME): a name for anonymous memory in
+# /proc/PID/maps, as "[anon:NAME]".
+PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
 prctl = declare("prctl", ctypes.c_int, ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                 ctypes.c_ulong)

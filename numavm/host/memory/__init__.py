@@ -44,5 +44,5 @@ from numavm.host.memory.checks import (HUGEPAGES, MPOL_F_ADDR, MPOL_F_NODE, MPOL
 from numavm.host.memory.audit import (MAPS, MOVE_PAGES_BATCH, NUMA_MAPS, Placement, pages_per_node, parse_numa_maps_line,
                                       range_placements, read_numa_maps)
 from numavm.host.memory.segment import (GuestAddressError, MADV_HUGEPAGE, MADV_POPULATE_READ, MADV_POPULATE_WRITE, MEMFD_NAME_MAX,
-                                        MFD_CLOEXEC, MFD_HUGETLB, Memfd, PrefaultResult, ProgressFn, Segment)
+                                        Anonymous, MFD_CLOEXEC, MFD_HUGETLB, Memfd, PrefaultResult, ProgressFn, Segment)
 from numavm.host.memory.guestmap import BackingFd, GuestMemory, Region

@@ -65,7 +65,11 @@ class GuestMemory:
     `unified`, one memfd (``numavm:<machine>:ram``) holds all guest RAM with
     the domains end to end in domain order, which is QEMU pc's RAM offset
     order, and each domain's segment is its window of it, under its own
-    policy: what QEMU's single ``memory-backend-file`` needs.
+    policy: what QEMU's single ``memory-backend-file`` needs.  With `shared`
+    False (per domain only), each domain's memory is private anonymous
+    memory instead (`Anonymous`: transparent huge pages where the host's
+    default allows them, which shmem's does not), which no other process can
+    map: the KVM engine's choice; hugetlbfs domains keep their memfd.
     """
 
     layout: Layout
@@ -73,12 +77,15 @@ class GuestMemory:
     hugepages: str | None = None
     online: tuple[int, ...] | None = None  # host nodes; None reads sysfs
     unified: bool = False
+    shared: bool = True  # False: per-domain private anonymous memory (see above)
     segments: dict[int, Segment] = field(default_factory=dict, init=False)
     memfd: Memfd | None = field(default=None, init=False)  # the one memfd when unified
     _routes: list[_Route] = field(default_factory=list, init=False, repr=False)
     _starts: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.unified and not self.shared:
+            raise ValueError("unified guest memory is one memfd for another process: it is always shared")
         online = self.online if self.online is not None else host_online_nodes()
         with_memory = [d for d in self.layout.domains if d.segment_size and d.slots]
         # Every check first, for every domain, then the first allocation.
@@ -102,7 +109,7 @@ class GuestMemory:
             for d in with_memory:
                 seg = Segment(d.segment_size, policies[d.id], domain=d.id, machine=self.machine,
                               hugepages=huge[d.id], online=online, within=self.memfd,
-                              offset=offsets.get(d.id, 0), _checked=True)
+                              offset=offsets.get(d.id, 0), anonymous=not self.shared, _checked=True)
                 self.segments[d.id] = seg
                 for s in d.slots:
                     self._routes.append(_Route(s.guest.start, s.guest.end, seg, s.offset, 0))
@@ -191,9 +198,10 @@ class GuestMemory:
 
     def backing_fds(self) -> list[BackingFd]:
         """The memfds holding guest RAM, in either mode: [("ram", fd, total)]
-        when unified, else ("domain<ID>", fd, size) per domain in domain order."""
-        memfds = [self.memfd] if self.memfd is not None else [s.memfd for s in self.segments.values()]
-        return [BackingFd(m.id, m.fd, m.size) for m in memfds if m is not None and not m.closed]
+        when unified, else ("domain<ID>", fd, size) per domain in domain order
+        (none for anonymous memory, which has no fd)."""
+        owners = [self.memfd] if self.memfd is not None else [s.backing for s in self.segments.values()]
+        return [BackingFd(m.id, m.fd, m.size) for m in owners if m is not None and not m.closed and m.fd >= 0]
 
     # ---- audit
 
@@ -209,8 +217,8 @@ class GuestMemory:
         """
         total = 0
         for seg in self.segments.values():
-            if seg.closed or seg.hugepages == "hugetlbfs":
-                continue  # hugetlbfs pages are always mapped where they were made
+            if seg.closed or seg.hugepages == "hugetlbfs" or seg.fd < 0:
+                continue  # hugetlbfs pages are always mapped where they were made; anonymous ones are ours
             page = seg.page_size
             vec = ctypes.create_string_buffer(seg.size // page)
             _libc.mincore(seg.addr, seg.size, vec)

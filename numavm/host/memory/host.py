@@ -77,8 +77,9 @@ def meminfo(path: Path = MEMINFO) -> dict[str, int]:
     return out
 
 
-def _thp_shmem_mode() -> str:
-    """The effective shmem THP setting for 2 MiB pages ("never", "advise", ...)."""
+def _thp_setting(name: str) -> str:
+    """The effective THP setting `name` ("enabled" for anonymous memory, "shmem_enabled")
+    for 2 MiB pages: "never", "madvise", "advise", "always", ...; "unknown" without THP."""
 
     def selected(path: Path) -> str | None:
         try:
@@ -87,10 +88,20 @@ def _thp_shmem_mode() -> str:
             return None
         return m.group(1) if m else None
 
-    per_size = selected(THP_DIR / "hugepages-2048kB" / "shmem_enabled")
+    per_size = selected(THP_DIR / "hugepages-2048kB" / name)
     if per_size not in (None, "inherit"):
         return per_size
-    return selected(THP_DIR / "shmem_enabled") or "unknown"
+    return selected(THP_DIR / name) or "unknown"
+
+
+def _thp_shmem_mode() -> str:
+    """The effective shmem THP setting for 2 MiB pages ("never", "advise", ...)."""
+    return _thp_setting("shmem_enabled")
+
+
+def _thp_mode() -> str:
+    """The effective THP setting of anonymous memory for 2 MiB pages ("never", "madvise", "always")."""
+    return _thp_setting("enabled")
 
 
 def hugetlb_page_size() -> int:

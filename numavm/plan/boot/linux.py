@@ -27,7 +27,7 @@ Guest-physical addresses chosen here (below 1 MiB see numavm.plan.layout):
                     kernel's reservation (as QEMU places it); if the space
                     above the kernel is too small, under 16 MiB instead
 
-Guest RAM comes from a fresh memfd and is therefore already zero: the bss
+Guest RAM is fresh (anonymous memory or a memfd) and therefore already zero: the bss
 tails of the kernel segments are returned as `BootPlan.zero_ranges` for a
 caller that reuses memory, but a caller on fresh memory may skip them (they
 are megabytes; never write zero buffers for them).

@@ -100,7 +100,8 @@ class KvmMachine:
     def _build(self, hugepages: str | None, kvm_path: str, use_cpuid: bool) -> None:
         layout = self.layout
         # Memory first: a bad policy is refused before KVM is even opened.
-        self.memory = GuestMemory(layout, machine=self.name, hugepages=hugepages)
+        # Private anonymous memory: no other process maps it, and it gets THP (see `Anonymous`).
+        self.memory = GuestMemory(layout, machine=self.name, hugepages=hugepages, shared=False)
         self.kvm = Kvm(kvm_path)
         if layout.topology.cpus > self.kvm.max_vcpus:
             raise NumavmError(f"-c/--cpus: this host's KVM allows at most {self.kvm.max_vcpus} vCPUs")
