@@ -144,7 +144,7 @@ def _qemu_policy(dom: Domain, warnings: list[str]) -> Policy | None:
 
 
 def _qemu_lines(topo: Topology, warnings: list[str]) -> list[list[str]]:
-    has_hmat = topo.numa and bool(topo.hmat or topo.caches)
+    has_hmat = topo.has_hmat
     lines: list[list[str]] = [["-machine", QEMU_MACHINE + (",hmat=on" if has_hmat else "")]]
     smp = str(topo.cpus)
     if topo.numa:

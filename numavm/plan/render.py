@@ -96,7 +96,7 @@ def plan_text(layout: Layout) -> str:
         lines.append(" " * w + "".join(f"{j:>{w + 1}}" for j in range(n)))
         for i, row in enumerate(topo.distances):
             lines.append(f"{i:>{w}}" + "".join(f"{d:>{w + 1}}" for d in row))
-    if topo.hmat or topo.caches:
+    if topo.has_hmat:
         lines += [""] + hmat_text(topo)
     lines.append("")
     lines.append("e820 map")

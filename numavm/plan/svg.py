@@ -41,7 +41,7 @@ def plan_svg(layout: Layout) -> str:
     y = _address_bar(layout, parts, y + 10)
     if topo.numa:
         y = _heat_map(layout, parts, y + 10)
-    if topo.hmat or topo.caches:
+    if topo.has_hmat:
         y = _hmat_panel(layout, parts, y + 24)
     height = y + PAD
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height:.0f}" '

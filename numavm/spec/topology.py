@@ -104,6 +104,11 @@ class Topology:
     hmat: tuple["HmatLink", ...] = ()  # by (initiator, target)
     caches: tuple["MemoryCache", ...] = ()  # by (domain, level)
 
+    @property
+    def has_hmat(self) -> bool:
+        """Whether the guest gets an HMAT: a NUMA machine that describes latency, bandwidth or a cache."""
+        return self.numa and bool(self.hmat or self.caches)
+
     def domain_of_cpu(self, cpu: int) -> Domain:
         for d in self.domains:
             if cpu in d.cpus:

@@ -119,7 +119,7 @@ class Hmat(_Table):
 
 def build_hmat(topo: Topology) -> Hmat | None:
     """The HMAT for `topo`, or None when the machine describes no latency, bandwidth or cache."""
-    if not topo.numa or not (topo.hmat or topo.caches):
+    if not topo.has_hmat:
         return None
     entries: list[HmatEntry] = [MemoryDomainAttributes(d.id) for d in topo.domains if d.size]
     inits = tuple(sorted({lk.initiator for lk in topo.hmat}))

@@ -602,9 +602,11 @@ def build_tables(layout: Layout, uarts: Sequence[tuple[int, int]] = ((_lay.COM1_
                                       ("APIC", len(madt.to_bytes()))]
     if srat is not None and slit is not None:
         pointed += [("SRAT", len(srat.to_bytes())), ("SLIT", len(slit.to_bytes()))]
-    from numavm.plan.acpi.hmat import build_hmat
+    hmat = None
+    if topo.has_hmat:  # the module only when needed: imports are a start-up cost
+        from numavm.plan.acpi.hmat import build_hmat
 
-    hmat = build_hmat(topo)
+        hmat = build_hmat(topo)
     if hmat is not None:
         pointed.append(("HMAT", len(hmat.to_bytes())))
     xsdt_len = HEADER.size + 8 * (len(pointed) - 1)  # the DSDT hangs off the FADT, not the XSDT
