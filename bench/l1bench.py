@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out", default="BENCHMARKS.md")
     p.add_argument("--fastest-only", action="store_true",
-                   help="QEMU only as its fastest here (vmlinux+qboot), not also as bzImage+SeaBIOS")
+                   help="QEMU only with vmlinux+qboot (its faster side in most runs), not also with bzImage+SeaBIOS")
     p.add_argument("--console", metavar="FILE", help="write L1's whole console (its kernel log, each "
                    "side's result as it ends) to FILE")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
