@@ -595,11 +595,27 @@ def run_cases(cases: Sequence[Case], **kw) -> tuple[dict[str, CaseResult], L1Res
                 d["leftover_files"] = tuple(d["leftover_files"])
                 out[d["name"]] = CaseResult(**d)
         todo = [c for c in todo if c.name not in out]
-        if not (todo and r.detail.startswith("L1 stopped")) or attempt == 2:
+        why = boot_again(r)
+        if not (todo and why) or attempt == 2:
             return out, r
-        print(f"l1: {r.detail}; booting L1 again for {', '.join(c.name for c in todo)}",
+        print(f"l1: {why}; booting L1 again for {', '.join(c.name for c in todo)}",
               file=sys.stderr, flush=True)
     return out, r
+
+
+def boot_again(r: L1Result) -> str | None:
+    """Why `run_cases` boots L1 once more for the cases it had not finished, or None.  Only an
+    L1 that ended without a status: it stopped answering (`_CaseWatch`), or its own kernel
+    panicked while the cases ran (seen once under Debian 13's QEMU 10, in a run of every case:
+    "corrupted stack end detected inside scheduler" inside kvm_amd's instruction emulator,
+    37 s into L1).  L2 guests' consoles go to the cases' pipes, not to L1's console, so a
+    panic there is L1's.  The cases that ended keep their results."""
+    if r.status is not None:
+        return None
+    if r.detail.startswith("L1 stopped"):
+        return r.detail
+    at = r.console.find("Kernel panic")
+    return f"L1's kernel panicked ({r.console[at:].splitlines()[0].strip()})" if at >= 0 else None
 
 
 def _run_case(c: Case) -> CaseResult:

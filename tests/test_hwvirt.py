@@ -208,6 +208,23 @@ def test_l1_boots_again_only_when_its_own_kernel_died_before_the_command() -> No
     assert l1.died_before_command(l1.L1Result(None, b"", b"", "[ 1.0] no console output\n", 9.0, None)) is None
 
 
+def test_cases_get_a_second_l1_only_when_l1_itself_stopped_or_panicked() -> None:
+    """Seen in a run of every case under QEMU 10: L1's kernel panicked inside kvm_amd 37 s in,
+    mid-case, and every case errored.  The unfinished cases get one more L1; a command that
+    ended with a status, or an L1 that ended for another reason, does not."""
+    oops = ("[   37.395803] Kernel panic - not syncing: corrupted stack end detected inside scheduler\n"
+            "[   37.400950]  vpanic+0xc5/0x283\n")
+    ready = f"\n{l1.READY_MARK} 15.78 0.54@@\n"
+    died = l1.L1Result(None, b"", b"", ready + oops, 60.0, 15.78, "L1 ended (QEMU exit 0) without the command's status")
+    assert l1.boot_again(died) == ("L1's kernel panicked (Kernel panic - not syncing: corrupted stack end "
+                                   "detected inside scheduler)")
+    stuck = l1.L1Result(None, b"", b"", ready, 900.0, 15.78, "L1 stopped: case example not ended 900 s after it started")
+    assert l1.boot_again(stuck) == stuck.detail
+    assert l1.boot_again(l1.L1Result(0, b"", b"", ready + oops, 60.0, 15.78)) is None
+    timed_out = l1.L1Result(None, b"", b"", ready, 1800.0, 15.78, "timeout after 1800 s")
+    assert l1.boot_again(timed_out) is None
+
+
 def test_an_l1_without_a_status_says_what_its_console_said_last() -> None:
     """An l1bench run once ended with only "L1 ended (QEMU exit 0) without the command's status",
     and its console went with its work directory: the reason now goes into the detail."""
