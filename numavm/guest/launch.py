@@ -209,12 +209,13 @@ def unpacked_kernel(path: Path, log: Log) -> Path:
         st = os.fstat(f.fileno())
         ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
         digest = recall("vmlinux-src", ident) or ""
-        if not (len(digest) == 16 and find(f"vmlinux-{digest}")):
+        out = find(f"vmlinux-{digest}") if len(digest) == 16 else None
+        if out is None:
             import hashlib  # only to hash a new kernel: its import alone is ~15 ms
 
             digest = hashlib.sha256(head + f.read()).hexdigest()[:16]
             note("vmlinux-src", ident, digest)
-    out = find(f"vmlinux-{digest}")
+            out = find(f"vmlinux-{digest}")
     if out is not None and _valid_elf(out):
         return out
     from numavm.plan.boot import load_kernel
