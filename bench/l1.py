@@ -178,13 +178,14 @@ def qemu_version() -> tuple[int, int] | None:
 
 def unreliable() -> str | None:
     """Why an L1 here fails on its own now and then, or None.  Measured under Debian 12's
-    QEMU 7.2 (its TCG emulating SVM), never under Debian 13's QEMU 10 in the same runs: L1's
+    QEMU 7.2 (its TCG emulating SVM), not under Debian 13's QEMU 10 in the same runs: L1's
     kernel panicked with "corrupted stack end detected inside scheduler" inside kvm_amd's
-    KVM_RUN, L2 guests double- and triple-faulted, L1 stopped mid-case and logged soft lockups."""
+    KVM_RUN, L2 guests double- and triple-faulted, L1 stopped mid-case and logged soft lockups.
+    QEMU 10's L1 panicked that way once since (2026-12-02); `run_cases` boots it again then."""
     v = qemu_version()
     if v is not None and v < RELIABLE_FROM:
         return (f"QEMU {v[0]}.{v[1]}'s SVM emulation fails L1 on its own (kernel stack corruption inside "
-                f"KVM_RUN, L2 double/triple faults; measured), QEMU {RELIABLE_FROM[0]}+ does not")
+                f"KVM_RUN, L2 double/triple faults; measured), QEMU {RELIABLE_FROM[0]}+ far more rarely")
     return None
 
 
