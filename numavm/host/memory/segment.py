@@ -53,7 +53,57 @@ class GuestAddressError(NumavmError, ValueError):
 # ---------------------------------------------------------------- memfd
 
 
-class Memfd:
+class _Backing:
+    """What `Memfd` and `Anonymous` share: one mapping of guest memory, owned, named
+    ``numavm:<machine>:<id>``, made by `_create` and released by `close` (idempotent; a failed
+    creation releases what was made)."""
+
+    fd = -1
+
+    def __init__(self, machine: str, id: str, size: int, hugepages: str | None, page_size: int,
+                 what: str) -> None:
+        self.id = id  # "domain<ID>" or "ram"
+        self.name = _memory_name(machine, id)
+        self.size = size
+        self.hugepages = hugepages
+        self.page_size = page_size
+        self.what = what or id
+        self.addr = 0
+        self.map: mmap.mmap | None = None
+        self.notes: list[str] = []
+        try:
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+
+    def _create(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        return self.map is None
+
+    def close(self) -> None:
+        """Unmap; idempotent.  Refused while views are alive."""
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:
+                raise NumavmError(
+                    f"{self.what}: cannot unmap {self.name}: memoryviews of it are "
+                    "still alive; release them first") from None
+            self.map = None
+            self.addr = 0
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Memfd(_Backing):
     """A memfd mapped once, shared, read-write: the object that owns host memory.
 
     Creation: memfd_create, ftruncate, mmap, and madvise(MADV_HUGEPAGE) over
@@ -64,25 +114,8 @@ class Memfd:
 
     def __init__(self, machine: str, id: str, size: int, *, hugepages: str | None = None,
                  page_size: int = mmap.PAGESIZE, what: str = "") -> None:
-        self.id = id  # "domain<ID>" or "ram"; the memfd is named numavm:<machine>:<id>
-        self.name = _memfd_name(machine, id)
-        self.size = size
-        self.hugepages = hugepages
-        self.page_size = page_size
-        self.what = what or id
         self.fd = -1
-        self.addr = 0
-        self.map: mmap.mmap | None = None
-        self.notes: list[str] = []
-        try:
-            self._create()
-        except BaseException:
-            self.close()
-            raise
-
-    @property
-    def closed(self) -> bool:
-        return self.map is None
+        super().__init__(machine, id, size, hugepages, page_size, what)
 
     @property
     def kind(self) -> str:
@@ -125,31 +158,17 @@ class Memfd:
 
     def close(self) -> None:
         """Unmap and close the memfd; idempotent.  Refused while views are alive."""
-        if self.map is not None:
-            try:
-                self.map.close()
-            except BufferError:
-                raise NumavmError(
-                    f"{self.what}: cannot unmap {self.name}: memoryviews of it are "
-                    "still alive; release them first") from None
-            self.map = None
-            self.addr = 0
+        super().close()
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self.fd} addr={self.addr:#x}"
         return f"<Memfd {self.name!r} {format_size(self.size)} {state}>"
 
 
-class Anonymous:
+class Anonymous(_Backing):
     """Private anonymous memory, mapped once, read-write: guest RAM that no other process maps.
 
     What QEMU and Cloud Hypervisor back guest RAM with by default, and for the same
@@ -168,31 +187,12 @@ class Anonymous:
     anonymous memory (``[anon:...]``).  Same interface as `Memfd`, with no fd.
     """
 
-    fd = -1
-
     def __init__(self, machine: str, id: str, size: int, *, hugepages: str | None = None,
                  what: str = "") -> None:
         if hugepages not in (None, "thp"):
             raise ValueError(f"{what or id}: anonymous memory takes hugepages=thp or none, not {hugepages}")
-        self.id = id
-        self.name = _memfd_name(machine, id)
-        self.size = size
-        self.hugepages = hugepages
-        self.page_size = mmap.PAGESIZE
-        self.what = what or id
-        self.addr = 0
-        self.map: mmap.mmap | None = None
-        self.notes: list[str] = []
         self.thp = False  # whether the kernel took the MADV_HUGEPAGE advice
-        try:
-            self._create()
-        except BaseException:
-            self.close()
-            raise
-
-    @property
-    def closed(self) -> bool:
-        return self.map is None
+        super().__init__(machine, id, size, hugepages, mmap.PAGESIZE, what)
 
     @property
     def kind(self) -> str:
@@ -232,30 +232,13 @@ class Anonymous:
         except HostError:
             pass
 
-    def close(self) -> None:
-        """Unmap; idempotent.  Refused while views are alive."""
-        if self.map is not None:
-            try:
-                self.map.close()
-            except BufferError:
-                raise NumavmError(
-                    f"{self.what}: cannot unmap {self.name}: memoryviews of it are "
-                    "still alive; release them first") from None
-            self.map = None
-            self.addr = 0
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"addr={self.addr:#x}"
         return f"<Anonymous {self.name!r} {format_size(self.size)} {state}>"
 
 
-def _memfd_name(machine: str, id: str) -> str:
+def _memory_name(machine: str, id: str) -> str:
+    """``numavm:<machine>:<id>``, cut to fit a memfd's name (/proc shows memfd:NAME or [anon:NAME])."""
     tail = f":{id}"
     room = MEMFD_NAME_MAX - len("numavm:") - len(tail)
     name = machine.encode()[:room].decode(errors="ignore")
