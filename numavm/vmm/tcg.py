@@ -53,6 +53,11 @@ QBOOT = Path("/usr/share/qemu/qboot.rom")
 
 NUMA_TABLES = ("SRAT", "SLIT", "HMAT")  # numavm's; QEMU makes the others (no -numa: no NUMA tables)
 QEMU_ACPITABLE_MAX = 65535  # -acpitable refuses larger tables ("ACPI table too big")
+# Once QEMU has exited, the console and stream pumps reach EOF after the bytes still in their
+# pipes: they get this long to hand those on, since a busy host may not schedule them for a
+# while (5 s was a suspect for a command's output lost on a loaded CI host).  The bound is for a
+# sink that blocks (a reader of numavm's stdout that stopped reading).
+DRAIN_SECONDS = 60.0
 
 
 def qemu_ram_offset(gpa: int) -> int:
@@ -301,11 +306,11 @@ class QemuMachine:
             if self._outcome is not None:
                 self._kill()  # numavm decided the end: the guest is discarded, nothing to flush
             self._terminate()
-            reader.join(5)
-            errs.join(5)
+            reader.join(DRAIN_SECONDS)
+            errs.join(DRAIN_SECONDS)
             self._ended.set()
             for t in pumps:  # the streams' last bytes: QEMU has exited, their FIFOs hit EOF
-                t.join(5)
+                t.join(DRAIN_SECONDS)
             stderr = b"".join(err_buf).decode(errors="replace").strip()
             rc = self._proc.returncode
         finally:
