@@ -334,7 +334,7 @@ class Machine:
         own_init = initrd is None
         assets = guest_assets(_str(kernel), log, release)
         initrd_bytes = guest_initrd(_str(initrd), assets.busybox, argv, [_str(a) for a in add], shell=shell)
-        cmdline = kernel_cmdline(prep.stage, prep.engine.emulates_guest_code, append)
+        cmdline = kernel_cmdline(prep.stage, prep.engine.emulates_guest_code, append, self.topology)
         if prep.engine.emulates_guest_code:
             log("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
                 "the emulator cannot run")
@@ -400,7 +400,7 @@ class Machine:
         emulated_kvm = engine.emulates_guest_code
         assets = guest_assets(_str(kernel), log, release)
         initrd_bytes = guest_initrd(_str(initrd), assets.busybox, None, []) if stage == "userspace" else None
-        cmdline = kernel_cmdline(stage, emulated_kvm)
+        cmdline = kernel_cmdline(stage, emulated_kvm, topology=self.topology)
         # SMP bring-up shows the llc-sibling warnings, unless the engine checked its vCPUs already
         until_smp = not (emulated_kvm or engine.cpus_checked_before_run)
         watch = KernelStageWatch(until_smp) if stage == "kernel" else None

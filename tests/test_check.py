@@ -194,6 +194,24 @@ def test_tcg_cpu_check_wants_the_plans_apic_ids_one_socket_per_domain() -> None:
     assert "socket 0" in check_cpus(layout, mixed)
 
 
+def test_a_machine_whose_numa_lines_outgrow_the_log_ring_gets_a_larger_one() -> None:
+    """256 domains x 1,024 vCPUs lost the fallback orders of nodes 0-120 ("** 121 printk
+    messages dropped **") to the default 128 KiB ring; small machines keep their command line."""
+    from numavm.guest.launch import LOG_BUF_DEFAULT, kernel_cmdline
+    from numavm.spec.topology import MachineSpec, parse_numa
+
+    small = MachineSpec(domains=[parse_numa("id=0,size=1G,cpus=0-1"), parse_numa("id=1,size=1G,cpus=2-3")]).build()
+    assert kernel_cmdline("kernel", False, topology=small) == kernel_cmdline("kernel", False)
+    big = MachineSpec(domains=[parse_numa(f"id={i},size=16M,cpus={4 * i}-{4 * i + 3}") for i in range(256)]).build()
+    line = kernel_cmdline("kernel", True, "quiet", big)
+    size = int(line.split("log_buf_len=")[1].split()[0])
+    # a power of two holding 256 fallback lines of 256 node numbers each, twice, beside the default ring
+    assert size & (size - 1) == 0 and size >= 2 * 256 * 256 * 4 + LOG_BUF_DEFAULT
+    assert line.endswith(" quiet") and line.count("log_buf_len=") == 1
+    mine = kernel_cmdline("kernel", True, "log_buf_len=4M", big)  # the user's value wins
+    assert mine.count("log_buf_len=") == 1 and mine.endswith("log_buf_len=4M")
+
+
 def test_userspace_cmdline_is_quiet_and_tcg_presets_lpj() -> None:
     from numavm.guest.launch import kernel_cmdline, tcg_cmdline
 
