@@ -59,8 +59,8 @@ def log_buf_cmdline(cpus: int, nodes: int) -> str:
     A ring too small for them loses the first before the console or /init has read them.
     Measured: 256 domains x 1,024 vCPUs logged "** 121 printk messages dropped **", the
     fallback orders of nodes 0-120, and the check reported them missing.  Twice the
-    estimate plus the default ring, rounded up to a power of two as the kernel does; small machines get nothing,
-    so their command line stays as it was."""
+    estimate plus the default ring, rounded up to a power of two as the kernel does; small
+    machines get nothing, so their command line stays as it was."""
     numa = cpus * 64 + nodes * 160 + nodes * nodes * 4
     if 2 * numa <= LOG_BUF_DEFAULT // 2:  # the other half for the rest of the boot log
         return ""
