@@ -421,10 +421,15 @@ def died_before_command(r: L1Result) -> str | None:
     """The panic line when L1's own kernel died before the command started (nothing of ours
     had run, so booting again is fair), else None.  Seen once in CI: a static-key patch raced
     a vCPU under QEMU's multi-threaded TCG, "Fatal exception in interrupt" 4.7 s into L1."""
-    at = r.console.find("Kernel panic")
-    if r.status is not None or r.ready_seconds is not None or at < 0:
+    if r.status is not None or r.ready_seconds is not None:
         return None
-    return r.console[at:].splitlines()[0].strip()
+    return _panic_line(r.console)
+
+
+def _panic_line(console: str) -> str | None:
+    """The first "Kernel panic" line of L1's console, from the words on, or None."""
+    at = console.find("Kernel panic")
+    return console[at:].splitlines()[0].strip() if at >= 0 else None
 
 
 def last_words(console: str) -> str:
@@ -615,8 +620,8 @@ def boot_again(r: L1Result) -> str | None:
         return None
     if r.detail.startswith("L1 stopped"):
         return r.detail
-    at = r.console.find("Kernel panic")
-    return f"L1's kernel panicked ({r.console[at:].splitlines()[0].strip()})" if at >= 0 else None
+    panic = _panic_line(r.console)
+    return f"L1's kernel panicked ({panic})" if panic else None
 
 
 def _run_case(c: Case) -> CaseResult:

@@ -9,9 +9,7 @@ right offset, nothing landed anywhere else, every vCPU ran.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import re
 import signal
 import struct
 import threading
@@ -19,8 +17,8 @@ import time
 
 import pytest
 
-from numavm.host import libc as _libc
 from numavm.host.memory import Segment
+from numavm.host.memory.guestmap import resident_runs
 from numavm.vmm.kvm import cpu as cpumode
 from numavm.plan.acpi import build_tables
 from numavm.vmm.engine import detect
@@ -80,13 +78,10 @@ def targets(layout: Layout) -> list[int]:
 
 
 def populated_pages(seg: Segment) -> set[int]:
-    """Pages of a segment that hold data: resident (mincore(2), runs found by the regex engine)
-    and not all zero.  The KVM engine's memory is anonymous and THP-advised, so one written byte
-    makes its whole 2 MiB resident: residency alone would not say which pages were written."""
-    vec = ctypes.create_string_buffer(seg.size // PAGE)
-    _libc.mincore(seg.addr, seg.size, vec)
-    resident = vec.raw.translate(bytes(i & 1 for i in range(256)))
-    return {p for m in re.finditer(rb"\x01+", resident) for p in range(m.start(), m.end())
+    """Pages of a segment that hold data: resident (`resident_runs`) and not all zero.  The KVM
+    engine's memory is anonymous and THP-advised, so one written byte makes its whole 2 MiB
+    resident: residency alone would not say which pages were written."""
+    return {p for first, count in resident_runs(seg.addr, seg.size, PAGE) for p in range(first, first + count)
             if seg.read(p * PAGE, PAGE).count(0) != PAGE}
 
 

@@ -57,6 +57,15 @@ _RESIDENT = bytes(i & 1 for i in range(256))
 _RUN = re.compile(rb"\x01+")
 
 
+def resident_runs(addr: int, size: int, page: int) -> Iterator[tuple[int, int]]:
+    """(first page, page count) of each run of resident pages in [addr, addr + size), by
+    mincore(2); the runs are found by the regex engine, not by a Python loop per page."""
+    vec = ctypes.create_string_buffer(size // page)
+    _libc.mincore(addr, size, vec)
+    for m in _RUN.finditer(vec.raw.translate(_RESIDENT)):
+        yield m.start(), m.end() - m.start()
+
+
 @dataclass(eq=False)
 class GuestMemory:
     """Every domain's segment, and the map from guest-physical RAM to them.
@@ -220,14 +229,9 @@ class GuestMemory:
             if seg.closed or seg.hugepages == "hugetlbfs" or seg.fd < 0:
                 continue  # hugetlbfs pages are always mapped where they were made; anonymous ones are ours
             page = seg.page_size
-            vec = ctypes.create_string_buffer(seg.size // page)
-            _libc.mincore(seg.addr, seg.size, vec)
-            # runs of resident pages (bit 0), found by the regex engine, not a Python loop per page
-            flags = vec.raw.translate(_RESIDENT)
-            for m in _RUN.finditer(flags):
-                start, n = m.start() * page, (m.end() - m.start()) * page
-                _libc.madvise(seg.addr + start, n, MADV_POPULATE_READ)
-                total += n
+            for first, count in resident_runs(seg.addr, seg.size, page):
+                _libc.madvise(seg.addr + first * page, count * page, MADV_POPULATE_READ)
+                total += count * page
         return total
 
     def audit(self) -> dict[int, Placement]:

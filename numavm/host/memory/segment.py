@@ -41,6 +41,7 @@ MADV_POPULATE_WRITE = 23
 MFD_CLOEXEC = 0x1
 MFD_HUGETLB = 0x4
 MEMFD_NAME_MAX = 249  # NAME_MAX - len("memfd:")
+THP_PAGES = "4K + THP"  # how describe() names base pages with transparent huge pages
 POPULATE_BEFORE_WRITE = 1 * MiB  # Segment.write: from this size on, the pages are mapped first
 
 ProgressFn = Callable[[int, int], None]
@@ -124,7 +125,7 @@ class Memfd(_Backing):
     @property
     def pages(self) -> str:
         return {"hugetlbfs": f"hugetlbfs {format_size(self.page_size)}",
-                "thp": "4K + THP"}.get(self.hugepages or "", format_size(mmap.PAGESIZE))
+                "thp": THP_PAGES}.get(self.hugepages or "", format_size(mmap.PAGESIZE))
 
     def _create(self) -> None:
         what = self.what
@@ -200,7 +201,7 @@ class Anonymous(_Backing):
 
     @property
     def pages(self) -> str:
-        return "4K + THP" if self.thp else format_size(mmap.PAGESIZE)
+        return THP_PAGES if self.thp else format_size(mmap.PAGESIZE)
 
     def _create(self) -> None:
         what = self.what
