@@ -127,6 +127,36 @@ def test_a_truncated_vmlinux_in_the_cache_is_unpacked_again(assets, tmp_path, mo
     assert G.unpacked_kernel(assets.kernel, said.append) == first and said == []  # now trusted
 
 
+def test_prune_keeps_the_newest_of_each_pattern(tmp_path):
+    for i, name in enumerate(["a-1", "a-2", "a-3", "b-1", "b-2", "other"]):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, ns=(i * 10**9, i * 10**9))
+    C.prune(tmp_path, ("a-*", "b-*"), 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-3", "b-2", "other"]
+    C.prune(tmp_path / "missing", ("a-*",), 0)  # nothing there: nothing to do, no error
+
+
+def test_old_unpacked_kernels_go_and_a_used_one_stays(assets, tmp_path, monkeypatch):
+    """A new kernel's image evicts the least recently used beyond KERNELS_KEPT; using an
+    image (found by its note) makes it recent, however old its file."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "numavm"
+    used = G.unpacked_kernel(assets.kernel, lambda s: None)
+    os.utime(used, ns=(0, 0))
+    stale = [cache / f"vmlinux-{i:016x}" for i in range(G.KERNELS_KEPT)]
+    for i, q in enumerate(stale):
+        q.write_bytes(b"not an ELF")
+        os.utime(q, ns=((i + 1) * 10**9, (i + 1) * 10**9))
+    assert G.unpacked_kernel(assets.kernel, lambda s: None) == used  # used: now the newest
+    other = tmp_path / "vmlinuz-other"
+    other.write_bytes(assets.kernel.read_bytes() + b"\0")  # another kernel file: another image
+    new = G.unpacked_kernel(other, lambda s: None)
+    assert new != used and new.parent == cache
+    kept = sorted(cache.glob("vmlinux-" + "[0-9a-f]" * 16))
+    assert kept == sorted([used, new, *stale[-(G.KERNELS_KEPT - 2):]])
+    assert len(list(cache.glob("vmlinux-src-id-*"))) == 2  # the notes are not images
+
+
 def test_a_truncated_initramfs_in_the_cache_is_built_again(assets, tmp_path):
     data = cached_initramfs(assets.busybox, cache_dir=tmp_path)
     (path,) = tmp_path.glob("initramfs-*.cpio.gz")

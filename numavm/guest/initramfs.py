@@ -436,7 +436,7 @@ def cached_initramfs(busybox: Path, command: list[str] | None = None,
     reads busybox nor hashes the archive.  The newest CACHE_KEEP images are
     kept.  A cache that cannot be written is not an error.
     """
-    from numavm.host.cache import cache_root, note, recall, write_atomic
+    from numavm.host.cache import cache_root, note, prune, recall, write_atomic
 
     root = cache_dir if cache_dir is not None else cache_root()
     add = list(add)
@@ -461,13 +461,7 @@ def cached_initramfs(busybox: Path, command: list[str] | None = None,
             return data
     if ident is not None:
         note("initramfs", ident, f"{digest} {len(raw)}", root)
-    try:
-        for pattern in ("initramfs-*.cpio.gz", "initramfs-id-*"):
-            old = sorted(root.glob(pattern), key=lambda q: q.stat().st_mtime, reverse=True)
-            for q in old[CACHE_KEEP:]:
-                q.unlink(missing_ok=True)
-    except OSError:
-        pass
+    prune(root, ("initramfs-*.cpio.gz", "initramfs-id-*"), CACHE_KEEP)
     return data
 
 

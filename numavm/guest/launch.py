@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Sequence
 
 from numavm.guest.assets import Assets, cached, fetch
-from numavm.host.cache import CacheError, cache_root, find, note, private_dir, recall, store
+from numavm.host.cache import CacheError, cache_root, find, note, private_dir, prune, recall, store
 # numavm.plan.boot (kernel loading, boot plans) is imported where used: the TCG engine needs
 # neither, and every import is paid at every `numavm check`.
 from numavm.errors import ConfigError, NumavmError
@@ -219,13 +219,20 @@ def _valid_elf(path: Path) -> bool:
         return False
 
 
+# Unpacked images (~40 MB each) and the notes that name them, most recently used first: a
+# new kernel (Debian's updates, a user's own builds) no longer leaves its predecessors forever.
+KERNELS_KEPT = 4
+KERNEL_NOTES_KEPT = 16  # one per kernel file's path, size, mtime and inode
+
+
 def unpacked_kernel(path: Path, log: Log) -> Path:
     """An ELF vmlinux for `path`, unpacked once and cached by content.
 
     QEMU's PVH boot wants the ELF, and the KVM engine then skips a 1.5 s
     decompression on every boot.  A cached vmlinux is used only when it is
     whole (`_valid_elf`); when the cache cannot be written the unpacked image
-    goes to this run's private directory (`numavm.host.cache.store`).
+    goes to this run's private directory (`numavm.host.cache.store`).  The
+    KERNELS_KEPT most recently used images are kept.
     """
     with open(path, "rb") as f:
         head = f.read(4)
@@ -244,13 +251,19 @@ def unpacked_kernel(path: Path, log: Log) -> Path:
 
             digest = hashlib.sha256(head + f.read()).hexdigest()[:16]
             note("vmlinux-src", ident, digest)
+            prune(cache_root(), ("vmlinux-src-id-*",), KERNEL_NOTES_KEPT)
             out = find(f"vmlinux-{digest}")
     if out is not None and _valid_elf(out):
+        try:
+            os.utime(out)  # used: the newest survive `prune`
+        except OSError:
+            pass
         return out
     from numavm.plan.boot import load_kernel
     image = load_kernel(path)
     assert image.vmlinux is not None
     out = store(f"vmlinux-{digest}", bytes(image.vmlinux), log)
+    prune(out.parent, ("vmlinux-" + "[0-9a-f]" * 16,), KERNELS_KEPT)
     log(f"numavm: unpacked {path.name} ({image.compression}) to {out} in {image.unpack_seconds:.1f} s")
     return out
 

@@ -94,6 +94,19 @@ def store(name: str, data: bytes, log: Log, mode: int = 0o644, root: Path | None
     return where / name
 
 
+def prune(root: Path, patterns: tuple[str, ...], keep: int) -> None:
+    """Keep the `keep` newest files (by mtime) matching each glob pattern in `root`; remove the
+    rest.  Best effort: a reader that already opened a removed file keeps its inode, and one that
+    only found its name makes the file again."""
+    try:
+        for pattern in patterns:
+            found = [(q.stat().st_mtime_ns, q) for q in root.glob(pattern)]
+            for _, q in sorted(found, key=lambda t: t[0], reverse=True)[keep:]:
+                q.unlink(missing_ok=True)
+    except OSError:  # a file removed under us, a cache that cannot be written: keep what is there
+        pass
+
+
 def find(name: str, root: Path | None = None) -> Path | None:
     """`name` in the cache or in this run's private directory, if it is there."""
     for where in (root if root is not None else cache_root(), _private.path if _private else None):
