@@ -148,13 +148,19 @@ def test_old_unpacked_kernels_go_and_a_used_one_stays(assets, tmp_path, monkeypa
         q.write_bytes(b"not an ELF")
         os.utime(q, ns=((i + 1) * 10**9, (i + 1) * 10**9))
     assert G.unpacked_kernel(assets.kernel, lambda s: None) == used  # used: now the newest
+    (real_note,) = cache.glob("vmlinux-src-id-*")
+    for i in range(G.KERNEL_NOTES_KEPT):  # older notes of kernel files long gone
+        q = cache / f"vmlinux-src-id-{i:08x}"
+        q.write_text(f"/gone/{i}|1|2|3\n{i:016x}\n")
+        os.utime(q, ns=(i * 10**9, i * 10**9))
     other = tmp_path / "vmlinuz-other"
     other.write_bytes(assets.kernel.read_bytes() + b"\0")  # another kernel file: another image
     new = G.unpacked_kernel(other, lambda s: None)
     assert new != used and new.parent == cache
     kept = sorted(cache.glob("vmlinux-" + "[0-9a-f]" * 16))
     assert kept == sorted([used, new, *stale[-(G.KERNELS_KEPT - 2):]])
-    assert len(list(cache.glob("vmlinux-src-id-*"))) == 2  # the notes are not images
+    notes = set(cache.glob("vmlinux-src-id-*"))  # the notes are not images, and are pruned apart
+    assert len(notes) == G.KERNEL_NOTES_KEPT and real_note in notes and cache / "vmlinux-src-id-00000000" not in notes
 
 
 def test_a_truncated_initramfs_in_the_cache_is_built_again(assets, tmp_path):
