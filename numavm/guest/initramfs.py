@@ -460,8 +460,8 @@ def cached_initramfs(busybox: Path, command: list[str] | None = None,
         except OSError:
             return data
     if ident is not None:
-        note("initramfs", ident, f"{digest} {len(raw)}", root)
-    prune(root, ("initramfs-*.cpio.gz", "initramfs-id-*"), CACHE_KEEP)
+        note("initramfs", ident, f"{digest} {len(raw)}", root, keep=CACHE_KEEP)
+    prune(root, ("initramfs-*.cpio.gz",), CACHE_KEEP)
     return data
 
 

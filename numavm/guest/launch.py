@@ -223,6 +223,7 @@ def _valid_elf(path: Path) -> bool:
 # new kernel (Debian's updates, a user's own builds) no longer leaves its predecessors forever.
 KERNELS_KEPT = 4
 KERNEL_NOTES_KEPT = 16  # one per kernel file's path, size, mtime and inode
+_DIGEST_HEX = 16  # an image is vmlinux-<the first hex digits of its source's SHA-256>
 
 
 def unpacked_kernel(path: Path, log: Log) -> Path:
@@ -245,13 +246,12 @@ def unpacked_kernel(path: Path, log: Log) -> Path:
         st = os.fstat(f.fileno())
         ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
         digest = recall("vmlinux-src", ident) or ""
-        out = find(f"vmlinux-{digest}") if len(digest) == 16 else None
+        out = find(f"vmlinux-{digest}") if len(digest) == _DIGEST_HEX else None
         if out is None:
             import hashlib  # only to hash a new kernel: its import alone is ~15 ms
 
-            digest = hashlib.sha256(head + f.read()).hexdigest()[:16]
-            note("vmlinux-src", ident, digest)
-            prune(cache_root(), ("vmlinux-src-id-*",), KERNEL_NOTES_KEPT)
+            digest = hashlib.sha256(head + f.read()).hexdigest()[:_DIGEST_HEX]
+            note("vmlinux-src", ident, digest, keep=KERNEL_NOTES_KEPT)
             out = find(f"vmlinux-{digest}")
     if out is not None and _valid_elf(out):
         try:
@@ -263,7 +263,7 @@ def unpacked_kernel(path: Path, log: Log) -> Path:
     image = load_kernel(path)
     assert image.vmlinux is not None
     out = store(f"vmlinux-{digest}", bytes(image.vmlinux), log)
-    prune(out.parent, ("vmlinux-" + "[0-9a-f]" * 16,), KERNELS_KEPT)
+    prune(out.parent, ("vmlinux-" + "[0-9a-f]" * _DIGEST_HEX,), KERNELS_KEPT)
     log(f"numavm: unpacked {path.name} ({image.compression}) to {out} in {image.unpack_seconds:.1f} s")
     return out
 

@@ -124,13 +124,16 @@ def _note_name(kind: str, identity: str) -> str:
     return f"{kind}-id-{zlib.crc32(identity.encode()):08x}"
 
 
-def note(kind: str, identity: str, value: str, root: Path | None = None) -> None:
-    """Remember `value` for `identity` (one line, e.g. a file's path, size, mtime and inode);
-    best effort: a cache that cannot take it only costs the next run the slow way."""
+def note(kind: str, identity: str, value: str, root: Path | None = None, keep: int | None = None) -> None:
+    """Remember `value` for `identity` (one line, e.g. a file's path, size, mtime and inode),
+    keeping the `keep` most recently used notes of this kind when given; best effort: a cache
+    that cannot take it only costs the next run the slow way."""
     try:
-        store(_note_name(kind, identity), f"{identity}\n{value}\n".encode(), lambda line: None, root=root)
+        path = store(_note_name(kind, identity), f"{identity}\n{value}\n".encode(), lambda line: None, root=root)
     except CacheError:
-        pass
+        return
+    if keep is not None:
+        prune(path.parent, (f"{kind}-id-*",), keep)
 
 
 def recall(kind: str, identity: str, root: Path | None = None) -> str | None:
