@@ -18,7 +18,7 @@ import time
 import pytest
 
 from numavm.host.memory import Segment
-from numavm.host.memory.guestmap import resident_runs
+from numavm.host.memory.audit import resident_runs
 from numavm.vmm.kvm import cpu as cpumode
 from numavm.plan.acpi import build_tables
 from numavm.vmm.engine import detect

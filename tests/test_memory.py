@@ -558,6 +558,20 @@ def test_unified_one_memfd_routes_to_qemu_ram_offsets() -> None:
         assert "slot 2: guest 0x100000000-0x180000000 -> segment +0x40000000" in text
 
 
+def test_private_domains_audit_only_their_touched_pages() -> None:
+    # The KVM engine's anonymous domains may merge into one VMA; the audit then asks
+    # move_pages only about what mincore reports resident, and still counts per domain.
+    layout = _layout("id=0,size=64M,cpus=0,domain_policy=bind:0", "id=1,size=64M,cpus=1,domain_policy=bind:0")
+    with GuestMemory(layout, machine="priv", shared=False) as mem:
+        mem.write(0, b"\1" * (4 * MiB))  # whole 2 MiB pages: THP or not, the same
+        mem.write(64 * MiB + 8 * MiB, b"\2" * (2 * MiB))
+        audit = mem.audit()
+        assert audit[0].bytes_on(0) == 4 * MiB and audit[1].bytes_on(0) == 2 * MiB
+        seg = mem.segments[1]
+        assert pages_per_node(seg.addr, seg.size) == {0: 2 * MiB // PAGE}
+        assert pages_per_node(seg.addr, 8 * MiB) == {}  # nothing touched there
+
+
 def test_unified_equal_policies_share_a_vma_yet_audit_per_domain() -> None:
     # Neighbouring ranges under one policy are one VMA (one numa_maps line):
     # the audit then counts each domain's pages over its own range.

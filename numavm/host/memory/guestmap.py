@@ -8,9 +8,7 @@ the memfds (`backing_fds`), and audits where the pages are.
 from __future__ import annotations
 
 import bisect
-import ctypes
 import mmap
-import re
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
@@ -19,7 +17,7 @@ from numavm.errors import ConfigError, NumavmError
 from numavm.plan.layout import HIGH_RAM_BASE, LOW_RAM_LIMIT, DomainLayout, Layout
 from numavm.spec.policy import host_online_nodes
 from numavm.spec.units import format_size
-from numavm.host.memory.audit import Placement, range_placements
+from numavm.host.memory.audit import Placement, range_placements, resident_runs
 from numavm.host.memory.checks import _check_hugepages, check_hugetlb, check_policy, domain_hugepages
 from numavm.host.memory.segment import MADV_POPULATE_READ, GuestAddressError, Memfd, Segment
 
@@ -50,20 +48,6 @@ class _Route:
     segment: Segment
     offset: int
     slot: int
-
-
-# mincore's vector -> b"\x01" per resident page, b"\x00" otherwise; runs of b"\x01"
-_RESIDENT = bytes(i & 1 for i in range(256))
-_RUN = re.compile(rb"\x01+")
-
-
-def resident_runs(addr: int, size: int, page: int) -> Iterator[tuple[int, int]]:
-    """(first page, page count) of each run of resident pages in [addr, addr + size), by
-    mincore(2); the runs are found by the regex engine, not by a Python loop per page."""
-    vec = ctypes.create_string_buffer(size // page)
-    _libc.mincore(addr, size, vec)
-    for m in _RUN.finditer(vec.raw.translate(_RESIDENT)):
-        yield m.start(), m.end() - m.start()
 
 
 @dataclass(eq=False)
