@@ -57,7 +57,8 @@ CASES: dict[str, tuple[l1.Case, int]] = {c.name: (c, st) for c, st in [
     (l1.Case("run_numactl", [*RUN, "--add", "/usr/bin/numactl", "--", "numactl", "--hardware"]), 0),
     (l1.Case("panic", [*RUN, *SMALL, "--", "sh", "-c", "echo c > /proc/sysrq-trigger"]), 70),
     (l1.Case("triple_fault", [*RUN, *SMALL, "--append", "reboot=t", "--", "reboot", "-f"]), 71),
-    (l1.Case("timeout", [*NUMAVM, "run", "--accel", "kvm", "--timeout", "5", *SMALL, "--", "true"]), 73),
+    # a command that outlasts --timeout: the guest reached `true` within 5 s in L1 (2026-12-02)
+    (l1.Case("timeout", [*NUMAVM, "run", "--accel", "kvm", "--timeout", "5", *SMALL, "--", "sleep", "600"]), 73),
     (l1.Case("sigint", [*RUN, *SMALL, "--", "sh", "-c", f"echo {UP}; sleep 600"], signal="SIGINT", after=UP), 130),
     (l1.Case("sigterm", [*RUN, *SMALL, "--", "sh", "-c", f"echo {UP}; sleep 600"], signal="SIGTERM", after=UP), 130),
     # APIC ids past 254 (x2APIC): 9 domains, the first of 17 vCPUs, so vCPU 24's APIC id is 8 << 5 = 256.
