@@ -105,6 +105,12 @@ def _open_error(path: str, e: OSError, readonly: bool) -> ConfigError:
                        "permission denied for reading and writing (add ,readonly for a read-only disk)")
     if err == errno.EROFS:
         return _refuse(path, "on a read-only file system (add ,readonly for a read-only disk)")
+    if err in (errno.ENXIO, errno.ENODEV):  # a socket, or a device node without a driver
+        try:
+            kind = _kind(os.stat(path).st_mode)
+        except OSError:
+            kind = "a device without a driver"
+        return _refuse(path, f"is {kind}, not a disk image (a regular file or a block device)")
     if err == errno.ETXTBSY:
         return _refuse(path, "is a running program's file, not writable")
     return _refuse(path, f"cannot open: {errno.errorcode.get(err, str(err))} ({os.strerror(err)})")
