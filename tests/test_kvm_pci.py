@@ -422,3 +422,13 @@ def test_open_disks_is_all_or_none(tmp_path: Path) -> None:
     for d in disks:
         d.close()
     assert _fds() == before
+
+
+def test_open_disks_names_the_disk_as_its_spec_does(tmp_path: Path) -> None:
+    from numavm.spec.devices import disk_from_table, parse_disk
+
+    missing = tmp_path / "none.img"
+    with pytest.raises(ConfigError, match=rf"^--disk {missing}: no such file$"):
+        open_disks([parse_disk(f"{missing},domain=1")])
+    with pytest.raises(ConfigError, match=rf"^m.toml: disk {missing}: no such file$"):
+        open_disks([disk_from_table({"path": str(missing)}, 0, "m.toml")])

@@ -42,10 +42,10 @@ F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)  # linux/fcntl.h
 
 
 class DiskSpec(Protocol):
-    """What `open_disks` needs of a disk spec (numavm.spec.devices.Disk)."""
+    """What `open_disks` needs of a disk spec (numavm.spec.devices.Disk; `origin` optional)."""
 
     @property
-    def path(self) -> object: ...
+    def path(self) -> str: ...
 
     @property
     def readonly(self) -> bool: ...
@@ -88,32 +88,32 @@ class DiskImage:
             pass
 
 
-def _refuse(path: str, why: str) -> ConfigError:
-    return ConfigError(f"--disk {path}: {why}")
+def _refuse(what: str, why: str) -> ConfigError:
+    return ConfigError(f"{what}: {why}")
 
 
-def _open_error(path: str, e: OSError, readonly: bool) -> ConfigError:
+def _open_error(path: str, e: OSError, readonly: bool, name: str) -> ConfigError:
     err = e.errno or 0
     if err == errno.ENOENT:
-        return _refuse(path, "no such file")
+        return _refuse(name, "no such file")
     if err == errno.ENOTDIR:
-        return _refuse(path, "a component of the path is not a directory")
+        return _refuse(name, "a component of the path is not a directory")
     if err == errno.EISDIR:
-        return _refuse(path, "is a directory, not a disk image (a regular file or a block device)")
+        return _refuse(name, "is a directory, not a disk image (a regular file or a block device)")
     if err in (errno.EACCES, errno.EPERM):
-        return _refuse(path, "permission denied" if readonly else
+        return _refuse(name, "permission denied" if readonly else
                        "permission denied for reading and writing (add ,readonly for a read-only disk)")
     if err == errno.EROFS:
-        return _refuse(path, "on a read-only file system (add ,readonly for a read-only disk)")
+        return _refuse(name, "on a read-only file system (add ,readonly for a read-only disk)")
     if err in (errno.ENXIO, errno.ENODEV):  # a socket, or a device node without a driver
         try:
             kind = _kind(os.stat(path).st_mode)
         except OSError:
             kind = "a device without a driver"
-        return _refuse(path, f"is {kind}, not a disk image (a regular file or a block device)")
+        return _refuse(name, f"is {kind}, not a disk image (a regular file or a block device)")
     if err == errno.ETXTBSY:
-        return _refuse(path, "is a running program's file, not writable")
-    return _refuse(path, f"cannot open: {errno.errorcode.get(err, str(err))} ({os.strerror(err)})")
+        return _refuse(name, "is a running program's file, not writable")
+    return _refuse(name, f"cannot open: {errno.errorcode.get(err, str(err))} ({os.strerror(err)})")
 
 
 def _kind(mode: int) -> str:
@@ -124,14 +124,16 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def open_disk(path: str | os.PathLike[str], readonly: bool = False) -> DiskImage:
-    """Open, check and lock one image (see the module's docstring); ConfigError says why not."""
-    name = os.fspath(path)
+def open_disk(path: str | os.PathLike[str], readonly: bool = False, what: str | None = None) -> DiskImage:
+    """Open, check and lock one image (see the module's docstring); ConfigError says why not,
+    naming the disk as `what` (its spec's origin: ``--disk PATH``, ``FILE: disk PATH``)."""
+    path = os.fspath(path)
+    name = what or f"--disk {path}"
     flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
     try:
-        fd = os.open(name, flags)
+        fd = os.open(path, flags)
     except OSError as e:
-        raise _open_error(name, e, readonly) from None
+        raise _open_error(path, e, readonly, name) from None
     try:
         st = os.fstat(fd)
         block = stat.S_ISBLK(st.st_mode)
@@ -146,7 +148,7 @@ def open_disk(path: str | os.PathLike[str], readonly: bool = False) -> DiskImage
                                 f"(virtio-blk counts {SECTOR}-byte sectors; the last {size % SECTOR} bytes would be lost)")
         _lock(fd, name, readonly)
         ident = (0, st.st_rdev) if block else (st.st_dev, st.st_ino)
-        return DiskImage(name, fd, size, readonly, block, ident)
+        return DiskImage(path, fd, size, readonly, block, ident)
     except BaseException:
         os.close(fd)
         raise
@@ -173,7 +175,8 @@ def open_disks(specs: Iterable[DiskSpec]) -> list[DiskImage]:
     opened: list[DiskImage] = []
     try:
         for spec in specs:
-            path = os.fspath(spec.path)  # type: ignore[call-overload]
+            path = os.fspath(spec.path)
+            what = getattr(spec, "origin", None) or f"--disk {path}"
             try:
                 st = os.stat(path)
             except OSError:
@@ -182,9 +185,9 @@ def open_disks(specs: Iterable[DiskSpec]) -> list[DiskImage]:
                 ident = (0, st.st_rdev) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
                 for k, other in enumerate(opened):
                     if other._ident == ident:
-                        raise _refuse(path, f"is the same image as disk {k} ({other.path}); "
+                        raise _refuse(what, f"is the same image as disk {k} ({other.path}); "
                                             "give each image once")
-            opened.append(open_disk(path, bool(spec.readonly)))
+            opened.append(open_disk(path, bool(spec.readonly), what))
         return opened
     except BaseException:
         close_disks(opened)
