@@ -299,7 +299,7 @@ def test_views_split_at_slot_boundaries() -> None:
         assert mem.read(edge - 3, 6) == b"abcdef"
         assert mem.segments[1].read(0, 3) == b"def"
         assert [v.nbytes for v in mem.views(0, 16)] == [16]
-        assert [v.nbytes for v in mem.views(5, 0)] == [0]
+        assert mem.views(5, 0) == []
         with pytest.raises(GuestAddressError, match="runs past the end of RAM"):
             mem.views(2 * edge - 1, 2)
         for v in views:
