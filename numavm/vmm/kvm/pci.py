@@ -364,15 +364,17 @@ class PciPlatform:
                 poller.register(fd, select.POLLIN)
             stop, read, lock, notify = self._stop_fd, os.eventfd_read, dev.lock, dev.fn.queue_notify  # type: ignore[attr-defined]
             while True:
-                for fd, _ in poller.poll():
-                    if fd == stop:
-                        return
-                    try:
-                        read(fd)
-                    except BlockingIOError:
-                        continue  # another wake-up took it
-                    with lock:
-                        notify(queue_of[fd])
+                ready = poller.poll()
+                for fd, _ in ready:
+                    if fd != stop:
+                        try:
+                            read(fd)
+                        except BlockingIOError:
+                            continue  # another wake-up took it
+                        with lock:
+                            notify(queue_of[fd])
+                if any(fd == stop for fd, _ in ready):
+                    return  # after the kicks that came with it: a notify before the stop is served
         except BaseException as e:  # a model must not raise; if it does, the machine ends with why
             self._on_error(f"{dev.name} ({dev.plan.bdf}) I/O thread: {type(e).__name__}: {e}")
 
