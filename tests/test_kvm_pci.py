@@ -730,3 +730,82 @@ def test_virtio_blk_reads_and_writes_the_image_into_guest_memory_across_two_doma
         assert used == 3
         assert m.memory.read(STATUS, 3) == b"\0\0\0"
     assert img.read_bytes()[100 * 512:100 * 512 + n] == pattern[512:512 + n]
+
+
+def _threads() -> set[str]:
+    return {t.name for t in threading.enumerate()}
+
+
+@needs_kvm
+def test_io_threads_are_named_and_pinned_like_their_domain_and_everything_is_released(tmp_path: Path) -> None:
+    from numavm.host.memory import policy_cpus
+    from numavm.plan.pci import ecam_address
+    from numavm.vmm.kvm.machine import KvmMachine
+
+    layout = _pci_layout(tmp_path, f"{_image(tmp_path, name='a.img')},domain=1",
+                         f"{_image(tmp_path, name='b.img')},domain=0,readonly",
+                         domains=("id=0,size=32M,cpus=0", "id=1,size=32M,domain_policy=bind:0"))
+    fds, threads = _fds(), _threads()
+    seen: dict[str, set[int]] = {}
+    with KvmMachine(layout, name="rel") as m:
+        assert m.pci is not None and len(m.disks) == 2 and all(not d.closed for d in m.disks)
+
+        class Spy(Recorder):
+            def write(self, offset: int, size: int, value: int) -> None:
+                for t in threading.enumerate():
+                    if t.name.startswith("rel-virtio-blk"):
+                        seen[t.name] = os.sched_getaffinity(t.native_id or 0)
+                super().write(offset, size, value)
+
+        rec = Spy(m)
+        m.bus.register(0x94, 3, rec)
+        rec2 = run_script(m, [(PIN, 0x94, 0), (POUT, 0x94 + 2, 0)])  # the spy looks while the vCPU runs
+        assert rec2.values == [0]
+        assert _threads() == threads  # the I/O threads ended with the run
+    assert set(seen) == {"rel-virtio-blk0", "rel-virtio-blk1"}
+    assert seen["rel-virtio-blk0"] == set(policy_cpus((0,)))  # domain 1 is bound to host node 0
+    assert seen["rel-virtio-blk1"] == os.sched_getaffinity(0)  # domain 0 has the default policy: unpinned
+    assert _fds() == fds and _threads() == threads
+    assert all(d.closed for d in m.disks) or m.disks == []
+
+
+@needs_kvm
+def test_a_machine_that_fails_to_build_releases_its_disks(tmp_path: Path) -> None:
+    from numavm.vmm.kvm.machine import KvmMachine
+
+    img = _image(tmp_path)
+    layout = _pci_layout(tmp_path, f"{img},domain=1")
+    fds = _fds()
+    with pytest.raises(Exception, match="/nonexistent/kvm"):
+        KvmMachine(layout, kvm_path="/nonexistent/kvm")
+    assert _fds() == fds
+    with open_disk(img):  # and the lock went with it
+        pass
+
+
+@needs_kvm
+def test_a_locked_image_is_refused_before_guest_memory_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from numavm.host.memory import guestmap
+    from numavm.vmm.kvm.machine import KvmMachine
+
+    img = _image(tmp_path)
+    layout = _pci_layout(tmp_path, f"{img},domain=1")
+    made: list[object] = []
+    monkeypatch.setattr(guestmap.GuestMemory, "__post_init__", lambda self: made.append(self))
+    with open_disk(img):
+        with pytest.raises(ConfigError, match=rf"^--disk {img}: is locked by another user"):
+            KvmMachine(layout)
+    assert made == []
+
+
+@needs_kvm
+def test_a_machine_without_devices_has_no_pci_platform() -> None:
+    from numavm.plan.layout import plan_layout
+    from numavm.spec.topology import MachineSpec
+    from numavm.vmm.kvm.machine import KvmMachine
+
+    layout = plan_layout(MachineSpec(cpus=1, memory=64 << 20).build())
+    with KvmMachine(layout) as m:
+        assert m.pci is None and m.disks == [] and 0xCF8 not in m.bus
+        rec = run_script(m, [(R32, 0xE000_0000, 0), (W32, 0xC000_0000, 5), (R32, 0xC000_0000, 0)])
+    assert rec.values == [0xFFFF_FFFF, 0xFFFF_FFFF]  # nothing decodes: reads float high, writes vanish
