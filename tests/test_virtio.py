@@ -942,3 +942,53 @@ def test_random_mmio_never_raises(image: tuple[int, bytes], writes: list[tuple[i
         drv.dev.mmio_read(0, off, size)
     for q in range(3):
         drv.dev.queue_notify(q)
+
+
+# ---------------------------------------------------------------- limits, exactly
+
+
+def test_chain_using_the_whole_ring(ram: SlotRam, image: tuple[int, bytes]) -> None:
+    """A chain of exactly the queue's size is legal (header, 254 data buffers, status): the bound is not off by one."""
+    fd, data = image
+    drv = ready(ram, image)
+    status, got, used = drv.request(vblk.VIRTIO_BLK_T_IN, 0, in_len=254 * 256, segments=254)
+    assert status == vblk.VIRTIO_BLK_S_OK and got == data[:254 * 256] and used == 254 * 256 + 1
+    assert not drv.dev.errors
+
+
+def test_largest_indirect_table(ram: SlotRam, image: tuple[int, bytes]) -> None:
+    fd, data = image
+    drv = ready(ram, image)
+    n = MAX_INDIRECT - 2
+    status, got, _ = drv.request(vblk.VIRTIO_BLK_T_IN, 0, in_len=128 * 512, segments=n, indirect=True)
+    assert status == vblk.VIRTIO_BLK_S_OK and got == data[:128 * 512]
+    assert not drv.dev.errors
+
+
+def test_masked_queue_vector_is_pending_until_unmasked(ram: SlotRam, image: tuple[int, bytes]) -> None:
+    drv = ready(ram, image)
+    table = drv.cfg(drv.msix_cap + 4, 4) & ~7
+    drv.dev.mmio_write(0, table + 16 + 12, 4, 1)  # mask vector 1 (Linux does, moving the IRQ)
+    hdr, st = drv.alloc(16), drv.alloc(1, 1)
+    ram.write(hdr, struct.pack("<IIQ", vblk.VIRTIO_BLK_T_FLUSH, 0, 0))
+    drv.offer(0, drv.chain(0, [(hdr, 16, False), (st, 1, True)]))
+    drv.kick()
+    assert drv.msis == [] and len(drv.used()) == 1
+    assert drv.dev.mmio_read(0, vpci.MSIX_PBA_OFFSET, 8) == 0b10
+    drv.dev.mmio_write(0, table + 16 + 12, 4, 0)
+    assert drv.msis == [1] and drv.dev.mmio_read(0, vpci.MSIX_PBA_OFFSET, 8) == 0
+
+
+def test_errors_reach_on_error_and_isr_without_vector(ram: SlotRam, image: tuple[int, bytes]) -> None:
+    """With no configuration vector the error still shows: status, ISR bit 1, on_error."""
+    drv = ready(ram, image)
+    logged: list[str] = []
+    drv.dev.on_error = logged.append
+    drv.common("config_msix_vector", 2, NO_VECTOR)
+    _, desc, _, _ = drv.queues[0]
+    drv.put_desc(desc, 0, 2 * SLOT, 16, 0, 0)
+    drv.offer(0, 0)
+    drv.kick()
+    assert drv.status() & vpci.STATUS_DEVICE_NEEDS_RESET and drv.msis == []
+    assert drv.dev.mmio_read(0, vpci.ISR_OFFSET, 1) == vpci.ISR_CONFIG
+    assert logged == list(drv.dev.errors) and "outside RAM" in logged[0]

@@ -32,14 +32,23 @@ is ignored (counted): a kick the I/O thread serves after the guest reset the
 device is stale, not hostile.
 
 Queue notifications arrive as `queue_notify(q)` from the device's I/O thread
-(the engine's ioeventfd at `notify_offset(q)`) or as an MMIO write there;
-either runs the queue.  Interrupts leave through MSI-X (`signal_msi`).
+(the engine's ioeventfd at BAR0's address + `notify_offset(q)`; Linux writes
+the queue index there as 16 bits, so a 2-byte or any-length ioeventfd without
+datamatch fits; re-register it when ``on_change("bars")`` says BAR0 moved) or
+as an MMIO write there; either runs the queue.  Interrupts leave through
+MSI-X (`signal_msi(vector)`, called only for an enabled, unmasked vector; the
+MSI-X table keeps masked ones pending).  Protocol errors are also reported
+through ``on_error(reason)`` for the engine's log.
+
+Not thread-safe, like every model here: the engine holds the device's own
+lock around every call (vCPU threads' config and MMIO accesses, the I/O
+thread's `queue_notify`), so callbacks run under that lock too.
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Final
+from typing import Callable, Final
 
 from numavm.devices.memory import GuestRam
 from numavm.devices.pci.function import CAP_ID_VENDOR, COMMAND_BUS_MASTER, PciFunction
@@ -158,6 +167,7 @@ class VirtioPciDevice(PciFunction):
         self.errors: collections.deque[str] = collections.deque(maxlen=_MAX_ERRORS)  # newest last
         self.error_count = 0
         self.ignored_notifies = 0  # notifies of a disabled queue before DRIVER_OK, or while NEEDS_RESET
+        self.on_error: Callable[[str], None] = _ignore_error  # set by the engine: log a protocol error
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -179,6 +189,10 @@ class VirtioPciDevice(PciFunction):
         self.on_change("reset")
 
     # ---- for the engine
+
+    @property
+    def num_queues(self) -> int:
+        return len(self.queues)
 
     def notify_offset(self, queue: int) -> int:
         """Where in BAR0 the driver notifies ``queue`` (an ioeventfd's address, less the BAR's)."""
@@ -216,6 +230,7 @@ class VirtioPciDevice(PciFunction):
         """The driver broke the protocol: DEVICE_NEEDS_RESET and a configuration interrupt."""
         self.errors.append(reason)
         self.error_count += 1
+        self.on_error(reason)
         if not self.status & STATUS_DEVICE_NEEDS_RESET:
             self.status |= STATUS_DEVICE_NEEDS_RESET
             self._interrupt(self.config_msix_vector, ISR_CONFIG)
@@ -393,6 +408,10 @@ class VirtioPciDevice(PciFunction):
             else:
                 self.device.negotiated(self.driver_features)
         self.status = value
+
+
+def _ignore_error(reason: str) -> None:
+    pass
 
 
 def _virtio_cap(cap_len: int, cfg_type: int, offset: int, length: int) -> bytes:
