@@ -227,6 +227,8 @@ class Machine:
       or a mapping with the TOML file's [[domain]] keys (``{"id": 0, "size": "1G", "cpus": "0-1"}``);
     * `distances`: ``"I:J=D"`` strings (`--distance`), a full matrix, or ``{(i, j): d}``;
     * `hmat`, `hmat_cache`: `--hmat` / `--hmat-cache` strings;
+    * `disks`: each a `--disk` string (``"disk.img,domain=1,readonly"``) or a mapping with the TOML
+      file's [[disk]] keys (``{"path": "disk.img", "domain": 1}``);
     * `host_nodes`: check policies against these host nodes instead of this host's online ones.
 
     Without domains the machine is the classic one (no SRAT/SLIT); `Machine.example()` is the
@@ -237,8 +239,9 @@ class Machine:
                  domains: Sequence[str | Mapping[str, Any]] = (),
                  distances: Sequence[str] | Sequence[Sequence[int]] | Mapping[tuple[int, int], int] = (),
                  hmat: Sequence[str] = (), hmat_cache: Sequence[str] = (),
+                 disks: Sequence[str | Mapping[str, Any]] = (),
                  host_nodes: Iterable[int] | None = None) -> None:
-        self._init(_kwargs_spec(cpus, memory, domains, distances, hmat, hmat_cache), host_nodes)
+        self._init(_kwargs_spec(cpus, memory, domains, distances, hmat, hmat_cache, disks), host_nodes)
 
     def _init(self, spec: MachineSpec, host_nodes: Iterable[int] | None) -> None:
         from numavm.plan.layout import plan_layout
@@ -536,9 +539,11 @@ class _console_log:
 
 
 def _kwargs_spec(cpus: int | None, memory: int | str | None, domains: Sequence[str | Mapping[str, Any]],
-                 distances: Any, hmat: Sequence[str], hmat_cache: Sequence[str]) -> MachineSpec:
+                 distances: Any, hmat: Sequence[str], hmat_cache: Sequence[str],
+                 disks: Sequence[str | Mapping[str, Any]] = ()) -> MachineSpec:
     """Machine(...)'s keywords as a spec, each parsed as its command-line option or TOML key is."""
     from numavm.spec.config import distance_matrix, domain_from_table
+    from numavm.spec.devices import disk_from_table, parse_disk
     from numavm.spec.topology import parse_distance, parse_hmat, parse_hmat_cache, parse_numa
     from numavm.spec.units import parse_size
 
@@ -567,6 +572,13 @@ def _kwargs_spec(cpus: int | None, memory: int | str | None, domains: Sequence[s
         spec.distances = [parse_distance(t) for t in _seq(distances, "distances")]
     spec.hmat = [parse_hmat(t) for t in _seq(hmat, "hmat")]
     spec.caches = [parse_hmat_cache(t) for t in _seq(hmat_cache, "hmat_cache")]
+    for k, d in enumerate(_seq(disks, "disks")):
+        if isinstance(d, str):
+            spec.disks.append(parse_disk(d))
+        elif isinstance(d, Mapping):
+            spec.disks.append(disk_from_table(dict(d), k, "disks"))
+        else:
+            raise ConfigError(f"disks[{k}]: expected a --disk string or a mapping of TOML disk keys, got {d!r}")
     return spec
 
 

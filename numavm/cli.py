@@ -20,6 +20,7 @@ from numavm.errors import ConfigError, NumavmError
 from numavm.spec.policy import POLICY_SYNTAX
 from numavm.vmm.run import STAGES, ExitCode
 from numavm.spec.topology import MachineSpec, Topology, parse_distance, parse_hmat, parse_hmat_cache, parse_numa
+from numavm.spec.devices import parse_disk
 from numavm.spec.units import parse_int, parse_list, parse_size
 
 if TYPE_CHECKING:
@@ -58,9 +59,14 @@ def _machine_options(p: argparse.ArgumentParser, host_nodes: bool = True) -> Non
                    help="a memory-side cache in front of domain T's memory, repeatable: level 1..3 (default "
                         "1), line size in bytes (64), assoc none|direct|complex (none), policy "
                         "none|writeback|writethrough (none)")
+    g.add_argument("--disk", metavar="FILE[,domain=N][,readonly][,initiator]", action="append", default=[],
+                   help="a raw disk image as a virtio-blk device on domain N's PCI host bridge (default 0), "
+                        "repeatable; readonly: the guest cannot write it; initiator: the device is also an "
+                        "ACPI generic initiator of domain N (which may then have no memory and no vCPUs)")
     g.add_argument("-f", "--config", metavar="FILE",
                    help="the machine as TOML (see examples/example.toml); -c/-m override the file, "
-                        "and -n/--distance/--hmat/--hmat-cache replace its domains/distances/HMAT entries")
+                        "and -n/--distance/--hmat/--hmat-cache/--disk replace its domains/distances/HMAT "
+                        "entries/disks")
     g.add_argument("--like-host", action="store_true",
                    help="one domain per host NUMA node: memory (-m) and vCPUs (-c, default one per host CPU) "
                         "shared as the host's nodes share theirs, the host's distances, each domain bound to "
@@ -216,6 +222,8 @@ def machine_spec(args: argparse.Namespace, note: Callable[[str], None] | None = 
         spec.hmat = [parse_hmat(t) for t in args.hmat]
     if args.hmat_cache:
         spec.caches = [parse_hmat_cache(t) for t in args.hmat_cache]
+    if args.disk:
+        spec.disks = [parse_disk(t) for t in args.disk]
     return spec
 
 
@@ -231,6 +239,7 @@ def _like_host_spec(args: argparse.Namespace, note: Callable[[str], None]) -> Ma
     shape = like_host(cpus, memory, given=[parse_numa(t) for t in args.numa])
     for line in shape.notes:
         note(f"numavm: {OPT}: {line}")
+    shape.spec.disks = [parse_disk(t) for t in args.disk]
     return shape.spec
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from numavm.plan.pci import PciLayout, plan_pci
 from numavm.spec.topology import Domain, Topology
 from numavm.spec.units import GiB, KiB, MiB
 
@@ -133,6 +134,7 @@ class Layout:
     rsdp_addr: int
     ram_top: int  # highest guest-physical RAM address + 1
     mp_pointer_addr: int = MP_POINTER_ADDR
+    pci: PciLayout = PciLayout()  # empty without devices
 
     @property
     def needs_x2apic(self) -> bool:
@@ -149,16 +151,18 @@ class Layout:
 def plan_layout(topo: Topology) -> Layout:
     slots, ram_top = _place_ranges(topo)
     apic_ids, core_bits = _apic_ids(topo)
+    pci = plan_pci(topo)
     return Layout(
         topology=topo,
         domains=tuple(DomainLayout(d, s, tuple(apic_ids[c] for c in d.cpus))
                       for d, s in zip(topo.domains, slots)),
         apic_ids=apic_ids,
         core_bits=core_bits,
-        e820=_e820(topo.memory),
+        e820=_e820(topo.memory, pci),
         table_area=Range(TABLE_AREA_START, RSDP_ADDR),
         rsdp_addr=RSDP_ADDR,
         ram_top=ram_top,
+        pci=pci,
     )
 
 
@@ -197,7 +201,7 @@ def _apic_ids(topo: Topology) -> tuple[tuple[int, ...], int]:
     return tuple(ids), core_bits
 
 
-def _e820(memory: int) -> tuple[E820Entry, ...]:
+def _e820(memory: int, pci: PciLayout = PciLayout()) -> tuple[E820Entry, ...]:
     low = min(memory, LOW_RAM_LIMIT)
     entries = [
         E820Entry(0, EBDA_START, E820Type.RAM),
@@ -206,6 +210,9 @@ def _e820(memory: int) -> tuple[E820Entry, ...]:
         E820Entry(RSDP_ADDR, LEGACY_END, E820Type.RESERVED),
         E820Entry(LEGACY_END, low, E820Type.RAM),
     ]
+    ecam = pci.ecam
+    if ecam is not None:  # Linux uses the MCFG's ECAM only where the firmware reserved it
+        entries.append(E820Entry(ecam.start, ecam.end, E820Type.RESERVED))
     if memory > low:
         entries.append(E820Entry(HIGH_RAM_BASE, HIGH_RAM_BASE + memory - low, E820Type.RAM))
     return tuple(entries)

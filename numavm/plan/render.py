@@ -37,6 +37,21 @@ def plan_document(layout: Layout) -> dict[str, Any]:
         "acpi": {"rsdp": layout.rsdp_addr,
                  "tables": {"start": layout.table_area.start, "end": layout.table_area.end}},
         "hmat": hmat_document(topo),
+        "pci": pci_document(layout),
+    }
+
+
+def pci_document(layout: Layout) -> dict[str, Any]:
+    """The host bridges (one per domain that holds a device) and the devices behind them."""
+    pci = layout.pci
+    disks = layout.topology.disks
+    return {
+        "ecam": None if pci.ecam is None else {"start": pci.ecam.start, "end": pci.ecam.end},
+        "bridges": [{"domain": b.domain, "bus": b.bus, "uid": b.uid, "pxm": b.pxm,
+                     "mmio": {"start": b.mmio.start, "end": b.mmio.end}} for b in pci.bridges],
+        "devices": [{"kind": d.kind, "bdf": d.bdf, "domain": d.domain, "bar0": d.bar0,
+                     "initiator": d.initiator, "path": disks[d.index].path,
+                     "readonly": disks[d.index].readonly} for d in pci.devices],
     }
 
 
@@ -80,7 +95,8 @@ def plan_text(layout: Layout) -> str:
     rows = [("domain", "size", "guest-physical ranges", "vCPUs", "APIC ids", "host policy")]
     for d in layout.domains:
         ranges = [_hex_range(r.start, r.end) for r in d.ranges] or ["-"]
-        kind = "" if d.domain.cpus and d.segment_size else (" (memory-only)" if d.segment_size else " (CPU-only)")
+        kind = ("" if d.domain.cpus and d.segment_size else " (memory-only)" if d.segment_size
+                else " (CPU-only)" if d.domain.cpus else " (generic initiator)")
         rows.append((f"{d.id}{kind}", format_size(d.segment_size) if d.segment_size else "0",
                      ranges[0], format_list(d.domain.cpus) or "-", format_list(d.apic_ids) or "-",
                      str(d.domain.policy) + (f", {d.domain.hugepages} pages" if d.domain.hugepages else "")))
@@ -98,6 +114,8 @@ def plan_text(layout: Layout) -> str:
             lines.append(f"{i:>{w}}" + "".join(f"{d:>{w + 1}}" for d in row))
     if topo.has_hmat:
         lines += [""] + hmat_text(topo)
+    if layout.pci:
+        lines += [""] + pci_text(layout)
     lines.append("")
     lines.append("e820 map")
     for e in layout.e820:
@@ -111,6 +129,24 @@ def plan_text(layout: Layout) -> str:
                      "every vCPU in x2APIC mode with KVM's extended destination ids (device interrupts on "
                      "vCPU 0); the TCG engine cannot run this machine")
     return "\n".join(lines) + "\n"
+
+
+def pci_text(layout: Layout) -> list[str]:
+    """The PCI section of `plan_text`: each host bridge and its devices."""
+    pci, disks = layout.pci, layout.topology.disks
+    assert pci.ecam is not None
+    lines = [f"PCI (segment 0, ECAM at {_hex_range(pci.ecam.start, pci.ecam.end)})"]
+    for b in pci.bridges:
+        pxm = f"_PXM {b.pxm}" if b.pxm is not None else "no _PXM (no NUMA)"
+        lines.append(f"  host bridge for domain {b.domain}: bus {b.bus:#04x}, _UID {b.uid}, {pxm}, "
+                     f"window {_hex_range(b.mmio.start, b.mmio.end)}")
+        for d in pci.devices:
+            if d.bus == b.bus:
+                disk = disks[d.index]
+                flags = "".join(f", {f}" for f, on in (("read-only", disk.readonly),
+                                                      ("generic initiator", d.initiator)) if on)
+                lines.append(f"    {d.bdf}  {d.kind}  {disk.path}{flags}")
+    return lines
 
 
 def _fig(v: int | None) -> str:

@@ -17,6 +17,12 @@ Schema, version 1 (the only one so far)::
     policy = "bind:0"      # optional, as domain_policy=
     hugepages = "thp"      # optional: thp, hugetlbfs or none (default: --hugepages)
 
+    [[disk]]               # optional, one per --disk
+    path = "disk.img"      # a raw image (relative paths: from the current directory)
+    domain = 1             # optional, default 0
+    readonly = false       # optional
+    initiator = false      # optional: also a generic initiator of its domain
+
 (TOML puts keys written after a [[domain]] header into that domain, so the
 top-level keys come first.)
 
@@ -31,12 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from numavm.errors import ConfigError
+from numavm.spec.devices import disk_from_table
 from numavm.spec.policy import Policy, parse_policy
 from numavm.spec.topology import DomainSpec, MachineSpec, parse_distance, parse_hmat, parse_hmat_cache, parse_hugepages
 from numavm.spec.units import parse_list, parse_size
 
 SCHEMA_VERSION = 1
-_TOP_KEYS = {"version", "cpus", "memory", "domain", "distances", "distance", "hmat", "hmat_cache"}
+_TOP_KEYS = {"version", "cpus", "memory", "domain", "distances", "distance", "hmat", "hmat_cache", "disk"}
 _DOMAIN_KEYS = {"id", "size", "cpus", "policy", "domain_policy", "hugepages"}
 
 EXAMPLE_TOML = """\
@@ -161,6 +168,10 @@ def from_dict(doc: dict[str, Any], name: str) -> MachineSpec:
     spec.hmat = [parse_hmat(e, f"{name}: hmat[{k}]") for k, e in enumerate(_strings(doc, "hmat", name))]
     spec.caches = [parse_hmat_cache(e, f"{name}: hmat_cache[{k}]")
                    for k, e in enumerate(_strings(doc, "hmat_cache", name))]
+    disks = doc.get("disk", [])
+    if not isinstance(disks, list):
+        raise ConfigError(f"{name}: disk must be an array of tables ([[disk]])")
+    spec.disks = [disk_from_table(d, k, name) for k, d in enumerate(disks)]
     return spec
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from numavm.errors import ConfigError
+from numavm.spec.devices import Disk, check_disks, initiator_domains
 from numavm.spec.policy import Policy, host_online_nodes, parse_policy
 from numavm.spec.units import MiB, TiB, format_list, format_size, parse_int, parse_list, parse_size
 
@@ -77,6 +78,7 @@ class MachineSpec:
     distances: list[tuple[int, int, int, str]] = field(default_factory=list)
     hmat: list["HmatLink"] = field(default_factory=list)
     caches: list["MemoryCache"] = field(default_factory=list)
+    disks: list[Disk] = field(default_factory=list)
 
     def build(self, host_nodes: tuple[int, ...] | None = None) -> "Topology":
         return _build(self, host_nodes if host_nodes is not None else host_online_nodes())
@@ -103,6 +105,12 @@ class Topology:
     numa: bool = True
     hmat: tuple["HmatLink", ...] = ()  # by (initiator, target)
     caches: tuple["MemoryCache", ...] = ()  # by (domain, level)
+    disks: tuple[Disk, ...] = ()  # in --disk order; each on its domain's PCI host bridge
+
+    @property
+    def initiators(self) -> frozenset[int]:
+        """Domains holding a generic initiator (a device that initiates memory accesses)."""
+        return initiator_domains(self.disks)
 
     @property
     def has_hmat(self) -> bool:
@@ -209,15 +217,19 @@ def _build(spec: MachineSpec, online: tuple[int, ...]) -> Topology:
             raise ConfigError(f"{(spec.hmat or spec.caches)[0].origin}: the HMAT needs NUMA domains (-n/--numa)")
         n = cpus or 1
         mem = memory if memory is not None else DEFAULT_MEMORY
-        return Topology(n, mem, (Domain(0, mem, tuple(range(n))),), ((LOCAL_DISTANCE,),), numa=False)
+        return Topology(n, mem, (Domain(0, mem, tuple(range(n))),), ((LOCAL_DISTANCE,),), numa=False,
+                        disks=check_disks(spec.disks, 1, numa=False))
 
     doms = _check_ids(spec.domains)
     n = _check_cpus(doms, cpus)
     sizes = _assign_sizes(doms, memory)
+    disks = check_disks(spec.disks, len(doms), numa=True)
+    initiators = initiator_domains(disks)
     domains = []
     for d, size in zip(doms, sizes):
-        if size == 0 and not d.cpus:
-            raise ConfigError(f"{d.origin}: a domain needs memory (size=) or vCPUs (cpus=)")
+        if size == 0 and not d.cpus and d.id not in initiators:
+            raise ConfigError(f"{d.origin}: a domain needs memory (size=) or vCPUs (cpus=), or a generic "
+                              f"initiator (--disk FILE,domain={d.id},initiator)")
         pol = d.policy.resolve(online)
         pol.check_nodes(online, f"{d.origin} domain_policy")
         if d.hugepages not in (None, "none") and size == 0:
@@ -232,7 +244,7 @@ def _build(spec: MachineSpec, online: tuple[int, ...]) -> Topology:
         raise ConfigError(f"{NUMA_OPT}: domains total {format_size(total)}, at most {format_size(MAX_MEMORY)}")
     links, caches = _check_hmat(domains, spec.hmat, spec.caches)
     return Topology(n, total, tuple(domains), _distance_matrix(len(domains), spec.distances), True,
-                    links, caches)
+                    links, caches, disks)
 
 
 def _check_ids(domains: list[DomainSpec]) -> list[DomainSpec]:

@@ -1,0 +1,159 @@
+"""The guest's PCI topology: a host bridge per domain that holds a device, as values.
+
+One PCI segment (0).  Every domain holding a device gets its own host bridge (an ACPI
+``PNP0A03`` device: ``_UID`` and ``_BBN`` its bus number, ``_PXM`` the domain), in ascending
+domain order; the k-th bridge owns bus ``k + 1``.  Bus 0 stays free so that the same
+bus/device/function numbers hold under QEMU, whose bus 0 is its i440fx root and whose ``pxb``
+expander bridges take buses 1..N (numavm.vmm.tcg): a generic initiator's SRAT entry names its
+device by segment and BDF, one table for both engines.
+
+Devices sit directly on their bridge's bus, function 0, slots 0, 1, ... in ``--disk`` order.
+Config space is reached through ECAM (MCFG; 1 MiB per bus from `ECAM_BASE`, which is bus 0's
+address, reserved in the e820 map because Linux uses MCFG only then) and through ports
+0xCF8/0xCFC.  Each bridge has one 32-bit memory window in the 3-4 GiB hole; numavm assigns
+every BAR in it before the guest starts, as firmware would (the guest may move them).
+Interrupts are MSI-X only: no INTx, so no ``_PRT``.
+
+A machine without devices has an empty `PciLayout`: no bridge, no MCFG, no e820 entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from numavm.spec.topology import Topology
+
+KiB, MiB = 1 << 10, 1 << 20
+
+PCI_SEGMENT = 0
+FIRST_BUS = 1
+ECAM_BASE = 0xE000_0000  # bus 0's config space; 256 buses end at 0xF000_0000, below the IOAPIC
+ECAM_BUS_SIZE = 1 * MiB  # 32 devices x 8 functions x 4 KiB
+ECAM_FUNCTION_SIZE = 4 * KiB
+CONFIG_ADDRESS_PORT = 0xCF8  # configuration mechanism #1
+CONFIG_DATA_PORT = 0xCFC
+MMIO_BASE = 0xC000_0000  # the start of the 3-4 GiB hole (layout.LOW_RAM_LIMIT)
+BRIDGE_WINDOW = 2 * MiB  # each bridge's memory window: room for 32 devices' BARs, moved or not
+SLOTS_PER_BUS = 32
+
+# The virtio-pci device's one BAR (BAR0, 32-bit memory), its regions at fixed offsets.
+VIRTIO_VENDOR = 0x1AF4
+VIRTIO_PCI_DEVICE_BASE = 0x1040  # + the virtio device id (modern devices)
+VIRTIO_BAR_SIZE = 0x8000
+VIRTIO_COMMON_CFG = 0x0000
+VIRTIO_ISR_CFG = 0x1000
+VIRTIO_DEVICE_CFG = 0x2000
+VIRTIO_NOTIFY_CFG = 0x3000
+VIRTIO_NOTIFY_MULTIPLIER = 4  # queue q notifies at VIRTIO_NOTIFY_CFG + 4 * q
+VIRTIO_MSIX_TABLE = 0x4000
+VIRTIO_MSIX_PBA = 0x5000
+VIRTIO_REGION_SIZE = 0x1000
+
+VIRTIO_BLK = "virtio-blk"
+VIRTIO_IDS = {VIRTIO_BLK: 2}
+PCI_CLASS = {VIRTIO_BLK: 0x01_80_00}  # mass storage, other
+
+
+@dataclass(frozen=True)
+class Window:
+    """Guest-physical [start, end)."""
+
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def __contains__(self, addr: object) -> bool:
+        return isinstance(addr, int) and self.start <= addr < self.end
+
+
+@dataclass(frozen=True)
+class HostBridge:
+    domain: int
+    bus: int
+    mmio: Window
+    pxm: int | None  # the domain, or None on a machine without NUMA (no SRAT for a _PXM to name)
+
+    @property
+    def uid(self) -> int:
+        return self.bus
+
+
+@dataclass(frozen=True)
+class PciDevice:
+    kind: str  # VIRTIO_BLK
+    index: int  # its position among the machine's disks
+    domain: int
+    bus: int
+    slot: int
+    bar0: int  # the guest address numavm assigns to BAR0
+    initiator: bool  # also an ACPI generic initiator of its domain
+
+    @property
+    def devfn(self) -> int:
+        return self.slot << 3
+
+    @property
+    def bdf(self) -> str:
+        """Linux's name for it: ``0000:01:00.0``."""
+        return f"{PCI_SEGMENT:04x}:{self.bus:02x}:{self.slot:02x}.0"
+
+    @property
+    def config_addr(self) -> int:
+        """Its config space in ECAM."""
+        return ecam_address(self.bus, self.slot, 0)
+
+
+@dataclass(frozen=True)
+class PciLayout:
+    bridges: tuple[HostBridge, ...] = ()
+    devices: tuple[PciDevice, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.devices)
+
+    @property
+    def last_bus(self) -> int:
+        return max((b.bus for b in self.bridges), default=0)
+
+    @property
+    def ecam(self) -> Window | None:
+        """The ECAM range the MCFG names (buses 0..last_bus), None without devices."""
+        if not self.devices:
+            return None
+        return Window(ECAM_BASE, ECAM_BASE + (self.last_bus + 1) * ECAM_BUS_SIZE)
+
+    def bridge_of(self, domain: int) -> HostBridge | None:
+        return next((b for b in self.bridges if b.domain == domain), None)
+
+
+def ecam_address(bus: int, slot: int, function: int, offset: int = 0) -> int:
+    return ECAM_BASE + (bus << 20 | slot << 15 | function << 12 | offset)
+
+
+def plan_pci(topo: Topology) -> PciLayout:
+    """Bridges and devices for the machine's disks (`Topology.disks`)."""
+    if not topo.disks:
+        return PciLayout()
+    holding = sorted({d.domain for d in topo.disks})
+    bridges = {dom: HostBridge(dom, FIRST_BUS + k,
+                               Window(MMIO_BASE + k * BRIDGE_WINDOW, MMIO_BASE + (k + 1) * BRIDGE_WINDOW),
+                               dom if topo.numa else None)
+               for k, dom in enumerate(holding)}
+    used: dict[int, int] = {}
+    devices = []
+    for index, disk in enumerate(topo.disks):
+        bridge = bridges[disk.domain]
+        slot = used.get(disk.domain, 0)
+        used[disk.domain] = slot + 1
+        devices.append(PciDevice(VIRTIO_BLK, index, disk.domain, bridge.bus, slot,
+                                 bridge.mmio.start + slot * VIRTIO_BAR_SIZE, disk.initiator))
+    return PciLayout(tuple(bridges[d] for d in holding), tuple(devices))
+
+
+# The windows never reach the ECAM range, nor it the IOAPIC (0xFEC00000).
+assert MMIO_BASE + 255 * BRIDGE_WINDOW <= ECAM_BASE
+assert ECAM_BASE + 256 * ECAM_BUS_SIZE <= 0xFEC0_0000
+assert SLOTS_PER_BUS * VIRTIO_BAR_SIZE <= BRIDGE_WINDOW
