@@ -39,6 +39,7 @@ from typing import Final
 from numavm.devices.virtio.device import (VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VIRTIO_RING_F_INDIRECT_DESC,
                                           VirtioDevice)
 from numavm.devices.virtio.queue import Chain, Virtqueue, VirtioError
+from numavm.plan import pci as plan_pci
 
 __all__ = [
     "VirtioBlk", "SECTOR_SIZE", "ID_BYTES",
@@ -64,7 +65,7 @@ VIRTIO_BLK_S_UNSUPP: Final = 2
 
 SECTOR_SIZE: Final = 512
 ID_BYTES: Final = 20
-PCI_CLASS_STORAGE_OTHER: Final = 0x018000
+PCI_CLASS_STORAGE_OTHER: Final = plan_pci.PCI_CLASS[plan_pci.VIRTIO_BLK]  # mass storage, other
 
 QUEUE_SIZE: Final = 256
 SEG_MAX: Final = QUEUE_SIZE - 2  # data segments per request: the ring less header and status

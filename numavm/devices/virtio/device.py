@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 
 from numavm.devices.virtio.queue import Virtqueue, VirtioError
+from numavm.plan import pci as plan_pci
 
 __all__ = [
     "VirtioDevice", "VirtioError",
@@ -30,9 +31,9 @@ VIRTIO_RING_F_EVENT_IDX = 29
 VIRTIO_F_VERSION_1 = 32
 VIRTIO_F_ACCESS_PLATFORM = 33
 
-# device IDs (section 5)
+# device IDs (section 5); the plan's table (numavm.plan.pci.VIRTIO_IDS) names the ones numavm builds
 VIRTIO_ID_NET = 1
-VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_BLOCK = plan_pci.VIRTIO_IDS[plan_pci.VIRTIO_BLK]
 
 
 class VirtioDevice(abc.ABC):

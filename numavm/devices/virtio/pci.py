@@ -54,6 +54,7 @@ from numavm.devices.memory import GuestRam
 from numavm.devices.pci.function import CAP_ID_VENDOR, COMMAND_BUS_MASTER, PciFunction
 from numavm.devices.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice
 from numavm.devices.virtio.queue import NO_VECTOR, Virtqueue, VirtioError
+from numavm.plan import pci as plan_pci
 
 __all__ = [
     "VirtioPciDevice",
@@ -65,18 +66,20 @@ __all__ = [
     "CAP_COMMON_CFG", "CAP_NOTIFY_CFG", "CAP_ISR_CFG", "CAP_DEVICE_CFG", "CAP_PCI_CFG",
 ]
 
-VIRTIO_VENDOR_ID: Final = 0x1AF4
-VIRTIO_PCI_DEVICE_ID_BASE: Final = 0x1040  # + the virtio device ID: a modern (1.x) device
+# The BAR0 layout is the plan's (numavm.plan.pci: the engine assigns BARs in bridge windows from
+# the same size); the names here are the transport's.
+VIRTIO_VENDOR_ID: Final = plan_pci.VIRTIO_VENDOR
+VIRTIO_PCI_DEVICE_ID_BASE: Final = plan_pci.VIRTIO_PCI_DEVICE_BASE  # + the virtio device ID: a modern (1.x) device
 VIRTIO_BAR: Final = 0
-VIRTIO_BAR_SIZE: Final = 0x8000
-REGION_SIZE: Final = 0x1000
-COMMON_CFG_OFFSET: Final = 0x0000
-ISR_OFFSET: Final = 0x1000
-DEVICE_CFG_OFFSET: Final = 0x2000
-NOTIFY_OFFSET: Final = 0x3000
-NOTIFY_OFF_MULTIPLIER: Final = 4
-MSIX_TABLE_OFFSET: Final = 0x4000
-MSIX_PBA_OFFSET: Final = 0x5000
+VIRTIO_BAR_SIZE: Final = plan_pci.VIRTIO_BAR_SIZE
+REGION_SIZE: Final = plan_pci.VIRTIO_REGION_SIZE
+COMMON_CFG_OFFSET: Final = plan_pci.VIRTIO_COMMON_CFG
+ISR_OFFSET: Final = plan_pci.VIRTIO_ISR_CFG
+DEVICE_CFG_OFFSET: Final = plan_pci.VIRTIO_DEVICE_CFG
+NOTIFY_OFFSET: Final = plan_pci.VIRTIO_NOTIFY_CFG
+NOTIFY_OFF_MULTIPLIER: Final = plan_pci.VIRTIO_NOTIFY_MULTIPLIER
+MSIX_TABLE_OFFSET: Final = plan_pci.VIRTIO_MSIX_TABLE
+MSIX_PBA_OFFSET: Final = plan_pci.VIRTIO_MSIX_PBA
 
 # device status bits (section 2.1)
 STATUS_ACKNOWLEDGE: Final = 1
