@@ -72,14 +72,15 @@ class KvmMachine:
                  stderr: Callable[[bytes], None] | None = None,
                  pin: bool = True, hugepages: str | None = None,
                  kvm_path: str = "/dev/kvm", cpuid: bool = True,
-                 disks: Sequence[DiskImage] | None = None) -> None:
+                 disks: Sequence[DiskImage] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
         """`stdout`/`stderr`: given, the machine gets UARTs at COM2 and COM3 too (the guest
         command's streams, see numavm.guest.initramfs), whose output goes to them.
 
         `disks`: the machine's disk images, opened (numavm.host.disk.open_disks), one per
         `layout.topology.disks` in order; the caller keeps them and closes them.  Without
         them a machine whose layout has disks opens them itself, first of all, and closes
-        them with itself."""
+        them with itself.  `log`: numavm's own lines (a device the guest misprogrammed)."""
         self.layout = layout
         self.name = name
         self.pin = pin
@@ -104,6 +105,7 @@ class KvmMachine:
         self.pci: PciPlatform | None = None  # only when the layout has devices
         self.disks: list[DiskImage] = list(disks) if disks is not None else []
         self._own_disks = disks is None
+        self._log = log or (lambda line: None)
         try:
             self._build(hugepages, kvm_path, cpuid)
         except BaseException:
@@ -181,11 +183,28 @@ class KvmMachine:
         for dev in self.layout.pci.devices:
             image = self.disks[dev.index]
             blk = VirtioBlk(image.fd, image.size, readonly=image.readonly, serial=f"numavm{dev.index}")
-            functions.append(VirtioPciDevice(blk, self.memory))
+            fn = VirtioPciDevice(blk, self.memory)
+            fn.on_error = self._device_error_log(f"{dev.kind} {dev.bdf} ({image.path})")
+            functions.append(fn)
         self.pci = PciPlatform(self.vm, self.layout.pci, functions, name=self.name, x2apic=x2apic,
                                cpus_of=self._domain_cpus,
                                on_error=lambda line: self.stop(Outcome.ERROR, line))
         self.bus.register(CONFIG_ADDRESS_PORT, 8, self.pci.config_ports())
+
+    def _device_error_log(self, what: str, shown: int = 4) -> Callable[[str], None]:
+        """A device's protocol errors (a driver that misprogrammed it) to the log: the first
+        few, then one line saying more came; the device itself keeps counting them."""
+        count = 0
+
+        def on_error(reason: str) -> None:
+            nonlocal count
+            count += 1
+            if count <= shown:
+                self._log(f"numavm: {what}: the guest's driver broke the protocol: {reason} "
+                          "(the device waits for a reset)")
+            elif count == shown + 1:
+                self._log(f"numavm: {what}: more protocol errors, not shown")
+        return on_error
 
     def _console_out(self, data: bytes) -> None:
         """Guest console output (a line at a time): to the console, and watched for a panic."""
@@ -583,7 +602,7 @@ def run_linux(run: GuestRun, pin: bool = True) -> RunResult:
     gdt = page_tables + 0x6000
     assert page_tables + len(tables) <= gdt and gdt + len(cpumode.gdt_bytes()) <= plan.scratch.end
     with KvmMachine(run.layout, console=run.console, stdout=run.stdout, stderr=run.stderr, pin=pin,
-                    hugepages=run.hugepages) as m:
+                    hugepages=run.hugepages, disks=run.disks or None, log=run.log) as m:
         if run.watch is not None:
             run.watch.stop = m.stop
         assert m.memory is not None

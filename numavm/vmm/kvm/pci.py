@@ -57,7 +57,7 @@ _EFD_FLAGS = os.EFD_CLOEXEC | os.EFD_NONBLOCK
 
 class PciModel(Protocol):
     """What the platform uses of a function model (numavm.devices.pci.function.PciFunction; a
-    virtio transport adds `notify_offset`, `queue_notify` and `queues`)."""
+    virtio transport adds `num_queues`, `notify_offset` and `queue_notify`)."""
 
     on_change: Callable[[str], None]
     signal_msi: Callable[[int], None]
@@ -190,8 +190,7 @@ class PciPlatform:
                 dev.vector_fds.append(fd)
                 self.vm.add_irqfd(fd, gsi + len(dev.vector_fds) - 1)
             gsi += len(dev.vector_fds)
-            queues = getattr(fn, "queues", ())
-            for q in range(len(queues)):
+            for q in range(getattr(fn, "num_queues", 0)):
                 dev.notify_offsets.append(fn.notify_offset(q))  # type: ignore[attr-defined]
                 dev.queue_fds.append(os.eventfd(0, _EFD_FLAGS))
             fn.signal_msi = self._signaller(dev)
