@@ -37,7 +37,8 @@ without locks: the engine serializes the calls (per device lock).
 from __future__ import annotations
 
 import enum
-from typing import Callable, Literal, Mapping, NamedTuple
+from dataclasses import dataclass
+from typing import Callable, Literal, Mapping
 
 from numavm.devices.pci.msix import MsixEntry, MsixTable
 
@@ -90,7 +91,10 @@ class BarKind(enum.StrEnum):
     MEM32 = "mem32"  # 32-bit non-prefetchable memory
 
 
-class Bar(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Bar:
+    """A BAR as the engine maps it (a dataclass, not a NamedTuple: ``index`` would shadow tuple.index)."""
+
     index: int
     address: int  # 0 while unassigned or while COMMAND.MEMORY is clear
     size: int
