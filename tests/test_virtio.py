@@ -1058,3 +1058,21 @@ def test_hostile_requests_never_escape(image: tuple[int, bytes], indirect: bool,
         assert drv.used() and not drv.dev.errors
         event("served")
     assert os.fstat(fd).st_size == len(data)  # nothing written past the disk
+
+
+def test_function_reset_is_power_on_state(ram: SlotRam, image: tuple[int, bytes]) -> None:
+    """A machine reset: decoding off, BAR unassigned, MSI-X off and masked, virtio reset; then a new boot works."""
+    drv = ready(ram, image)
+    drv.changes.clear()
+    drv.dev.function_reset()
+    assert drv.dev.bars()[0].address == 0 and drv.cfg(pcif.BAR0, 4) == 0
+    assert drv.cfg(pcif.COMMAND, 2) == 0
+    assert not drv.dev.enabled and all(e.masked and e.address == 0 for e in drv.dev.msix_entries())
+    assert drv.dev.status == 0 and not drv.dev.queues[0].enabled
+    assert drv.changes == ["msix", "bars", "reset"]
+    assert drv.cfg(pcif.VENDOR_ID, 4) == 0x1042_1AF4 and drv.cfg(pcif.CAPABILITIES_POINTER, 1) == 0x40
+    drv.msis.clear()
+    drv._next = 0x8_0000
+    drv.setup()
+    status, got, _ = drv.request(vblk.VIRTIO_BLK_T_IN, 2, in_len=512)
+    assert status == vblk.VIRTIO_BLK_S_OK and got == image[1][1024:1536]

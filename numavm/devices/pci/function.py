@@ -232,6 +232,19 @@ class PciFunction:
             self.msix.set_control(bool(control & MSIX_CONTROL_ENABLE), bool(control & MSIX_CONTROL_MASKALL))
         self._config_written(offset, size)
 
+    def function_reset(self) -> None:
+        """Back to power-on state (a machine reset): every guest-writable bit 0, as built (decoding
+        off, BARs unassigned, MSI-X off and every vector masked); the engine assigns the BARs
+        again as it did at start.  Announced as ``"bars"`` and ``"msix"`` changes."""
+        before = self.bars()
+        for i, mask in enumerate(self._wmask):
+            if mask:
+                self._cfg[i] &= ~mask
+        if self.msix is not None:
+            self.msix.reset()
+        if self.bars() != before:
+            self.on_change("bars")
+
     def _config_written(self, offset: int, size: int) -> None:
         """A subclass's hook after every config write (its own capabilities)."""
 
