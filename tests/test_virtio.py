@@ -1076,3 +1076,33 @@ def test_function_reset_is_power_on_state(ram: SlotRam, image: tuple[int, bytes]
     drv.setup()
     status, got, _ = drv.request(vblk.VIRTIO_BLK_T_IN, 2, in_len=512)
     assert status == vblk.VIRTIO_BLK_S_OK and got == image[1][1024:1536]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(writes=st.lists(st.tuples(st.integers(0, 0x1000), st.sampled_from([1, 2, 4, 3, 8]), st.integers(0, 2**32 - 1)),
+                       max_size=60))
+def test_config_writes_keep_identity_and_capabilities(ram: SlotRam, writes: list[tuple[int, int, int]]) -> None:
+    """Whatever a guest writes to configuration space, the identity, the capability chain and the
+    BAR flag bits read as built, and nothing raises."""
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        dev = blk_device(ram, fd, 1 << 20)
+        snapshot = [dev.config_read(off, 4) for off in range(0, 0x40, 4) if off not in (0x04, 0x0C, 0x10, 0x3C)]
+        caps = []
+        ptr = dev.config_read(pcif.CAPABILITIES_POINTER, 1)
+        while ptr:
+            caps.append((ptr, dev.config_read(ptr, 1)))
+            ptr = dev.config_read(ptr + 1, 1)
+        for off, size, value in writes:
+            dev.config_write(off, size, value & ((1 << (8 * size)) - 1))
+            dev.config_read(off, size)
+        assert [dev.config_read(off, 4) for off in range(0, 0x40, 4) if off not in (0x04, 0x0C, 0x10, 0x3C)] == snapshot
+        assert dev.config_read(pcif.BAR0, 4) & 0x7FFF == 0
+        again = []
+        ptr = dev.config_read(pcif.CAPABILITIES_POINTER, 1)
+        while ptr:
+            again.append((ptr, dev.config_read(ptr, 1)))
+            ptr = dev.config_read(ptr + 1, 1)
+        assert again == caps
+    finally:
+        os.close(fd)
