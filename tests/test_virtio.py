@@ -1106,3 +1106,14 @@ def test_config_writes_keep_identity_and_capabilities(ram: SlotRam, writes: list
         assert again == caps
     finally:
         os.close(fd)
+
+
+def test_reset_lets_guest_memory_close(image: tuple[int, bytes]) -> None:
+    """Enabled queues hold views of the rings; a reset drops them, so the engine can unmap guest RAM."""
+    ram = SlotRam([(0, SLOT), (SLOT, SLOT)])
+    drv = ready(ram, image)
+    drv.request(vblk.VIRTIO_BLK_T_IN, 0, in_len=512)
+    with pytest.raises(BufferError):
+        ram.close()
+    drv.dev.function_reset()
+    ram.close()
