@@ -20,7 +20,7 @@ import tempfile
 from typing import Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from numavm.devices.memory import GuestRam, GuestRamError, SlotRam
@@ -61,6 +61,13 @@ def ram() -> Iterator[SlotRam]:
     yield r
 
 
+class Image(tuple):  # type: ignore[type-arg]
+    """(fd, bytes) with a short repr, for hypothesis's failure reports."""
+
+    def __repr__(self) -> str:
+        return f"Image(fd={self[0]}, {len(self[1])} bytes)"
+
+
 @pytest.fixture
 def image() -> Iterator[tuple[int, bytes]]:
     """A 64 KiB + 100 bytes file of known bytes (the partial sector is not exposed)."""
@@ -68,7 +75,9 @@ def image() -> Iterator[tuple[int, bytes]]:
     with tempfile.TemporaryFile() as f:
         f.write(data)
         f.flush()
-        yield os.dup(f.fileno()), data
+        fd = os.dup(f.fileno())
+        yield Image((fd, data))
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- the driver
@@ -992,3 +1001,119 @@ def test_errors_reach_on_error_and_isr_without_vector(ram: SlotRam, image: tuple
     assert drv.status() & vpci.STATUS_DEVICE_NEEDS_RESET and drv.msis == []
     assert drv.dev.mmio_read(0, vpci.ISR_OFFSET, 1) == vpci.ISR_CONFIG
     assert logged == list(drv.dev.errors) and "outside RAM" in logged[0]
+
+
+_FIELD_VALUES = {
+    0: st.sampled_from([0x9_0000, 0x9_0008, 0xA_0000, SLOT - 8, 2 * SLOT - 16, 2 * SLOT, 2**64 - 16]),  # addr
+    1: st.sampled_from([0, 1, 8, 15, 17, 512, 4096, 48, vblk.SIZE_MAX + 1, 0xFFFF_FFFF]),  # len
+    2: st.sampled_from([0, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
+                        VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT, 0xFFFF]),  # flags
+    3: st.integers(0, 300),  # next
+}
+_MUTATION = st.integers(0, 3).flatmap(lambda f: st.tuples(st.just(f), st.integers(0, 3), _FIELD_VALUES[f]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(indirect=st.booleans(), mutations=st.lists(_MUTATION, max_size=3),
+       kind=st.sampled_from([0, 1, 4, 8, 11, 2**32 - 1]),
+       sector=st.sampled_from([0, 1, 120, 127, 128, 2**63, 2**64 - 1]),
+       heads=st.lists(st.integers(0, 300), max_size=2), avail_jump=st.sampled_from([0, 0, 0, 200, 300]))
+def test_hostile_requests_never_escape(image: tuple[int, bytes], indirect: bool,
+                                       mutations: list[tuple[int, int, int]], kind: int, sector: int,
+                                       heads: list[int], avail_jump: int) -> None:
+    """A valid request (header, 4 KiB, status; direct or indirect) with up to three descriptor fields
+    replaced by hostile values, extra bogus heads, a runaway avail index: each kick ends (no exception,
+    no hang) with the request served or the device in DEVICE_NEEDS_RESET, and the disk never grows."""
+    fd, data = image
+    os.pwrite(fd, data, 0)
+    ram = SlotRam([(0, SLOT), (SLOT, SLOT)])
+    drv = BlkDriver(blk_device(ram, fd, len(data)), ram)
+    drv.setup()
+    _, desc, avail, _ = drv.queues[0]
+    ram.write(0x9_0000, struct.pack("<IIQ", kind, 0, sector))
+    table = [[0x9_0000, 16, VIRTQ_DESC_F_NEXT, 1], [0xA_0000, 4096, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 2],
+             [0xB_0000, 1, VIRTQ_DESC_F_WRITE, 0], [0x9_0000, 16, 0, 0]]
+    if kind == vblk.VIRTIO_BLK_T_OUT:
+        table[1][2] = VIRTQ_DESC_F_NEXT
+    for field, i, value in mutations:
+        table[i][field] = value
+    where = 0xC_0000 if indirect else desc
+    for i, d in enumerate(table):
+        drv.put_desc(where, i, *d)
+    if indirect:
+        drv.put_desc(desc, 0, 0xC_0000, 48, VIRTQ_DESC_F_INDIRECT, 0)
+    drv.offer(0, 0)
+    for h in heads:
+        drv.offer(0, h)
+    if avail_jump:
+        ram.write(avail + 2, struct.pack("<H", avail_jump))
+    drv.kick()
+    drv.kick()
+    status = drv.status()
+    assert status & 0x0F == 0x0F
+    if status & vpci.STATUS_DEVICE_NEEDS_RESET:
+        assert drv.dev.errors and 0 in drv.msis
+        event("device error")
+    else:
+        assert drv.used() and not drv.dev.errors
+        event("served")
+    assert os.fstat(fd).st_size == len(data)  # nothing written past the disk
+
+
+def test_function_reset_is_power_on_state(ram: SlotRam, image: tuple[int, bytes]) -> None:
+    """A machine reset: decoding off, BAR unassigned, MSI-X off and masked, virtio reset; then a new boot works."""
+    drv = ready(ram, image)
+    drv.changes.clear()
+    drv.dev.function_reset()
+    assert drv.dev.bars()[0].address == 0 and drv.cfg(pcif.BAR0, 4) == 0
+    assert drv.cfg(pcif.COMMAND, 2) == 0
+    assert not drv.dev.enabled and all(e.masked and e.address == 0 for e in drv.dev.msix_entries())
+    assert drv.dev.status == 0 and not drv.dev.queues[0].enabled
+    assert drv.changes == ["msix", "bars", "reset"]
+    assert drv.cfg(pcif.VENDOR_ID, 4) == 0x1042_1AF4 and drv.cfg(pcif.CAPABILITIES_POINTER, 1) == 0x40
+    drv.msis.clear()
+    drv._next = 0x8_0000
+    drv.setup()
+    status, got, _ = drv.request(vblk.VIRTIO_BLK_T_IN, 2, in_len=512)
+    assert status == vblk.VIRTIO_BLK_S_OK and got == image[1][1024:1536]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(writes=st.lists(st.tuples(st.integers(0, 0x1000), st.sampled_from([1, 2, 4, 3, 8]), st.integers(0, 2**32 - 1)),
+                       max_size=60))
+def test_config_writes_keep_identity_and_capabilities(ram: SlotRam, writes: list[tuple[int, int, int]]) -> None:
+    """Whatever a guest writes to configuration space, the identity, the capability chain and the
+    BAR flag bits read as built, and nothing raises."""
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        dev = blk_device(ram, fd, 1 << 20)
+        snapshot = [dev.config_read(off, 4) for off in range(0, 0x40, 4) if off not in (0x04, 0x0C, 0x10, 0x3C)]
+        caps = []
+        ptr = dev.config_read(pcif.CAPABILITIES_POINTER, 1)
+        while ptr:
+            caps.append((ptr, dev.config_read(ptr, 1)))
+            ptr = dev.config_read(ptr + 1, 1)
+        for off, size, value in writes:
+            dev.config_write(off, size, value & ((1 << (8 * size)) - 1))
+            dev.config_read(off, size)
+        assert [dev.config_read(off, 4) for off in range(0, 0x40, 4) if off not in (0x04, 0x0C, 0x10, 0x3C)] == snapshot
+        assert dev.config_read(pcif.BAR0, 4) & 0x7FFF == 0
+        again = []
+        ptr = dev.config_read(pcif.CAPABILITIES_POINTER, 1)
+        while ptr:
+            again.append((ptr, dev.config_read(ptr, 1)))
+            ptr = dev.config_read(ptr + 1, 1)
+        assert again == caps
+    finally:
+        os.close(fd)
+
+
+def test_reset_lets_guest_memory_close(image: tuple[int, bytes]) -> None:
+    """Enabled queues hold views of the rings; a reset drops them, so the engine can unmap guest RAM."""
+    ram = SlotRam([(0, SLOT), (SLOT, SLOT)])
+    drv = ready(ram, image)
+    drv.request(vblk.VIRTIO_BLK_T_IN, 0, in_len=512)
+    with pytest.raises(BufferError):
+        ram.close()
+    drv.dev.function_reset()
+    ram.close()

@@ -22,6 +22,7 @@ slot boundaries, not a mock.
 
 from __future__ import annotations
 
+import bisect
 import mmap
 from typing import Iterable, Protocol, runtime_checkable
 
@@ -61,11 +62,12 @@ class SlotRam:
             if self._slots and start < self._slots[-1][1]:
                 raise ValueError(f"slot at {start:#x} overlaps the one before")
             self._slots.append((start, start + size, mmap.mmap(-1, size)))
+        self._starts = [start for start, _, _ in self._slots]
 
     def _slot(self, gpa: int) -> tuple[int, int, mmap.mmap]:
-        for slot in self._slots:
-            if slot[0] <= gpa < slot[1]:
-                return slot
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i >= 0 and gpa < self._slots[i][1]:
+            return self._slots[i]
         raise GuestRamError(f"guest address {gpa:#x} is outside RAM")
 
     def view(self, gpa: int, n: int) -> memoryview:
@@ -103,3 +105,4 @@ class SlotRam:
         for _, _, mapping in self._slots:
             mapping.close()
         self._slots.clear()
+        self._starts.clear()

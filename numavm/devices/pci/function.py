@@ -37,7 +37,8 @@ without locks: the engine serializes the calls (per device lock).
 from __future__ import annotations
 
 import enum
-from typing import Callable, Literal, Mapping, NamedTuple
+from dataclasses import dataclass
+from typing import Callable, Literal, Mapping
 
 from numavm.devices.pci.msix import MsixEntry, MsixTable
 
@@ -90,7 +91,10 @@ class BarKind(enum.StrEnum):
     MEM32 = "mem32"  # 32-bit non-prefetchable memory
 
 
-class Bar(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Bar:
+    """A BAR as the engine maps it (a dataclass, not a NamedTuple: ``index`` would shadow tuple.index)."""
+
     index: int
     address: int  # 0 while unassigned or while COMMAND.MEMORY is clear
     size: int
@@ -227,6 +231,19 @@ class PciFunction:
             assert self.msix is not None
             self.msix.set_control(bool(control & MSIX_CONTROL_ENABLE), bool(control & MSIX_CONTROL_MASKALL))
         self._config_written(offset, size)
+
+    def function_reset(self) -> None:
+        """Back to power-on state (a machine reset): every guest-writable bit 0, as built (decoding
+        off, BARs unassigned, MSI-X off and every vector masked); the engine assigns the BARs
+        again as it did at start.  Announced as ``"bars"`` and ``"msix"`` changes."""
+        before = self.bars()
+        for i, mask in enumerate(self._wmask):
+            if mask:
+                self._cfg[i] &= ~mask
+        if self.msix is not None:
+            self.msix.reset()
+        if self.bars() != before:
+            self.on_change("bars")
 
     def _config_written(self, offset: int, size: int) -> None:
         """A subclass's hook after every config write (its own capabilities)."""

@@ -116,21 +116,30 @@ class VirtioBlk(VirtioDevice):
 
     def _serve(self, chain: Chain) -> int:
         """Serve one request; the bytes written into its writable buffers (status included)."""
-        writable_len = chain.writable_len
-        if writable_len < 1:
-            raise VirtioError(f"virtio-blk: request {chain.head} has no status byte")
-        header, data_out = _split(chain.readable, _HEADER.size)
-        if sum(v.nbytes for v in header) < _HEADER.size:
-            raise VirtioError(f"virtio-blk: request {chain.head} has a header of "
-                              f"{sum(v.nbytes for v in header)} bytes, not {_HEADER.size}")
-        kind, _, sector = _HEADER.unpack(b"".join(header))
-        data_in, status_views = _split(chain.writable, writable_len - 1)
-        status_view = status_views[0]
+        readable, writable = chain.readable, chain.writable
+        # Linux's shape first: the header alone in the first buffer, the status alone in the last
+        if readable and readable[0].nbytes == _HEADER.size:
+            kind, _, sector = _HEADER.unpack(readable[0])
+            data_out = readable[1:]
+        else:
+            header, data_out = _split(readable, _HEADER.size)
+            got = sum(v.nbytes for v in header)
+            if got < _HEADER.size:
+                raise VirtioError(f"virtio-blk: request {chain.head} has a header of {got} bytes, not {_HEADER.size}")
+            kind, _, sector = _HEADER.unpack(b"".join(header))
+        if writable and writable[-1].nbytes == 1:
+            data_in, status_view = writable[:-1], writable[-1]
+        else:
+            writable_len = chain.writable_len
+            if writable_len < 1:
+                raise VirtioError(f"virtio-blk: request {chain.head} has no status byte")
+            data_in, status_views = _split(writable, writable_len - 1)
+            status_view = status_views[0]
         written = 0
         if kind == VIRTIO_BLK_T_IN:
             status = self._transfer(sector, data_in, write=False)
             if status == VIRTIO_BLK_S_OK:
-                written = writable_len - 1
+                written = sum(v.nbytes for v in data_in)
         elif kind == VIRTIO_BLK_T_OUT:
             status = self._transfer(sector, data_out, write=True)
         elif kind == VIRTIO_BLK_T_FLUSH:

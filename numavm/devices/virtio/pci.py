@@ -191,6 +191,12 @@ class VirtioPciDevice(PciFunction):
         self.device.reset()
         self.on_change("reset")
 
+    def function_reset(self) -> None:
+        """Power-on state: the PCI function's (`PciFunction.function_reset`) and a device reset."""
+        super().function_reset()
+        self.errors.clear()
+        self.reset()
+
     # ---- for the engine
 
     @property

@@ -31,6 +31,7 @@ offered, so suppression is the avail ring's NO_INTERRUPT flag only.
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass, field
 
 from numavm.devices.memory import GuestRam
@@ -100,6 +101,7 @@ class Virtqueue:
         self.index = index
         self.max_size = max_size
         self.max_segment = max_segment
+        self._fence = threading.Lock()  # a memory barrier, not mutual exclusion: see needs_interrupt
         self.reset()
 
     def reset(self) -> None:
@@ -214,5 +216,15 @@ class Virtqueue:
         _U16.pack_into(used, 2, self.used_idx)  # after the element: the driver reads idx, then the element
 
     def needs_interrupt(self) -> bool:
-        """False while the driver asks for no interrupts (VIRTQ_AVAIL_F_NO_INTERRUPT)."""
+        """False while the driver asks for no interrupts (VIRTQ_AVAIL_F_NO_INTERRUPT).
+
+        Call it after the `push`es it is about: a full memory barrier first orders the used
+        index store before the flags load.  The driver clears the flag, barriers, and reads the
+        used index; without ours an x86 CPU may satisfy our load of the old flag while our store
+        still sits in its store buffer, both sides miss each other and the guest waits for an
+        interrupt that never comes (QEMU's smp_mb() in virtio_should_notify).  An uncontended
+        Lock round trip is a locked instruction, which is the x86 full barrier.
+        """
+        with self._fence:
+            pass
         return not _U16.unpack_from(self._avail_ring, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
