@@ -69,11 +69,11 @@ def test_srat_generic_initiators_in_iasl(work: Path) -> None:
     kinds = [hexval(s["Subtable Type"]) for s in d.subtables()]
     assert kinds == [0, 0, 5, 5, 1, 1, 1]  # processors, then initiators, then memory
     gis = [s for s in d.subtables() if hexval(s["Subtable Type"]) == 5]
-    # bridges: domain 0 -> bus 1, domain 1 -> bus 2, domain 2 -> bus 3; a.img is bus 2's slot 0,
-    # b.img bus 3's slot 0 (c.img, slot 1, is no initiator)
+    # bridges: domain 0 -> bus 2, domain 1 -> bus 4, domain 2 -> bus 6; a.img is bus 4's slot 0,
+    # b.img bus 6's slot 0 (c.img, slot 1, is no initiator)
     assert [(hexval(s["Proximity Domain"]), hexval(s["Device Handle Type"]), s["Device Handle"].split()[:4],
-             s["Enabled"]) for s in gis] == [(1, 1, ["00", "00", "00", "02"], "1"),
-                                             (2, 1, ["00", "00", "00", "03"], "1")]
+             s["Enabled"]) for s in gis] == [(1, 1, ["00", "00", "00", "04"], "1"),
+                                             (2, 1, ["00", "00", "00", "06"], "1")]
     assert srat_cpus(d) == [(0, 0, "lapic"), (1, 3, "lapic")]
     assert [m[0] for m in srat_mems(d)] == [0, 2, 3]
 
@@ -122,7 +122,7 @@ def test_mcfg_in_iasl(work: Path) -> None:
     d = disassemble(blobs["MCFG"], work, "MCFG")
     check_header(d, "MCFG", 44 + 16, 1)
     assert (d.hex("Base Address"), d.hex("Segment Group Number"), d.hex("Start Bus Number"),
-            d.hex("End Bus Number")) == (0xE000_0000, 0, 0, 2)
+            d.hex("End Bus Number")) == (0xE000_0000, 0, 0, 4)
     x = disassemble(blobs["XSDT"], work, "mcfg-XSDT")
     assert t.address_of("MCFG") in [hexval(v) for n, v in x.fields if n.startswith("ACPI Table Address")]
     # what the MCFG names is reserved in the e820 map too
@@ -136,16 +136,16 @@ def test_dsdt_host_bridges_in_iasl(work: Path) -> None:
     d = disassemble(acpi.build_tables(lay).blobs()["DSDT"], work, "pci-DSDT")
     assert d.checksum_ok, d.log
     asl = re.sub(r"\s*,\s*", ",", _norm_asl(d.text))  # iasl versions space the empty fields apart differently
-    for dev, bus, num, lo, hi in (("PC01", "One", 1, "0xC0000000", "0xC01FFFFF"),
-                                  ("PC02", "0x02", 2, "0xC0200000", "0xC03FFFFF")):
+    for dev, bus, num, pxm, lo, hi in (("PC02", "0x02", 2, "One", "0xC0000000", "0xC01FFFFF"),
+                                       ("PC04", "0x04", 4, "0x02", "0xC0200000", "0xC03FFFFF")):
         assert (f'Device ({dev}) {{ Name (_HID,EisaId ("PNP0A03")) Name (_UID,{bus}) Name (_SEG,Zero) '
-                f"Name (_BBN,{bus}) Name (_PXM,{bus}) Name (_CRS,ResourceTemplate () {{ "
+                f"Name (_BBN,{bus}) Name (_PXM,{pxm}) Name (_CRS,ResourceTemplate () {{ "
                 f"WordBusNumber (ResourceProducer,MinFixed,MaxFixed,PosDecode,0x0000,0x{num:04X},0x{num:04X},"
                 f"0x0000,0x0001,,,) "
                 f"DWordMemory (ResourceProducer,PosDecode,MinFixed,MaxFixed,NonCacheable,ReadWrite,"
                 f"0x00000000,{lo},{hi},0x00000000,0x00200000,,,,AddressRangeMemory,TypeStatic) }}) }}") in asl, asl
     assert ('Device (MRES) { Name (_HID,EisaId ("PNP0C02")) Name (_UID,Zero) Name (_CRS,ResourceTemplate () { '
-            "Memory32Fixed (ReadWrite,0xE0000000,0x00300000,) }) }") in asl, asl
+            "Memory32Fixed (ReadWrite,0xE0000000,0x00500000,) }) }") in asl, asl
     src = work / "pci-dsdt-again.dsl"
     src.write_text(d.text)
     res = subprocess.run([iasl(), src.name], cwd=work, capture_output=True, text=True, timeout=60)
@@ -157,7 +157,7 @@ def test_bridge_without_numa_has_no_pxm(work: Path) -> None:
     blobs = acpi.build_tables(lay).blobs()
     assert "SRAT" not in blobs and "MCFG" in blobs
     asl = _norm_asl(disassemble(blobs["DSDT"], work, "classic-pci-DSDT").text)
-    assert "Device (PC01)" in asl and "_PXM" not in asl
+    assert "Device (PC02)" in asl and "_PXM" not in asl
 
 
 def test_resource_descriptor_bytes() -> None:

@@ -169,7 +169,7 @@ def report_of(layout: Layout, **change: object) -> dict:
         nodes[str(node)] = {"cpulist": ",".join(map(str, d.cpus)), "memtotal_kb": d.size // 1024 - 8000 if d.size else 0,
                             "present_kb": d.size // 1024, "distance": [topo.distances[d.id][n2p[j]] for j in sorted(n2p)]}
     names = expected_block_names(layout)
-    sizes = {"0000:01:00.0": 2048, "0000:02:00.0": 131072, "0000:02:01.0": 8}
+    sizes = {"0000:02:00.0": 2048, "0000:04:00.0": 131072, "0000:04:01.0": 8}
     pci = {"0000:00:00.0": {"vendor": "0x8086", "device": "0x1237", "class": "0x060000", "numa_node": -1}}
     for dev in layout.pci.devices:
         pci[dev.bdf] = {"vendor": "0x1af4", "device": "0x1042", "class": "0x018000", "numa_node": p2n[dev.domain],
@@ -186,10 +186,10 @@ def test_report_parses_devices(tmp_path: Path) -> None:
     lay = machine(tmp_path)
     r = GuestReport.from_document(report_of(lay))
     assert r.generic_initiator_nodes == {2}
-    f = r.pci["0000:01:00.0"]
+    f = r.pci["0000:02:00.0"]
     assert (f.vendor, f.device, f.pci_class, f.numa_node) == (0x1AF4, 0x1042, 0x018000, 2)
     assert r.pci["0000:00:00.0"].numa_node == -1 and r.pci["0000:00:00.0"].block == ()
-    assert [(b.name, b.sectors, b.logical_block_size) for b in r.pci["0000:02:00.0"].block] == [("vdb", 131072, 512)]
+    assert [(b.name, b.sectors, b.logical_block_size) for b in r.pci["0000:04:00.0"].block] == [("vdb", 131072, 512)]
     assert r.modules == {"virtio_ring": 0, "virtio": 0, "virtio_pci": 0, "virtio_blk": 0}
     # a report from before devices: none of it
     old = GuestReport.from_document({"nodes": {}})
@@ -212,7 +212,7 @@ def test_report_lines_from_the_real_init() -> None:
 def test_compare_devices_match(tmp_path: Path) -> None:
     lay = machine(tmp_path)
     assert expected_view(lay).pxm_to_node == {0: 0, 2: 1, 1: 2, 3: 3}
-    assert expected_block_names(lay) == {"0000:01:00.0": "vda", "0000:02:00.0": "vdb", "0000:02:01.0": "vdc"}
+    assert expected_block_names(lay) == {"0000:02:00.0": "vda", "0000:04:00.0": "vdb", "0000:04:01.0": "vdc"}
     r = GuestReport.from_document(report_of(lay))
     # the log names only domains with vCPUs or memory; the initiator's node comes from sysfs
     log = {0: 0, 2: 1, 3: 3}
@@ -225,7 +225,7 @@ def test_compare_devices_match(tmp_path: Path) -> None:
 @pytest.mark.parametrize("change, words", [
     ({"has_generic_initiator_nodes": ""}, "generic initiator nodes: guest none, plan wants 2"),
     ({"modules": {"virtio": 0, "virtio_blk": 1}}, "module virtio_blk: insmod failed in the guest (status 1)"),
-    ({"pci": {}}, "disk 0 (0000:02:00.0, domain 2): not among the guest's PCI devices"),
+    ({"pci": {}}, "disk 0 (0000:04:00.0, domain 2): not among the guest's PCI devices"),
 ])
 def test_compare_devices_mismatch(tmp_path: Path, change: dict, words: str) -> None:
     lay = machine(tmp_path)
@@ -237,33 +237,33 @@ def test_compare_devices_mismatch(tmp_path: Path, change: dict, words: str) -> N
 def test_compare_devices_node_size_and_name(tmp_path: Path) -> None:
     lay = machine(tmp_path)
     doc = report_of(lay)
-    doc["pci"]["0000:02:00.0"]["numa_node"] = 0
-    doc["pci"]["0000:02:00.0"]["block"][0].update(sectors=5, name="vdz")
-    doc["pci"]["0000:01:00.0"]["device"] = "0x1001"
+    doc["pci"]["0000:04:00.0"]["numa_node"] = 0
+    doc["pci"]["0000:04:00.0"]["block"][0].update(sectors=5, name="vdz")
+    doc["pci"]["0000:02:00.0"]["device"] = "0x1001"
     bad = compare_devices(lay, GuestReport.from_document(doc), expected_view(lay).pxm_to_node)
     assert bad == [
-        "disk 0 (0000:02:00.0, domain 2): numa_node 0, plan wants 1 (domain 2)",
-        "disk 0 (0000:02:00.0, domain 2): block device vdz, plan wants vdb (probe order: bus, then slot)",
-        f"disk 0 (0000:02:00.0, domain 2): 5 sectors, the image {lay.topology.disks[0].path} has 131072",
-        "disk 1 (0000:01:00.0, domain 1): ids 1af4:1001, plan wants 1af4:1042",
+        "disk 0 (0000:04:00.0, domain 2): numa_node 0, plan wants 1 (domain 2)",
+        "disk 0 (0000:04:00.0, domain 2): block device vdz, plan wants vdb (probe order: bus, then slot)",
+        f"disk 0 (0000:04:00.0, domain 2): 5 sectors, the image {lay.topology.disks[0].path} has 131072",
+        "disk 1 (0000:02:00.0, domain 1): ids 1af4:1001, plan wants 1af4:1042",
     ]
     doc = report_of(lay)
-    doc["pci"]["0000:02:00.0"]["numa_node"] = 0
+    doc["pci"]["0000:04:00.0"]["numa_node"] = 0
     assert compare_devices(lay, GuestReport.from_document(doc), expected_view(lay).pxm_to_node) == [
-        "disk 0 (0000:02:00.0, domain 2): numa_node 0, plan wants 1 (domain 2)"]
+        "disk 0 (0000:04:00.0, domain 2): numa_node 0, plan wants 1 (domain 2)"]
 
 
 def test_classic_machine_devices_have_no_node(tmp_path: Path) -> None:
     img = tmp_path / "a.img"
     img.write_bytes(bytes(4096))
     lay = Machine.from_options(["-c", "1", "-m", "256M", "--disk", str(img)]).plan().layout
-    doc = {"has_generic_initiator_nodes": "", "pci": {"0000:01:00.0": {
+    doc = {"has_generic_initiator_nodes": "", "pci": {"0000:02:00.0": {
         "vendor": "0x1af4", "device": "0x1042", "class": "0x018000", "numa_node": -1,
         "block": [{"name": "vda", "sectors": 8, "logical_block_size": 512}]}}}
     assert compare_devices(lay, GuestReport.from_document(doc), None) == []
-    doc["pci"]["0000:01:00.0"]["numa_node"] = 0
+    doc["pci"]["0000:02:00.0"]["numa_node"] = 0
     assert compare_devices(lay, GuestReport.from_document(doc), None) == [
-        "disk 0 (0000:01:00.0, domain 0): numa_node 0, plan wants -1"]
+        "disk 0 (0000:02:00.0, domain 0): numa_node 0, plan wants -1"]
 
 
 def test_kernel_stage_does_not_want_the_initiator_logged(tmp_path: Path) -> None:
@@ -291,14 +291,14 @@ def test_verdict_shows_devices(tmp_path: Path) -> None:
     rep = CheckReport("userspace", "tcg", lay, parse_kernel_log(""), guest, pxm_to_node={0: 0, 2: 1, 3: 3, 1: 2},
                       boot="poweroff")
     text = render(rep)
-    assert "disk 0 (0000:02:00.0): node  " in text.replace("node   ", "node  ")
-    row = next(line for line in text.splitlines() if line.startswith("disk 1 (0000:01:00.0): node"))
+    assert "disk 0 (0000:04:00.0): node  " in text.replace("node   ", "node  ")
+    row = next(line for line in text.splitlines() if line.startswith("disk 1 (0000:02:00.0): node"))
     assert row.split()[-2:] == ["2", "2"]
     assert "vda 2048 sectors of 512 B, logical block 512 B" in text
     assert next(line for line in text.splitlines() if line.startswith("generic initiator nodes")).split()[-2:] == ["2", "2"]
     doc = rep.document()
     assert doc["devices"]["generic_initiator_nodes"] == {"expected": [2], "observed": [2]}
-    assert doc["devices"]["pci"][1] == {"address": "0000:01:00.0", "kind": "virtio-blk", "domain": 1,
+    assert doc["devices"]["pci"][1] == {"address": "0000:02:00.0", "kind": "virtio-blk", "domain": 1,
                                         "node": {"expected": 2, "observed": 2},
                                         "block": {"expected": "vda", "observed": {"name": "vda", "sectors": 2048,
                                                                                   "logical_block_size": 512}}}
