@@ -405,25 +405,6 @@ def compare_hmat(layout: Layout, report: GuestReport, pxm_to_node: Mapping[int, 
 # ---------------------------------------------------------------- PCI devices
 
 
-def expected_block_names(layout: Layout) -> dict[str, str]:
-    """{device address: vdX}: virtio_blk names its disks in probe order, which is PCI scan order
-    (host bridges by bus, as the DSDT lists them; devices by slot), vda first."""
-    out = {}
-    for k, dev in enumerate(sorted(layout.pci.devices, key=lambda d: (d.bus, d.slot))):
-        out[dev.bdf] = "vd" + _disk_letters(k)
-    return out
-
-
-def _disk_letters(k: int) -> str:
-    """Linux's sd/vd suffix: a..z, aa..zz, ... (virtblk_name_format)."""
-    s = ""
-    k += 1
-    while k:
-        k, r = divmod(k - 1, 26)
-        s = chr(ord("a") + r) + s
-    return s
-
-
 def disk_sectors(path: str) -> int | None:
     """The disk's size in 512-byte sectors as the device model reports it (the image's size,
     rounded down), or None when the host cannot say (then the size is not compared)."""
@@ -472,7 +453,6 @@ def compare_devices(layout: Layout, report: GuestReport, pxm_to_node: Mapping[in
         out.append("the guest's report has no PCI devices (pci)")
         return out
     nodes = expected_device_nodes(layout, pmap)
-    names = expected_block_names(layout)
     for dev, disk in zip(layout.pci.devices, topo.disks):
         where = f"disk {dev.index} ({dev.bdf}, domain {dev.domain})"
         got = report.pci.get(dev.bdf)
@@ -493,9 +473,12 @@ def compare_devices(layout: Layout, report: GuestReport, pxm_to_node: Mapping[in
             out.append(f"{where}: {len(got.block)} block devices ({', '.join(b.name for b in got.block) or 'none'}), "
                        f"plan wants one (virtio_blk not loaded?)")
             continue
+        # Its name (vda...) is reported, not compared: virtio_blk names disks in PCI probe order,
+        # which follows the host bridges' order in the DSDT (numavm's: by bus; QEMU's pxb
+        # bridges came in reverse under the TCG engine).
         b = got.block[0]
-        if b.name != names[dev.bdf]:
-            out.append(f"{where}: block device {b.name}, plan wants {names[dev.bdf]} (probe order: bus, then slot)")
+        if not b.name.startswith("vd"):
+            out.append(f"{where}: block device {b.name!r}, plan wants a virtio disk (vd...)")
         sectors = disk_sectors(disk.path)
         if sectors is not None and b.sectors != sectors:
             out.append(f"{where}: {b.sectors} sectors, the image {disk.path} has {sectors}")

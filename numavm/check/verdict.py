@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from numavm.check.compare import (compare_devices, compare_hmat, compare_userspace, expected_block_names,
+from numavm.check.compare import (compare_devices, compare_hmat, compare_userspace, disk_sectors,
                                   expected_device_nodes, guest_pxm_to_node)
 from numavm.check.linux_numa import (KernelView, compare_kernel, expected_view, hmat_access,
                                      memory_tiers, parse_kernel_log, unlogged)
@@ -70,14 +70,13 @@ class CheckReport:
         exp = self.expected
         p2n = exp.pxm_to_node if exp is not None else {0: 0}
         want_nodes = expected_device_nodes(self.layout, p2n)
-        names = expected_block_names(self.layout)
         pci = (self.guest.pci or {}) if self.guest is not None else {}
         rows = []
-        for dev in self.layout.pci.devices:
+        for dev, disk in zip(self.layout.pci.devices, self.layout.topology.disks):
             got = pci.get(dev.bdf)
             rows.append({"address": dev.bdf, "kind": dev.kind, "domain": dev.domain,
                          "node": {"expected": want_nodes[dev.bdf], "observed": got.numa_node if got else None},
-                         "block": {"expected": names[dev.bdf],
+                         "block": {"expected": {"sectors": disk_sectors(disk.path), "logical_block_size": 512},
                                    "observed": dataclasses.asdict(got.block[0]) if got and got.block else None}})
         gi = self.guest.generic_initiator_nodes if self.guest is not None else None
         return {"pci": rows,
@@ -192,8 +191,10 @@ def _device_rows(rows: list[tuple[str, str, str]], report: CheckReport) -> None:
         rows.append((f"disk {dev.index} ({dev.bdf}): node", str(row["node"]["expected"]),
                      "-" if row["node"]["observed"] is None else str(row["node"]["observed"])))
         b = row["block"]["observed"]
-        rows.append(("  block device", f"{row['block']['expected']}",
-                     f"{b['name']} {b['sectors']} sectors of 512 B, logical block {b['logical_block_size']} B"
+        want = row["block"]["expected"]
+        rows.append(("  block device", f"vd? {want['sectors'] if want['sectors'] is not None else '?'} sectors, "
+                                       f"logical block {want['logical_block_size']} B",
+                     f"{b['name']} {b['sectors']} sectors, logical block {b['logical_block_size']} B"
                      if b else "-"))
     gi = d["generic_initiator_nodes"]
     rows.append(("generic initiator nodes", format_list(gi["expected"]) or "none",
