@@ -399,3 +399,61 @@ def test_check_under_tcg_with_a_generic_initiator_only_domain(tmp_path: Path, ot
     assert [d["block"]["observed"]["sectors"] for d in dev["pci"]] == [32768, 16384]
     assert set(dev["modules"].values()) == {0}
     assert doc["observed"]["userspace"]["nodes"]["2"]["cpulist"] == ""
+
+
+# ---------------------------------------------------------------- HMAT with a generic initiator
+
+
+HMAT_GI = ["-c", "1", "-n", "id=0,size=256M,cpus=0", "-n", "id=1,size=256M", "-n", "id=2,size=0",
+           "--hmat", "0:0,latency=100,bandwidth=20000", "--hmat", "0:1,latency=300,bandwidth=8000",
+           "--hmat", "2:1,latency=150,bandwidth=16000"]
+
+
+def test_hmat_initiator_may_be_a_generic_initiator(tmp_path: Path) -> None:
+    """Linux's hmat.c: every initiator of the tables competes for a target's access0, only those
+    with CPUs for access1; so the memory-only domain's access0 is the device's, access1 domain 0's."""
+    from numavm import ConfigError
+    from numavm.check.linux_numa import hmat_access
+
+    img = tmp_path / "a.img"
+    img.write_bytes(bytes(4096))
+    with pytest.raises(ConfigError, match="a domain needs memory .* or a generic initiator"):
+        Machine.from_options(HMAT_GI)  # domain 2 holds nothing yet
+    with pytest.raises(ConfigError, match=r"initiator 1 has no vCPUs; an initiator is a domain with cpus= or a "
+                                          r"generic initiator \(--disk FILE,domain=1,initiator\)"):
+        Machine.from_options(HMAT_GI + ["--disk", f"{img},domain=2,initiator", "--disk", f"{img},domain=1",
+                                        "--hmat", "1:0,latency=100,bandwidth=100"])  # a disk, not an initiator
+    m = Machine.from_options(HMAT_GI + ["--disk", f"{img},domain=2,initiator"])
+    from numavm.plan.render import hmat_links
+    acc = hmat_access(hmat_links(m.topology), [0, 1], [0])
+    assert acc[1][0]["initiators"] == [2] and acc[1][0]["read_latency"] == 150
+    assert acc[1][1]["initiators"] == [0] and acc[1][1]["read_latency"] == 300
+    # the HMAT names the device's domain among its initiators; iasl reads it
+    from numavm.plan import acpi
+    from test_acpi import disassemble
+    d = disassemble(acpi.build_tables(m.plan().layout).blobs()["HMAT"], tmp_path, "gi-HMAT")
+    assert [v for n, v in d.fields if n == "Initiator Proximity Domain List"][:2] == ["00000000", "00000002"], \
+        [f for f in d.fields if "Initiator" in f[0]]
+
+
+def test_check_hmat_with_a_generic_initiator_under_tcg(tmp_path: Path) -> None:
+    """End to end: the guest's memory-only node links access0 to the generic initiator's node and
+    access1 to the CPU node, with their figures."""
+    import shutil
+    import subprocess
+    import sys
+
+    from numavm.guest.assets import cached
+
+    if shutil.which("qemu-system-x86_64") is None or cached() is None:
+        pytest.skip("needs qemu-system-x86_64 and numavm's cached guest kernel (numavm fetch)")
+    img = tmp_path / "a.img"
+    img.write_bytes(bytes(1 << 20))
+    r = subprocess.run([sys.executable, "-m", "numavm", "check", "--accel", "tcg", "--json", *HMAT_GI,
+                        "--disk", f"{img},domain=2,initiator"], capture_output=True, text=True, timeout=600)
+    doc = json.loads(r.stdout)
+    assert doc["match"] and r.returncode == 0, "\n".join(doc["mismatches"]) + r.stderr[-2000:]
+    assert doc["observed"]["userspace"]["pxm_to_node"] == {"0": 0, "2": 1, "1": 2}
+    access = doc["observed"]["userspace"]["nodes"]["2"]["access"]
+    assert (access["0"]["initiators"], access["0"]["read_latency"]) == ([1], 150)
+    assert (access["1"]["initiators"], access["1"]["read_latency"]) == ([0], 300)
