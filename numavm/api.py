@@ -323,7 +323,7 @@ class Machine:
         (engine choice, warnings).  Raises ConfigError for bad input (nothing was allocated) and
         GuestFailed when the guest did not power off.
         """
-        from numavm.guest.launch import Console, guest_assets, guest_initrd, kernel_cmdline
+        from numavm.guest.launch import Console, guest_assets, guest_initrd, guest_modules, kernel_cmdline
         from numavm.guest.launch import Sink as StreamSink
         from numavm.guest.initramfs import parse_guest_report
         from numavm.vmm.run import GuestRun
@@ -337,7 +337,9 @@ class Machine:
         with _opened_disks(self.topology) as disks:  # before anything is made: a bad image is exit 2
             own_init = initrd is None
             assets = guest_assets(_str(kernel), log, release)
-            initrd_bytes = guest_initrd(_str(initrd), assets.busybox, argv, [_str(a) for a in add], shell=shell)
+            modules = guest_modules(assets, self.layout, log) if own_init else []
+            initrd_bytes = guest_initrd(_str(initrd), assets.busybox, argv, [_str(a) for a in add], shell=shell,
+                                        modules=modules)
             cmdline = kernel_cmdline(prep.stage, prep.engine.emulates_guest_code, append, self.topology)
             if prep.engine.emulates_guest_code:
                 log("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
@@ -393,7 +395,8 @@ class Machine:
         engine is a KVM that emulates guest code, else userspace.  The verdict's `match`,
         `mismatches` and `exit_code` say how it went; a guest that ended before it could be compared
         is a mismatch ("boot: ...") with `outcome` saying why."""
-        from numavm.guest.launch import Console, KernelStageWatch, guest_assets, guest_initrd, kernel_cmdline
+        from numavm.guest.launch import (Console, KernelStageWatch, guest_assets, guest_initrd, guest_modules,
+                                         kernel_cmdline)
         from numavm.vmm.run import GuestRun
 
         if stage is not None and stage not in STAGES:
@@ -404,7 +407,10 @@ class Machine:
             engine, stage = prep.engine, prep.stage
             emulated_kvm = engine.emulates_guest_code
             assets = guest_assets(_str(kernel), log, release)
-            initrd_bytes = guest_initrd(_str(initrd), assets.busybox, None, []) if stage == "userspace" else None
+            own = stage == "userspace" and initrd is None
+            initrd_bytes = (guest_initrd(_str(initrd), assets.busybox, None, [],
+                                         modules=guest_modules(assets, self.layout, log) if own else [])
+                            if stage == "userspace" else None)
             cmdline = kernel_cmdline(stage, emulated_kvm, topology=self.topology)
             # SMP bring-up shows the llc-sibling warnings, unless the engine checked its vCPUs already
             until_smp = not (emulated_kvm or engine.cpus_checked_before_run)
