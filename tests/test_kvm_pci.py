@@ -809,3 +809,17 @@ def test_a_machine_without_devices_has_no_pci_platform() -> None:
         assert m.pci is None and m.disks == [] and 0xCF8 not in m.bus
         rec = run_script(m, [(R32, 0xE000_0000, 0), (W32, 0xC000_0000, 5), (R32, 0xC000_0000, 0)])
     assert rec.values == [0xFFFF_FFFF, 0xFFFF_FFFF]  # nothing decodes: reads float high, writes vanish
+
+
+def test_msi_route_addresses() -> None:
+    from numavm.vmm.kvm.pci import msi_route_address
+
+    assert msi_route_address(0, False) is None  # an unprogrammed vector
+    assert msi_route_address(0xFEB0_0000, False) is None  # not the LAPIC window
+    assert msi_route_address(0xFEE0_1000, False) == 0xFEE0_1000  # APIC id 1, xAPIC
+    assert msi_route_address(0x1_FEE0_1000, False) == 0xFEE0_1000  # the high word means nothing there
+    # x2APIC format (KVM_X2APIC_API): Linux's extended destination id (bits 5-11 = id bits 8-14)
+    # becomes the high word KVM reads (bits 40-63 = id bits 8-31): APIC id 256 + 3
+    assert msi_route_address(0xFEE0_3020, True) == 0x100_FEE0_3000
+    assert msi_route_address(0x100_FEE0_3000, True) == 0x100_FEE0_3000  # already in KVM's form
+    assert msi_route_address(0x1_FEE0_3000, True) is None  # KVM refuses a low byte in the high word

@@ -308,7 +308,12 @@ class PciPlatform:
         if self.ecam_start <= addr < self.ecam_end:
             if size == 8:  # a 64-bit access to config space: two dwords, as a bridge splits it
                 return self._ecam_read(addr, 4) | self._ecam_read(addr + 4, 4) << 32
-            return self._ecam_read(addr, size)
+            off = addr - ECAM_BASE
+            dev = self._by_bdf.get((off >> 20, off >> 12 & 0xFF))
+            if dev is None:
+                return (1 << (size << 3)) - 1
+            with dev.lock:
+                return dev.fn.config_read(off & (ECAM_FUNCTION_SIZE - 1), size)
         starts, entries = self._bar_map
         i = bisect.bisect_right(starts, addr) - 1
         if i >= 0:
