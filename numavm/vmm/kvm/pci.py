@@ -368,18 +368,21 @@ class PciPlatform:
             for fd in (*dev.queue_fds, self._stop_fd):
                 poller.register(fd, select.POLLIN)
             stop, read, lock, notify = self._stop_fd, os.eventfd_read, dev.lock, dev.fn.queue_notify  # type: ignore[attr-defined]
+            poll = poller.poll
             while True:
-                ready = poller.poll()
-                for fd, _ in ready:
-                    if fd != stop:
-                        try:
-                            read(fd)
-                        except BlockingIOError:
-                            continue  # another wake-up took it
-                        with lock:
-                            notify(queue_of[fd])
-                if any(fd == stop for fd, _ in ready):
-                    return  # after the kicks that came with it: a notify before the stop is served
+                stopping = False
+                for fd, _ in poll():
+                    if fd == stop:
+                        stopping = True  # after the kicks that came with it: a notify before the stop is served
+                        continue
+                    try:
+                        read(fd)
+                    except BlockingIOError:
+                        continue  # another wake-up took it
+                    with lock:
+                        notify(queue_of[fd])
+                if stopping:
+                    return
         except BaseException as e:  # a model must not raise; if it does, the machine ends with why
             self._on_error(f"{dev.name} ({dev.plan.bdf}) I/O thread: {type(e).__name__}: {e}")
 
