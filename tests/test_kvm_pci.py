@@ -823,3 +823,23 @@ def test_msi_route_addresses() -> None:
     assert msi_route_address(0xFEE0_3020, True) == 0x100_FEE0_3000
     assert msi_route_address(0x100_FEE0_3000, True) == 0x100_FEE0_3000  # already in KVM's form
     assert msi_route_address(0x1_FEE0_3000, True) is None  # KVM refuses a low byte in the high word
+
+
+def test_the_api_refuses_a_bad_image_before_the_kernel_and_releases_a_good_one(tmp_path: Path) -> None:
+    """Machine.run/check open the images once, before guest assets and memory (exit 2 material),
+    hand them to the engine in GuestRun.disks, and close them however the run ends."""
+    from numavm import Machine
+
+    two = ["id=0,size=64M,cpus=0", "id=1,size=64M,cpus=1"]
+    bad = Machine(cpus=2, domains=two, disks=[f"{tmp_path / 'none.img'},domain=1"])
+    for call in (bad.run, bad.check):
+        with pytest.raises(ConfigError, match=rf"^--disk {tmp_path / 'none.img'}: no such file$"):
+            call(kernel=tmp_path / "no-kernel")  # type: ignore[operator]
+    img = _image(tmp_path)
+    good = Machine(cpus=2, domains=two, disks=[f"{img},domain=1"])
+    fds = _fds()
+    with pytest.raises(ConfigError, match="--kernel"):  # the image was opened, then the kernel refused
+        good.run("true", kernel=tmp_path / "no-kernel")
+    assert _fds() == fds
+    with open_disk(img):  # its lock went with it
+        pass
