@@ -457,3 +457,17 @@ def test_check_hmat_with_a_generic_initiator_under_tcg(tmp_path: Path) -> None:
     access = doc["observed"]["userspace"]["nodes"]["2"]["access"]
     assert (access["0"]["initiators"], access["0"]["read_latency"]) == ([1], 150)
     assert (access["1"]["initiators"], access["1"]["read_latency"]) == ([0], 300)
+
+
+def test_export_to_qemu_leaves_a_generic_initiator_out_of_the_hmat(tmp_path: Path) -> None:
+    """QEMU 7.2 refuses `-numa hmat-lb,initiator=N` for a node without CPUs ("it isn't an initiator
+    proximity domain"): export leaves such links out, and says so."""
+    from numavm.peers.export import export
+
+    img = tmp_path / "a.img"
+    img.write_bytes(bytes(4096))
+    m = Machine.from_options(HMAT_GI + ["--disk", f"{img},domain=2,initiator"])
+    e = export(m.topology, "qemu")
+    text, warnings = e.text, e.warnings
+    assert "initiator=2" not in text and "hmat-lb,initiator=0,target=1" in text
+    assert any("--hmat 2:1: QEMU takes no HMAT initiator without vCPUs" in w for w in warnings)
