@@ -282,6 +282,12 @@ def test_kernel_stage_does_not_want_the_initiator_logged(tmp_path: Path) -> None
         *(f"[0.0] Fallback order for Node {n}: {' '.join(map(str, o))}" for n, o in exp.fallback.items()),
         "[0.0] Built 4 zonelists, mobility grouping on.  Total pages: 1"])
     assert compare_kernel(exp, parse_kernel_log(log)) == []
+    text = render(CheckReport("kernel", "tcg", lay, parse_kernel_log(log), boot="stopped"))
+    lines = text.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("domain 1: node")))
+    assert lines[at].split()[-3:] == ["2", "not", "logged"]
+    assert next(line for line in lines[at:] if "fallback order" in line).split()[-6:] == \
+        [str(n) for n in exp.fallback[2]] * 2
 
 
 def test_verdict_shows_devices(tmp_path: Path) -> None:
