@@ -76,7 +76,8 @@ class CheckReport:
             got = pci.get(dev.bdf)
             rows.append({"address": dev.bdf, "kind": dev.kind, "domain": dev.domain,
                          "node": {"expected": want_nodes[dev.bdf], "observed": got.numa_node if got else None},
-                         "block": {"expected": {"sectors": disk_sectors(disk.path), "logical_block_size": 512},
+                         "block": {"expected": {"sectors": disk_sectors(disk.path), "logical_block_size": 512,
+                                                "ro": disk.readonly},
                                    "observed": dataclasses.asdict(got.block[0]) if got and got.block else None}})
         gi = self.guest.generic_initiator_nodes if self.guest is not None else None
         return {"pci": rows,
@@ -197,9 +198,9 @@ def _device_rows(rows: list[tuple[str, str, str]], report: CheckReport) -> None:
         b = row["block"]["observed"]
         want = row["block"]["expected"]
         rows.append(("  block device", f"vd? {want['sectors'] if want['sectors'] is not None else '?'} sectors, "
-                                       f"logical block {want['logical_block_size']} B",
+                                       f"logical block {want['logical_block_size']} B{', read-only' * want['ro']}",
                      f"{b['name']} {b['sectors']} sectors, logical block {b['logical_block_size']} B"
-                     if b else "-"))
+                     f"{', read-only' * bool(b['ro'])}" if b else "-"))
     gi = d["generic_initiator_nodes"]
     rows.append(("generic initiator nodes", format_list(gi["expected"]) or "none",
                  "-" if gi["observed"] is None else format_list(gi["observed"]) or "none"))
