@@ -179,3 +179,12 @@ def test_check_matches_on_a_machine_with_disks(tmp_path: Path) -> None:
     r = numavm("check", "--accel", "tcg", "--timeout", "300", "-c", "2", "-n", TWO[0], "-n", TWO[1],
                "--disk", f"{rw},domain=1", "--disk", f"{ro},domain=0,readonly")
     assert r.returncode == 0 and "MATCH" in r.stdout, r.stdout + r.stderr
+
+
+def test_more_bridges_than_qemus_root_bus_takes_is_refused() -> None:
+    doms = ["id=0,size=4M,cpus=0"] + [f"id={i},size=4M" for i in range(1, 31)]
+    fits = Machine(cpus=1, domains=doms[:30], disks=[f"d{i}.img,domain={i}" for i in range(30)]).layout
+    T.check_tcg(fits)  # 30 pxbs: slots 2..31 of QEMU's bus 0
+    over = Machine(cpus=1, domains=doms, disks=[f"d{i}.img,domain={i}" for i in range(31)]).layout
+    with pytest.raises(T.EngineRefusal, match="at most 30 expander bridges.*31 domains; use --accel kvm"):
+        T.check_tcg(over)
