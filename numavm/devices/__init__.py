@@ -1,10 +1,16 @@
-"""Device models: pure state machines behind the port I/O bus.
+"""Device models: pure state machines behind the port I/O bus and on PCI.
 
-No KVM, threads or file descriptors in here: a device gets port accesses as
-method calls (``read(offset, size)`` / ``write(offset, size, value)``) and
-reaches the outside world only through callbacks given at construction
-(``irq(line, level)``, ``output(data)``, ``on_event(event)``), so each one is
-unit-tested alone and the machine wires them to KVM.
+No KVM, threads or file opening in here: a device gets port, configuration
+and MMIO accesses as method calls (``read(offset, size)`` /
+``write(offset, size, value)``, ``config_read``, ``mmio_write``, ...) and
+reaches the outside world only through callbacks (``irq(line, level)``,
+``output(data)``, ``on_event(event)``, ``signal_msi(vector)``,
+``on_change(change)``), so each one is unit-tested alone and the machine
+wires them to KVM.  DMA devices see guest RAM through the narrow `GuestRam`
+protocol (`numavm.devices.memory`); `numavm.devices.pci` holds the PCI
+function and MSI-X, `numavm.devices.virtio` the virtio transport, the
+virtqueue and one module per device type (blk).  A disk gets an already-open
+file descriptor from the engine.
 """
 
 from numavm.devices.bus import PORT_LIMIT, Device, IoBus, all_ones

@@ -250,7 +250,8 @@ class QemuMachine:
                  console: Callable[[bytes], None] | None = None,
                  stdout: Callable[[bytes], None] | None = None,
                  stderr: Callable[[bytes], None] | None = None,
-                 hugepages: str | None = None, log: Callable[[str], None] | None = None) -> None:
+                 hugepages: str | None = None, log: Callable[[str], None] | None = None,
+                 disks: Sequence[DiskImage] | None = None) -> None:
         """`stdout`/`stderr`: given, the guest gets COM2 and COM3 (see `STREAM_PORTS`),
         whose output goes to them."""
         self.layout = layout
@@ -277,11 +278,14 @@ class QemuMachine:
         check_ram_order(layout)
         # The images first: a refused one (missing, locked...) is a one-line error before any guest
         # memory exists.  QEMU gets these very fds, so it uses the files numavm checked and locked.
-        self.disks: list[DiskImage] = open_disks(layout.topology.disks)
+        # Given `disks` (the run's, opened by its caller: GuestRun.disks) are the caller's to close.
+        self._own_disks = disks is None
+        self.disks: list[DiskImage] = open_disks(layout.topology.disks) if disks is None else list(disks)
         try:
             self.memory: GuestMemory | None = GuestMemory(layout, machine=name, hugepages=hugepages, unified=True)
         except BaseException:
-            close_disks(self.disks)
+            if self._own_disks:
+                close_disks(self.disks)
             raise
         try:
             self._tmpdir = OwnedDir("tcg")  # a killed run's directory goes with the next run
@@ -563,7 +567,8 @@ class QemuMachine:
         memory, self.memory = self.memory, None
         if memory is not None:
             memory.close()
-        close_disks(self.disks)
+        if self._own_disks:
+            close_disks(self.disks)
 
     def __enter__(self) -> "QemuMachine":
         return self
@@ -577,7 +582,8 @@ def run_linux(run: GuestRun) -> RunResult:
     from numavm.guest.launch import tcg_cmdline
 
     with QemuMachine(run.layout, console=run.console, stdout=run.stdout, stderr=run.stderr,
-                     hugepages=run.hugepages, log=run.log if run.verbose else None) as m:
+                     hugepages=run.hugepages, log=run.log if run.verbose else None,
+                     disks=run.disks or None) as m:
         if run.watch is not None:
             run.watch.stop = m.stop
         assert m.memory is not None
