@@ -22,6 +22,7 @@ import pytest
 from numavm.api import Machine
 from numavm.errors import ConfigError
 from numavm.host.disk import open_disks
+from numavm.spec.devices import Disk
 from numavm.vmm import tcg as T
 
 QEMU = shutil.which("qemu-system-x86_64")
@@ -131,8 +132,10 @@ echo "gi=$(cat /sys/devices/system/node/has_generic_initiator 2>/dev/null)"
 """
 
 
-def numavm(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def numavm(*args: str, timeout: float = 600, tmpdir: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     return subprocess.run([sys.executable, "-m", "numavm", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -147,9 +150,18 @@ def test_guest_sees_each_disk_on_its_node_reads_writes_and_flushes(tmp_path: Pat
     before = {p: hashlib.md5(p.read_bytes()).hexdigest() for p in (rw, ro, gi)}
     machine = ["-c", "2", "-n", TWO[0], "-n", TWO[1], "-n", "id=2,size=0",
                "--disk", f"{rw},domain=1", "--disk", f"{ro},domain=0,readonly", "--disk", f"{gi},domain=2,initiator"]
-    r = numavm("run", "--accel", "tcg", "--timeout", "300", *machine, "--", "sh", "-c",
-               GUEST_SCRIPT.replace("WRITE_BDF", "0000:04:00.0"))
-    assert r.returncode == 0, r.stdout + r.stderr
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    r = numavm("run", "--accel", "tcg", "--timeout", "300", "--verbose", *machine, "--", "sh", "-c",
+               GUEST_SCRIPT.replace("WRITE_BDF", "0000:04:00.0"), tmpdir=scratch)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    # --verbose shows QEMU's arguments; nothing is left behind: no temporary directory (SSDT,
+    # FIFOs), and the images' locks went with numavm and QEMU
+    (qemu,) = [ln for ln in r.stderr.splitlines() if ln.startswith("qemu: ")]
+    assert "-device pxb,id=pxb4,bus_nr=3,bus=pci.0" in qemu and "/dev/fdset/2" in qemu
+    assert list(scratch.iterdir()) == []
+    for d in open_disks([Disk(str(p)) for p in (rw, gi)]):
+        d.close()
     plan = {d.bdf: d for d in Machine(cpus=2, domains=TWO + ["id=2,size=0"],
                                       disks=[f"{rw},domain=1", f"{ro},domain=0,readonly",
                                              f"{gi},domain=2,initiator"]).layout.pci.devices}
