@@ -10,6 +10,10 @@ QEMU builds no NUMA tables of its own.  QEMU's `pc` machine with
 checks that in QEMU's memory tree before the guest runs and refuses on a
 mismatch.
 
+Disks (`--disk`) are QEMU's own devices at the plan's PCI addresses: an expander bridge per
+host bridge, virtio-blk-pci on the image fds numavm opened and locked, and an SSDT of numavm's
+that gives each bridge its domain as _PXM (`pci_args`, `pxm_ssdt`).
+
 The console is QEMU's stdio chardev; for `run` the guest command's stdout and
 stderr are COM2 and COM3, QEMU pipe chardevs on FIFOs numavm reads.
 
@@ -174,7 +178,8 @@ def pci_args(pci: PciLayout, disks: Sequence[DiskImage]) -> list[str]:
     `disks` are the opened images (numavm.host.disk), in --disk order; QEMU inherits their fds.
     Each is fd set N (`-add-fd`) and QEMU opens ``/dev/fdset/N``, which dup()s the inherited
     fd: QEMU reads and writes the very open file numavm checked, never the path again (which
-    could meanwhile name another file).  ``locking=off``: numavm's OFD lock is on that same open
+    could meanwhile name another file; ``/proc/self/fd/N`` would reopen it as a new open file,
+    which numavm's own lock then refuses: "Failed to lock byte 100", measured).  ``locking=off``: numavm's OFD lock is on that same open
     file description and holds for the whole run; QEMU's own byte-range locks, taken through it,
     would not conflict with it but replace parts of it.  Raw format, QEMU's default cache
     (writeback: the guest sees a volatile write cache and sends flushes, which QEMU passes on as
