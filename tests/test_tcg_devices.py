@@ -21,7 +21,7 @@ import pytest
 
 from numavm.api import Machine
 from numavm.errors import ConfigError
-from numavm.host.disk import open_disks
+from numavm.host.disk import DiskImage, open_disks
 from numavm.spec.devices import Disk
 from numavm.vmm import tcg as T
 
@@ -193,3 +193,32 @@ def test_more_bridges_than_qemus_root_bus_takes_is_refused() -> None:
     over = Machine(cpus=1, domains=doms, disks=[f"d{i}.img,domain={i}" for i in range(31)]).layout
     with pytest.raises(T.EngineRefusal, match="at most 30 expander bridges.*31 domains; use --accel kvm"):
         T.check_tcg(over)
+
+
+def test_a_block_device_takes_qemus_host_device_driver(tmp_path: Path) -> None:
+    pci = Machine(disks=["/dev/x"]).layout.pci
+    args = T.pci_args(pci, [DiskImage("/dev/x", -1, 1 << 20, readonly=True, block_device=True)])
+    assert args[args.index("-blockdev") + 1].startswith("driver=host_device,node-name=file0,filename=/dev/fdset/0,")
+
+
+@needs_qemu
+def test_qemu_opens_a_loop_device_disk(tmp_path: Path) -> None:
+    """QEMU starts (-S: no guest) on a block device's fd; skipped where no loop device can be made."""
+    backing = image(tmp_path / "loop.img", 4 << 20)
+    losetup = shutil.which("losetup")
+    r = subprocess.run([losetup, "-f", "--show", str(backing)], capture_output=True, text=True) if losetup else None
+    if r is None or r.returncode != 0:
+        pytest.skip(f"no loop device here: {r.stderr.strip() if r else 'no losetup'}")
+    dev = r.stdout.strip()
+    try:
+        (disk,) = open_disks([Disk(dev, readonly=True)])
+        try:
+            assert disk.block_device
+            argv = [QEMU, "-M", "pc", "-nodefaults", "-display", "none", "-S", "-monitor", "stdio",
+                    *T.pci_args(Machine(disks=[f"{dev},readonly"]).layout.pci, [disk])]
+            q = subprocess.run(argv, input="quit\n", capture_output=True, text=True, pass_fds=(disk.fd,), timeout=60)
+            assert q.returncode == 0, q.stderr
+        finally:
+            disk.close()
+    finally:
+        subprocess.run([losetup, "-d", dev], check=False)

@@ -183,7 +183,9 @@ def pci_args(pci: PciLayout, disks: Sequence[DiskImage]) -> list[str]:
     file description and holds for the whole run; QEMU's own byte-range locks, taken through it,
     would not conflict with it but replace parts of it.  Raw format, QEMU's default cache
     (writeback: the guest sees a volatile write cache and sends flushes, which QEMU passes on as
-    fdatasync), the modern virtio-pci transport only, as numavm's own device.
+    fdatasync), the modern virtio-pci transport only, as numavm's own device.  A block device
+    takes QEMU's ``host_device`` driver: its ``file`` driver refuses anything but a regular file
+    ("'file' driver requires '/dev/fdset/0' to be a regular file", QEMU 7.2).
     """
     args: list[str] = []
     for b in pci.bridges:
@@ -194,7 +196,8 @@ def pci_args(pci: PciLayout, disks: Sequence[DiskImage]) -> list[str]:
         n = dev.index
         args += [
             "-add-fd", f"fd={image.fd},set={n}",
-            "-blockdev", f"driver=file,node-name=file{n},filename=/dev/fdset/{n},read-only={ro},locking=off",
+            "-blockdev", f"driver={'host_device' if image.block_device else 'file'},node-name=file{n},"
+                         f"filename=/dev/fdset/{n},read-only={ro},locking=off",
             "-blockdev", f"driver=raw,node-name=disk{n},file=file{n},read-only={ro}",
             "-device", f"virtio-blk-pci,id=vd{n},drive=disk{n},bus={pxb_id(bridges[dev.domain])},"
                        f"addr={dev.slot:#x},disable-legacy=on",
