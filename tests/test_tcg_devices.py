@@ -114,8 +114,8 @@ def test_a_refused_image_allocates_nothing(tmp_path: Path) -> None:
 
 
 # Per virtio disk the guest saw: its PCI address, node, read-only flag, cache mode and contents'
-# digest; then a write with a flush to the disk at WRITE_BDF and one to each read-only disk
-# (Linux probes the disks in no fixed order: vda is not always the same one).
+# digest; then to the disk at WRITE_BDF a write with a flush and one without, and a write to
+# each read-only disk (Linux probes the disks in no fixed order: vda is not always the same one).
 GUEST_SCRIPT = r"""
 for b in /sys/block/vd*; do
   [ -e "$b" ] || continue
@@ -124,6 +124,7 @@ for b in /sys/block/vd*; do
        "md5=$(md5sum < /dev/${b##*/} | cut -d' ' -f1)"
   if [ "${p##*/}" = WRITE_BDF ]; then
     printf numavm-guest-wrote | dd of=/dev/${b##*/} bs=512 seek=5 conv=sync,fsync 2>/dev/null && echo "wrote ${p##*/}"
+    printf unflushed | dd of=/dev/${b##*/} bs=512 seek=6 conv=sync oflag=direct 2>/dev/null
   elif [ "$(cat $b/ro)" = 1 ]; then
     printf x | dd of=/dev/${b##*/} bs=512 conv=sync,fsync 2>/dev/null; echo "ro-write ${p##*/} status=$?"
   fi
@@ -132,11 +133,12 @@ echo "gi=$(cat /sys/devices/system/node/has_generic_initiator 2>/dev/null)"
 """
 
 
-def numavm(*args: str, timeout: float = 600, tmpdir: Path | None = None) -> subprocess.CompletedProcess[str]:
+def numavm(*args: str, timeout: float = 600, tmpdir: Path | None = None,
+           wrap: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     if tmpdir is not None:
         env["TMPDIR"] = str(tmpdir)
-    return subprocess.run([sys.executable, "-m", "numavm", *args], capture_output=True, text=True,
+    return subprocess.run([*(wrap or []), sys.executable, "-m", "numavm", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -152,8 +154,13 @@ def test_guest_sees_each_disk_on_its_node_reads_writes_and_flushes(tmp_path: Pat
                "--disk", f"{rw},domain=1", "--disk", f"{ro},domain=0,readonly", "--disk", f"{gi},domain=2,initiator"]
     scratch = tmp_path / "tmp"
     scratch.mkdir()
+    # Where strace is, it counts QEMU's fdatasyncs of the image (cheaply: a seccomp filter stops
+    # only that call): the guest's flush is one, QEMU's own at exit for the unflushed write after
+    # it the other; a flush QEMU did not pass on would leave only the second.
+    strace, log = shutil.which("strace"), tmp_path / "strace.log"
+    wrap = [strace, "-f", "-qq", "--seccomp-bpf", "-y", "-e", "trace=fdatasync", "-o", str(log)] if strace else None
     r = numavm("run", "--accel", "tcg", "--timeout", "300", "--verbose", *machine, "--", "sh", "-c",
-               GUEST_SCRIPT.replace("WRITE_BDF", "0000:04:00.0"), tmpdir=scratch)
+               GUEST_SCRIPT.replace("WRITE_BDF", "0000:04:00.0"), tmpdir=scratch, wrap=wrap)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     # --verbose shows QEMU's arguments; nothing is left behind: no temporary directory (SSDT,
     # FIFOs), and the images' locks went with numavm and QEMU
@@ -181,7 +188,10 @@ def test_guest_sees_each_disk_on_its_node_reads_writes_and_flushes(tmp_path: Pat
     assert "wrote 0000:04:00.0" in r.stdout and "ro-write 0000:02:00.0 status=1" in r.stdout, r.stdout
     with open(rw, "rb") as f:
         f.seek(5 * 512)
-        assert f.read(512) == b"numavm-guest-wrote".ljust(512, b"\0")
+        assert f.read(1024) == b"numavm-guest-wrote".ljust(512, b"\0") + b"unflushed".ljust(512, b"\0")
+    if strace:
+        syncs = [ln for ln in log.read_text().splitlines() if "fdatasync(" in ln and f"<{rw}>" in ln]
+        assert len(syncs) == 2, log.read_text()
     assert hashlib.md5(ro.read_bytes()).hexdigest() == before[ro]
     assert "gi=2" in r.stdout, r.stdout
 
