@@ -149,6 +149,12 @@ class Server:
             raise ValueError(f"max fids {max_fids}")
         self.root_fd = root_fd
         self.root_id = (st.st_dev, st.st_ino)
+        try:  # regular files are reopened through /proc/self/fd (confine.py, rule 4): say so now, not per open
+            proc = os.stat(f"/proc/self/fd/{root_fd}")
+        except OSError as e:
+            raise OSError(e.errno, f"9p shares need /proc/self/fd: {e.strerror}") from None
+        if (proc.st_dev, proc.st_ino) != self.root_id:
+            raise OSError(errno.ENOENT, "9p shares need /proc/self/fd: it names another file")
         self.readonly = readonly
         self.openat2 = openat2
         self.max_fids = max_fids

@@ -19,14 +19,14 @@ from typing import Final
 
 from numavm.devices.p9.confine import Openat2
 from numavm.devices.p9.server import MAX_FIDS, MAX_MSIZE, Server, Unanswerable
-from numavm.devices.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice
+from numavm.devices.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_ID_9P, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice
 from numavm.devices.virtio.queue import Virtqueue, VirtioError
+from numavm.plan import pci as plan_pci
 
 __all__ = ["Virtio9p", "VIRTIO_ID_9P", "VIRTIO_9P_F_MOUNT_TAG", "MAX_TAG", "QUEUE_SIZE", "PCI_CLASS_9P"]
 
-VIRTIO_ID_9P: Final = 9
 VIRTIO_9P_F_MOUNT_TAG: Final = 0
-PCI_CLASS_9P: Final = 0x000200  # what QEMU's virtio-9p-pci reports (class_id 0x0002); Linux ignores it
+PCI_CLASS_9P: Final = plan_pci.PCI_CLASS[plan_pci.VIRTIO_9P]
 QUEUE_SIZE: Final = 128  # Linux's net/9p/trans_virtio.c VIRTQUEUE_NUM, and QEMU's
 MAX_TAG: Final = 255  # bytes; the configuration window holds 4 KiB, QEMU stops at 255 too
 
