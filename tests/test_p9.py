@@ -17,6 +17,7 @@ import errno
 import os
 import stat
 import struct
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -634,6 +635,51 @@ def test_device_nodes_and_fifos_are_never_opened(c: P9Driver, share: Path) -> No
             == errno.EACCES
         c.clunk(1)
         c.clunk(2)
+
+
+def test_create_never_follows_a_symlink(c: P9Driver, share: Path) -> None:
+    """A dangling symlink to a path outside, and one to a file outside: Tlcreate over either
+    name neither creates nor opens anything out there."""
+    outside = share.parent / "created-outside"
+    os.symlink(outside, share / "dangling")
+    os.symlink(share.parent / "secret", share / "to-secret")
+    for name, flags in (("dangling", os.O_RDWR), ("to-secret", os.O_RDWR | os.O_TRUNC), ("to-secret", os.O_RDONLY)):
+        c.walk(0, 1)
+        assert c.errno_of(wire.TLCREATE, struct.pack("<I", 1) + _s(name.encode()) + struct.pack("<III", flags, 0o644, 0)) \
+            == errno.ELOOP
+        c.clunk(1)
+    assert not outside.exists() and (share.parent / "secret").read_bytes() == b"outside the share"
+    c.walk(0, 1, "to-secret")
+    assert c.errno_of(wire.TSETATTR, struct.pack("<IIIIIQQQQQ", 1, p9s.SETATTR_SIZE, 0, 0, 0, 0, 0, 0, 0, 0)) \
+        == errno.EOPNOTSUPP
+    assert c.errno_of(wire.TLINK, struct.pack("<II", 0, 1) + _s(b"hard")) == errno.EPERM
+    assert (share.parent / "secret").read_bytes() == b"outside the share"
+
+
+def test_mounts_inside_the_share_are_not_crossed(c: P9Driver, share: Path) -> None:
+    """RESOLVE_NO_XDEV: a file system mounted inside the share is not part of it."""
+    mnt = share / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "numavm-p9-test", str(mnt)],
+                                           capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (mnt / "inside-mount").write_bytes(b"other fs")
+        assert c.errno_of(wire.TWALK, struct.pack("<IIH", 0, 1, 1) + _s(b"mnt")) == errno.EXDEV
+        c.walk(0, 1)
+        c.lopen(1)
+        assert b"mnt" in [e[3] for e in c.readdir_all(1)]  # listed (its name is the share's), not entered
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_append_appends_at_the_real_end(c: P9Driver, share: Path) -> None:
+    c.walk(0, 1, "hello.txt")
+    c.lopen(1, os.O_WRONLY | p9s.DOTL_APPEND)
+    with open(share / "hello.txt", "ab") as f:  # the host grows the file behind the guest's back
+        f.write(b"host\n")
+    assert c.write(1, 13, b"guest\n") == 6  # the offset the guest believed was the end
+    assert (share / "hello.txt").read_bytes() == b"hello, guest\nhost\nguest\n"
 
 
 # ---------------------------------------------------------------- read-only

@@ -57,6 +57,7 @@ DOTL_ACCMODE = 0o3
 DOTL_CREATE = 0o100
 DOTL_EXCL = 0o200
 DOTL_TRUNC = 0o1000
+DOTL_APPEND = 0o2000
 DOTL_DSYNC = 0o10000
 DOTL_SYNC = 0o4000000
 
@@ -119,15 +120,19 @@ def qid_of(st: os.stat_result) -> bytes:
 
 
 def _dotl_open_flags(flags: int) -> int:
-    """The host flags for a 9P2000.L open: access mode, O_TRUNC, O_SYNC/O_DSYNC; nothing else.
+    """The host flags for a 9P2000.L open: access mode, O_TRUNC, O_APPEND, O_SYNC/O_DSYNC.
 
-    O_APPEND is dropped (v9fs sends the offset it wants; pwritev on an O_APPEND descriptor would
-    ignore it), as are O_DIRECT (the guest's buffers are not aligned for it), O_NOATIME (EPERM
-    unless the owner), O_NONBLOCK and O_ASYNC.
+    O_APPEND stays, as QEMU keeps it: v9fs computes an appending write's offset from its own idea
+    of the size, which another writer (a second guest process, the host) may have made stale;
+    on an O_APPEND descriptor ``pwritev`` appends whatever the offset.  Dropped: O_DIRECT (the
+    guest's buffers are not aligned for it), O_NOATIME (EPERM unless the owner), O_NONBLOCK,
+    O_ASYNC, and O_CREAT/O_EXCL (Tlcreate creates, Tlopen never does).
     """
     host = flags & DOTL_ACCMODE
     if flags & DOTL_TRUNC:
         host |= os.O_TRUNC
+    if flags & DOTL_APPEND:
+        host |= os.O_APPEND
     if flags & DOTL_SYNC:
         host |= os.O_SYNC
     elif flags & DOTL_DSYNC:
