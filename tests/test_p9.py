@@ -38,6 +38,7 @@ from test_virtio import SLOT, Driver, bounded, needs_reset  # noqa: F401  (bound
 
 PAGE = 4096
 MSIZE = 64 * 1024
+TABLES_AT = 0x2_0000  # indirect descriptor tables, reused (the rings sit below)
 REQ_AT = 0x4_0000  # request buffer (slot 0)
 RESP_AT = 0x8_0000  # reply buffer (slot 0)
 STRADDLE_AT = SLOT - 3 * PAGE - 100  # a reply buffer across the two slots (two domains)
@@ -77,6 +78,22 @@ class P9Driver(Driver):
     """virtio_9p and net/9p's client, enough of them to drive every message."""
 
     tag = 0
+    cyclic = 0  # after setup: indirect tables come from a ring of their own, below REQ_AT
+
+    def alloc(self, n: int, align: int = 16) -> int:
+        if not self.cyclic:
+            at = super().alloc(n, align)
+            assert at + n <= TABLES_AT
+            return at
+        at = (self.cyclic + align - 1) // align * align
+        if at + n > REQ_AT:
+            at = TABLES_AT
+        self.cyclic = at + n
+        return at
+
+    def setup(self, *a: object, **kw: object) -> None:
+        super().setup(*a, **kw)  # type: ignore[arg-type]
+        self.cyclic = TABLES_AT  # each request is answered before the next: a table is free again
 
     def mount_tag(self) -> bytes:
         base = self.caps[vpci.CAP_DEVICE_CFG][1]
@@ -806,3 +823,57 @@ def test_any_message_gets_a_reply(share: Path, kind: int, body: bytes, room: int
     finally:
         drv.dev.device.close()  # type: ignore[attr-defined]
         os.close(drv.root_fd)  # type: ignore[attr-defined]
+
+
+def _inodes(root: Path) -> set[int]:
+    out = {os.lstat(root).st_ino}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            out.add(os.lstat(os.path.join(dirpath, n)).st_ino)
+    return out
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(walks=st.lists(st.tuples(st.sampled_from([0, 1, 2]), st.lists(st.sampled_from(
+    ["..", ".", "dir", "sub", "deep", "etc-abs", "etc-rel", "link-in", "secret", "share", "etc", "passwd",
+     "hello.txt"]), max_size=6)), min_size=1, max_size=12))
+def test_every_walk_stays_inside(c: P9Driver, share: Path, walks: list[tuple[int, list[str]]]) -> None:
+    """Any sequence of walks, from any fid, with ``..``, ``.``, symlinks and names of things
+    outside: every qid the server returns and every fid it makes is an inode of the share."""
+    inside = _inodes(share)
+    for fid in (1, 2):
+        if fid in c.server.fids:
+            c.clunk(fid)
+        c.walk(0, fid)
+    for src, names in walks:
+        try:
+            qids = c.walk(src, 3, *names)
+        except Remote:
+            continue
+        assert {q.path for q in qids} <= inside
+        if len(qids) == len(names):  # fid 3 was made
+            assert c.getattr(3)["ino"] in inside
+            if src:  # fid 1 or 2 moves there: later walks go on from where this one ended
+                c.clunk(src)
+                c.walk(3, src)
+            c.clunk(3)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(counts=st.lists(st.integers(80, 3000), min_size=1, max_size=8))
+def test_readdir_pages_any_sizes(c: P9Driver, share: Path, counts: list[int]) -> None:
+    """Replies of any sizes that hold the longest entry (24 + 50 bytes here; an empty reply is
+    the end of the directory in 9P) page through the listing: nothing lost, nothing repeated."""
+    c.walk(0, 9, "dir")
+    try:
+        c.lopen(9)
+        expect = sorted([b".", b".."] + [os.fsencode(n) for n in os.listdir(share / "dir")])
+        got: list[bytes] = []
+        offset, i = 0, 0
+        while batch := c.readdir(9, offset, counts[i % len(counts)]):
+            got += [e[3] for e in batch]
+            offset = batch[-1][1]
+            i += 1
+        assert sorted(got) == expect
+    finally:
+        c.clunk(9)
