@@ -160,6 +160,7 @@ class Server:
             raise OSError(e.errno, f"9p shares need /proc/self/fd: {e.strerror}") from None
         if (proc.st_dev, proc.st_ino) != self.root_id:
             raise OSError(errno.ENOENT, "9p shares need /proc/self/fd: it names another file")
+        os.close(openat2(root_fd, ".", _O_PATH | os.O_DIRECTORY, 0, WALK))  # ENOSYS before Linux 5.6: now, not per walk
         self.readonly = readonly
         self.openat2 = openat2
         self.max_fids = max_fids
