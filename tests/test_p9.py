@@ -280,13 +280,16 @@ def ram() -> Iterator[SlotRam]:
     yield SlotRam([(0, SLOT), (SLOT, SLOT)])
 
 
-def make_tree(root: Path) -> None:
+BIG = bytes((i * 31 + (i >> 8)) & 0xFF for i in range(300_000))
+
+
+def make_tree(root: Path, entries: int = 150) -> None:
     (root / "dir" / "sub").mkdir(parents=True)
     (root / "hello.txt").write_bytes(b"hello, guest\n")
-    (root / "big.bin").write_bytes(bytes((i * 31 + (i >> 8)) & 0xFF for i in range(300_000)))
+    (root / "big.bin").write_bytes(BIG)
     (root / "dir" / "a").write_bytes(b"A" * 10)
     (root / "dir" / "sub" / "deep").write_bytes(b"deep")
-    for i in range(150):
+    for i in range(entries):
         (root / "dir" / f"entry-{i:03d}-{'x' * (i % 40)}").write_bytes(b"%d" % i)
     os.symlink("/etc", root / "etc-abs")
     os.symlink("../../../../../../etc", root / "dir" / "etc-rel")
@@ -805,13 +808,38 @@ def test_chains_that_cannot_carry_a_reply_are_device_errors(ram: SlotRam, share:
         os.close(drv.root_fd)  # type: ignore[attr-defined]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(kind=st.sampled_from(sorted(wire.NAMES) + [7, 101, 127]), body=st.binary(max_size=80),
-       room=st.integers(11, 300))
-def test_any_message_gets_a_reply(share: Path, kind: int, body: bytes, room: int) -> None:
-    """Random bodies for every message type, random reply room: a well-formed reply with the
-    request's tag, or Rlerror; no server fault; nothing outside the share changes."""
+_NAME = st.sampled_from([b"dir", b"hello.txt", b"new", b"..", b".", b"etc-abs", b"a/b", b"", b"sub"])
+_MESSAGE = st.tuples(
+    st.sampled_from(sorted(wire.NAMES) + [7, 101, 127]),
+    st.one_of(
+        st.binary(max_size=80),  # anything at all
+        # a fid the session has (0..3) or not, then names and numbers: the shapes the server parses
+        st.tuples(st.integers(0, 5), st.lists(st.one_of(_NAME.map(lambda n: struct.pack("<H", len(n)) + n),
+                                                        st.binary(min_size=4, max_size=8)), max_size=5))
+        .map(lambda t: struct.pack("<I", t[0]) + b"".join(t[1])),
+    ),
+    st.integers(11, 300),  # reply room
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(messages=st.lists(_MESSAGE, min_size=1, max_size=6))
+def test_any_messages_get_replies_and_release_everything(messages: list[tuple[int, bytes, int]]) -> None:
+    """Random messages of every type over a live session (fids on the root, a directory, an
+    open file), random reply room: each gets a well-formed reply with its tag, or Rlerror; no
+    server fault, no device error; nothing outside the share changes; a device reset then
+    gives back every descriptor the session held."""
+    with tempfile.TemporaryDirectory(prefix="numavm-p9-") as d:  # a fresh tree: messages may change it
+        share = Path(d) / "share"
+        share.mkdir()
+        (Path(d) / "secret").write_bytes(b"outside the share")
+        make_tree(share, entries=3)
+        _any_messages(share, messages)
+
+
+def _any_messages(share: Path, messages: list[tuple[int, bytes, int]]) -> None:
     ram = SlotRam([(0, SLOT), (SLOT, SLOT)])
+    fds = _open_fds()
     drv = p9_driver(ram, share)
     try:
         drv.version()
@@ -819,14 +847,19 @@ def test_any_message_gets_a_reply(share: Path, kind: int, body: bytes, room: int
         drv.walk(0, 1, "dir")
         drv.walk(0, 2, "hello.txt")
         drv.lopen(2)
-        drv.tag = 77
-        reply = drv.raw(wire.message(kind, 77, body), room)
-        size, rkind, rtag = wire.HEADER.unpack_from(reply)
-        assert size == len(reply) <= room and rtag == 77
-        assert rkind in (wire.RLERROR, kind + 1)
-        assert drv.server.faults == []
-        assert not drv.status() & vpci.STATUS_DEVICE_NEEDS_RESET
+        drv.walk(0, 3)
+        for i, (kind, body, room) in enumerate(messages):
+            tag = 100 + i
+            reply = drv.raw(wire.message(kind, tag, body), room)
+            size, rkind, rtag = wire.HEADER.unpack_from(reply)
+            assert size == len(reply) <= room and rtag == tag
+            assert rkind in (wire.RLERROR, kind + 1)
+            assert drv.server.faults == []
+            assert not drv.status() & vpci.STATUS_DEVICE_NEEDS_RESET
         assert (share.parent / "secret").read_bytes() == b"outside the share"
+        assert sorted(os.listdir(share.parent)) == ["secret", "share"]
+        drv.set_status(0)
+        assert _open_fds() == fds + 1  # the root descriptor, which is the caller's
     finally:
         drv.dev.device.close()  # type: ignore[attr-defined]
         os.close(drv.root_fd)  # type: ignore[attr-defined]
