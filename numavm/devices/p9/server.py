@@ -627,7 +627,7 @@ class Server:
             os.chown(inode, uid if valid & SETATTR_UID else -1, gid if valid & SETATTR_GID else -1)
         if valid & SETATTR_SIZE:
             if not stat.S_ISREG(f.mode):
-                raise P9Error(errno.EINVAL if f.is_dir else errno.EACCES, "size of a non-regular file")
+                raise P9Error(errno.EISDIR if f.is_dir else errno.EINVAL, "truncate(2)'s answers")
             os.truncate(inode, size)
         if valid & (SETATTR_ATIME | SETATTR_MTIME):
             st = os.fstat(f.fd)
