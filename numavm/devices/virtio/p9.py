@@ -6,11 +6,23 @@ trans=virtio,version=9p2000.L TAG DIR``.  Each chain is one request (its readabl
 room for the reply (its writable buffers); `numavm.devices.p9.server.Server` answers it and
 the chain goes back with the reply's length.
 
-The engine opens the share's directory (``O_PATH | O_DIRECTORY``) and passes the descriptor,
-the tag, whether it is read-only and numavm.host.libc.openat2; the device never closes the
-root descriptor, and `close` releases every descriptor the guest's fids hold.  A chain that
-cannot carry a request header or the smallest reply is a protocol error (VirtioError: the
-device needs a reset); everything else the guest sends gets a 9P reply.
+A chain that cannot carry a request header or the smallest reply is a protocol error
+(VirtioError: the device needs a reset); everything else the guest sends gets a 9P reply.
+
+What the engine does with it:
+
+* opens the share's directory, ``os.open(path, O_PATH | O_DIRECTORY | O_CLOEXEC)``, and keeps
+  that descriptor until after `close` (the device never closes it);
+* builds ``VirtioPciDevice(Virtio9p(root_fd, tag, readonly=..., openat2=numavm.host.libc.openat2),
+  guest_memory)`` for a plan device of kind ``numavm.plan.pci.VIRTIO_9P``; the constructor
+  raises OSError (ENOSYS: a kernel before 5.6 has no openat2; no /proc/self/fd) or ValueError
+  (a bad tag) before the guest starts;
+* runs ``queue_notify`` on the device's I/O thread under the device's lock, the lock the vCPUs
+  take for its MMIO (a reset closes descriptors the I/O thread would otherwise be using);
+* leaves room for ``2 * max_fids`` descriptors (an open directory being listed holds two):
+  RLIMIT_NOFILE's soft limit is often 1024, so raise it towards the hard limit, or pass a
+  smaller ``max_fids``; running out is answered EMFILE / ENFILE to the guest, not a crash;
+* after the I/O thread has stopped, calls `close`, then closes the root descriptor.
 """
 
 from __future__ import annotations
