@@ -50,6 +50,9 @@ MAX_WALK: Final = 16  # P9_MAXWELEM
 IOHDR: Final = 11  # size[4] type[1] tag[2] count[4]: the header before Rread's / Rreaddir's data
 TWRITE_HEADER: Final = 23  # size type tag fid[4] offset[8] count[4]
 RLERROR_SIZE: Final = wire.HEADER_SIZE + 4
+# every fixed reply fits this (the largest is Rwalk's 16 qids); a request with less reply room is
+# refused before it runs, so an answer the guest cannot receive never hides a change it made
+SMALL_REPLY_ROOM: Final = wire.HEADER_SIZE + 2 + MAX_WALK * wire.QID_SIZE
 MAX_FAULTS: Final = 32
 
 # P9_DOTL_* open flags (include/net/9p/9p.h); only these are honoured
@@ -215,6 +218,8 @@ class Server:
             op = self._ops.get(kind)
             if op is None:
                 raise P9Error(errno.EOPNOTSUPP, f"message type {kind}")
+            if room < SMALL_REPLY_ROOM and kind not in (wire.TREAD, wire.TREADDIR):
+                raise P9Error(errno.EMSGSIZE, f"reply room of {room} bytes")
             if kind == wire.TWRITE:  # the payload stays in guest memory
                 d = Decoder(_gather(readable, min(size, TWRITE_HEADER)), wire.HEADER_SIZE)
                 data = _slice(readable, TWRITE_HEADER, max(0, size - TWRITE_HEADER))
@@ -236,7 +241,7 @@ class Server:
             return self._error(writable, tag, errno.EIO)
         body, trailing = (reply.body, reply.trailing) if isinstance(reply, Placed) else (reply, 0)
         total = wire.HEADER_SIZE + len(body) + trailing
-        if total > room:
+        if total > room:  # Rreadlink, Rgetlock: long strings, and no change made
             return self._error(writable, tag, errno.EMSGSIZE)
         _scatter(writable, wire.HEADER.pack(total, kind + 1, tag) + body)
         return total
