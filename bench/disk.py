@@ -1,13 +1,13 @@
 """Disk reads in the guest under TCG: numavm's engine (a pxb per domain, virtio-blk-pci on the fd
 numavm checked) against plain QEMU-TCG with the same virtio-blk-pci on its root bus.
 
-Both guests boot the same vmlinux and read the same 1 GiB raw image (written once, random bytes,
-in the host's page cache after the warm-up), timed inside the guest: a sequential read with
-busybox `dd iflag=direct bs=1M` (between two /proc/uptime readings, 10 ms resolution), and
-4 KiB O_DIRECT random reads by bench/randread.c (its own monotonic clock).  The guest kernel's
-virtio_blk module comes from BENCH_VIRTIO_BLK (a .ko matching the kernel; Debian 12's 6.1 also
-needs virtio_pci and its dependencies, Debian 13's 6.12 has those built in); BENCH_KERNEL names
-the vmlinux (default: numavm's cached one).
+Both guests boot the same vmlinux (numavm's Debian kernel) and read the same 1 GiB raw image
+(written once, random bytes, in the host's page cache after the warm-up), timed inside the
+guest: a sequential read with busybox `dd iflag=direct bs=1M` (between two /proc/uptime
+readings, 10 ms resolution), and 4 KiB O_DIRECT random reads by bench/randread.c (its own
+monotonic clock).  numavm's initramfs loads the virtio modules itself
+(numavm.guest.modules); QEMU's initramfs gets the same module files and insmods them in the
+same order.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ TIMEOUT = 300.0
 DONE = b"@@BENCH-DISK-DONE@@"
 QBOOT = "/usr/share/qemu/qboot.rom"
 MACHINE = ["-c", "2", "-n", "id=0,size=256M,cpus=0", "-n", "id=1,size=256M,cpus=1"]
-SCRIPT = ("insmod /vblk.ko; a=$(cut -d' ' -f1 /proc/uptime); "
+SCRIPT = ("a=$(cut -d' ' -f1 /proc/uptime); "
           "dd if=/dev/vda of=/dev/null bs=1M iflag=direct 2>/dev/null; "
           "b=$(cut -d' ' -f1 /proc/uptime); echo \"seq-seconds $a $b\"; "
           f"/randread /dev/vda {RANDOM_READS}; echo {DONE.decode()}")
@@ -73,24 +73,25 @@ def parse(out: bytes, size: int) -> tuple[float, float]:
     return (size >> 20) / secs, float(r.group(1))
 
 
-def numavm_argv(img: Path, vmlinux: str, ko: str, rr: Path) -> list[str]:
-    return [sys.executable, "-m", "numavm", "run", "--accel", "tcg", "--kernel", vmlinux, *MACHINE,
-            "--disk", f"{img},domain=1,readonly", "--add", f"{ko}:/vblk.ko", "--add", f"{rr}:/randread",
+def numavm_argv(img: Path, rr: Path) -> list[str]:
+    return [sys.executable, "-m", "numavm", "run", "--accel", "tcg", *MACHINE,
+            "--disk", f"{img},domain=1,readonly", "--add", f"{rr}:/randread",
             "--timeout", str(int(TIMEOUT)), "--", "sh", "-c", SCRIPT]
 
 
-def qemu_initrd(ko: str, rr: Path) -> Path:
+def qemu_initrd(modules: list[Path], rr: Path) -> Path:
     from numavm.guest.assets import cached, fetch
     from numavm.guest.initramfs import Entry, cpio_newc
 
     busybox = (cached() or fetch(log=lambda s: None)).busybox
     init = b"#!/bin/sh\n/bin/busybox --install -s /bin\nmount -t proc proc /proc\nmount -t sysfs sys /sys\n" \
-           b"mount -t devtmpfs dev /dev\n" + SCRIPT.encode() + b"\npoweroff -f\n"
+           b"mount -t devtmpfs dev /dev\n" + b"".join(b"insmod /%s\n" % m.name.encode() for m in modules) + \
+           SCRIPT.encode() + b"\npoweroff -f\n"
     d, f = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o755
     entries = [Entry("bin", d), Entry("bin/busybox", f, busybox.read_bytes()),
                Entry("bin/sh", stat.S_IFLNK | 0o777, b"busybox"), Entry("dev", d), Entry("proc", d), Entry("sys", d),
                Entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)), Entry("init", f, init),
-               Entry("vblk.ko", f, Path(ko).read_bytes()), Entry("randread", f, rr.read_bytes())]
+               *[Entry(m.name, f, m.read_bytes()) for m in modules], Entry("randread", f, rr.read_bytes())]
     return scratch("bench-disk-initrd.cpio.gz", gzip.compress(cpio_newc(entries), 6, mtime=0))
 
 
@@ -122,23 +123,26 @@ def benches(quick: bool) -> list[Bench]:
     size = QUICK_IMAGE_SIZE if quick else IMAGE_SIZE
     label = f"{size >> 20} MiB" if size < 1 << 30 else f"{size >> 30} GiB"
     names = [titles[0].format(size=label), titles[1].format(n=RANDOM_READS)]
-    ko = os.environ.get("BENCH_VIRTIO_BLK")
     why = ""
     if QEMU is None:
         why = "qemu-system-x86_64 not installed"
-    elif not ko or not Path(ko).is_file():
-        why = "BENCH_VIRTIO_BLK names no virtio_blk.ko for the guest kernel"
+    else:
+        try:
+            from numavm.guest.launch import guest_assets
+            from numavm.guest.modules import device_modules
+
+            assets = guest_assets(None, lambda s: None)
+            assert assets.debian is not None
+            modules = device_modules(assets.debian, ["virtio-blk"], lambda s: None)
+            rr, img = randread(), image(size)
+        except Exception as e:  # no apt, no network, no compiler: say so in the table
+            why = f"guest assets unavailable: {e}"
     if why:
         return [Bench(f"disk-{k}", "disk", t, "MiB/s" if k == "seq" else "IOPS", Side("numavm", None, missing=why),
                       [], skipped=why) for k, t in zip(("seq", "rand"), names)]
-    assert ko is not None
-    vmlinux = os.environ.get("BENCH_KERNEL")
-    if not vmlinux:
-        from numavm.guest.launch import guest_assets
-        vmlinux = str(guest_assets(None, lambda s: None).vmlinux)
-    rr, img = randread(), image(size)
-    n_argv = numavm_argv(img, vmlinux, ko, rr)
-    q_argv = qemu_argv(img, vmlinux, qemu_initrd(ko, rr))
+    vmlinux = str(assets.vmlinux)
+    n_argv = numavm_argv(img, rr)
+    q_argv = qemu_argv(img, vmlinux, qemu_initrd(modules, rr))
     out = []
     for which, (key, unit) in enumerate((("seq", "MiB/s"), ("rand", "IOPS"))):
         n = Side("numavm-TCG", (lambda w=which: sample(n_argv, child_env(), size, w)), command=shell(n_argv))
@@ -150,15 +154,16 @@ def benches(quick: bool) -> list[Bench]:
 
         notes = [
             "numavm: `numavm run --accel tcg` on two domains with the image as `--disk IMG,domain=1,readonly`: "
-            "QEMU's pxb for domain 1's host bridge (root bus 3), virtio-blk-pci behind it at 0000:04:00.0 on "
+            "QEMU's pxb for domain 1's host bridge (root bus 1), virtio-blk-pci behind it at 0000:02:00.0 on "
             "a raw -blockdev over the fd numavm opened (`/dev/fdset/0`), SeaBIOS, numavm's SRAT/SLIT and "
             "_PXM SSDT; the guest's command is the script below, its output read from numavm's stdout.",
             "QEMU: the same vmlinux and kernel command line, `numavm export --to qemu` of the same two "
             "domains, qboot, `-drive file=IMG,if=none,format=raw,readonly=on` and "
-            "`virtio-blk-pci,disable-legacy=on` on the root bus; an initramfs of busybox, the module and "
-            "randread whose /init runs the same script.",
+            "`virtio-blk-pci,disable-legacy=on` on the root bus; an initramfs of busybox, the virtio "
+            f"modules numavm's initramfs loads ({', '.join(m.name for m in modules)}) and randread, whose "
+            "/init insmods them and runs the same script.",
             f"Guest script: `{SCRIPT}`. The figure is taken inside the guest, so boot time is not in it.",
         ]
-        out.append(Bench(f"disk-{key}", "disk", names[which], unit, n, [q], runs=3, warmup=1,
+        out.append(Bench(f"disk-{key}", "disk", names[which], unit, n, [q], runs=5, warmup=1,
                          higher_is_better=True, goal="≥ 0.8 × QEMU-TCG", goal_met=met, notes=notes))
     return out

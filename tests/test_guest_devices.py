@@ -173,7 +173,8 @@ def report_of(layout: Layout, **change: object) -> dict:
     pci = {"0000:00:00.0": {"vendor": "0x8086", "device": "0x1237", "class": "0x060000", "numa_node": -1}}
     for dev in layout.pci.devices:
         pci[dev.bdf] = {"vendor": "0x1af4", "device": "0x1042", "class": "0x018000", "numa_node": p2n[dev.domain],
-                        "block": [{"name": names[dev.bdf], "sectors": sizes[dev.bdf], "logical_block_size": 512}]}
+                        "block": [{"name": names[dev.bdf], "sectors": sizes[dev.bdf], "logical_block_size": 512,
+                                   "ro": int(topo.disks[dev.index].readonly)}]}
     doc = {"nodes": nodes, "online_cpus": "0-1", "online_nodes": f"0-{len(nodes) - 1}",
            "cpu_apic_ids": {"0": 0, "1": 1}, "kernel": "6.1.0-57-amd64",
            "has_generic_initiator_nodes": ",".join(str(p2n[d]) for d in sorted(topo.initiators)),
@@ -225,10 +226,16 @@ def test_compare_devices_match(tmp_path: Path) -> None:
     ({"has_generic_initiator_nodes": ""}, "generic initiator nodes: guest none, plan wants 2"),
     ({"modules": {"virtio": 0, "virtio_blk": 1}}, "module virtio_blk: insmod failed in the guest (status 1)"),
     ({"pci": {}}, "disk 0 (0000:04:00.0, domain 2): not among the guest's PCI devices"),
+    ("ro", "disk 2 (0000:04:01.0, domain 2): the guest's vdc is writable, plan wants read-only"),
 ])
-def test_compare_devices_mismatch(tmp_path: Path, change: dict, words: str) -> None:
+def test_compare_devices_mismatch(tmp_path: Path, change: dict | str, words: str) -> None:
     lay = machine(tmp_path)
-    r = GuestReport.from_document(report_of(lay, **change))
+    if change == "ro":
+        doc = report_of(lay)
+        doc["pci"]["0000:04:01.0"]["block"][0]["ro"] = 0
+    else:
+        doc = report_of(lay, **change)
+    r = GuestReport.from_document(doc)
     bad = compare_devices(lay, r, expected_view(lay).pxm_to_node)
     assert any(words in b for b in bad), bad
 
@@ -282,6 +289,12 @@ def test_kernel_stage_does_not_want_the_initiator_logged(tmp_path: Path) -> None
         *(f"[0.0] Fallback order for Node {n}: {' '.join(map(str, o))}" for n, o in exp.fallback.items()),
         "[0.0] Built 4 zonelists, mobility grouping on.  Total pages: 1"])
     assert compare_kernel(exp, parse_kernel_log(log)) == []
+    text = render(CheckReport("kernel", "tcg", lay, parse_kernel_log(log), boot="stopped"))
+    lines = text.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("domain 1: node")))
+    assert lines[at].split()[-3:] == ["2", "not", "logged"]
+    want = [str(n) for n in exp.fallback[2]]
+    assert next(line for line in lines[at:] if "fallback order" in line).split()[-2 * len(want):] == want * 2
 
 
 def test_verdict_shows_devices(tmp_path: Path) -> None:
@@ -300,8 +313,9 @@ def test_verdict_shows_devices(tmp_path: Path) -> None:
     assert doc["devices"]["generic_initiator_nodes"] == {"expected": [2], "observed": [2]}
     assert doc["devices"]["pci"][1] == {"address": "0000:02:00.0", "kind": "virtio-blk", "domain": 1,
                                         "node": {"expected": 2, "observed": 2},
-                                        "block": {"expected": {"sectors": 2048, "logical_block_size": 512}, "observed": {"name": "vda", "sectors": 2048,
-                                                                                  "logical_block_size": 512}}}
+                                        "block": {"expected": {"sectors": 2048, "logical_block_size": 512, "ro": False},
+                                                  "observed": {"name": "vda", "sectors": 2048,
+                                                               "logical_block_size": 512, "ro": False}}}
     json.dumps(doc)
 
 
@@ -360,7 +374,7 @@ def test_modules_load_and_report_under_qemu(tmp_path: Path) -> None:
     assert len(disks) == 1, rep.pci
     (f,) = disks.values()
     assert (f.vendor, f.device, f.numa_node) == (0x1AF4, 0x1042, 1)
-    assert [(b.name, b.sectors, b.logical_block_size) for b in f.block] == [("vda", (48 << 20) // 512, 512)]
+    assert [(b.name, b.sectors, b.logical_block_size, b.ro) for b in f.block] == [("vda", (48 << 20) // 512, 512, False)]
     assert rep.generic_initiator_nodes == frozenset()
 
 
@@ -457,3 +471,41 @@ def test_check_hmat_with_a_generic_initiator_under_tcg(tmp_path: Path) -> None:
     access = doc["observed"]["userspace"]["nodes"]["2"]["access"]
     assert (access["0"]["initiators"], access["0"]["read_latency"]) == ([1], 150)
     assert (access["1"]["initiators"], access["1"]["read_latency"]) == ([0], 300)
+
+
+def test_export_to_qemu_leaves_a_generic_initiator_out_of_the_hmat(tmp_path: Path) -> None:
+    """QEMU 7.2 refuses `-numa hmat-lb,initiator=N` for a node without CPUs ("it isn't an initiator
+    proximity domain"): export leaves such links out, and says so."""
+    from numavm.peers.export import export
+
+    img = tmp_path / "a.img"
+    img.write_bytes(bytes(4096))
+    m = Machine.from_options(HMAT_GI + ["--disk", f"{img},domain=2,initiator"])
+    e = export(m.topology, "qemu")
+    text, warnings = e.text, e.warnings
+    assert "initiator=2" not in text and "hmat-lb,initiator=0,target=1" in text
+    assert any("--hmat 2:1: QEMU takes no HMAT initiator without vCPUs" in w for w in warnings)
+
+
+def test_modules_go_to_a_private_directory_when_the_cache_cannot_take_them(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from numavm.guest import modules as M
+    from numavm.guest.assets import Assets
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    a = Assets(cache / "vmlinuz-6.1.0-57-amd64", cache / "busybox", "6.1.0-57-amd64", "linux-image-x", "1")
+    roots = []
+
+    def extract(assets, log, release, dirs, names, dirname, root):  # type: ignore[no-untyped-def]
+        roots.append(root)
+        if root == cache:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return root / "modules-6.1.0-57-amd64"
+
+    monkeypatch.setattr(M, "_extract", extract)
+    lines: list[str] = []
+    got = M.extract_modules(a, lines.append)
+    assert roots[0] == cache and got.parent == roots[1] != cache
+    assert "cannot keep the kernel's modules (Read-only file system)" in lines[0]

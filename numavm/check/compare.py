@@ -426,9 +426,10 @@ def expected_device_nodes(layout: Layout, pxm_to_node: Mapping[int, int]) -> dic
 
 def compare_devices(layout: Layout, report: GuestReport, pxm_to_node: Mapping[int, int] | None) -> list[str]:
     """The plan's PCI devices against the guest's report: each device at its address with
-    virtio-blk's modern ids (1af4:1042; QEMU's transitional device, 1af4:1001, is not it), on its domain's node, its disk's name, size and logical block size; the
-    modules /init loaded; the generic initiator nodes.  A machine without devices is checked
-    only for not having generic initiator nodes."""
+    virtio-blk's modern ids (1af4:1042; QEMU's transitional device, 1af4:1001, is not it), on
+    its domain's node, one virtio disk of the image's size with 512-byte logical blocks,
+    read-only exactly when the plan's disk is; every module /init loaded; the generic initiator
+    nodes.  A machine without devices is checked only for having no generic initiator node."""
     # The class is reported, not compared: QEMU's virtio-blk-pci says 0x010000 (SCSI), numavm's 0x018000.
     from numavm.plan.pci import VIRTIO_IDS, VIRTIO_PCI_DEVICE_BASE, VIRTIO_VENDOR
 
@@ -484,6 +485,9 @@ def compare_devices(layout: Layout, report: GuestReport, pxm_to_node: Mapping[in
             out.append(f"{where}: {b.sectors} sectors, the image {disk.path} has {sectors}")
         if b.logical_block_size != 512:
             out.append(f"{where}: logical block size {b.logical_block_size}, plan wants 512")
+        if b.ro is not None and b.ro != disk.readonly:
+            out.append(f"{where}: the guest's {b.name} is {'read-only' if b.ro else 'writable'}, plan wants "
+                       f"{'read-only' if disk.readonly else 'writable'}")
     return out
 
 

@@ -106,10 +106,13 @@ class BlockDevice:
     name: str
     sectors: int | None  # size in 512-byte sectors
     logical_block_size: int | None
+    ro: bool | None = None  # /sys/block/NAME/ro; None: not reported
 
     @classmethod
     def from_document(cls, d: Mapping[str, Any]) -> BlockDevice:
-        return cls(_str(d.get("name")) or "", _int(d.get("sectors")), _int(d.get("logical_block_size")))
+        ro = _int(d.get("ro"))
+        return cls(_str(d.get("name")) or "", _int(d.get("sectors")), _int(d.get("logical_block_size")),
+                   None if ro is None else bool(ro))
 
 
 @dataclass(frozen=True)

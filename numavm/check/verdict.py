@@ -76,7 +76,8 @@ class CheckReport:
             got = pci.get(dev.bdf)
             rows.append({"address": dev.bdf, "kind": dev.kind, "domain": dev.domain,
                          "node": {"expected": want_nodes[dev.bdf], "observed": got.numa_node if got else None},
-                         "block": {"expected": {"sectors": disk_sectors(disk.path), "logical_block_size": 512},
+                         "block": {"expected": {"sectors": disk_sectors(disk.path), "logical_block_size": 512,
+                                                "ro": disk.readonly},
                                    "observed": dataclasses.asdict(got.block[0]) if got and got.block else None}})
         gi = self.guest.generic_initiator_nodes if self.guest is not None else None
         return {"pci": rows,
@@ -141,7 +142,11 @@ def render(report: CheckReport) -> str:
     for d in layout.domains:
         node = exp.pxm_to_node.get(d.id) if exp else 0
         seen_node: Any = p2n.get(d.id, "-" if layout.topology.numa else 0)
-        rows.append((f"domain {d.id}: node", str(node), str(seen_node)))
+        # a domain with only a generic initiator: Linux logs its SRAT entry at debug level, so the
+        # kernel stage knows its node only from the zonelists, which are compared by node number
+        gi_only = not d.apic_ids and not d.ranges and d.id in layout.topology.initiators
+        zonelist_node = node if gi_only and seen_node == "-" else seen_node
+        rows.append((f"domain {d.id}: node", str(node), "not logged" if gi_only and seen_node == "-" else str(seen_node)))
         ranges = ", ".join(f"{r.start:#x}-{r.end - 1:#x}" for r in d.ranges) or "none"
         got = kern.srat_ranges.get(seen_node, []) if isinstance(seen_node, int) else []
         got_text = ", ".join(f"{s:#x}-{e - 1:#x}" for s, e in got) or (
@@ -167,7 +172,7 @@ def render(report: CheckReport) -> str:
             _hmat_rows(rows, report, d.id, seen_node, guest)
         if exp is not None:
             rows.append(("  fallback order", " ".join(map(str, exp.fallback.get(node if node is not None else -1, []))),
-                         " ".join(map(str, kern.fallback.get(seen_node, []))) or "-"))
+                         " ".join(map(str, kern.fallback.get(zonelist_node, []))) or "-"))
     if layout.pci or layout.topology.initiators:
         _device_rows(rows, report)
     w0 = max(len(r[0]) for r in rows)
@@ -193,9 +198,9 @@ def _device_rows(rows: list[tuple[str, str, str]], report: CheckReport) -> None:
         b = row["block"]["observed"]
         want = row["block"]["expected"]
         rows.append(("  block device", f"vd? {want['sectors'] if want['sectors'] is not None else '?'} sectors, "
-                                       f"logical block {want['logical_block_size']} B",
+                                       f"logical block {want['logical_block_size']} B{', read-only' * want['ro']}",
                      f"{b['name']} {b['sectors']} sectors, logical block {b['logical_block_size']} B"
-                     if b else "-"))
+                     f"{', read-only' * bool(b['ro'])}" if b else "-"))
     gi = d["generic_initiator_nodes"]
     rows.append(("generic initiator nodes", format_list(gi["expected"]) or "none",
                  "-" if gi["observed"] is None else format_list(gi["observed"]) or "none"))

@@ -55,8 +55,10 @@ VIRTIO_MSIX_PBA = 0x5000
 VIRTIO_REGION_SIZE = 0x1000
 
 VIRTIO_BLK = "virtio-blk"
-VIRTIO_IDS = {VIRTIO_BLK: 2}
-PCI_CLASS = {VIRTIO_BLK: 0x01_80_00}  # mass storage, other
+VIRTIO_9P = "virtio-9p"  # a shared host directory (numavm.devices.virtio.p9)
+VIRTIO_IDS = {VIRTIO_BLK: 2, VIRTIO_9P: 9}
+PCI_CLASS = {VIRTIO_BLK: 0x01_80_00,  # mass storage, other
+             VIRTIO_9P: 0x00_02_00}  # QEMU's virtio-9p-pci value (class_id 0x0002); Linux does not look
 
 
 @dataclass(frozen=True)
