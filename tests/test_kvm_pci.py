@@ -843,3 +843,24 @@ def test_the_api_refuses_a_bad_image_before_the_kernel_and_releases_a_good_one(t
     assert _fds() == fds
     with open_disk(img):  # its lock went with it
         pass
+
+
+@needs_kvm
+def test_a_guest_that_overlaps_two_devices_bars_gets_one_of_them_not_a_crash(tmp_path: Path) -> None:
+    """The guest puts disk 1's BAR0 on disk 0's: MMIO there reaches one function, the second
+    notify ioeventfd at the same address is refused by KVM (its writes would exit instead),
+    and moving the BAR away again restores both."""
+    from numavm.vmm.kvm.machine import KvmMachine
+
+    layout = _pci_layout(tmp_path, f"{_image(tmp_path, name='a.img')},domain=1",
+                         f"{_image(tmp_path, name='b.img')},domain=1")
+    d0, d1 = layout.pci.devices
+    with KvmMachine(layout, name="overlap") as m:
+        assert m.pci is not None
+        p0, p1 = m.pci.devices
+        m.pci.config_write(d1.bus, d1.devfn, 0x10, 4, d0.bar0)  # the guest's doing
+        assert p1.bars == p0.bars and p1.notify_at == d0.bar0
+        assert (p0.notify_fallback, p1.notify_fallback) == (0, 1)
+        assert m.pci.mmio_read(d0.bar0 + 0x12, 2) == 1  # num_queues, from one of them
+        m.pci.config_write(d1.bus, d1.devfn, 0x10, 4, d1.bar0)
+        assert p1.notify_fallback == 0 and m.pci.mmio_read(d1.bar0 + 0x12, 2) == 1

@@ -240,7 +240,9 @@ class PciPlatform:
 
     def _rebuild_bar_map(self) -> None:
         with self._map_lock:
-            entries = sorted((start, end, index, dev) for dev in self.devices for start, end, index in dev.bars)
+            # by address only: two devices' BARs the guest put at one address must not compare devices
+            entries = sorted(((start, end, index, dev) for dev in self.devices for start, end, index in dev.bars),
+                             key=lambda e: (e[0], e[1], e[2]))
             self._bar_map = ([e[0] for e in entries], entries)
 
     def _move_notify(self, dev: _Device, bar0: int) -> None:
