@@ -629,7 +629,8 @@ def test_a_device_interrupt_reaches_the_guest_through_msix_irqfd_and_its_route(t
     layout = _pci_layout(tmp_path, f"{_image(tmp_path)},domain=1")
     (dev,) = layout.pci.devices
     cfg, bar = ecam_address(dev.bus, dev.slot, 0), dev.bar0
-    with KvmMachine(layout, name="msix") as m:
+    logged: list[str] = []
+    with KvmMachine(layout, name="msix", log=logged.append) as m:
         assert m.pci is not None
         fn = m.pci.devices[0].fn
         control = _msix_control(fn)
@@ -647,7 +648,10 @@ def test_a_device_interrupt_reaches_the_guest_through_msix_irqfd_and_its_route(t
         ])
         assert rec.events == [("irq", 0x41), ("value", 0x47)]
         assert m.pci.devices[0].routes == (K.MsiRoute(K.FIRST_MSI_GSI, LAPIC, 0x41),)
-        assert "queue 0 notified but not enabled" in fn.errors[-1]
+        error = fn.errors[-1]
+        assert "queue 0 notified but not enabled" in error
+    assert logged == [f"numavm: virtio-blk {dev.bdf} ({tmp_path / 'disk.img'}): the guest's driver broke the "
+                      f"protocol: {error} (the device waits for a reset)"]
 
 
 DESC, AVAIL, USED, HEADER, STATUS = 0x30000, 0x31000, 0x32000, 0x33000, 0x35000
