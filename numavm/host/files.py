@@ -141,3 +141,32 @@ def _bounded(f: BinaryIO, limit: int) -> bytes:
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
+
+
+def open_image(path: str | os.PathLike[str], option: str, writable: bool) -> tuple[int, int]:
+    """A disk image (``--disk``): a regular file or a block device, opened for reading (and
+    writing when `writable`) without blocking on a FIFO; its fd and size in bytes.  What is
+    neither (a FIFO, /dev/zero, a directory) is refused in one line.  An image is not read
+    into memory, so it has no size limit of its own."""
+    name = os.fspath(path)
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    try:
+        fd = os.open(name, flags)
+    except OSError as e:
+        raise ConfigError(f"{option}: cannot open {name}{' for writing' if writable else ''}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            size = st.st_size
+        elif stat.S_ISBLK(st.st_mode):
+            size = os.lseek(fd, 0, os.SEEK_END)
+        else:
+            raise ConfigError(f"{option}: {name} is {_kind(st.st_mode)}; a regular file or a block device is needed")
+        os.set_blocking(fd, True)
+    except OSError as e:
+        os.close(fd)
+        raise ConfigError(f"{option}: cannot open {name}: {e.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, size
