@@ -303,6 +303,17 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
+# What a child's main() imports, imported before the fork: a child never waits for the import
+# lock (or another lock) that a thread of this process held when it forked.
+import numavm.api  # noqa: E402,F401
+import numavm.guest.launch  # noqa: E402,F401
+import numavm.peers.bhyve  # noqa: E402,F401
+import numavm.peers.cloud_hypervisor  # noqa: E402,F401
+import numavm.peers.export  # noqa: E402,F401
+import numavm.peers.libvirt  # noqa: E402,F401
+import numavm.peers.qemu  # noqa: E402,F401
+import numavm.plan.render  # noqa: E402,F401
+
 CHILD_AS = 768 << 20  # added to this process's address space: far above what a refusal needs
 CHILD_SECONDS = 20  # a hang, not a slow run
 ROOT = Path(__file__).resolve().parent.parent
