@@ -434,3 +434,45 @@ def test_disk_images_are_regular_files_or_block_devices(tmp_path, fifo):
             open_image(path, "--disk", writable=False)
     with pytest.raises(ConfigError, match="^--disk: cannot open"):
         open_image(tmp_path / "none", "--disk", writable=False)
+
+
+# ---------------------------------------------------------------- run: output errors and signals with a guest
+
+needs_guest = pytest.mark.skipif(not qemu_binary(), reason="qemu-system-x86_64 is not installed")
+
+
+@needs_guest
+def test_run_into_a_full_disk_or_a_closed_pipe(real_assets):
+    """`run -- seq ... > /dev/full`: the run goes on, then one line and exit 1; `| head`: quietly,
+    the command's status (README)."""
+    argv = ["run", "--accel", "tcg", "--timeout", "240", "--", "seq", "1", "100000"]
+    with open("/dev/full", "wb") as full:  # no address-space limit: the guest's RAM is mapped
+        r = subprocess.run([sys.executable, "-m", "numavm", *argv], stdout=full, stderr=subprocess.PIPE,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    errors = [line for line in r.stderr.decode().splitlines() if line.startswith("numavm: error:")]
+    assert r.returncode == 1 and errors == [
+        "numavm: error: run: cannot write stdout: No space left on device (the guest command's output was lost; "
+        "it exited 0)"], r.stderr.decode()[-2000:]
+    p = subprocess.Popen([sys.executable, "-m", "numavm", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.stdout is not None
+    assert p.stdout.read(6) == b"1\n2\n3\n"
+    p.stdout.close()
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and b"Traceback" not in err and b"Exception ignored" not in err, err.decode()[-2000:]
+
+
+@needs_guest
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_run_interrupted_at_any_moment_of_its_start_ends_with_130(real_assets, sig):
+    for delay in (0.0, 0.02, 0.2, 1.0, 3.0):
+        p = subprocess.Popen([sys.executable, "-m", "numavm", "run", "--accel", "tcg", "--", "true"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        end = time.monotonic() + GUARD
+        while not _handles_sigterm(p.pid) and time.monotonic() < end:
+            pass
+        time.sleep(delay)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 130, (delay, p.returncode, err.decode()[-2000:])
+        assert b"Traceback" not in err, err.decode()[-2000:]
