@@ -18,8 +18,21 @@ INTERRUPTED = 130
 BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
-def _on_term(signum: int, frame: object) -> None:
+_interrupted = False  # a signal came: the command ends with 130 whatever else happens
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    global _interrupted
+    _interrupted = True
     raise KeyboardInterrupt  # SIGTERM ends numavm as SIGINT does
+
+
+def _unraisable(u: object) -> None:
+    """An interrupt raised where Python cannot raise (a weakref callback of the import system, a
+    __del__) is dropped by Python, which prints it; here it only marks the command interrupted."""
+    if isinstance(getattr(u, "exc_value", None), KeyboardInterrupt):
+        return
+    sys.__unraisablehook__(u)  # type: ignore[arg-type]
 
 
 def _excepthook(kind: type[BaseException], value: BaseException, tb: object) -> None:
@@ -51,9 +64,10 @@ def become_command() -> None:
     """SIGINT and SIGTERM raise KeyboardInterrupt, and one that escapes main ends the process
     with 130 (no traceback); a broken pipe that escapes it ends it with 141."""
     if sys.excepthook is not _excepthook:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, _on_term)
+        signal.signal(signal.SIGINT, _on_signal)
+        signal.signal(signal.SIGTERM, _on_signal)
         sys.excepthook = _excepthook
+        sys.unraisablehook = _unraisable
 
 
 def finished(status: int) -> None:
@@ -66,6 +80,8 @@ def finished(status: int) -> None:
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if _interrupted:  # one that landed where Python drops exceptions, or one the command survived
+        status = INTERRUPTED
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
