@@ -26,6 +26,7 @@ from numavm.vmm.run import Outcome
 
 if TYPE_CHECKING:
     from numavm.spec.topology import Topology
+    from numavm.plan.layout import Layout
 
 Log = Callable[[str], None]
 
@@ -37,7 +38,14 @@ Log = Callable[[str], None]
 # port-I/O exit per access.  Measured in L1 (nested SVM, an AMD family 0xf CPU): the GART
 # aperture search probed 256 buses x 32 slots, twice, ~33,000 of the example's 38,920 exits;
 # with pci=off 6,136 exits, and L1's run 172 s -> 87 s.
-BASE_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr panic=-1 pci=off"
+BASE_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr panic=-1"
+NO_PCI_CMDLINE = "pci=off"  # not for a machine with devices (--disk): they are PCI functions
+# A machine with devices needs PCI, but not the early port-I/O scans (the GART aperture search,
+# early quirks): pci=noearly leaves them out.  Linux then takes the MCFG's ECAM late, where it
+# finds it reserved by an ACPI motherboard resource (numavm's DSDT has one): measured under
+# QEMU q35 with Debian's 6.1, "PCI: MMCONFIG at [mem 0xb0000000-0xbfffffff] reserved in ACPI
+# motherboard resources", and a virtio-blk disk behind a pxb-pcie found on its node.
+PCI_CMDLINE = "pci=noearly"
 KERNEL_STAGE_CMDLINE = "ignore_loglevel"
 # Userspace: warnings and worse reach the console (an llc-sibling warning among
 # them), the info lines do not: a serial console costs an emulated guest about
@@ -71,8 +79,10 @@ def log_buf_cmdline(cpus: int, nodes: int) -> str:
 
 def kernel_cmdline(stage: str, emulated_kvm: bool, append: str = "", topology: Topology | None = None) -> str:
     """The guest's command line for `stage`; with `topology`, a log ring its NUMA lines fit in
-    (`log_buf_cmdline`) unless `append` sets one."""
-    parts = [BASE_CMDLINE, KERNEL_STAGE_CMDLINE if stage == "kernel" else USERSPACE_CMDLINE]
+    (`log_buf_cmdline`) unless `append` sets one, and PCI (without its early scans) when the
+    machine has devices."""
+    parts = [BASE_CMDLINE, NO_PCI_CMDLINE if topology is None or not topology.disks else PCI_CMDLINE,
+             KERNEL_STAGE_CMDLINE if stage == "kernel" else USERSPACE_CMDLINE]
     if emulated_kvm:
         from numavm.plan.boot import emulation_safe_cmdline
         parts.append(emulation_safe_cmdline())
@@ -158,6 +168,8 @@ class GuestAssets:
     kernel: Path  # what the user gave or the cached Debian bzImage
     vmlinux: Path  # the unpacked ELF (same as kernel when given an ELF)
     busybox: Path | None
+    debian: Assets | None = None  # the Debian package the kernel came from (None: --kernel)
+    release: str | None = None  # that package's release, when not the host's
 
 
 def guest_assets(kernel: str | None, log: Log, release: str | None = None) -> GuestAssets:
@@ -169,7 +181,7 @@ def guest_assets(kernel: str | None, log: Log, release: str | None = None) -> Gu
     """
     if kernel is None:
         assets = cached(release=release) or fetch_anywhere(log, release)
-        return GuestAssets(assets.kernel, unpacked_kernel(assets.kernel, log), assets.busybox)
+        return GuestAssets(assets.kernel, unpacked_kernel(assets.kernel, log), assets.busybox, assets, release)
     path = Path(kernel)
     check_input_file(path, "--kernel", MAX_KERNEL)
     try:
@@ -312,8 +324,23 @@ def _unpacked(path: Path, log: Log) -> Path:
     return out
 
 
+def guest_modules(assets: GuestAssets, layout: Layout, log: Log) -> list[Path]:
+    """The kernel modules numavm's initramfs must load for the machine's devices (in load
+    order, numavm.guest.modules): [] without devices; [] with a note for a kernel numavm did not
+    fetch (--kernel: its drivers must be built in).  Fetched once per kernel into the cache."""
+    if not layout.pci:
+        return []
+    if assets.debian is None:
+        log("numavm: --kernel: numavm knows no modules for this kernel; its virtio-pci and virtio-blk "
+            "drivers must be built in for the guest to see the machine's disks")
+        return []
+    from numavm.guest.modules import device_modules
+
+    return device_modules(assets.debian, sorted({d.kind for d in layout.pci.devices}), log, assets.release)
+
+
 def guest_initrd(initrd: str | None, busybox: Path | None, command: list[str] | None,
-                 add: list[str], shell: bool = False) -> bytes:
+                 add: list[str], shell: bool = False, modules: Sequence[Path] = ()) -> bytes:
     from numavm.guest.initramfs import cached_initramfs
 
     if initrd is not None:
@@ -321,7 +348,7 @@ def guest_initrd(initrd: str | None, busybox: Path | None, command: list[str] | 
     pairs = check_added(add)
     if busybox is None:
         busybox = (cached() or fetch_anywhere(lambda s: None)).busybox
-    return cached_initramfs(busybox, command or None, pairs, shell=shell)
+    return cached_initramfs(busybox, command or None, pairs, shell=shell, modules=modules)
 
 
 def check_inputs(kernel: str | None, initrd: str | None, add: Sequence[str]) -> None:

@@ -67,8 +67,8 @@ syscall.argtypes = None  # variadic: callers pass ctypes-typed arguments
 def _syscall_numbers() -> dict[str, int]:
     return {
         # arch/x86/entry/syscalls/syscall_64.tbl, include/uapi/asm-generic/unistd.h
-        "x86_64": {"mbind": 237, "get_mempolicy": 239, "move_pages": 279},
-        "aarch64": {"mbind": 235, "get_mempolicy": 236, "move_pages": 239},
+        "x86_64": {"mbind": 237, "get_mempolicy": 239, "move_pages": 279, "openat2": 437},
+        "aarch64": {"mbind": 235, "get_mempolicy": 236, "move_pages": 239, "openat2": 437},
     }.get(os.uname().machine, {})  # what platform.machine() reads, without loading it
 
 
@@ -116,6 +116,26 @@ move_pages = declare_syscall("move_pages", ctypes.c_long, ctypes.c_int, ctypes.c
 # int fallocate(int fd, int mode, off_t offset, off_t len): os.posix_fallocate may fall back to
 # writing every block.
 fallocate = declare("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+
+# Files: openat2(2) (Linux 5.6+; glibc 2.36 has no wrapper).  long openat2(int dirfd, const char
+# *path, struct open_how *how, size_t size); struct open_how is three u64s: flags, mode, resolve
+# (include/uapi/linux/openat2.h).  The caller chooses the RESOLVE_* bits: the 9p device confines
+# every guest-named path with them (numavm.devices.p9.confine), the engine hands it `openat2`.
+
+
+class OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_openat2 = declare_syscall("openat2", ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(OpenHow),
+                           ctypes.c_size_t)
+
+
+def openat2(dirfd: int, path: str | bytes, flags: int, mode: int, resolve: int) -> int:
+    """A new file descriptor for ``path`` under ``dirfd``; HostError (an OSError) with the errno otherwise."""
+    how = OpenHow(flags, mode, resolve)
+    return int(_openat2(dirfd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how)))
+
 
 # Process lifetime: prctl(2).  PR_SET_PDEATHSIG: the signal a child gets when
 # the thread that forked it exits (include/uapi/linux/prctl.h).

@@ -22,7 +22,7 @@ from numavm.plan import pci as plan_pci
 __all__ = [
     "VirtioDevice", "VirtioError",
     "VIRTIO_F_VERSION_1", "VIRTIO_F_ACCESS_PLATFORM", "VIRTIO_RING_F_INDIRECT_DESC", "VIRTIO_RING_F_EVENT_IDX",
-    "VIRTIO_ID_NET", "VIRTIO_ID_BLOCK",
+    "VIRTIO_ID_NET", "VIRTIO_ID_BLOCK", "VIRTIO_ID_9P",
 ]
 
 # feature bit numbers (virtio 1.2, section 6)
@@ -34,6 +34,7 @@ VIRTIO_F_ACCESS_PLATFORM = 33
 # device IDs (section 5); the plan's table (numavm.plan.pci.VIRTIO_IDS) names the ones numavm builds
 VIRTIO_ID_NET = 1
 VIRTIO_ID_BLOCK = plan_pci.VIRTIO_IDS[plan_pci.VIRTIO_BLK]
+VIRTIO_ID_9P = plan_pci.VIRTIO_IDS[plan_pci.VIRTIO_9P]
 
 
 class VirtioDevice(abc.ABC):
