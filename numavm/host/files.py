@@ -8,6 +8,7 @@ the small text inputs -f and import FILE may also be a pipe, as ``-f <(...)`` gi
 and no larger than the option's limit, and only then read, with that bound: a file that
 grows while it is read is cut at the limit and refused, not read to memory's end.  Every
 refusal is a `ConfigError` whose one line names the option, the file and what is allowed.
+Disk images (``--disk``), opened rather than read, are checked the same way in numavm.host.disk.
 """
 
 from __future__ import annotations
@@ -142,31 +143,3 @@ def _bounded(f: BinaryIO, limit: int) -> bytes:
         left -= len(chunk)
     return b"".join(chunks)
 
-
-def open_image(path: str | os.PathLike[str], option: str, writable: bool) -> tuple[int, int]:
-    """A disk image (``--disk``): a regular file or a block device, opened for reading (and
-    writing when `writable`) without blocking on a FIFO; its fd and size in bytes.  What is
-    neither (a FIFO, /dev/zero, a directory) is refused in one line.  An image is not read
-    into memory, so it has no size limit of its own."""
-    name = os.fspath(path)
-    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
-    try:
-        fd = os.open(name, flags)
-    except OSError as e:
-        raise ConfigError(f"{option}: cannot open {name}{' for writing' if writable else ''}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode):
-            size = st.st_size
-        elif stat.S_ISBLK(st.st_mode):
-            size = os.lseek(fd, 0, os.SEEK_END)
-        else:
-            raise ConfigError(f"{option}: {name} is {_kind(st.st_mode)}; a regular file or a block device is needed")
-        os.set_blocking(fd, True)
-    except OSError as e:
-        os.close(fd)
-        raise ConfigError(f"{option}: cannot open {name}: {e.strerror}") from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, size
