@@ -168,7 +168,10 @@ def test_qemu_full_command_line() -> None:
     assert t.distances == ((10, 21, 40), (31, 10, 20), (40, 20, 10))
     assert any("--prefault 0" in n for n in notes)
     left_out = [n for n in notes if n.startswith("left out")]
-    assert left_out and "-cpu" in left_out[0] and "-drive" in left_out[0] and "rng-random" in left_out[0]
+    assert left_out and "-cpu" in left_out[0] and "rng-random" in left_out[0]
+    # -drive if=virtio: a virtio-blk-pci on QEMU's main bus, so on domain 0, with a note
+    assert [(d.path, d.domain, d.readonly, d.initiator) for d in t.disks] == [("disk.img", 0, False, False)]
+    assert any("-drive file=disk.img,if=virtio" in n and "domain 0" in n for n in notes)
 
 
 def test_qemu_classic_and_megabytes() -> None:
@@ -316,7 +319,9 @@ def test_cloud_hypervisor_zones_and_nodes() -> None:
         (GiB, (0, 1, 3), Policy(Mode.BIND, (1,)), None), (GiB, (2,), Policy(), "hugetlbfs")]
     assert t.distances == ((10, 15), (15, 10))
     assert any("--prefault 1" in n for n in notes)
-    assert any("--kernel" in n and "--disk" in n for n in notes if n.startswith("left out"))
+    assert any("--kernel" in n for n in notes if n.startswith("left out"))
+    # --disk without pci_segment: CH's segment 0, node 0
+    assert [(d.path, d.domain) for d in t.disks] == [("x.img", 0)]
 
 
 def test_cloud_hypervisor_classic() -> None:

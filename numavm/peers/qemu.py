@@ -1,7 +1,9 @@
 """A QEMU command line: ``-smp``, ``-m``, ``-numa node|dist|cpu`` and the
 ``-object memory-backend-*`` the nodes name (``size``, ``host-nodes``,
-``policy``, ``prealloc``, ``hugetlb``).  Other options (devices, disks, the
-accelerator) do not describe the NUMA machine and are listed in a note."""
+``policy``, ``prealloc``, ``hugetlb``), and the disks: ``virtio-blk-pci`` devices with
+their ``-blockdev``/``-drive``, placed by the ``pxb`` they sit behind, and
+``acpi-generic-initiator`` objects (numavm.peers.disks).  Other options (other devices,
+the accelerator) do not describe the NUMA machine and are listed in a note."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from numavm.spec.policy import Mode, Policy
 from numavm.spec.topology import MAX_CPUS, DomainSpec, MachineSpec
 from numavm.spec.units import MiB, format_list, parse_int, parse_list
 from numavm.peers import Imported, command_words, flag, size
+from numavm.peers.disks import QemuDisks
 
 FMT = "qemu"
 _BACKENDS = ("memory-backend-ram", "memory-backend-memfd", "memory-backend-file")
@@ -58,6 +61,7 @@ def read(text: str) -> Imported:
     cpu_maps: list[dict[str, str]] = []
     ignored: list[str] = []
     notes: list[str] = []
+    devs = QemuDisks()
     k = 0
     while k < len(words):
         opt = words[k]
@@ -112,6 +116,8 @@ def read(text: str) -> Imported:
                 if b["id"] in backends:
                     raise ConfigError(f"-object {value}: id={b['id']} is already another backend's")
                 backends[str(b["id"])] = b
+            elif props.get("qom-type") == "acpi-generic-initiator":
+                devs.add(name, value)
             else:
                 ignored.append(f"-object {props.get('qom-type', '?')}")
         elif name in ("-machine", "-M"):
@@ -123,6 +129,8 @@ def read(text: str) -> Imported:
         elif name == "-mem-path":
             raise ConfigError(f"-mem-path {value}: numavm backs guest memory with its own memfds, not a "
                               "file; for huge pages use hugepages=hugetlbfs")
+        elif name in ("-device", "-drive", "-blockdev"):
+            devs.add(name, value)
         else:
             ignored.append(name)
     cpus, topo = _smp(smp)
@@ -149,6 +157,8 @@ def read(text: str) -> Imported:
                                parse_int(d["val"], f"{where} val"), where))
     if not spec.domains and (dists or cpu_maps):
         raise ConfigError("-numa: dist and cpu need -numa node options")
+    spec.disks = devs.disks({d.id for d in spec.domains} if spec.domains else None, notes)
+    ignored += devs.left_out
     for bid in sorted(set(backends) - used):
         notes.append(f"-object {backends[bid]['qom-type']},id={bid}: no -numa node uses it; left out")
     if prealloc:
