@@ -121,23 +121,26 @@ def _flat(obj: dict[str, object], prefix: str = "") -> dict[str, str]:
 
 
 def _qemu_props(opt: str, value: str, implied: str) -> dict[str, str]:
-    """An option's key=value,... (``,,`` a comma) or JSON object, as one dict; a key given twice
-    is an error."""
-    from numavm.peers.qemu import opts
-
+    """An option's key=value,... (``,,`` a comma; values kept as written, spaces too, as QEMU
+    does) or JSON object, as one dict; a key given twice is an error."""
     if value.lstrip().startswith("{"):
         try:
             obj = json.loads(value)
         except ValueError as e:
-            raise ConfigError(f"{opt} {value[:60]}: not a JSON object ({e.msg})") from None
+            raise ConfigError(f"{opt} {value[:60]}: not a JSON object ({e})") from None
         if not isinstance(obj, dict):
             raise ConfigError(f"{opt} {value[:60]}: not a JSON object")
         return _flat(obj)
     out: dict[str, str] = {}
-    for k, v in opts(value, implied, opt):
-        if k in out:
-            raise ConfigError(f"{opt} {value}: {k}= given twice")
-        out[k] = v
+    for k, item in enumerate(value.replace(",,", "\0").split(",")):
+        key, eq, v = item.replace("\0", ",").partition("=")
+        if not eq:
+            if k or not item:
+                raise ConfigError(f"{opt} {value}: expected key=value, got {item!r}")
+            key, v = implied, key
+        if key in out:
+            raise ConfigError(f"{opt} {value}: {key}= given twice")
+        out[key] = v
     return out
 
 
@@ -620,12 +623,12 @@ def ch_disks(values: list[str], platform: str | None, segments: dict[int, int], 
 def bhyve_lines(topo: Topology, warnings: list[str]) -> list[list[str]]:
     """-s BUS:SLOT:0,virtio-blk,PATH[,ro], the i-th disk at bus 1 + i // 32, slot i % 32 (numavm's own
     place when every disk is on domain 0; bus 0 is left to bhyve's hostbridge, lpc, ...)."""
-    topo = _keep(topo, lambda p: "," not in p, warnings, "bhyve splits -s at every comma, so this path "
-                 "cannot be given")
+    kept = _keep(topo, lambda p: "," not in p, warnings, "bhyve splits -s at every comma, so this path "
+                 "cannot be given").disks
     lines = [["-s", f"{1 + i // 32}:{i % 32}:0,virtio-blk,{d.path}" + (",ro" if d.readonly else "")]
-             for i, d in enumerate(topo.disks)]
-    if topo.numa and topo.disks:
-        placed = sorted({d.domain for d in topo.disks})
+             for i, d in enumerate(kept)]
+    if topo.numa and kept:
+        placed = sorted({d.domain for d in kept})
         warnings.append(f"bhyve cannot place a device on a NUMA domain: the disks (on domain(s) "
                         f"{format_list(placed)}) sit on PCI buses without a proximity domain")
     _lost_initiators(topo, warnings, "bhyve", "has no generic initiators")
