@@ -103,14 +103,19 @@ def qemu_lines(topo: Topology, warnings: list[str]) -> list[list[str]]:
     return lines
 
 
-def _flat(obj: dict[str, object], prefix: str = "") -> dict[str, str]:
+_JSON_DEPTH = 8  # -blockdev's file.file.filename is 3; QEMU's options nest no deeper than a few
+
+
+def _flat(obj: dict[str, object], prefix: str = "", depth: int = 0) -> dict[str, str]:
     """A JSON option object as QEMU's dotted keys (``{"file": {"driver": "file"}}`` ->
     ``file.driver``), values as text (``true`` -> ``on``)."""
+    if depth > _JSON_DEPTH:
+        raise ConfigError(f"{prefix.rstrip('.')}: nested more than {_JSON_DEPTH} objects deep")
     out: dict[str, str] = {}
     for k, v in obj.items():
         key = prefix + str(k)
         if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
+            out.update(_flat(v, key + ".", depth + 1))
         elif isinstance(v, bool):
             out[key] = "on" if v else "off"
         elif isinstance(v, (int, str)):
@@ -126,8 +131,8 @@ def _qemu_props(opt: str, value: str, implied: str) -> dict[str, str]:
     if value.lstrip().startswith("{"):
         try:
             obj = json.loads(value)
-        except ValueError as e:
-            raise ConfigError(f"{opt} {value[:60]}: not a JSON object ({e})") from None
+        except (ValueError, RecursionError) as e:
+            raise ConfigError(f"{opt} {value[:60]}: not a JSON object ({str(e)[:80]})") from None
         if not isinstance(obj, dict):
             raise ConfigError(f"{opt} {value[:60]}: not a JSON object")
         return _flat(obj)
@@ -167,6 +172,14 @@ class QemuDisks:
     drives: dict[str, dict[str, str]] = field(default_factory=dict)  # -drive if=none, by id
     initiators: list[dict[str, str]] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def is_initiator(value: str) -> bool:
+        """Whether an -object value (key=value or JSON) is an acpi-generic-initiator."""
+        if value.lstrip().startswith("{"):
+            return _qemu_props("-object", value, "qom-type").get("qom-type") == "acpi-generic-initiator"
+        first = value.split(",", 1)[0]
+        return first in ("acpi-generic-initiator", "qom-type=acpi-generic-initiator")
 
     def add(self, opt: str, value: str) -> None:
         if opt == "-device":
@@ -367,7 +380,9 @@ def _int(text: str | None, where: str) -> int:
     """libvirt's numbers: decimal or 0x hex."""
     t = (text or "").strip()
     try:
-        return int(t, 16) if t.lower().startswith("0x") else parse_int(t, where)
+        if t.lower().startswith("0x") and len(t) <= 10:
+            return int(t, 16)
+        return parse_int(t, where)
     except ValueError:
         raise ConfigError(f"{where}: expected a number, got {t!r}") from None
 

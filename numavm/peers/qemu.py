@@ -97,6 +97,8 @@ def read(text: str) -> Imported:
                                   "caches); only SRAT and SLIT")
             else:
                 raise ConfigError(f"-numa {value}: expected node, dist or cpu")
+        elif name == "-object" and devs.is_initiator(value):  # numavm.peers.disks; JSON too, as libvirt writes it
+            devs.add(name, value)
         elif name == "-object":
             pairs = opts(value, "qom-type", "-object")
             props = dict(pairs)
@@ -116,8 +118,6 @@ def read(text: str) -> Imported:
                 if b["id"] in backends:
                     raise ConfigError(f"-object {value}: id={b['id']} is already another backend's")
                 backends[str(b["id"])] = b
-            elif props.get("qom-type") == "acpi-generic-initiator":
-                devs.add(name, value)
             else:
                 ignored.append(f"-object {props.get('qom-type', '?')}")
         elif name in ("-machine", "-M"):
