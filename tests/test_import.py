@@ -443,6 +443,14 @@ qemu-system-x86_64 -smp 2 -m 2G \
 """
 
 
+def test_qemu_json_generic_initiator_as_libvirt_writes_it() -> None:
+    t = imported("qemu", "-smp 1 -m 1G -numa node,cpus=0,mem=1G "
+                         """-blockdev '{"driver":"file","filename":"x","node-name":"s"}' """
+                         """-device '{"driver":"virtio-blk-pci","drive":"s","id":"v"}' """
+                         """-object '{"qom-type":"acpi-generic-initiator","id":"g","pci-dev":"v","node":0}'""")
+    assert [(d.path, d.domain, d.initiator) for d in t.disks] == [("x", 0, True)]
+
+
 def test_qemu_disks_placed_by_their_pxb() -> None:
     t, notes = import_topology("qemu", QEMU_DISKS, HOST)
     assert [(d.path, d.domain, d.readonly, d.initiator) for d in t.disks] == [
@@ -474,6 +482,8 @@ def test_qemu_disks_placed_by_their_pxb() -> None:
     ("-drive if=none,id=d,file=x -device virtio-blk-pci,drive=d,id=v -object acpi-generic-initiator,id=g,pci-dev=v,"
      "node=0 -object acpi-generic-initiator,id=h,pci-dev=v,node=0", ["already a generic initiator"]),
     ("-blockdev '{\"driver\":\"raw\",' -device virtio-blk-pci,drive=x", ["not a JSON object"]),
+    ("-blockdev '" + '{"a":' * 3000 + "1" + "}" * 3000 + "'", ["not a JSON object"]),  # deeper than json recurses
+    ("-blockdev '" + '{"a":' * 20 + "1" + "}" * 20 + "'", ["nested more than 8 objects deep"]),
 ])
 def test_qemu_disk_refusals_name_what(extra: str, words: list[str]) -> None:
     msg = refused("qemu", "-smp 2 -m 1G -numa node,cpus=0-1,mem=1G " + extra)
