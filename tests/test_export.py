@@ -568,6 +568,47 @@ def test_qemu_runs_disks_behind_their_pxb(tmp_path):
         p.communicate()
 
 
+PCI_INIT = b"""#!/bin/busybox sh
+/bin/busybox mkdir -p /sys
+/bin/busybox mount -t sysfs sysfs /sys
+for d in /sys/bus/pci/devices/*; do
+  echo "PCI $(/bin/busybox basename $d) $(/bin/busybox cat $d/vendor) $(/bin/busybox cat $d/numa_node)"
+done
+/bin/busybox poweroff -f
+"""
+
+
+@needs_qemu
+@pytest.mark.qemu
+def test_qemu_boots_the_exported_disks_on_their_nodes(tmp_path):
+    """Linux booted by QEMU (TCG) from the exported command line: each virtio-blk device's
+    numa_node is its disk's domain (the pxb's _PXM), at bus bus_nr + 1."""
+    import gzip
+    import stat
+
+    from numavm.guest.assets import cached
+    from numavm.guest.initramfs import Entry, cpio_newc
+
+    assets = cached()
+    if assets is None:
+        pytest.skip("no guest kernel in numavm's cache (numavm fetch)")
+    initrd = tmp_path / "init.cpio.gz"
+    initrd.write_bytes(gzip.compress(cpio_newc([
+        Entry("bin", stat.S_IFDIR | 0o755), Entry("bin/busybox", stat.S_IFREG | 0o755, assets.busybox.read_bytes()),
+        Entry("init", stat.S_IFREG | 0o755, PCI_INIT)])))
+    for name in ("a.img", "b.img", "c.img"):
+        (tmp_path / name).write_bytes(bytes(1 << 20))
+    t = with_disks(f"{tmp_path}/a.img,domain=1,readonly", f"{tmp_path}/b.img", f"{tmp_path}/c.img,domain=1",
+                   numa=("id=0,size=256M,cpus=0", "id=1,size=256M,cpus=1"), cpus=2)
+    p = subprocess.run([QEMU_BINARY, *qemu_args(t), "-kernel", str(assets.kernel), "-initrd", str(initrd),
+                        "-append", "console=ttyS0 panic=-1 quiet", "-nodefaults", "-display", "none",
+                        "-serial", "stdio", "-monitor", "none", "-no-reboot", "-accel", "tcg"],
+                       capture_output=True, text=True, timeout=300)
+    seen = {bdf: int(node) for bdf, vendor, node in re.findall(r"PCI (\S+) (\S+) (-?\d+)", p.stdout)
+            if vendor == "0x1af4"}
+    assert seen == {"0000:04:00.0": 1, "0000:02:00.0": 0, "0000:04:01.0": 1}, p.stdout[-2000:]
+
+
 # ---------------------------------------------------------------- TOML
 
 
