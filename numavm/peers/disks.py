@@ -486,11 +486,15 @@ def ch_segment(topo: Topology, domain: int) -> int | None:
     return b.bus if b is not None else None
 
 
-def ch_disk_values(topo: Topology) -> tuple[str, list[str]]:
+def ch_disk_values(topo: Topology, warnings: list[str]) -> tuple[str, list[str]]:
     """--platform's num_pci_segments= and the --disk values ("" and [] without disks)."""
     placed = _placed(topo)
     if not placed:
         return "", []
+    quoted = [i for i, d, _, _ in placed if _ch_value(d.path) != d.path]
+    if quoted:
+        warnings.append(f"the path of disk(s) {format_list(quoted)} is quoted (it holds , \" [ or ]), which Cloud "
+                        "Hypervisor reads back as written from v48 on; older versions keep the quotes in the path")
     return (f"num_pci_segments={plan_pci(topo).last_bus + 1}",
             [f"path={_ch_value(d.path)}" + (",readonly=on" if d.readonly else "") + f",id=disk{i},pci_segment={k + 1}"
              for i, d, k, _ in placed])

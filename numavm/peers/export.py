@@ -413,7 +413,7 @@ def _ch(topo: Topology, warnings: list[str]) -> str:
     cpus = f"boot={topo.cpus}"
     if not topo.numa:
         return _shell([[CH_BINARY], ["--cpus", cpus], ["--memory", f"size={format_size(topo.memory)}"]]
-                      + _ch_disks(topo))
+                      + _ch_disks(topo, warnings))
     s = _sockets_warning(topo, warnings, "--cpus topology=")
     if s is not None:
         # threads_per_core:cores_per_die:dies_per_package:packages
@@ -446,11 +446,11 @@ def _ch(topo: Topology, warnings: list[str]) -> str:
         nodes.append(node + extra.get(d.id, ""))
     lines.append(["--numa", nodes[0]])
     lines += [[_MORE, x] for x in nodes[1:]]
-    return _shell(lines + _ch_disks(topo))
+    return _shell(lines + _ch_disks(topo, warnings))
 
 
-def _ch_disks(topo: Topology) -> list[list[str]]:
-    platform, values = _disks.ch_disk_values(topo)
+def _ch_disks(topo: Topology, warnings: list[str]) -> list[list[str]]:
+    platform, values = _disks.ch_disk_values(topo, warnings)
     if not values:
         return []
     return [["--platform", platform], ["--disk", values[0]]] + [[_MORE, v] for v in values[1:]]
