@@ -515,6 +515,10 @@ def test_toml_disks():
                            {"path": "gi.img", "domain": 2, "initiator": True}, {"path": "d.img", "domain": 1}]
     t = MachineSpec(cpus=1, memory=GiB, disks=[parse_disk('q"\\\t\n.img')]).build(host_nodes=(0,))
     assert tomllib.loads(export(t, "toml").text)["disk"] == [{"path": 'q"\\\t\n.img', "domain": 0}]
+    t = MachineSpec(cpus=1, memory=GiB, disks=[parse_disk("\udcff.img"), parse_disk("ok.img")]).build(host_nodes=(0,))
+    e = export(t, "toml")  # a command line's non-UTF-8 bytes (surrogate escapes): TOML cannot hold them
+    assert tomllib.loads(e.text)["disk"] == [{"path": "ok.img", "domain": 0}]
+    assert e.warnings == ["disk 0 ('\\udcff.img'): its path is not UTF-8, which a TOML file must be; left out"]
 
 
 @needs_qemu

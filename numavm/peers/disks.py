@@ -17,8 +17,9 @@ initiator of domain N.  Each peer says as much of that as it can:
   being CH's own, always on node 0), ``--numa ...,pci_segments=[S]``, ``--disk
   ...,pci_segment=S``; an initiator is a ``--numa`` node of its own with ``device_id=``
   (v51+), which takes neither vCPUs nor memory and names one device.
-- bhyve: ``-s BUS:SLOT:0,virtio-blk,PATH[,ro]`` at numavm's own bus and slot; bhyve gives a
-  bus no proximity domain, so the disks lose theirs.
+- bhyve: ``-s BUS:SLOT:0,virtio-blk,PATH[,ro]``, the i-th disk at bus 1 + i // 32, slot i % 32
+  (numavm's own place when every disk is on domain 0); bhyve gives a bus no proximity domain,
+  so the disks lose theirs, and it splits -s at every comma, so a path with one is left out.
 - TOML: ``[[disk]]``.
 
 What a peer cannot say is a warning on export; on import, a disk the peer places nowhere
@@ -414,7 +415,8 @@ def libvirt_disks(root: ET.Element, nodes: set[int] | None, notes: list[str]) ->
         path = (src.get("file") if el.get("type") == "file" else src.get("dev")) if src is not None else None
         if not path:
             raise ConfigError(f"{where}: needs <source {'file' if el.get('type') == 'file' else 'dev'}=...>")
-        fmt = el.find("driver").get("type", "raw") if el.find("driver") is not None else "raw"  # type: ignore[union-attr]
+        drv = el.find("driver")
+        fmt = drv.get("type", "raw") if drv is not None else "raw"
         if fmt != "raw":
             raise ConfigError(f"{where} <driver type='{fmt}'>: numavm's disks are raw images")
         addr = el.find("address")
@@ -478,12 +480,6 @@ def _ch_value(s: str) -> str:
     if any(c in s for c in ',"[]'):
         return '"' + s.replace('"', '""') + '"'
     return s
-
-
-def ch_segment(topo: Topology, domain: int) -> int | None:
-    """The PCI segment of the domain's bridge (its bus number; CH's own segment 0 stays free)."""
-    b = plan_pci(topo).bridge_of(domain)
-    return b.bus if b is not None else None
 
 
 def ch_disk_values(topo: Topology, warnings: list[str]) -> tuple[str, list[str]]:
@@ -677,9 +673,18 @@ def _toml_string(s: str) -> str:
     return '"' + "".join(named.get(c) or (f"\\u{ord(c):04X}" if c < " " or c == "\x7f" else c) for c in s) + '"'
 
 
-def toml_lines(topo: Topology) -> list[str]:
+def _utf8_ok(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, as a command line can hold (surrogate escapes)
+        return False
+    return True
+
+
+def toml_lines(topo: Topology, warnings: list[str]) -> list[str]:
+    """[[disk]] tables; TOML is UTF-8, so a path that is not is left out (warned)."""
     out: list[str] = []
-    for d in topo.disks:
+    for d in _keep(topo, _utf8_ok, warnings, "its path is not UTF-8, which a TOML file must be").disks:
         out += ["", "[[disk]]", f"path = {_toml_string(d.path)}", f"domain = {d.domain}"]
         if d.readonly:
             out.append("readonly = true")

@@ -538,7 +538,7 @@ def _toml_str(s: str) -> str:
 def _toml(topo: Topology, warnings: list[str]) -> str:
     out = ["version = 1", f"cpus = {topo.cpus}", f"memory = {_toml_str(format_size(topo.memory))}"]
     if not topo.numa:
-        return "\n".join(out + _disks.toml_lines(topo)) + "\n"
+        return "\n".join(out + _disks.toml_lines(topo, warnings)) + "\n"
     # Top-level keys first: after a [[domain]] header they would land in it.
     out.append("distances = [")
     out += [f"  [{', '.join(str(v) for v in row)}]," for row in topo.distances]
@@ -562,7 +562,7 @@ def _toml(topo: Topology, warnings: list[str]) -> str:
             out.append(f"policy = {_toml_str(str(d.policy))}")
         if d.hugepages:
             out.append(f"hugepages = {_toml_str(d.hugepages)}")
-    return "\n".join(out + _disks.toml_lines(topo)) + "\n"
+    return "\n".join(out + _disks.toml_lines(topo, warnings)) + "\n"
 
 
 _EXPORTERS: dict[str, Callable[[Topology, list[str]], str]] = {
