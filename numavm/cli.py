@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Read a machine written for a peer and print it as numavm TOML (or the "
                                     "plan as JSON): QEMU's -smp, -m, -numa and memory backends; libvirt's "
                                     "<vcpu>, <memory>, <cpu><numa> and <numatune>; Cloud Hypervisor's --cpus, "
-                                    "--memory, --memory-zone and --numa; bhyve's -c, -m, -n and -o domains.*. "
+                                    "--memory, --memory-zone and --numa; bhyve's -c, -m, -n and -o domains.*; and "
+                                    "each one's virtio disks. "
                                     "Options that are not part of the NUMA machine are named on stderr; what "
                                     "numavm cannot express is an error (exit 2).")
     si.add_argument("--from", dest="peer", required=True, metavar="FORMAT",

@@ -14,6 +14,7 @@ import pytest
 
 from numavm.errors import ConfigError
 from numavm.peers.export import FORMATS, QEMU_BINARY, Export, export, qemu_args
+from numavm.spec.devices import parse_disk
 from numavm.spec.policy import Mode, Policy
 from numavm.spec.topology import DomainSpec, MachineSpec, Topology, parse_distance, parse_numa
 from numavm.spec.units import GiB, MiB
@@ -42,6 +43,17 @@ def machine(*numa: str, cpus: int | None = None, memory: int | None = None,
 
 def classic() -> Topology:
     return MachineSpec(cpus=2, memory=1 * GiB).build(host_nodes=(0,))
+
+
+DISKS = ("a.img,domain=1,readonly", "b,,c.img", "gi.img,domain=2,initiator", "d.img,domain=1")
+
+
+def with_disks(*disks: str, numa: tuple[str, ...] = ("id=0,size=1G,cpus=0-1", "id=1,size=1G,cpus=2-3", "id=2,size=0"),
+               cpus: int | None = 4) -> Topology:
+    """Disks on domains 0, 1 and 2 (which holds nothing but a generic initiator); default DISKS:
+    0 a.img on 1 read-only, 1 "b,c.img" on 0, 2 gi.img the initiator of 2, 3 d.img on 1."""
+    return MachineSpec(cpus=cpus, domains=[parse_numa(n) for n in numa],
+                       disks=[parse_disk(d) for d in disks or DISKS]).build(host_nodes=(0,))
 
 
 def argv(e: Export) -> list[str]:
@@ -385,6 +397,224 @@ def test_bhyve_policy_names_lists_and_renumbering():
     assert e.warnings[2].startswith("domain 4:") and "weighted-interleave" in e.warnings[2]
 
 
+# ---------------------------------------------------------------- disks
+
+
+def test_qemu_disks_pxb_blockdev_device_initiator():
+    e = export(with_disks(), "qemu")
+    got = options(argv(e)[1:])
+    assert ("-numa", "node,nodeid=2") in got  # the initiator's domain: no memory, no vCPUs
+    assert got[got.index(("-numa", "dist,src=1,dst=2,val=20")) + 1:] == [
+        ("-device", "pxb,id=pxb0,bus_nr=1,bus=pci.0,numa_node=0"),
+        ("-device", "pxb,id=pxb1,bus_nr=3,bus=pci.0,numa_node=1"),  # bus_nr steps by 2: the pxb's own bridge
+        ("-device", "pxb,id=pxb2,bus_nr=5,bus=pci.0,numa_node=2"),
+        ("-blockdev", "driver=raw,node-name=drive0,file.driver=file,file.filename=a.img,read-only=on"),
+        ("-device", "virtio-blk-pci,id=disk0,drive=drive0,bus=pxb1,addr=0x0"),
+        ("-blockdev", "driver=raw,node-name=drive1,file.driver=file,file.filename=b,,c.img"),
+        ("-device", "virtio-blk-pci,id=disk1,drive=drive1,bus=pxb0,addr=0x0"),
+        ("-blockdev", "driver=raw,node-name=drive2,file.driver=file,file.filename=gi.img"),
+        ("-device", "virtio-blk-pci,id=disk2,drive=drive2,bus=pxb2,addr=0x0"),
+        ("-blockdev", "driver=raw,node-name=drive3,file.driver=file,file.filename=d.img"),
+        ("-device", "virtio-blk-pci,id=disk3,drive=drive3,bus=pxb1,addr=0x1"),
+        ("-object", "acpi-generic-initiator,id=gi2,pci-dev=disk2,node=2"),
+    ]
+    assert e.warnings == ["-object acpi-generic-initiator (the generic initiator of disk(s) 2) needs QEMU 9.0 or "
+                          "later; older QEMU refuses the command line"]
+
+
+def test_qemu_disks_of_a_classic_machine_have_a_pxb_without_node():
+    t = MachineSpec(cpus=1, memory=GiB, disks=[parse_disk("x.img")]).build(host_nodes=(0,))
+    e = export(t, "qemu")
+    assert options(argv(e)[1:])[3:] == [
+        ("-device", "pxb,id=pxb0,bus_nr=1,bus=pci.0"),
+        ("-blockdev", "driver=raw,node-name=drive0,file.driver=file,file.filename=x.img"),
+        ("-device", "virtio-blk-pci,id=disk0,drive=drive0,bus=pxb0,addr=0x0")]
+    assert e.warnings == []
+
+
+def test_libvirt_disks_behind_pci_expander_buses():
+    e = export(with_disks(), "libvirt")
+    root = ET.fromstring(e.text)
+    assert [c.tag for c in root][-1] == "devices"
+    ctrl = root.findall("devices/controller")
+    assert [c.attrib for c in ctrl] == [{"type": "pci", "index": str(k), "model": m} for k, m in
+                                        enumerate(["pci-root"] + ["pci-expander-bus"] * 3)]
+    assert [(c.find("model").get("name"), c.find("target").get("busNr"), c.findtext("target/node"))
+            for c in ctrl[1:]] == [("pxb", "1", "0"), ("pxb", "3", "1"), ("pxb", "5", "2")]
+    disks = root.findall("devices/disk")
+    assert [d.attrib for d in disks] == [{"type": "file", "device": "disk"}] * 4
+    assert [(d.find("driver").attrib, d.find("source").get("file"), d.find("target").attrib,
+             d.find("readonly") is not None, d.find("address").attrib) for d in disks] == [
+        ({"name": "qemu", "type": "raw"}, path, {"dev": dev, "bus": "virtio"}, ro,
+         {"type": "pci", "domain": "0x0000", "bus": bus, "slot": slot, "function": "0x0"})
+        for path, dev, ro, bus, slot in [("a.img", "vda", True, "0x02", "0x00"), ("b,c.img", "vdb", False, "0x01", "0x00"),
+                                         ("gi.img", "vdc", False, "0x03", "0x00"), ("d.img", "vdd", False, "0x02", "0x01")]]
+    # domain 2 holds only the initiator: an empty cell, as libvirt writes a hostdev's initiator cells
+    assert root.find("cpu/numa/cell[@id='2']").attrib == {"id": "2", "memory": "0", "unit": "KiB"}
+    assert e.warnings == ["disk 2 (gi.img): libvirt takes a generic initiator (<acpi nodeset=.../>) on <hostdev> "
+                          "only, not on <disk>; it is not a generic initiator of domain 2 there"]
+
+
+def test_libvirt_leaves_out_a_path_xml_cannot_carry():
+    e = export(with_disks("ok.img", "bad\x01.img", numa=("id=0,size=1G,cpus=0",), cpus=1), "libvirt")
+    root = ET.fromstring(e.text)
+    assert [d.find("source").get("file") for d in root.findall("devices/disk")] == ["ok.img"]
+    assert e.warnings == ["disk 1 ('bad\\x01.img'): its path has characters XML 1.0 cannot carry; left out"]
+
+
+def test_cloud_hypervisor_disks_on_segments():
+    e = export(with_disks(), "cloud-hypervisor")
+    words = argv(e)
+    assert words[words.index("--numa") + 1: words.index("--platform")] == [
+        "guest_numa_id=0,cpus=[0-1],distances=[1@20,2@20],memory_zones=mem0,pci_segments=[1]",
+        "guest_numa_id=1,cpus=[2-3],distances=[0@20,2@20],memory_zones=mem1,pci_segments=[2]",
+        "guest_numa_id=2,distances=[0@20,1@20],device_id=disk2,pci_segments=[3]"]
+    assert words[words.index("--platform"):] == [
+        "--platform", "num_pci_segments=4",
+        "--disk", "path=a.img,readonly=on,id=disk0,pci_segment=2", 'path="b,c.img",id=disk1,pci_segment=1',
+        "path=gi.img,id=disk2,pci_segment=3", "path=d.img,id=disk3,pci_segment=2"]
+    assert e.warnings == ["--numa device_id= (generic initiator domain(s) 2) needs Cloud Hypervisor v51 or later",
+                          'the path of disk(s) 1 is quoted (it holds , " [ or ]), which Cloud Hypervisor reads back as '
+                          "written from v48 on; older versions keep the quotes in the path"]
+
+
+def test_cloud_hypervisor_initiator_only_on_a_node_of_its_own():
+    e = export(with_disks("g0.img,initiator", "g1.img,domain=1,initiator", "g2.img,domain=1,initiator",
+                          numa=("id=0,size=1G,cpus=0", "id=1,size=0"), cpus=1), "cloud-hypervisor")
+    words = argv(e)
+    assert "guest_numa_id=1,distances=[0@20],device_id=disk1,pci_segments=[2]" in words
+    assert not any("device_id=disk0" in w or "device_id=disk2" in w for w in words)
+    assert [w.split(":")[0] for w in e.warnings] == ["disk 0 (g0.img)", "disk 2 (g2.img)", "--numa device_id= (generic "
+                                                                                         "initiator domain(s) 1) needs Cloud Hypervisor v51 or later"]
+    assert "domain 0 has vCPUs" in e.warnings[0] and "names one device_id" in e.warnings[1]
+
+
+def test_bhyve_disks_lose_their_domain():
+    e = export(with_disks(), "bhyve")
+    assert options(argv(e)[1:-1])[-3:] == [("-s", "1:0:0,virtio-blk,a.img,ro"), ("-s", "1:1:0,virtio-blk,gi.img"),
+                                           ("-s", "1:2:0,virtio-blk,d.img")]
+    assert e.warnings == [
+        "domain 2 holds neither memory nor vCPUs: bhyve wants cpus= in every domain; left out",
+        "disk 1 ('b,c.img'): bhyve splits -s at every comma, so this path cannot be given; left out",
+        "bhyve cannot place a device on a NUMA domain: the disks (on domain(s) 1-2) sit on PCI buses without a "
+        "proximity domain",
+        "disk 2 (gi.img): bhyve has no generic initiators; it is not a generic initiator of domain 2 there"]
+
+
+def test_bhyve_classic_disks_say_nothing_lost():
+    t = MachineSpec(cpus=1, memory=GiB, disks=[parse_disk("x.img,readonly"), parse_disk("y.img")]).build(host_nodes=(0,))
+    e = export(t, "bhyve")
+    assert argv(e) == ["bhyve", "-c", "1", "-m", "1G", "-s", "1:0:0,virtio-blk,x.img,ro", "-s", "1:1:0,virtio-blk,y.img",
+                       "numavm"]
+    assert e.warnings == []
+
+
+def test_toml_disks():
+    doc = tomllib.loads(export(with_disks(), "toml").text)
+    assert doc["disk"] == [{"path": "a.img", "domain": 1, "readonly": True}, {"path": "b,c.img", "domain": 0},
+                           {"path": "gi.img", "domain": 2, "initiator": True}, {"path": "d.img", "domain": 1}]
+    t = MachineSpec(cpus=1, memory=GiB, disks=[parse_disk('q"\\\t\n.img')]).build(host_nodes=(0,))
+    assert tomllib.loads(export(t, "toml").text)["disk"] == [{"path": 'q"\\\t\n.img', "domain": 0}]
+    t = MachineSpec(cpus=1, memory=GiB, disks=[parse_disk("\udcff.img"), parse_disk("ok.img")]).build(host_nodes=(0,))
+    e = export(t, "toml")  # a command line's non-UTF-8 bytes (surrogate escapes): TOML cannot hold them
+    assert tomllib.loads(e.text)["disk"] == [{"path": "ok.img", "domain": 0}]
+    assert e.warnings == ["disk 0 ('\\udcff.img'): its path is not UTF-8, which a TOML file must be; left out"]
+
+
+@needs_qemu
+@pytest.mark.qemu
+def test_qemu_runs_disks_behind_their_pxb(tmp_path):
+    """QEMU (7.2 here: no acpi-generic-initiator) takes the exported disks: after SeaBIOS has
+    numbered the buses, each disk sits behind its domain's pxb (bus bus_nr + 1, numavm's slot)
+    and the read-only one is read-only."""
+    for name in ("a.img", "b,c.img", "d.img"):
+        (tmp_path / name).write_bytes(bytes(1 << 20))
+    t = with_disks(*(f"{tmp_path}/{d}" for d in ("a.img,domain=1,readonly", "b,,c.img", "d.img,domain=1")),
+                   numa=("id=0,size=64M,cpus=0-1", "id=1,size=64M,cpus=2-3"))
+    cmd = [QEMU_BINARY, *qemu_args(t), "-display", "none", "-nodefaults", "-monitor", "none", "-serial", "none",
+           "-accel", "tcg", "-qmp", "stdio"]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def ask(msg):
+            p.stdin.write(json.dumps(msg) + "\n")
+            p.stdin.flush()
+            while True:
+                line = json.loads(p.stdout.readline())
+                if "return" in line or "error" in line:
+                    assert "error" not in line, line
+                    return line["return"]
+
+        ask({"execute": "qmp_capabilities"})
+        for _ in range(100):  # until the firmware has numbered the pxbs' bridges
+            buses = {b["bus"]: b for b in ask({"execute": "query-pci"})}
+            bridges = [d for b in buses.values() for d in b["devices"] if "pci_bridge" in d]
+            if bridges and all(d["pci_bridge"]["bus"]["secondary"] for d in bridges):
+                break
+            subprocess.run(["sleep", "0.1"])
+        blk = {}  # (bus, slot) -> virtio-blk, through every bridge
+        todo = list(ask({"execute": "query-pci"}))
+        while todo:
+            b = todo.pop()
+            for d in b["devices"]:
+                if d["id"]["vendor"] == 0x1AF4:
+                    blk[(d["bus"], d["slot"])] = d["qdev_id"]
+                if "pci_bridge" in d:
+                    todo.append({"bus": d["pci_bridge"]["bus"]["secondary"], "devices": d["pci_bridge"]["devices"]})
+        assert blk == {(4, 0): "disk0", (2, 0): "disk1", (4, 1): "disk2"}  # pxb1 bus_nr 3, pxb0 bus_nr 1
+        for pxb, node in (("pxb0", 0), ("pxb1", 1)):
+            assert ask({"execute": "qom-get", "arguments": {"path": f"/machine/peripheral/{pxb}",
+                                                            "property": "numa_node"}}) == node
+        ro = {b["qdev"].split("/")[3]: (b["inserted"]["file"], b["inserted"]["ro"])
+              for b in ask({"execute": "query-block"}) if "inserted" in b}
+        assert ro == {"disk0": (f"{tmp_path}/a.img", True), "disk1": (f"{tmp_path}/b,c.img", False),
+                      "disk2": (f"{tmp_path}/d.img", False)}
+        ask({"execute": "quit"})
+    finally:
+        p.kill()
+        p.communicate()
+
+
+PCI_INIT = b"""#!/bin/busybox sh
+/bin/busybox mkdir -p /sys
+/bin/busybox mount -t sysfs sysfs /sys
+for d in /sys/bus/pci/devices/*; do
+  echo "PCI $(/bin/busybox basename $d) $(/bin/busybox cat $d/vendor) $(/bin/busybox cat $d/numa_node)"
+done
+/bin/busybox poweroff -f
+"""
+
+
+@needs_qemu
+@pytest.mark.qemu
+def test_qemu_boots_the_exported_disks_on_their_nodes(tmp_path):
+    """Linux booted by QEMU (TCG) from the exported command line: each virtio-blk device's
+    numa_node is its disk's domain (the pxb's _PXM), at bus bus_nr + 1."""
+    import gzip
+    import stat
+
+    from numavm.guest.assets import cached
+    from numavm.guest.initramfs import Entry, cpio_newc
+
+    assets = cached()
+    if assets is None:
+        pytest.skip("no guest kernel in numavm's cache (numavm fetch)")
+    initrd = tmp_path / "init.cpio.gz"
+    initrd.write_bytes(gzip.compress(cpio_newc([
+        Entry("bin", stat.S_IFDIR | 0o755), Entry("bin/busybox", stat.S_IFREG | 0o755, assets.busybox.read_bytes()),
+        Entry("init", stat.S_IFREG | 0o755, PCI_INIT)])))
+    for name in ("a.img", "b.img", "c.img"):
+        (tmp_path / name).write_bytes(bytes(1 << 20))
+    t = with_disks(f"{tmp_path}/a.img,domain=1,readonly", f"{tmp_path}/b.img", f"{tmp_path}/c.img,domain=1",
+                   numa=("id=0,size=256M,cpus=0", "id=1,size=256M,cpus=1"), cpus=2)
+    p = subprocess.run([QEMU_BINARY, *qemu_args(t), "-kernel", str(assets.kernel), "-initrd", str(initrd),
+                        "-append", "console=ttyS0 panic=-1 quiet", "-nodefaults", "-display", "none",
+                        "-serial", "stdio", "-monitor", "none", "-no-reboot", "-accel", "tcg"],
+                       capture_output=True, text=True, timeout=300)
+    seen = {bdf: int(node) for bdf, vendor, node in re.findall(r"PCI (\S+) (\S+) (-?\d+)", p.stdout)
+            if vendor == "0x1af4"}
+    assert seen == {"0000:04:00.0": 1, "0000:02:00.0": 0, "0000:04:01.0": 1}, p.stdout[-2000:]
+
+
 # ---------------------------------------------------------------- TOML
 
 
@@ -410,6 +640,7 @@ TOML_MACHINES = {
     "mixed": lambda: machine("id=0,size=1536M,cpus=0-1+4,policy=interleave", "id=1,size=0,cpus=2-3",
                              "id=2,size=2G,cpus=5,policy=preferred-many:0+2",
                              distances=("0:1=15", "1:0=25", "0:2=255"), host_nodes=(0, 1, 2)),
+    "disks": with_disks,
 }
 
 
@@ -430,6 +661,8 @@ def test_toml_round_trips(name):
                  parse_policy(d["policy"], "policy") if "policy" in d else Policy())
                 for d in doc["domain"])
     assert got == tuple((d.id, d.size, d.cpus, d.policy) for d in topo.domains)
+    assert [(d["path"], d["domain"], d.get("readonly", False), d.get("initiator", False)) for d in doc.get("disk", [])] == \
+        [(d.path, d.domain, d.readonly, d.initiator) for d in topo.disks]
 
 
 @pytest.mark.parametrize("name", sorted(TOML_MACHINES))

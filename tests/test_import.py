@@ -20,6 +20,7 @@ from numavm.plan.layout import plan_layout
 from numavm.peers import FORMATS, import_topology, read
 from numavm.peers.libvirt import parse_xml
 from numavm.plan.render import plan_document
+from numavm.spec.devices import Disk
 from numavm.spec.policy import Mode, Policy
 from numavm.spec.topology import DomainSpec, MachineSpec, Topology, parse_distance, parse_numa
 from numavm.spec.units import GiB, MiB
@@ -49,13 +50,38 @@ def refused(fmt: str, text: str) -> str:
 ALL_MODES = tuple(Mode)
 
 
+# disk paths: commas (QEMU doubles them, CH quotes them), quotes, spaces, non-ASCII
+PATH_CHARS = "abz09._-/ ,\"'[é"
+
+
+def _paths(commas: bool = True) -> st.SearchStrategy[str]:
+    chars = PATH_CHARS if commas else PATH_CHARS.replace(",", "")
+    return st.builds(lambda a, b: a + b, st.sampled_from(["disk", "/var/lib/img", "é"]), st.text(chars, max_size=8))
+
+
+@st.composite
+def _disks(draw, domains: list[DomainSpec], initiators: str, disk_domains: bool, commas: bool,
+           gi_domain: int | None) -> list[Disk]:  # type: ignore[no-untyped-def]
+    """0..3 disks on the domains (or domain 0); initiators "any" (on any domain), "alone" (only the
+    one on `gi_domain`, a domain of nothing else) or "none"."""
+    numa = bool(domains)
+    ids = [d.id for d in domains if d.id != gi_domain] or [0]
+    out = [Disk(draw(_paths(commas)), draw(st.sampled_from(ids)) if disk_domains and numa else 0, draw(st.booleans()),
+                draw(st.booleans()) if initiators == "any" and numa else False)
+           for _ in range(draw(st.integers(0, 3)))]
+    if gi_domain is not None:
+        out.insert(draw(st.integers(0, len(out))), Disk(draw(_paths(commas)), gi_domain, draw(st.booleans()), True))
+    return out
+
+
 @st.composite
 def machines(draw, modes: tuple[Mode, ...] = ALL_MODES, memory_only: bool = True, cpu_only: bool = True,
              distances: bool = True, hugepages: bool = True, classic: bool = True,
-             cpu_only_policy: bool = True) -> Topology:  # type: ignore[no-untyped-def]
+             cpu_only_policy: bool = True, initiators: str = "any", disk_domains: bool = True,
+             commas: bool = True) -> Topology:  # type: ignore[no-untyped-def]
     if classic and draw(st.integers(0, 7)) == 0:
-        return MachineSpec(cpus=draw(st.integers(1, 8)),
-                           memory=draw(st.integers(2, 4096)) * 2 * MiB).build(host_nodes=HOST)
+        return MachineSpec(cpus=draw(st.integers(1, 8)), memory=draw(st.integers(2, 4096)) * 2 * MiB,
+                           disks=draw(_disks([], "none", False, commas, None))).build(host_nodes=HOST)
     n = draw(st.integers(1, 6))
     ncpus = draw(st.integers(1, 12))
     owner = [draw(st.integers(0, n - 1)) for _ in range(ncpus)]
@@ -81,24 +107,33 @@ def machines(draw, modes: tuple[Mode, ...] = ALL_MODES, memory_only: bool = True
         doms.append(DomainSpec(i, size, cpus, Policy(mode, nodes), huge))
     if not any(d.size for d in doms):
         doms[-1].size = 64 * MiB
+    gi_domain = None  # a domain holding nothing but a generic initiator
+    if initiators != "none" and draw(st.integers(0, 3)) == 0:
+        gi_domain = n
+        doms.append(DomainSpec(n, 0, ()))
+        n += 1
+    disks = draw(_disks(doms, initiators, disk_domains, commas, gi_domain))
     dist = []
     if distances and n > 1:
         for i in range(n):
             for j in range(n):
                 if i != j and draw(st.integers(0, 2)) == 0:
                     dist.append((i, j, draw(st.integers(11, 255)), "test"))
-    return MachineSpec(cpus=len(owner), domains=doms, distances=dist).build(host_nodes=HOST)
+    return MachineSpec(cpus=len(owner), domains=doms, distances=dist, disks=disks).build(host_nodes=HOST)
 
 
 # what each peer says exactly (no policy local where the peer has none, no per-domain pages...)
+# disks: QEMU says all; libvirt no initiator (its <acpi nodeset> is <hostdev>-only); CH an initiator
+# only as a node of its own; bhyve no domain (so every disk on 0), no initiator, no comma in a path
 EXPRESSIBLE = {
     "qemu": machines(modes=(Mode.DEFAULT, Mode.BIND, Mode.PREFERRED, Mode.INTERLEAVE, Mode.PREFERRED_MANY),
                      hugepages=False, cpu_only_policy=False),
     "libvirt": machines(modes=(Mode.DEFAULT, Mode.BIND, Mode.PREFERRED, Mode.INTERLEAVE, Mode.PREFERRED_MANY),
-                        hugepages=False, cpu_only_policy=False),
-    "cloud-hypervisor": machines(modes=(Mode.DEFAULT,), hugepages=False),
+                        hugepages=False, cpu_only_policy=False, initiators="none"),
+    "cloud-hypervisor": machines(modes=(Mode.DEFAULT,), hugepages=False, initiators="alone"),
     "bhyve": machines(modes=(Mode.DEFAULT, Mode.LOCAL, Mode.BIND, Mode.PREFERRED, Mode.INTERLEAVE),
-                      memory_only=False, distances=False, hugepages=False),
+                      memory_only=False, distances=False, hugepages=False, initiators="none", disk_domains=False,
+                      commas=False),
 }
 SETTINGS = dict(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -168,7 +203,10 @@ def test_qemu_full_command_line() -> None:
     assert t.distances == ((10, 21, 40), (31, 10, 20), (40, 20, 10))
     assert any("--prefault 0" in n for n in notes)
     left_out = [n for n in notes if n.startswith("left out")]
-    assert left_out and "-cpu" in left_out[0] and "-drive" in left_out[0] and "rng-random" in left_out[0]
+    assert left_out and "-cpu" in left_out[0] and "rng-random" in left_out[0]
+    # -drive if=virtio: a virtio-blk-pci on QEMU's main bus, so on domain 0, with a note
+    assert [(d.path, d.domain, d.readonly, d.initiator) for d in t.disks] == [("disk.img", 0, False, False)]
+    assert any("-drive file=disk.img,if=virtio" in n and "domain 0" in n for n in notes)
 
 
 def test_qemu_classic_and_megabytes() -> None:
@@ -318,7 +356,9 @@ def test_cloud_hypervisor_zones_and_nodes() -> None:
         (GiB, (0, 1, 3), Policy(Mode.BIND, (1,)), None), (GiB, (2,), Policy(), "hugetlbfs")]
     assert t.distances == ((10, 15), (15, 10))
     assert any("--prefault 1" in n for n in notes)
-    assert any("--kernel" in n and "--disk" in n for n in notes if n.startswith("left out"))
+    assert any("--kernel" in n for n in notes if n.startswith("left out"))
+    # --disk without pci_segment: CH's segment 0, node 0
+    assert [(d.path, d.domain) for d in t.disks] == [("x.img", 0)]
 
 
 def test_cloud_hypervisor_classic() -> None:
@@ -384,6 +424,184 @@ def test_bhyve_refusals_name_what(text: str, words: list[str]) -> None:
         assert w in msg, msg
 
 
+# ---------------------------------------------------------------- disks, hand-written
+
+QEMU_DISKS = r"""
+qemu-system-x86_64 -smp 2 -m 2G \
+  -object memory-backend-ram,id=m0,size=1G -object memory-backend-ram,id=m1,size=1G \
+  -numa node,nodeid=0,cpus=0,memdev=m0 -numa node,nodeid=1,cpus=1,memdev=m1 -numa node,nodeid=2 \
+  -device pxb,id=bridge1,bus=pci.0,numa_node=1,bus_nr=4 -device pxb,id=bridge2,bus_nr=8 \
+  -device pxb,id=gi,bus_nr=12,numa_node=2 \
+  -device pci-bridge,id=br,bus=bridge1,chassis_nr=1 \
+  -blockdev '{"driver":"file","filename":"/img/a.img","node-name":"a-storage","read-only":true}' \
+  -blockdev '{"node-name":"a-format","driver":"raw","file":"a-storage"}' \
+  -device '{"driver":"virtio-blk-pci","bus":"br","addr":"0x3","drive":"a-format","id":"virtio-disk0"}' \
+  -drive if=none,id=d1,file=/img/b,,c.img,format=raw,readonly=on -device virtio-blk-pci,drive=d1,bus=bridge2 \
+  -drive file=/img/plain.img,if=virtio \
+  -blockdev driver=raw,node-name=g,file.driver=file,file.filename=/img/gi.img \
+  -device virtio-blk-pci,drive=g,bus=gi,id=gpu \
+  -object acpi-generic-initiator,id=gi0,pci-dev=gpu,node=2 \
+  -drive file=/img/cd.iso,media=cdrom -device e1000,netdev=n
+"""
+
+
+def test_qemu_json_generic_initiator_as_libvirt_writes_it() -> None:
+    t = imported("qemu", "-smp 1 -m 1G -numa node,cpus=0,mem=1G "
+                         """-blockdev '{"driver":"file","filename":"x","node-name":"s"}' """
+                         """-device '{"driver":"virtio-blk-pci","drive":"s","id":"v"}' """
+                         """-object '{"qom-type":"acpi-generic-initiator","id":"g","pci-dev":"v","node":0}'""")
+    assert [(d.path, d.domain, d.initiator) for d in t.disks] == [("x", 0, True)]
+
+
+def test_qemu_disks_placed_by_their_pxb() -> None:
+    t, notes = import_topology("qemu", QEMU_DISKS, HOST)
+    assert [(d.path, d.domain, d.readonly, d.initiator) for d in t.disks] == [
+        ("/img/a.img", 1, True, False),  # behind a pci-bridge on pxb bridge1 (node 1); read-only from its file node
+        ("/img/b,c.img", 0, True, False),  # pxb without numa_node
+        ("/img/plain.img", 0, False, False),  # if=virtio: QEMU's main bus; in command-line order
+        ("/img/gi.img", 2, False, True)]
+    placed = [n for n in notes if "on no pxb" in n]
+    assert len(placed) == 1 and "-device virtio-blk-pci:" not in placed[0]
+    assert "-device virtio-blk-pci" in placed[0] and "-drive file=/img/plain.img,if=virtio" in placed[0]
+    left_out = next(n for n in notes if n.startswith("left out"))
+    assert "-device pci-bridge" in left_out and "-device e1000" in left_out and "-drive if=ide,media=cdrom" in left_out
+
+
+@pytest.mark.parametrize("extra,words", [
+    ("-drive if=none,id=d,file=x.qcow2,format=qcow2 -device virtio-blk-pci,drive=d", ["format=qcow2", "raw"]),
+    ("-blockdev driver=qcow2,node-name=q,file.driver=file,file.filename=x -device virtio-blk-pci,drive=q",
+     ["driver=qcow2"]),
+    ("-blockdev driver=raw,node-name=q,offset=512,file.driver=file,file.filename=x -device virtio-blk-pci,drive=q",
+     ["offset="]),
+    ("-device virtio-blk-pci,drive=nope", ["drive=nope", "no -blockdev"]),
+    ("-device virtio-blk-pci", ["needs drive="]),
+    ("-drive if=none,id=d,file=x -device virtio-blk-pci,drive=d,bus=nowhere", ["bus=nowhere", "no -device"]),
+    ("-device pxb,id=p,bus_nr=2,numa_node=7 -drive if=none,id=d,file=x -device virtio-blk-pci,drive=d,bus=p",
+     ["numa_node=7", "no -numa node"]),
+    ("-drive if=none,id=d,file=x -device virtio-blk-pci,drive=d,id=v "
+     "-object acpi-generic-initiator,id=g,pci-dev=v,node=1", ["node=1", "its own domain"]),
+    ("-object acpi-generic-initiator,id=g,pci-dev=vfio0,node=0", ["pci-dev=vfio0", "not a virtio-blk-pci"]),
+    ("-drive if=none,id=d,file=x -device virtio-blk-pci,drive=d,id=v -object acpi-generic-initiator,id=g,pci-dev=v,"
+     "node=0 -object acpi-generic-initiator,id=h,pci-dev=v,node=0", ["already a generic initiator"]),
+    ("-blockdev '{\"driver\":\"raw\",' -device virtio-blk-pci,drive=x", ["not a JSON object"]),
+    ("-blockdev '" + '{"a":' * 3000 + "1" + "}" * 3000 + "'", ["not a JSON object"]),  # deeper than json recurses
+    ("-blockdev '" + '{"a":' * 20 + "1" + "}" * 20 + "'", ["nested more than 8 objects deep"]),
+])
+def test_qemu_disk_refusals_name_what(extra: str, words: list[str]) -> None:
+    msg = refused("qemu", "-smp 2 -m 1G -numa node,cpus=0-1,mem=1G " + extra)
+    for w in words:
+        assert w in msg, msg
+
+
+LIBVIRT_DISKS = """<domain type='kvm'>
+  <vcpu>2</vcpu><memory unit='GiB'>2</memory>
+  <cpu><numa><cell id='0' cpus='0' memory='1' unit='GiB'/><cell id='1' cpus='1' memory='1' unit='GiB'/></numa></cpu>
+  <devices>
+    <controller type='pci' index='0' model='pci-root'/>
+    <controller type='pci' index='1' model='pci-expander-bus'>
+      <model name='pxb'/><target busNr='254'><node>1</node></target>
+    </controller>
+    <controller type='pci' index='2' model='pci-bridge'>
+      <address type='pci' domain='0x0000' bus='0x01' slot='0x01' function='0x0'/>
+    </controller>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/><source file='/img/a.img'/><target dev='vda' bus='virtio'/><readonly/>
+      <address type='pci' domain='0x0000' bus='0x02' slot='0x03' function='0x0'/>
+    </disk>
+    <disk type='block' device='disk'>
+      <source dev='/dev/sdb'/><target dev='vdb' bus='virtio'/>
+    </disk>
+    <disk type='file' device='cdrom'><source file='/img/cd.iso'/><target dev='hdc' bus='ide'/></disk>
+    <hostdev mode='subsystem' type='pci'><source><address bus='0x06' slot='0x12' function='0x1'/></source>
+      <acpi nodeset='1'/></hostdev>
+  </devices>
+</domain>"""
+
+
+def test_libvirt_disks_placed_by_their_expander_bus() -> None:
+    t, notes = import_topology("libvirt", LIBVIRT_DISKS, HOST)
+    assert [(d.path, d.domain, d.readonly, d.initiator) for d in t.disks] == [
+        ("/img/a.img", 1, True, False), ("/dev/sdb", 0, False, False)]
+    assert any("<target dev='vdb'>" in n and "domain 0" in n for n in notes)
+    left_out = next(n for n in notes if n.startswith("left out"))
+    assert "<disk device='cdrom' bus='ide'>" in left_out and "<hostdev> with <acpi nodeset>" in left_out
+
+
+@pytest.mark.parametrize("disk,words", [
+    ("<disk type='file'><driver type='qcow2'/><source file='x'/><target dev='vda' bus='virtio'/></disk>",
+     ["<driver type='qcow2'>", "raw"]),
+    ("<disk type='network'><source protocol='nbd'/><target dev='vda' bus='virtio'/></disk>", ["type='network'"]),
+    ("<disk type='file'><target dev='vda' bus='virtio'/></disk>", ["needs <source file"]),
+    ("<disk type='file'><source file='x'/><target dev='vda' bus='virtio'/><address type='pci' bus='0x05'/></disk>",
+     ["bus='0x05'", "no <controller type='pci' index='5'>"]),
+    ("<controller type='pci' index='1' model='pci-expander-bus'><target busNr='3'><node>4</node></target>"
+     "</controller><disk type='file'><source file='x'/><target dev='vda' bus='virtio'/>"
+     "<address type='pci' bus='0x01'/></disk>", ["<node>4</node>", "no <cell id='4'>"]),
+    ("<disk type='file'><source file='x'/><target dev='vda' bus='virtio'/><address type='drive'/></disk>",
+     ["<address type='drive'>"]),
+])
+def test_libvirt_disk_refusals_name_what(disk: str, words: list[str]) -> None:
+    msg = refused("libvirt", "<domain><vcpu>1</vcpu><cpu><numa><cell id='0' cpus='0' memory='1048576'/></numa></cpu>"
+                             f"<devices>{disk}</devices></domain>")
+    for w in words:
+        assert w in msg, msg
+
+
+CH_DISKS = ("cloud-hypervisor --cpus boot=2 --memory size=0 --memory-zone id=m0,size=1G id=m1,size=1G "
+            "--numa guest_numa_id=0,cpus=[0],memory_zones=m0 guest_numa_id=1,cpus=[1],memory_zones=m1,pci_segments=[2] "
+            "guest_numa_id=2,device_id=gpu,pci_segments=[3] --platform num_pci_segments=4,serial_number=x "
+            "--disk path=/img/root.img,readonly=on 'path=\"/img/a,b\"\"c\",pci_segment=2,direct=on' "
+            "path=/img/gi.img,id=gpu,pci_segment=3 path=/img/one.img,pci_segment=1")
+
+
+def test_cloud_hypervisor_disks_on_segments() -> None:
+    t, notes = import_topology("cloud-hypervisor", CH_DISKS, HOST)
+    assert [(d.path, d.domain, d.readonly, d.initiator) for d in t.disks] == [
+        ("/img/root.img", 0, True, False),  # segment 0: CH's own, node 0
+        ('/img/a,b"c', 1, False, False),
+        ("/img/gi.img", 2, False, True),
+        ("/img/one.img", 0, False, False)]  # a segment no node lists: node 0
+    assert any("--disk path=/img/one.img (segment 1)" in n and "node 0" in n for n in notes)
+    assert any("--platform (but num_pci_segments=)" in n for n in notes if n.startswith("left out"))
+
+
+@pytest.mark.parametrize("disks,words", [
+    ("--disk path=x,image_type=qcow2", ["image_type=qcow2"]),
+    ("--disk path=x,vhost_user=on,socket=/s", ["vhost-user"]),
+    ("--disk readonly=on", ["needs path="]),
+    ("--disk path=x,colour=red", ["unknown key colour="]),
+    ("--disk path=x,pci_segment=1", ["pci_segment=1", "num_pci_segments=1"]),
+    ("--disk 'path=\"x'", ["unbalanced"]),
+])
+def test_cloud_hypervisor_disk_refusals_name_what(disks: str, words: list[str]) -> None:
+    msg = refused("cloud-hypervisor", "--cpus boot=1 --memory size=0 --memory-zone id=m,size=1G "
+                                      f"--numa guest_numa_id=0,cpus=[0],memory_zones=m {disks}")
+    for w in words:
+        assert w in msg, msg
+
+
+@pytest.mark.parametrize("numa,words", [
+    ("guest_numa_id=1,pci_segments=[0],device_id=d", ["segment 0 is always on node 0"]),
+    ("guest_numa_id=1,device_id=nope", ["device_id=nope", "no --disk id=nope"]),
+    ("guest_numa_id=1,device_id=d", ["disk d", "pci_segments="]),  # the disk is on segment 0, node 0
+    ("guest_numa_id=1,device_id=d,memory_zones=m", ["neither cpus nor memory_zones"]),
+])
+def test_cloud_hypervisor_initiator_refusals(numa: str, words: list[str]) -> None:
+    msg = refused("cloud-hypervisor", "--cpus boot=1 --memory size=0 --memory-zone id=m,size=1G "
+                                      f"--numa guest_numa_id=0,cpus=[0],memory_zones=m {numa} --disk path=x,id=d")
+    for w in words:
+        assert w in msg, msg
+
+
+def test_bhyve_virtio_blk_slots_are_disks_on_domain_0() -> None:
+    t, notes = import_topology("bhyve", "bhyve -c 2 -m 2G -s 0,hostbridge -s 3,virtio-blk,/img/a.img,ro,nocache "
+                                        "-s 1:2:0,virtio-blk,path=/img/b.img -n id=0,size=1G,cpus=0 "
+                                        "-n id=1,size=1G,cpus=1 vm", HOST)
+    assert [(d.path, d.domain, d.readonly) for d in t.disks] == [("/img/a.img", 0, True), ("/img/b.img", 0, False)]
+    assert any("no domain" in n and "/img/a.img" in n for n in notes)
+    assert "needs the image path" in refused("bhyve", "bhyve -c 1 -m 1G -s 3,virtio-blk vm")
+
+
 # ---------------------------------------------------------------- the command line
 
 def test_cli_reads_a_file_and_stdin(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -435,13 +653,13 @@ def test_cli_pipeline_export_then_import(tmp_path: Path) -> None:
     numavm = Path(sys.executable).parent / "numavm"
     for fmt in FORMATS:
         exp = subprocess.run([numavm, "export", "--to", fmt, "-n", "id=0,size=1G,cpus=0", "-n", "id=1,size=1G,cpus=1",
-                              "--distance", "0:1=21" if fmt != "bhyve" else "0:1=20"],
+                              "--distance", "0:1=21" if fmt != "bhyve" else "0:1=20", "--disk", "a b.img,readonly"],
                              capture_output=True, text=True, check=True)
         imp = subprocess.run([numavm, "import", "--from", fmt], input=exp.stdout, capture_output=True, text=True)
         assert imp.returncode == 0, imp.stderr
         assert imp.stdout == subprocess.run([numavm, "export", "--to", "toml", "-n", "id=0,size=1G,cpus=0", "-n",
                                              "id=1,size=1G,cpus=1", "--distance",
-                                             "0:1=21" if fmt != "bhyve" else "0:1=20"],
+                                             "0:1=21" if fmt != "bhyve" else "0:1=20", "--disk", "a b.img,readonly"],
                                             capture_output=True, text=True, check=True).stdout
 
 

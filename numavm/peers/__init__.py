@@ -3,7 +3,7 @@
 One module per peer format holds its reader (a new format is a new module,
 listed in `READERS`); each turns the peer's text into a `MachineSpec` with the
 peer's own spelling in every origin, and lists, one line each, what it read
-but what is not part of numavm's machine (devices, disks, ...) or belongs to
+but what is not part of numavm's machine (devices other than its disks, ...) or belongs to
 another numavm option.  What numavm cannot express is a `ConfigError` naming
 it.  `MachineSpec.build` then applies numavm's rules as for `-n`.
 """

@@ -3,6 +3,8 @@ whose syntax numavm's ``-n`` follows) and ``-o domains.N.KEY=VALUE``.  bhyve
 has no distances and no memory-only domains; its domainset(9) policies map to
 Linux's as numavm's own ``domain_policy=`` does, except that ``first-touch``
 over named domains (which allocates only from them, nearest first) is a bind.
+A ``-s SLOT,virtio-blk,PATH[,ro]`` is a disk; bhyve gives it no domain, so it is
+read onto domain 0 (numavm.peers.disks).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from numavm.spec.policy import MAX_HOST_NODES, Mode, Policy, parse_policy
 from numavm.spec.topology import MAX_CPUS, DomainSpec, MachineSpec
 from numavm.spec.units import MiB, parse_int
 from numavm.peers import Imported, comma_list, command_words, size, whole
+from numavm.peers.disks import bhyve_disk
 
 FMT = "bhyve"
 # bhyve(8)'s getopt string (FreeBSD 15): the letters with ':' take a value
@@ -83,6 +86,8 @@ def read(text: str) -> Imported:
                 raise ConfigError(f"-o {value}: expected domains.N.size|cpus|domain_policy=VALUE")
             else:
                 ignored.append(f"-o {key}")
+        elif opt == "-s" and (disk := bhyve_disk(value)) is not None:
+            spec.disks.append(disk)
         elif opt == "-p":
             notes.append(f"-p {value} left out: numavm pins each vCPU to the host nodes of its domain's policy")
         else:
@@ -97,6 +102,9 @@ def read(text: str) -> Imported:
             comma_list(keys["cpus"], f"{where} cpus", MAX_CPUS),
             _policy(keys["domain_policy"], f"{where} domain_policy") if "domain_policy" in keys else Policy(),
             origin=where))
+    if spec.disks and raw:
+        notes.append(f"bhyve gives a device no domain: disk(s) {', '.join(d.path for d in spec.disks)} read onto "
+                     "domain 0")
     if ignored:
         notes.append("left out, not part of the NUMA machine: " + ", ".join(dict.fromkeys(ignored)))
     if len(operands) > 1:

@@ -1,6 +1,8 @@
 """Cloud Hypervisor's command line: ``--cpus``, ``--memory``, ``--memory-zone``
-and ``--numa`` (several values may follow one flag).  Other options (kernel,
-disks, network, sockets) do not describe the NUMA machine and are listed in a
+and ``--numa`` (several values may follow one flag), and the disks: ``--disk``,
+placed by ``pci_segment=`` and the ``--numa ...,pci_segments=`` that names it, a
+``--numa ...,device_id=`` generic initiator (numavm.peers.disks).  Other options
+(kernel, network, sockets) do not describe the NUMA machine and are listed in a
 note."""
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from numavm.spec.policy import MAX_HOST_NODES, Mode, Policy
 from numavm.spec.topology import MAX_CPUS, DomainSpec, MachineSpec
 from numavm.spec.units import Members, format_list, parse_int, parse_list
 from numavm.peers import Imported, command_words, flag, size
+from numavm.peers.disks import ch_disks
 
 FMT = "cloud-hypervisor"
 _CPUS_KEYS = {"boot", "max", "topology", "kvm_hyperv", "max_phys_bits", "affinity", "features", "nested"}
@@ -17,7 +20,7 @@ _MEMORY_KEYS = {"size", "mergeable", "shared", "hugepages", "hugepage_size", "ho
                 "hotplugged_size", "prefault", "thp"}
 _ZONE_KEYS = {"id", "size", "file", "shared", "hugepages", "hugepage_size", "host_numa_node", "hotplug_size",
               "hotplugged_size", "prefault", "mergeable"}
-_NUMA_KEYS = {"guest_numa_id", "cpus", "distances", "memory_zones", "sgx_epc_sections", "pci_segments"}
+_NUMA_KEYS = {"guest_numa_id", "cpus", "distances", "memory_zones", "sgx_epc_sections", "pci_segments", "device_id"}
 
 
 def options(text: str, where: str, keys: set[str]) -> dict[str, str]:
@@ -68,10 +71,10 @@ def read(text: str) -> Imported:
         while k < len(words) and not words[k].startswith("-"):
             got.append(words[k])
             k += 1
-        if name in ("--cpus", "--memory", "--memory-zone", "--numa"):
+        if name in ("--cpus", "--memory", "--memory-zone", "--numa", "--disk", "--platform"):
             if not got:
                 raise ConfigError(f"{name}: needs a value")
-            if name in ("--cpus", "--memory") and (len(got) > 1 or name in values):
+            if name in ("--cpus", "--memory", "--platform") and (len(got) > 1 or name in values):
                 raise ConfigError(f"{name}: given more than once")
             values.setdefault(name, []).extend(got)
         else:
@@ -113,6 +116,8 @@ def read(text: str) -> Imported:
         if prefault or flag(o.get("prefault", "off"), f"{where} prefault"):
             prefaulted.add(o["id"])
     nodes = values.get("--numa", [])
+    segments: dict[int, int] = {}  # PCI segment -> node
+    initiators: dict[str, int] = {}  # device_id -> node
     if not nodes:
         if zones:
             if any(z.policy != Policy() for z in zones.values()):
@@ -129,14 +134,18 @@ def read(text: str) -> Imported:
         if total:
             raise ConfigError(f"--memory size={m['size']}: memory outside the --memory-zone options is in "
                               "no --numa node; with NUMA nodes give --memory size=0")
-        _numa(nodes, zones, spec, prefaulted, notes)
+        _numa(nodes, zones, spec, prefaulted, notes, segments, initiators)
+    platform = values.get("--platform", [None])[0]
+    if platform is not None and any(not item.startswith("num_pci_segments=") for item in platform.split(",")):
+        ignored.append("--platform (but num_pci_segments=)")
+    spec.disks = ch_disks(values.get("--disk", []), platform, segments, initiators, bool(nodes), notes)
     if ignored:
         notes.append("left out, not part of the NUMA machine: " + ", ".join(dict.fromkeys(ignored)))
     return Imported(spec, notes)
 
 
 def _numa(nodes: list[str], zones: dict[str, DomainSpec], spec: MachineSpec, prefaulted: set[str],
-          notes: list[str]) -> None:
+          notes: list[str], segments: dict[int, int], initiators: dict[str, int]) -> None:
     used: set[str] = set()
     prefault_doms = []
     for n in nodes:
@@ -147,8 +156,22 @@ def _numa(nodes: list[str], zones: dict[str, DomainSpec], spec: MachineSpec, pre
         where = f"--numa guest_numa_id={nid}"
         if "sgx_epc_sections" in o:
             raise ConfigError(f"{where} sgx_epc_sections=: numavm has no SGX enclave memory")
-        if "pci_segments" in o:
-            notes.append(f"{where} pci_segments= left out: numavm has no PCI")
+        for item in _bracketed(o.get("pci_segments", "")):
+            seg = parse_int(item, f"{where} pci_segments")
+            if seg in segments:
+                raise ConfigError(f"{where} pci_segments: segment {seg} is already node {segments[seg]}'s")
+            if seg == 0 and nid != 0:
+                raise ConfigError(f"{where} pci_segments: segment 0 is always on node 0 (Cloud Hypervisor "
+                                  "refuses it too)")
+            segments[seg] = nid
+        if "device_id" in o:
+            if "cpus" in o or "memory_zones" in o:
+                raise ConfigError(f"{where} device_id=: a generic initiator node takes neither cpus nor "
+                                  "memory_zones (Cloud Hypervisor refuses it too)")
+            if o["device_id"] in initiators:
+                raise ConfigError(f"{where} device_id={o['device_id']}: already node "
+                                  f"{initiators[o['device_id']]}'s")
+            initiators[o["device_id"]] = nid
         cpus = Members(f"{where} cpus", "vCPU")
         for item in _bracketed(o.get("cpus", "")):
             cpus.add(parse_list(item, f"{where} cpus", MAX_CPUS))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from numavm.errors import ConfigError
+from numavm.peers import disks as _disks
 from numavm.plan.layout import LOW_RAM_LIMIT, QEMU_PC_MACHINE
 from numavm.spec.policy import Mode, Policy
 from numavm.spec.topology import DEFAULT_DISTANCE, HMAT_ATTRS, LOCAL_DISTANCE, Domain, MemoryCache, Topology
@@ -153,7 +154,7 @@ def _qemu_lines(topo: Topology, warnings: list[str]) -> list[list[str]]:
             smp += f",sockets={s[0]},cores={s[1]}"
     lines += [["-smp", smp], ["-m", format_size(topo.memory)]]
     if not topo.numa:
-        return lines
+        return lines + _disks.qemu_lines(topo, warnings)
     for d in topo.domains:
         if not d.size:
             continue
@@ -184,7 +185,7 @@ def _qemu_lines(topo: Topology, warnings: list[str]) -> list[list[str]]:
                 lines.append(["-numa", f"dist,src={i},dst={j},val={topo.distances[i][j]}"])
     if has_hmat:
         lines += _qemu_hmat(topo, warnings)
-    return lines
+    return lines + _disks.qemu_lines(topo, warnings)
 
 
 # QEMU's hmat-lb data types and hmat-cache words for numavm's
@@ -324,7 +325,7 @@ def _libvirt(topo: Topology, warnings: list[str]) -> str:
             attrs["memory"] = str(d.size // KiB)
             attrs["unit"] = "KiB"
             cell = ET.SubElement(numa, "cell", attrs)
-            if not d.size:
+            if not d.size and d.cpus:  # a cell with neither holds a generic initiator (see disks.py)
                 warnings.append(
                     f"domain {d.id} is CPU-only: written as a cell with memory='0', "
                     "which libvirt may refuse (it may want memory in every cell)")
@@ -353,6 +354,7 @@ def _libvirt(topo: Topology, warnings: list[str]) -> str:
                         if kind == "bandwidth":
                             attrs["unit"] = "KiB"
                         ET.SubElement(ic, kind, attrs)
+    _disks.libvirt_devices(topo, dom, warnings)
     ET.indent(dom, space="  ")
     return ET.tostring(dom, encoding="unicode") + "\n"
 
@@ -417,7 +419,8 @@ def _ch(topo: Topology, warnings: list[str]) -> str:
     _no_hmat(topo, warnings, "Cloud Hypervisor")
     cpus = f"boot={topo.cpus}"
     if not topo.numa:
-        return _shell([[CH_BINARY], ["--cpus", cpus], ["--memory", f"size={format_size(topo.memory)}"]])
+        return _shell([[CH_BINARY], ["--cpus", cpus], ["--memory", f"size={format_size(topo.memory)}"]]
+                      + _ch_disks(topo, warnings))
     s = _sockets_warning(topo, warnings, "--cpus topology=")
     if s is not None:
         # threads_per_core:cores_per_die:dies_per_package:packages
@@ -437,6 +440,7 @@ def _ch(topo: Topology, warnings: list[str]) -> str:
     lines += [[_MORE, z] for z in zones[1:]]
     n = len(topo.domains)
     nodes = []
+    extra = _disks.ch_numa_extra(topo, warnings)  # pci_segments=, device_id=
     for d in topo.domains:
         node = f"guest_numa_id={d.id}"
         if d.cpus:
@@ -446,10 +450,17 @@ def _ch(topo: Topology, warnings: list[str]) -> str:
                 f"{j}@{topo.distances[d.id][j]}" for j in range(n) if j != d.id) + "]"
         if d.size:
             node += f",memory_zones=mem{d.id}"
-        nodes.append(node)
+        nodes.append(node + extra.get(d.id, ""))
     lines.append(["--numa", nodes[0]])
     lines += [[_MORE, x] for x in nodes[1:]]
-    return _shell(lines)
+    return _shell(lines + _ch_disks(topo, warnings))
+
+
+def _ch_disks(topo: Topology, warnings: list[str]) -> list[list[str]]:
+    platform, values = _disks.ch_disk_values(topo, warnings)
+    if not values:
+        return []
+    return [["--platform", platform], ["--disk", values[0]]] + [[_MORE, v] for v in values[1:]]
 
 
 # ---------------------------------------------------------------- bhyve
@@ -484,7 +495,8 @@ def _bhyve_policy(d: Domain, warnings: list[str]) -> str | None:
 def _bhyve(topo: Topology, warnings: list[str]) -> str:
     _no_hmat(topo, warnings, "bhyve")
     if not topo.numa:
-        return _shell([[BHYVE_BINARY], ["-c", str(topo.cpus)], ["-m", format_size(topo.memory)], [VM_NAME]])
+        return _shell([[BHYVE_BINARY], ["-c", str(topo.cpus)], ["-m", format_size(topo.memory)]]
+                      + _disks.bhyve_lines(topo, warnings) + [[VM_NAME]])
     if not _default_distances(topo):
         warnings.append(
             f"cannot set NUMA distances in bhyve; the guest sees {LOCAL_DISTANCE} within a domain and "
@@ -504,6 +516,10 @@ def _bhyve(topo: Topology, warnings: list[str]) -> str:
             f"memory goes to CPU-only domain {first.id}")
     else:
         for d in dropped:
+            if not d.size:  # nothing but a generic initiator (numavm.peers.disks warns about it)
+                warnings.append(f"domain {d.id} holds neither memory nor vCPUs: bhyve wants cpus= in every "
+                                "domain; left out")
+                continue
             warnings.append(
                 f"memory-only domain {d.id} ({format_size(d.size)}, no vCPUs) cannot be expressed: bhyve wants "
                 f"cpus= in every domain; left out, so the guest gets {format_size(memory)} instead of "
@@ -526,6 +542,7 @@ def _bhyve(topo: Topology, warnings: list[str]) -> str:
                 opts.append(f"{key}={value}")
         lines.append(["-n", ",".join(opts)])
         lines += [["-o", e] for e in extra]
+    lines += _disks.bhyve_lines(topo, warnings)
     lines.append([VM_NAME])
     return _shell(lines)
 
@@ -540,7 +557,7 @@ def _toml_str(s: str) -> str:
 def _toml(topo: Topology, warnings: list[str]) -> str:
     out = ["version = 1", f"cpus = {topo.cpus}", f"memory = {_toml_str(format_size(topo.memory))}"]
     if not topo.numa:
-        return "\n".join(out) + "\n"
+        return "\n".join(out + _disks.toml_lines(topo, warnings)) + "\n"
     # Top-level keys first: after a [[domain]] header they would land in it.
     out.append("distances = [")
     out += [f"  [{', '.join(str(v) for v in row)}]," for row in topo.distances]
@@ -564,7 +581,7 @@ def _toml(topo: Topology, warnings: list[str]) -> str:
             out.append(f"policy = {_toml_str(str(d.policy))}")
         if d.hugepages:
             out.append(f"hugepages = {_toml_str(d.hugepages)}")
-    return "\n".join(out) + "\n"
+    return "\n".join(out + _disks.toml_lines(topo, warnings)) + "\n"
 
 
 _EXPORTERS: dict[str, Callable[[Topology, list[str]], str]] = {

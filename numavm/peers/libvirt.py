@@ -1,6 +1,7 @@
 """A libvirt domain XML: ``<vcpu>``, ``<memory>``, ``<cpu><numa><cell>`` with
 ``<distances>``, ``<numatune>`` (``<memory>`` and ``<memnode>``) and
-``<memoryBacking><hugepages/>``.
+``<memoryBacking><hugepages/>``, and the virtio ``<disk>``s of ``<devices>``, placed by
+the ``pci-expander-bus`` controller they sit behind (numavm.peers.disks).
 
 The XML is parsed by expat directly, with a DOCTYPE (and so any entity
 declaration) refused: a domain XML has none, and this keeps entity expansion
@@ -18,6 +19,7 @@ from numavm.spec.policy import MAX_HOST_NODES, Mode, Policy
 from numavm.spec.topology import MAX_CPUS, DomainSpec, HmatLink, MachineSpec, MemoryCache
 from numavm.spec.units import format_list, parse_int
 from numavm.peers import Imported, comma_list
+from numavm.peers.disks import libvirt_disks
 
 FMT = "libvirt"
 # libvirt's memory units (docs: formatdomain, "Memory Allocation"); the default is KiB
@@ -137,6 +139,7 @@ def read(text: str) -> Imported:
         if huge:
             notes.append("<hugepages/>: numavm's classic machine has no per-domain pages; give --hugepages "
                          "hugetlbfs to run/check")
+        spec.disks = libvirt_disks(root, None, notes)
         return Imported(spec, notes)
     for pos, cell in enumerate(cells):
         cid = parse_int(cell.get("id", str(pos)), "<cell> id")
@@ -162,6 +165,7 @@ def read(text: str) -> Imported:
         notes.append(f"the <distances> of cells {format_list(short)} do not name every cell; the pairs left "
                      "out are 20 (numavm's default) unless the other cell names them")
     spec.hmat = _interconnects(root.findall("cpu/numa/interconnects/*"))
+    spec.disks = libvirt_disks(root, {d.id for d in spec.domains}, notes)
     return Imported(spec, notes)
 
 

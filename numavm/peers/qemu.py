@@ -1,7 +1,9 @@
 """A QEMU command line: ``-smp``, ``-m``, ``-numa node|dist|cpu`` and the
 ``-object memory-backend-*`` the nodes name (``size``, ``host-nodes``,
-``policy``, ``prealloc``, ``hugetlb``).  Other options (devices, disks, the
-accelerator) do not describe the NUMA machine and are listed in a note."""
+``policy``, ``prealloc``, ``hugetlb``), and the disks: ``virtio-blk-pci`` devices with
+their ``-blockdev``/``-drive``, placed by the ``pxb`` they sit behind, and
+``acpi-generic-initiator`` objects (numavm.peers.disks).  Other options (other devices,
+the accelerator) do not describe the NUMA machine and are listed in a note."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from numavm.spec.policy import MAX_HOST_NODES, Mode, Policy
 from numavm.spec.topology import MAX_CPUS, DomainSpec, HmatLink, MachineSpec, MemoryCache
 from numavm.spec.units import Members, MiB, format_list, parse_int, parse_list
 from numavm.peers import Imported, command_words, flag, size
+from numavm.peers.disks import QemuDisks
 
 FMT = "qemu"
 _BACKENDS = ("memory-backend-ram", "memory-backend-memfd", "memory-backend-file")
@@ -62,6 +65,7 @@ def read(text: str) -> Imported:
     hmat_caches: list[dict[str, str]] = []
     ignored: list[str] = []
     notes: list[str] = []
+    devs = QemuDisks()
     k = 0
     while k < len(words):
         opt = words[k]
@@ -98,6 +102,8 @@ def read(text: str) -> Imported:
                 hmat_caches.append(_one(pairs[1:], f"-numa {value}"))
             else:
                 raise ConfigError(f"-numa {value}: expected node, dist, cpu, hmat-lb or hmat-cache")
+        elif name == "-object" and devs.is_initiator(value):  # numavm.peers.disks; JSON too, as libvirt writes it
+            devs.add(name, value)
         elif name == "-object":
             pairs = opts(value, "qom-type", "-object")
             props = dict(pairs)
@@ -128,6 +134,8 @@ def read(text: str) -> Imported:
         elif name == "-mem-path":
             raise ConfigError(f"-mem-path {value}: numavm backs guest memory with its own memfds, not a "
                               "file; for huge pages use hugepages=hugetlbfs")
+        elif name in ("-device", "-drive", "-blockdev"):
+            devs.add(name, value)
         else:
             ignored.append(name)
     cpus, topo = _smp(smp)
@@ -161,6 +169,8 @@ def read(text: str) -> Imported:
         raise ConfigError("-numa: dist, cpu, hmat-lb and hmat-cache need -numa node options")
     spec.hmat = _hmat_lb(lbs)
     spec.caches = [_hmat_cache(c) for c in hmat_caches]
+    spec.disks = devs.disks({d.id for d in spec.domains} if spec.domains else None, notes)
+    ignored += devs.left_out
     for bid in sorted(set(backends) - used):
         notes.append(f"-object {backends[bid]['qom-type']},id={bid}: no -numa node uses it; left out")
     if prealloc:

@@ -136,6 +136,15 @@ class PciLayout:
         return next((b for b in self.bridges if b.domain == domain), None)
 
 
+def pxb_bus_nr(bridge: HostBridge) -> int:
+    """The root bus number of the QEMU expander bridge (``pxb``) standing for `bridge`.
+
+    A pxb is a root bus with QEMU's own PCI-to-PCI bridge in slot 0, and the devices given to the
+    pxb sit behind that bridge, on the bus firmware numbers next: the plan's bus is that one (the
+    bus below each bridge's is kept free for this).  Used by the TCG engine and `export`."""
+    return bridge.bus - 1
+
+
 def ecam_address(bus: int, slot: int, function: int, offset: int = 0) -> int:
     return ECAM_BASE + (bus << 20 | slot << 15 | function << 12 | offset)
 

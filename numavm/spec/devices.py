@@ -11,7 +11,7 @@ opens and checks it once, before anything is allocated (numavm.host.disk).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from numavm.errors import ConfigError
 from numavm.spec.units import parse_int
@@ -32,7 +32,7 @@ class Disk:
     domain: int = 0
     readonly: bool = False
     initiator: bool = False
-    origin: str = DISK_OPT  # names this disk in errors
+    origin: str = field(default=DISK_OPT, compare=False)  # names this disk in errors, not part of the machine
 
     def option(self) -> str:
         """The `--disk` argument that gives this disk back (commas in the path doubled)."""

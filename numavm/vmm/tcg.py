@@ -41,7 +41,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 from numavm.plan.acpi import aml, build_tables
 from numavm.plan.acpi.tables import _Table
-from numavm.plan.pci import HostBridge, PciLayout
+from numavm.plan.pci import HostBridge, PciLayout, pxb_bus_nr
 from numavm.vmm.engine import EngineRefusal, qemu_binary
 from numavm.errors import ConfigError, NumavmError
 from numavm.plan.layout import HIGH_RAM_BASE, LOW_RAM_LIMIT, QEMU_PC_MACHINE, Layout
@@ -126,15 +126,6 @@ def check_tcg(layout: Layout) -> tuple[list[str], list[str]]:
                             f"(one per domain with a disk), and this machine has disks on "
                             f"{len(layout.pci.bridges)} domains", "use --accel kvm")
     return tcg_topology(layout)
-
-
-def pxb_bus_nr(bridge: HostBridge) -> int:
-    """The root bus number of the QEMU expander bridge (``pxb``) standing for `bridge`.
-
-    A pxb is a root bus with QEMU's own PCI-to-PCI bridge in slot 0, and the devices given to the
-    pxb sit behind that bridge, on the bus firmware numbers next: the plan's bus is that one
-    (numavm.plan.pci keeps the bus below each bridge's free for this)."""
-    return bridge.bus - 1
 
 
 def pxb_id(bridge: HostBridge) -> str:
