@@ -68,30 +68,30 @@ def test_bridges_per_domain_and_slots_in_order() -> None:
     m = Machine(cpus=2, domains=TWO + ["id=2,size=0"],
                 disks=["a.img,domain=1", "b.img,domain=2,initiator", {"path": "c.img", "domain": 1, "readonly": True}])
     pci = m.layout.pci
-    assert [(b.domain, b.bus, b.uid, b.pxm) for b in pci.bridges] == [(1, 1, 1, 1), (2, 2, 2, 2)]
+    assert [(b.domain, b.bus, b.uid, b.pxm) for b in pci.bridges] == [(1, 2, 2, 1), (2, 4, 4, 2)]
     assert [(d.index, d.bdf, d.initiator) for d in pci.devices] == [
-        (0, "0000:01:00.0", False), (1, "0000:02:00.0", True), (2, "0000:01:01.0", False)]
+        (0, "0000:02:00.0", False), (1, "0000:04:00.0", True), (2, "0000:02:01.0", False)]
     for d in pci.devices:  # every BAR inside its bridge's window, none overlapping
         bridge = pci.bridge_of(d.domain)
         assert bridge is not None and d.bar0 in bridge.mmio and d.bar0 + VIRTIO_BAR_SIZE <= bridge.mmio.end
     bars = sorted(d.bar0 for d in pci.devices)
     assert all(b - a >= VIRTIO_BAR_SIZE for a, b in zip(bars, bars[1:]))
     assert pci.bridges[1].mmio.start == MMIO_BASE + BRIDGE_WINDOW
-    assert pci.ecam is not None and (pci.ecam.start, pci.ecam.end) == (ECAM_BASE, ECAM_BASE + 3 * ECAM_BUS_SIZE)
-    assert pci.devices[2].config_addr == ecam_address(1, 1, 0) == ECAM_BASE + (1 << 20) + (1 << 15)
+    assert pci.ecam is not None and (pci.ecam.start, pci.ecam.end) == (ECAM_BASE, ECAM_BASE + 5 * ECAM_BUS_SIZE)
+    assert pci.devices[2].config_addr == ecam_address(2, 1, 0) == ECAM_BASE + (2 << 20) + (1 << 15)
     reserved = [e for e in m.layout.e820 if e.start == ECAM_BASE]
     assert reserved and reserved[0].type == E820Type.RESERVED and reserved[0].end == pci.ecam.end
     doc = json.loads(m.plan().to_json())["pci"]
-    assert doc["devices"][1] == {"kind": "virtio-blk", "bdf": "0000:02:00.0", "domain": 2,
+    assert doc["devices"][1] == {"kind": "virtio-blk", "bdf": "0000:04:00.0", "domain": 2,
                                  "bar0": MMIO_BASE + BRIDGE_WINDOW, "initiator": True, "path": "b.img",
                                  "readonly": False}
     text = m.plan().text()
-    assert "host bridge for domain 2: bus 0x02, _UID 2, _PXM 2" in text and "0000:01:01.0  virtio-blk  c.img, read-only" in text
+    assert "host bridge for domain 2: bus 0x04, _UID 4, _PXM 2" in text and "0000:02:01.0  virtio-blk  c.img, read-only" in text
 
 
 def test_classic_machine_bridge_has_no_pxm() -> None:
     pci = plan_pci(Machine(disks=["a.img"]).topology)
-    assert [(b.domain, b.bus, b.pxm) for b in pci.bridges] == [(0, 1, None)]
+    assert [(b.domain, b.bus, b.pxm) for b in pci.bridges] == [(0, 2, None)]
 
 
 def test_toml_disks_and_cli_replace_them() -> None:

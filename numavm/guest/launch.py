@@ -36,7 +36,8 @@ Log = Callable[[str], None]
 # port-I/O exit per access.  Measured in L1 (nested SVM, an AMD family 0xf CPU): the GART
 # aperture search probed 256 buses x 32 slots, twice, ~33,000 of the example's 38,920 exits;
 # with pci=off 6,136 exits, and L1's run 172 s -> 87 s.
-BASE_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr panic=-1 pci=off"
+BASE_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr panic=-1"
+NO_PCI_CMDLINE = "pci=off"  # not for a machine with devices (--disk): they are PCI functions
 KERNEL_STAGE_CMDLINE = "ignore_loglevel"
 # Userspace: warnings and worse reach the console (an llc-sibling warning among
 # them), the info lines do not: a serial console costs an emulated guest about
@@ -71,7 +72,8 @@ def log_buf_cmdline(cpus: int, nodes: int) -> str:
 def kernel_cmdline(stage: str, emulated_kvm: bool, append: str = "", topology: Topology | None = None) -> str:
     """The guest's command line for `stage`; with `topology`, a log ring its NUMA lines fit in
     (`log_buf_cmdline`) unless `append` sets one."""
-    parts = [BASE_CMDLINE, KERNEL_STAGE_CMDLINE if stage == "kernel" else USERSPACE_CMDLINE]
+    parts = [BASE_CMDLINE, NO_PCI_CMDLINE if topology is None or not topology.disks else "",
+             KERNEL_STAGE_CMDLINE if stage == "kernel" else USERSPACE_CMDLINE]
     if emulated_kvm:
         from numavm.plan.boot import emulation_safe_cmdline
         parts.append(emulation_safe_cmdline())

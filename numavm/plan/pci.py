@@ -2,10 +2,13 @@
 
 One PCI segment (0).  Every domain holding a device gets its own host bridge (an ACPI
 ``PNP0A03`` device: ``_UID`` and ``_BBN`` its bus number, ``_PXM`` the domain), in ascending
-domain order; the k-th bridge owns bus ``k + 1``.  Bus 0 stays free so that the same
-bus/device/function numbers hold under QEMU, whose bus 0 is its i440fx root and whose ``pxb``
-expander bridges take buses 1..N (numavm.vmm.tcg): a generic initiator's SRAT entry names its
-device by segment and BDF, one table for both engines.
+domain order; the k-th bridge owns bus ``2k + 2``.  The buses below each (0, 1, 3, ...) stay
+free so that the same bus/device/function numbers hold under QEMU (numavm.vmm.tcg), whose bus 0
+is its i440fx root and whose ``pxb`` expander bridge is not where its devices sit: a ``pxb``
+with ``bus_nr=B`` is a root bus B whose slot 0 always holds a PCI-to-PCI bridge of QEMU's own,
+and the devices given to the ``pxb`` sit behind that, on bus B + 1 as firmware numbers it
+(QEMU 7.2 and 10.0 alike).  A generic initiator's SRAT entry names its device by segment and
+BDF, one table for both engines.
 
 Devices sit directly on their bridge's bus, function 0, slots 0, 1, ... in ``--disk`` order.
 Config space is reached through ECAM (MCFG; 1 MiB per bus from `ECAM_BASE`, which is bus 0's
@@ -21,12 +24,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from numavm.spec.devices import MAX_DISKS
 from numavm.spec.topology import Topology
 
 KiB, MiB = 1 << 10, 1 << 20
 
 PCI_SEGMENT = 0
-FIRST_BUS = 1
+FIRST_BUS = 2
+BUS_STRIDE = 2  # bridge k's bus is FIRST_BUS + BUS_STRIDE * k: QEMU's pxb takes the bus below it
 ECAM_BASE = 0xE000_0000  # bus 0's config space; 256 buses end at 0xF000_0000, below the IOAPIC
 ECAM_BUS_SIZE = 1 * MiB  # 32 devices x 8 functions x 4 KiB
 ECAM_FUNCTION_SIZE = 4 * KiB
@@ -97,7 +102,7 @@ class PciDevice:
 
     @property
     def bdf(self) -> str:
-        """Linux's name for it: ``0000:01:00.0``."""
+        """Linux's name for it: ``0000:02:00.0``."""
         return f"{PCI_SEGMENT:04x}:{self.bus:02x}:{self.slot:02x}.0"
 
     @property
@@ -138,7 +143,7 @@ def plan_pci(topo: Topology) -> PciLayout:
     if not topo.disks:
         return PciLayout()
     holding = sorted({d.domain for d in topo.disks})
-    bridges = {dom: HostBridge(dom, FIRST_BUS + k,
+    bridges = {dom: HostBridge(dom, FIRST_BUS + BUS_STRIDE * k,
                                Window(MMIO_BASE + k * BRIDGE_WINDOW, MMIO_BASE + (k + 1) * BRIDGE_WINDOW),
                                dom if topo.numa else None)
                for k, dom in enumerate(holding)}
@@ -153,7 +158,8 @@ def plan_pci(topo: Topology) -> PciLayout:
     return PciLayout(tuple(bridges[d] for d in holding), tuple(devices))
 
 
-# The windows never reach the ECAM range, nor it the IOAPIC (0xFEC00000).
+# The windows never reach the ECAM range, nor it the IOAPIC (0xFEC00000); a bridge per disk fits the buses.
+assert FIRST_BUS + BUS_STRIDE * (MAX_DISKS - 1) <= 255
 assert MMIO_BASE + 255 * BRIDGE_WINDOW <= ECAM_BASE
 assert ECAM_BASE + 256 * ECAM_BUS_SIZE <= 0xFEC0_0000
 assert SLOTS_PER_BUS * VIRTIO_BAR_SIZE <= BRIDGE_WINDOW

@@ -31,14 +31,18 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Sequence
 
-from numavm.plan.acpi import build_tables
+from numavm.plan.acpi import aml, build_tables
+from numavm.plan.acpi.tables import _Table
+from numavm.plan.pci import HostBridge, PciLayout
 from numavm.vmm.engine import EngineRefusal, qemu_binary
 from numavm.errors import ConfigError, NumavmError
 from numavm.plan.layout import HIGH_RAM_BASE, LOW_RAM_LIMIT, QEMU_PC_MACHINE, Layout
 from numavm.host.lifetime import OwnedDir, die_with_parent
+from numavm.host.disk import DiskImage, close_disks, open_disks
 from numavm.host.memory import GuestMemory
 from numavm.vmm.run import PANIC_RE as _PANIC
 from numavm.vmm.run import GuestRun, Outcome, RunResult, prefault_for
@@ -47,7 +51,13 @@ QEMU_CPU = "qemu64"
 QEMU_PC_MAX_CPUS = 255  # pc-i440fx: xAPIC ids only
 # Linux (x86-64, xAPIC) sends IPIs in logical flat mode up to this many possible CPUs, physical above.
 LINUX_FLAT_MAX_CPUS = 8
-# Firmware: qboot starts a PVH/linuxboot kernel faster than SeaBIOS.
+# Firmware: qboot starts a PVH/linuxboot kernel faster than SeaBIOS, for machines without devices.
+# With devices QEMU's default firmware (SeaBIOS) boots it, through its PVH option ROM: qboot
+# neither numbers the bus behind an expander bridge's own PCI-to-PCI bridge nor assigns BARs,
+# and QEMU builds each pxb's _CRS from what firmware programmed, so under qboot the pxb's root
+# bus had one bus number and no memory window, and Linux could neither reach the devices behind
+# it nor place their BARs ("busn_res: can not insert [bus 02-01] under [bus 01]").  SeaBIOS
+# numbers that bus B + 1 and assigns the BARs in windows QEMU then describes.
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 
 
@@ -105,6 +115,79 @@ def check_tcg(layout: Layout) -> tuple[list[str], list[str]]:
                                 f"bytes and this {sig} is {len(blobs[sig])} ({len(layout.domains)} domains)",
                                 "use --accel kvm")
     return tcg_topology(layout)
+
+
+def pxb_bus_nr(bridge: HostBridge) -> int:
+    """The root bus number of the QEMU expander bridge (``pxb``) standing for `bridge`.
+
+    A pxb is a root bus with QEMU's own PCI-to-PCI bridge in slot 0, and the devices given to the
+    pxb sit behind that bridge, on the bus firmware numbers next: the plan's bus is that one
+    (numavm.plan.pci keeps the bus below each bridge's free for this)."""
+    return bridge.bus - 1
+
+
+def pxb_id(bridge: HostBridge) -> str:
+    """The QEMU id of the expander bridge standing for `bridge` (devices name it as their bus)."""
+    return f"pxb{bridge.bus}"
+
+
+def pxb_acpi_name(bridge: HostBridge) -> str:
+    """QEMU's name for the pxb's root bus in its DSDT: ``\\_SB.PCxx``, xx its bus number in hex
+    (hw/i386/acpi-build.c, QEMU 7.2 and 10.0)."""
+    return f"\\_SB_.PC{pxb_bus_nr(bridge):02X}"
+
+
+def pxm_ssdt(pci: PciLayout) -> bytes | None:
+    """An SSDT that gives each of QEMU's expander bridges its domain as ``_PXM``, or None.
+
+    QEMU writes a pxb's ``_PXM`` only from its ``numa_node=``, which it refuses ("Illegal numa
+    node") unless the machine has that many ``-numa`` nodes (7.2 and 10.0 alike), and numavm
+    gives QEMU none: its own SRAT comes with -acpitable.  So numavm adds the ``_PXM`` itself, in
+    the scope of QEMU's device for that root bus; Linux reads it for every bus below."""
+    terms = [aml.scope(pxb_acpi_name(b), aml.name("_PXM", aml.integer(b.pxm)))
+             for b in pci.bridges if b.pxm is not None]
+    return Ssdt(b"".join(terms)).to_bytes() if terms else None
+
+
+@dataclass(frozen=True)
+class Ssdt(_Table):
+    """A Secondary System Description Table: raw AML, loaded after QEMU's DSDT."""
+
+    aml: bytes
+    signature: ClassVar[bytes] = b"SSDT"
+    revision: ClassVar[int] = 2
+
+    def body(self) -> bytes:
+        return self.aml
+
+
+def pci_args(pci: PciLayout, disks: Sequence[DiskImage]) -> list[str]:
+    """QEMU options for the machine's host bridges and disks, every BDF the plan's.
+
+    `disks` are the opened images (numavm.host.disk), in --disk order; QEMU inherits their fds.
+    Each is fd set N (`-add-fd`) and QEMU opens ``/dev/fdset/N``, which dup()s the inherited
+    fd: QEMU reads and writes the very open file numavm checked, never the path again (which
+    could meanwhile name another file).  ``locking=off``: numavm's OFD lock is on that same open
+    file description and holds for the whole run; QEMU's own byte-range locks, taken through it,
+    would not conflict with it but replace parts of it.  Raw format, QEMU's default cache
+    (writeback: the guest sees a volatile write cache and sends flushes, which QEMU passes on as
+    fdatasync), the modern virtio-pci transport only, as numavm's own device.
+    """
+    args: list[str] = []
+    for b in pci.bridges:
+        args += ["-device", f"pxb,id={pxb_id(b)},bus_nr={pxb_bus_nr(b)},bus=pci.0"]
+    bridges = {b.domain: b for b in pci.bridges}
+    for dev, image in zip(pci.devices, disks, strict=True):
+        ro = "on" if image.readonly else "off"
+        n = dev.index
+        args += [
+            "-add-fd", f"fd={image.fd},set={n}",
+            "-blockdev", f"driver=file,node-name=file{n},filename=/dev/fdset/{n},read-only={ro},locking=off",
+            "-blockdev", f"driver=raw,node-name=disk{n},file=file{n},read-only={ro}",
+            "-device", f"virtio-blk-pci,id=vd{n},drive=disk{n},bus={pxb_id(bridges[dev.domain])},"
+                       f"addr={dev.slot:#x},disable-legacy=on",
+        ]
+    return args
 
 
 def tcg_topology(layout: Layout) -> tuple[list[str], list[str]]:
@@ -185,7 +268,14 @@ class QemuMachine:
         self._fifo_fds: list[int] = []
         self.argv: list[str] = []
         check_ram_order(layout)
-        self.memory: GuestMemory | None = GuestMemory(layout, machine=name, hugepages=hugepages, unified=True)
+        # The images first: a refused one (missing, locked...) is a one-line error before any guest
+        # memory exists.  QEMU gets these very fds, so it uses the files numavm checked and locked.
+        self.disks: list[DiskImage] = open_disks(layout.topology.disks)
+        try:
+            self.memory: GuestMemory | None = GuestMemory(layout, machine=name, hugepages=hugepages, unified=True)
+        except BaseException:
+            close_disks(self.disks)
+            raise
         try:
             self._tmpdir = OwnedDir("tcg")  # a killed run's directory goes with the next run
             self._tmp = self._tmpdir.path
@@ -205,6 +295,11 @@ class QemuMachine:
                 path = self._tmp / f"{sig}.dat"
                 path.write_bytes(tables[sig])
                 acpi += ["-acpitable", f"file={path}"]
+        ssdt = pxm_ssdt(self.layout.pci)
+        if ssdt is not None:
+            path = self._tmp / "SSDT.dat"
+            path.write_bytes(ssdt)
+            acpi += ["-acpitable", f"file={path}"]
         (backing,) = self.memory.backing_fds()
         topo = self.layout.topology
         argv = [
@@ -218,6 +313,7 @@ class QemuMachine:
                        f"size={backing.size}",
             *[a for dev in self.cpu_devices for a in ("-device", dev)],
             *acpi,
+            *pci_args(self.layout.pci, self.disks),
             "-kernel", str(kernel),
             *(["-initrd", str(initrd)] if initrd else []),
             "-append", cmdline,
@@ -229,7 +325,7 @@ class QemuMachine:
             "-qmp", f"unix:{self._tmp / 'qmp.sock'},server=on,wait=on",
             "-no-reboot", "-S",
         ]
-        if QBOOT.exists():
+        if QBOOT.exists() and not self.layout.pci:
             argv[1:1] = ["-bios", str(QBOOT)]
         return argv, backing.fd
 
@@ -267,7 +363,7 @@ class QemuMachine:
         try:
             fifos = self._open_fifos()
             self._proc = subprocess.Popen(
-                self.argv, pass_fds=(fd,), stdin=subprocess.DEVNULL,
+                self.argv, pass_fds=(fd, *(d.fd for d in self.disks)), stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 start_new_session=True,  # our signal handlers decide QEMU's fate, not the terminal
                 preexec_fn=die_with_parent())  # and QEMU dies with numavm, however it ends
@@ -460,6 +556,7 @@ class QemuMachine:
         memory, self.memory = self.memory, None
         if memory is not None:
             memory.close()
+        close_disks(self.disks)
 
     def __enter__(self) -> "QemuMachine":
         return self

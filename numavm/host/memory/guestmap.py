@@ -176,8 +176,18 @@ class GuestMemory:
             seg.write(off, src[pos:pos + take])
 
     def view(self, gpa: int, n: int) -> memoryview:
+        """Writable bytes of RAM [gpa, gpa+n) within one slot (else GuestAddressError)."""
         seg, off = self.locate(gpa, n)
         return seg.view(off, n)
+
+    def views(self, gpa: int, n: int) -> list[memoryview]:
+        """The same range as views split at slot boundaries, in order: what a device's buffer
+        becomes (numavm.devices.memory.GuestRam), since a guest buffer may straddle two domains.
+        A gap (the 3-4 GiB hole, the end of RAM) is a GuestAddressError before any view is made.
+        An empty range is an empty list.  A view pins its segment's mapping: drop it before `close()`."""
+        if n == 0:
+            return []
+        return [seg.view(off, take) for seg, off, take, _ in self._pieces(gpa, n)]
 
     # ---- for KVM and QEMU
 

@@ -35,6 +35,8 @@ __all__ = [
     "KvmRegs", "KvmSegment", "KvmDtable", "KvmSregs", "KvmFpu", "KvmLapicState",
     "KvmVcpuEvents", "KvmUserspaceMemoryRegion", "KvmCpuidEntry2", "KvmCpuid2",
     "KvmMsrEntry", "KvmMsrs", "KvmIrqLevel", "KvmPitConfig", "KvmMpState", "KvmEnableCap", "KvmRun",
+    "KvmIoeventfd", "KvmIrqfd", "KvmIrqRoutingEntry", "KvmIrqRouting", "KvmMsi",
+    "IrqchipRoute", "MsiRoute", "Route", "default_irq_routes", "DEVICE_CAPS", "IOAPIC_PINS", "FIRST_MSI_GSI",
     "X2APIC_API_FLAGS",
     "IoExit", "MmioExit", "InternalErrorExit", "SystemEventExit", "FailEntryExit",
     "Kvm", "Vm", "Vcpu", "host_address", "APIC_ID_OFFSET",
@@ -250,6 +252,60 @@ class KvmEnableCap(ctypes.Structure):
 
 
 
+# Device plumbing: ioeventfd (a guest write signals an eventfd inside KVM, no exit), irqfd
+# (an eventfd write injects a GSI), GSI routing (what each GSI means) and MSI injection.
+
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+
+
+class KvmIoeventfd(ctypes.Structure):
+    _fields_ = [("datamatch", u64), ("addr", u64), ("len", u32), ("fd", s32), ("flags", u32),
+                ("pad", u8 * 36)]
+
+
+KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+
+
+class KvmIrqfd(ctypes.Structure):
+    _fields_ = [("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32), ("pad", u8 * 16)]
+
+
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQ_ROUTING_MSI = 2
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+
+
+class _RoutingIrqchip(ctypes.Structure):
+    _fields_ = [("irqchip", u32), ("pin", u32)]
+
+
+class _RoutingMsi(ctypes.Structure):
+    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("devid", u32)]
+
+
+class _RoutingUnion(ctypes.Union):
+    _fields_ = [("irqchip", _RoutingIrqchip), ("msi", _RoutingMsi), ("pad", u32 * 8)]
+
+
+class KvmIrqRoutingEntry(ctypes.Structure):
+    _fields_ = [("gsi", u32), ("type", u32), ("flags", u32), ("pad", u32), ("u", _RoutingUnion)]
+
+
+class KvmIrqRouting(ctypes.Structure):
+    """Header of kvm_irq_routing; `nr` KvmIrqRoutingEntry follow it."""
+
+    _fields_ = [("nr", u32), ("flags", u32)]
+
+
+class KvmMsi(ctypes.Structure):
+    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("flags", u32),
+                ("devid", u32), ("pad", u8 * 12)]
+
+
 # kvm_run and the exit union members numavm reads.
 
 class _RunHw(ctypes.Structure):
@@ -318,6 +374,11 @@ assert ctypes.sizeof(KvmMsrs) == 8
 assert ctypes.sizeof(KvmIrqLevel) == 8
 assert ctypes.sizeof(KvmPitConfig) == 64
 assert ctypes.sizeof(KvmMpState) == 4
+assert ctypes.sizeof(KvmIoeventfd) == 64
+assert ctypes.sizeof(KvmIrqfd) == 32
+assert ctypes.sizeof(KvmIrqRoutingEntry) == 48 and KvmIrqRoutingEntry.u.offset == 16
+assert ctypes.sizeof(KvmIrqRouting) == 8
+assert ctypes.sizeof(KvmMsi) == 32
 assert ctypes.sizeof(_RunExit) == 256
 assert ctypes.sizeof(KvmRun) == 2352
 assert KvmRun.exit_reason.offset == 8 and KvmRun.exit.offset == 32 and KvmRun.s.offset == 304
@@ -376,6 +437,10 @@ KVM_SET_MP_STATE = _IOW(0x99, KvmMpState)
 KVM_ENABLE_CAP = _IOW(0xA3, KvmEnableCap)
 KVM_GET_VCPU_EVENTS = _IOR(0x9F, KvmVcpuEvents)
 KVM_SET_VCPU_EVENTS = _IOW(0xA0, KvmVcpuEvents)
+KVM_SET_GSI_ROUTING = _IOW(0x6A, KvmIrqRouting)
+KVM_IRQFD = _IOW(0x76, KvmIrqfd)
+KVM_IOEVENTFD = _IOW(0x79, KvmIoeventfd)
+KVM_SIGNAL_MSI = _IOW(0xA5, KvmMsi)
 
 # --- constants ------------------------------------------------------------
 
@@ -396,6 +461,11 @@ class KvmCap(enum.IntEnum):
     X2APIC_API = 129
     MAX_VCPU_ID = 128
     IMMEDIATE_EXIT = 136
+    IRQ_ROUTING = 25
+    IRQFD = 32
+    IOEVENTFD = 36
+    SIGNAL_MSI = 77
+    IOEVENTFD_ANY_LENGTH = 122
 
 
 # KVM_CAP_X2APIC_API flags: 32-bit x2APIC ids in MSI routes and the LAPIC state, and
@@ -409,6 +479,13 @@ REQUIRED_CAPS: tuple[KvmCap, ...] = (
     KvmCap.USER_MEMORY, KvmCap.IRQCHIP, KvmCap.PIT2, KvmCap.EXT_CPUID, KvmCap.VCPU_EVENTS,
     KvmCap.NR_VCPUS, KvmCap.MAX_VCPUS, KvmCap.SET_TSS_ADDR, KvmCap.SET_IDENTITY_MAP_ADDR,
     KvmCap.SET_BOOT_CPU_ID,
+)
+
+# What a machine with PCI devices uses on top (checked when it has some, so a machine without
+# devices runs where it ran before): notify writes without exits, interrupts from an I/O
+# thread without an ioctl, MSI routes, and len-0 ("any length") notify eventfds.
+DEVICE_CAPS: tuple[KvmCap, ...] = (
+    KvmCap.IOEVENTFD, KvmCap.IOEVENTFD_ANY_LENGTH, KvmCap.IRQFD, KvmCap.IRQ_ROUTING, KvmCap.SIGNAL_MSI,
 )
 
 
@@ -489,6 +566,48 @@ class MpState(enum.IntEnum):
 
 
 _EXITS: dict[int, KvmExit] = {int(e): e for e in KvmExit}
+
+
+# --- GSI routes -------------------------------------------------------------
+
+IOAPIC_PINS = 24  # KVM's in-kernel IOAPIC (KVM_IOAPIC_NUM_PINS)
+PIC_PINS = 16  # two cascaded i8259s
+FIRST_MSI_GSI = IOAPIC_PINS  # GSIs past the IOAPIC's pins are free for MSI routes
+
+
+@dataclass(frozen=True, slots=True)
+class IrqchipRoute:
+    """GSI `gsi` drives pin `pin` of in-kernel chip `chip` (KVM_IRQCHIP_*)."""
+
+    gsi: int
+    chip: int
+    pin: int
+
+
+@dataclass(frozen=True, slots=True)
+class MsiRoute:
+    """GSI `gsi` sends the MSI (address, data): what a device writes to deliver it."""
+
+    gsi: int
+    address: int  # 64-bit; with KVM_X2APIC_API_USE_32BIT_IDS bits 40-63 are destination id bits 8-31
+    data: int
+
+
+Route = IrqchipRoute | MsiRoute
+
+
+def default_irq_routes() -> list[IrqchipRoute]:
+    """The routes KVM_CREATE_IRQCHIP installs (virt/kvm/irqchip.c's default table, x86's
+    kvm_setup_default_irq_routing): GSI n is IOAPIC pin n (0-23) and, for 0-15, also pin n % 8
+    of the master (n < 8) or slave PIC.  KVM_SET_GSI_ROUTING replaces the whole table, so a
+    table with MSI routes starts from these, or the UARTs' KVM_IRQ_LINE would reach nothing."""
+    out = []
+    for gsi in range(IOAPIC_PINS):
+        out.append(IrqchipRoute(gsi, KVM_IRQCHIP_IOAPIC, gsi))
+        if gsi < PIC_PINS:
+            out.append(IrqchipRoute(gsi, KVM_IRQCHIP_PIC_MASTER if gsi < 8 else KVM_IRQCHIP_PIC_SLAVE, gsi % 8))
+    return out
+
 
 # --- the one ioctl wrapper ------------------------------------------------
 
@@ -646,6 +765,12 @@ class Kvm:
         """KVM_CHECK_EXTENSION: 0 if absent, else 1 or a capability-specific number."""
         return _ioctl(self.fd, "KVM_CHECK_EXTENSION", KVM_CHECK_EXTENSION, int(cap))
 
+    def require(self, caps: Iterable[KvmCap], why: str) -> None:
+        """Refuse, naming the first missing capability and what needed it."""
+        for cap in caps:
+            if self.check_extension(cap) <= 0:
+                raise KvmError(f"{self.path}: KVM lacks capability KVM_CAP_{cap.name} ({why})")
+
     @property
     def recommended_vcpus(self) -> int:
         return self.check_extension(KvmCap.NR_VCPUS)
@@ -760,6 +885,65 @@ class Vm:
     def set_boot_cpu_id(self, apic_id: int) -> None:
         """Make `apic_id` the bootstrap processor; only before any vCPU exists."""
         _ioctl(self.fd, "KVM_SET_BOOT_CPU_ID", KVM_SET_BOOT_CPU_ID, apic_id)
+
+    # -- device plumbing (numavm.vmm.kvm.pci): eventfds come from os.eventfd and stay the caller's
+
+    @staticmethod
+    def _ioeventfd_request(fd: int, addr: int, length: int, datamatch: int | None, pio: bool,
+                           deassign: bool) -> KvmIoeventfd:
+        if length not in (0, 1, 2, 4, 8):
+            raise ValueError(f"ioeventfd length {length}: 0 (any), 1, 2, 4 or 8")
+        if length == 0 and datamatch is not None:
+            raise ValueError("an any-length ioeventfd cannot match data")
+        flags = ((KVM_IOEVENTFD_FLAG_DATAMATCH if datamatch is not None else 0)
+                 | (KVM_IOEVENTFD_FLAG_PIO if pio else 0) | (KVM_IOEVENTFD_FLAG_DEASSIGN if deassign else 0))
+        return KvmIoeventfd(datamatch=datamatch or 0, addr=addr, len=length, fd=fd, flags=flags)
+
+    def add_ioeventfd(self, fd: int, addr: int, length: int = 0, datamatch: int | None = None,
+                      pio: bool = False) -> None:
+        """KVM_IOEVENTFD: a guest write of `length` bytes (0: any length) at MMIO (or, `pio`, port)
+        `addr`, whose value is `datamatch` when given, signals eventfd `fd` inside KVM: the
+        vCPU goes on without an exit to numavm.  EEXIST when the same match is registered."""
+        req = self._ioeventfd_request(fd, addr, length, datamatch, pio, False)
+        _ioctl(self.fd, f"KVM_IOEVENTFD({addr:#x})", KVM_IOEVENTFD, req)
+
+    def remove_ioeventfd(self, fd: int, addr: int, length: int = 0, datamatch: int | None = None,
+                         pio: bool = False) -> None:
+        """Undo `add_ioeventfd` (the same arguments); ENOENT when it is not registered."""
+        req = self._ioeventfd_request(fd, addr, length, datamatch, pio, True)
+        _ioctl(self.fd, f"KVM_IOEVENTFD({addr:#x}, deassign)", KVM_IOEVENTFD, req)
+
+    def add_irqfd(self, fd: int, gsi: int) -> None:
+        """KVM_IRQFD: every write to eventfd `fd` injects GSI `gsi` as its route says (an MSI
+        route: that MSI, from any thread, without an ioctl)."""
+        _ioctl(self.fd, f"KVM_IRQFD(gsi {gsi})", KVM_IRQFD, KvmIrqfd(fd=fd, gsi=gsi))
+
+    def remove_irqfd(self, fd: int, gsi: int) -> None:
+        _ioctl(self.fd, f"KVM_IRQFD(gsi {gsi}, deassign)", KVM_IRQFD,
+               KvmIrqfd(fd=fd, gsi=gsi, flags=KVM_IRQFD_FLAG_DEASSIGN))
+
+    def set_gsi_routing(self, routes: Sequence[Route]) -> None:
+        """KVM_SET_GSI_ROUTING: `routes` become the whole table (start from
+        `default_irq_routes()`); irqfds follow the new table at once."""
+        buf = _FlexBuffer(KvmIrqRouting, KvmIrqRoutingEntry, len(routes))
+        buf.header.nr = len(routes)
+        for entry, route in zip(buf.entries, routes):
+            entry.gsi = route.gsi
+            if isinstance(route, MsiRoute):
+                entry.type = KVM_IRQ_ROUTING_MSI
+                entry.u.msi.address_lo = route.address & 0xFFFF_FFFF
+                entry.u.msi.address_hi = route.address >> 32
+                entry.u.msi.data = route.data
+            else:
+                entry.type = KVM_IRQ_ROUTING_IRQCHIP
+                entry.u.irqchip.irqchip = route.chip
+                entry.u.irqchip.pin = route.pin
+        _ioctl(self.fd, "KVM_SET_GSI_ROUTING", KVM_SET_GSI_ROUTING, buf.raw)
+
+    def signal_msi(self, address: int, data: int) -> int:
+        """KVM_SIGNAL_MSI: deliver one MSI now; > 0 delivered, 0 blocked by the guest (masked APIC)."""
+        msi = KvmMsi(address_lo=address & 0xFFFF_FFFF, address_hi=address >> 32, data=data)
+        return _ioctl(self.fd, "KVM_SIGNAL_MSI", KVM_SIGNAL_MSI, msi)
 
     def create_vcpu(self, apic_id: int) -> Vcpu:
         """KVM_CREATE_VCPU with vcpu id = APIC id, and map its kvm_run page."""
