@@ -299,18 +299,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from numavm.peers.export import export
     from numavm.peers import FORMATS, MAX_INPUT, import_topology
+    from numavm.host.files import read_input, read_stream
 
     if args.peer not in FORMATS:
         raise ConfigError(f"--from: must be one of {', '.join(FORMATS)}, got {args.peer!r}")
     name = "stdin" if args.file == "-" else args.file
-    try:
-        if args.file == "-":
-            data = sys.stdin.buffer.read(MAX_INPUT + 1)
-        else:
-            with open(args.file, "rb") as f:
-                data = f.read(MAX_INPUT + 1)
-    except OSError as e:
-        raise ConfigError(f"import: cannot read {name}: {e.strerror}") from None
+    if args.file == "-":
+        data = read_stream(sys.stdin.buffer, "import", name, MAX_INPUT)
+    else:
+        data = read_input(args.file, "import", MAX_INPUT, pipes=True)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

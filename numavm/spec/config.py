@@ -62,7 +62,7 @@ size = "512M"   # memory-only: no cpus
 """
 
 
-MAX_FILE_BYTES = 1 << 20  # a 256-domain machine with a full distance matrix is ~200 KiB
+MAX_FILE_BYTES = 1 << 20  # numavm.host.files.MAX_CONFIG: a 256-domain machine with every distance is ~200 KiB
 MAX_DEPTH = 16  # brackets and braces open at once; the schema needs 3 ([[domain]], a matrix row)
 # What can hold a bracket that is not one: strings of the four kinds, and comments.
 # tomllib's time grows with the cube of a dotted key's length (8000 parts: 1.2 s), so dots
@@ -73,17 +73,13 @@ _TOKENS = re.compile(r'"""(?:[^\\]|\\.)*?"""|\'\'\'.*?\'\'\'|"(?:[^"\\\n]|\\.)*"
 
 
 def load(path: str | Path) -> MachineSpec:
-    """Read a TOML file: UTF-8, at most MAX_FILE_BYTES, read with that cap (a FIFO or
-    /dev/zero ends at the cap, not at memory's end)."""
+    """Read a TOML file: UTF-8, at most MAX_FILE_BYTES, a regular file or a pipe (`-f <(...)`),
+    read with that bound (numavm.host.files)."""
+    from numavm.host.files import read_input
+
     p = Path(path)
     field = f"-f/--config {p}"
-    try:
-        with open(p, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"-f/--config: cannot read {p}: {e.strerror}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(f"{field}: larger than {MAX_FILE_BYTES >> 20} MiB; a machine file is far smaller")
+    data = read_input(p, "-f/--config", MAX_FILE_BYTES, pipes=True)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
