@@ -348,10 +348,12 @@ class Sink:
     """A guest stream written through to a host binary stream as it arrives.
 
     A reader that went away (a closed pipe: `numavm run ... | head`) ends the
-    writing, not the run."""
+    writing, not the run; so does any other error writing (a full disk), which is kept in
+    `error` for the command line to report."""
 
     def __init__(self, out: BinaryIO) -> None:
         self._out: BinaryIO | None = out
+        self.error: OSError | None = None
 
     def __call__(self, data: bytes) -> None:
         if self._out is None:
@@ -361,6 +363,8 @@ class Sink:
             self._out.flush()
         except (BrokenPipeError, ValueError):
             self._out = None
+        except OSError as e:
+            self._out, self.error = None, e
 
 
 class KernelStageWatch:
