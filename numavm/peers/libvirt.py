@@ -14,8 +14,8 @@ import xml.etree.ElementTree as ET
 from xml.parsers import expat
 
 from numavm.errors import ConfigError
-from numavm.spec.policy import Mode, Policy
-from numavm.spec.topology import DomainSpec, MachineSpec
+from numavm.spec.policy import MAX_HOST_NODES, Mode, Policy
+from numavm.spec.topology import MAX_CPUS, DomainSpec, MachineSpec
 from numavm.spec.units import format_list, parse_int
 from numavm.peers import Imported, comma_list
 
@@ -83,7 +83,7 @@ def _policy(mode: str | None, nodeset: str | None, placement: str | None, where:
                           "restrictive")
     if not nodeset:
         raise ConfigError(f"{where}: needs nodeset=")
-    nodes = comma_list(nodeset, f"{where} nodeset")
+    nodes = comma_list(nodeset, f"{where} nodeset", MAX_HOST_NODES)
     m = _MODES[mode]
     if m is Mode.PREFERRED and len(nodes) > 1:
         m = Mode.PREFERRED_MANY  # what QEMU 8.0+ makes of several preferred nodes
@@ -137,7 +137,7 @@ def read(text: str) -> Imported:
     for pos, cell in enumerate(cells):
         cid = parse_int(cell.get("id", str(pos)), "<cell> id")
         where = f"<cell id='{cid}'>"
-        cpus = comma_list(cell.get("cpus", ""), f"{where} cpus") if cell.get("cpus") else ()
+        cpus = comma_list(cell.get("cpus", ""), f"{where} cpus", MAX_CPUS) if cell.get("cpus") else ()
         dom = DomainSpec(cid, _memory(cell, f"{where} memory"), cpus,
                          cell_policy.pop(cid, default), "hugetlbfs" if huge else None, where)
         spec.domains.append(dom)

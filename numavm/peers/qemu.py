@@ -5,10 +5,12 @@ accelerator) do not describe the NUMA machine and are listed in a note."""
 
 from __future__ import annotations
 
+import itertools
+
 from numavm.errors import ConfigError
-from numavm.spec.policy import Mode, Policy
+from numavm.spec.policy import MAX_HOST_NODES, Mode, Policy
 from numavm.spec.topology import MAX_CPUS, DomainSpec, MachineSpec
-from numavm.spec.units import MiB, format_list, parse_int, parse_list
+from numavm.spec.units import Members, MiB, format_list, parse_int, parse_list
 from numavm.peers import Imported, command_words, flag, size
 
 FMT = "qemu"
@@ -139,8 +141,13 @@ def read(text: str) -> Imported:
     for pos, pairs in enumerate(nodes):
         spec.domains.append(_node(pairs, pos, backends, used, prealloc))
     by_id = {d.id: d for d in spec.domains}
+    if len(cpu_maps) > (cpus or 1):  # each names a vCPU at least; the cost stays linear in the input
+        raise ConfigError(f"-numa cpu: {len(cpu_maps)} of them for {cpus or 1} vCPUs; at most one per vCPU")
+    mapped: dict[int, set[int]] = {}
     for c in cpu_maps:
-        _cpu_map(c, by_id, topo)
+        _cpu_map(c, by_id, topo, mapped)
+    for node, found in mapped.items():
+        by_id[node].cpus = tuple(sorted(found))
     for d in dists:
         where = f"-numa dist,src={d.get('src')},dst={d.get('dst')},val={d.get('val')}"
         if set(d) != {"src", "dst", "val"}:
@@ -196,11 +203,10 @@ def _smp(smp: dict[str, str]) -> tuple[int | None, tuple[int, int, int, int, int
 def _policy(b: dict[str, str | list[str]], where: str) -> Policy:
     raw = b.get("host-nodes", [])
     assert isinstance(raw, list)
-    nodes: list[int] = []
+    members = Members(f"{where} host-nodes", "node")
     for r in raw:
-        nodes.extend(parse_list(r.replace(",", "+"), f"{where} host-nodes"))
-    if len(set(nodes)) != len(nodes):
-        raise ConfigError(f"{where} host-nodes: a node is named twice")
+        members.add(parse_list(r.replace(",", "+"), f"{where} host-nodes", MAX_HOST_NODES))
+    nodes = members.sorted()
     name = str(b.get("policy", "default"))
     if name not in _POLICIES:
         raise ConfigError(f"{where} policy={name}: QEMU's policies are {', '.join(_POLICIES)}")
@@ -218,11 +224,11 @@ def _policy(b: dict[str, str | list[str]], where: str) -> Policy:
 
 def _node(pairs: list[tuple[str, str]], pos: int, backends: dict[str, dict[str, str | list[str]]],
           used: set[str], prealloc: list[int]) -> DomainSpec:
-    cpus: list[int] = []
+    cpus = Members("-numa node cpus", "vCPU")
     keys: dict[str, str] = {}
     for k, v in pairs:
         if k == "cpus":  # repeatable, a number or a range each
-            cpus.extend(parse_list(v, "-numa node cpus"))
+            cpus.add(parse_list(v, "-numa node cpus", MAX_CPUS))
         elif k in ("nodeid", "mem", "memdev", "initiator"):
             if k in keys:
                 raise ConfigError(f"-numa node: {k}= given twice")
@@ -235,9 +241,7 @@ def _node(pairs: list[tuple[str, str]], pos: int, backends: dict[str, dict[str, 
         raise ConfigError(f"{where} initiator={keys['initiator']}: an HMAT initiator; numavm gives the guest no HMAT")
     if "mem" in keys and "memdev" in keys:
         raise ConfigError(f"{where}: mem= and memdev= together (QEMU refuses it too)")
-    if len(set(cpus)) != len(cpus):
-        raise ConfigError(f"{where}: cpus names a vCPU more than once")
-    dom = DomainSpec(nid, 0, tuple(sorted(cpus)), origin=where)
+    dom = DomainSpec(nid, 0, cpus.sorted(), origin=where)
     if "mem" in keys:
         dom.size = size(keys["mem"], f"{where} mem", plain=MiB)
     elif "memdev" in keys:
@@ -266,7 +270,9 @@ def _node(pairs: list[tuple[str, str]], pos: int, backends: dict[str, dict[str, 
     return dom
 
 
-def _cpu_map(c: dict[str, str], by_id: dict[int, DomainSpec], topo: tuple[int, int, int, int, int]) -> None:
+def _cpu_map(c: dict[str, str], by_id: dict[int, DomainSpec], topo: tuple[int, int, int, int, int],
+             mapped: dict[int, set[int]]) -> None:
+    """One ``-numa cpu``: the vCPUs it names join node-id's, in `mapped` (node -> vCPUs)."""
     where = "-numa cpu," + ",".join(f"{k}={v}" for k, v in c.items())
     keys = ("socket-id", "die-id", "cluster-id", "core-id", "thread-id")
     bad = sorted(set(c) - set(keys) - {"node-id"})
@@ -279,14 +285,8 @@ def _cpu_map(c: dict[str, str], by_id: dict[int, DomainSpec], topo: tuple[int, i
     for k, v, top in zip(keys, ids, topo):
         if v is not None and not 0 <= v < top:
             raise ConfigError(f"{where}: {k} {v} does not exist (-smp gives 0..{top - 1})")
-    found: list[int] = []
-    sockets, dies, clusters, cores, threads = topo
-    for s in range(sockets):
-        for d in range(dies):
-            for cl in range(clusters):
-                for co in range(cores):
-                    for t in range(threads):
-                        if all(v is None or v == x for v, x in zip(ids, (s, d, cl, co, t))):
-                            found.append(((((s * dies) + d) * clusters + cl) * cores + co) * threads + t)
-    dom = by_id[node]
-    dom.cpus = tuple(sorted(set(dom.cpus or ()) | set(found)))
+    # only the CPUs it names are visited: the ids given are fixed, the others run over their range
+    _, dies, clusters, cores, threads = topo
+    found = mapped.setdefault(node, set(by_id[node].cpus or ()))
+    for s, d, cl, co, t in itertools.product(*((v,) if v is not None else range(top) for v, top in zip(ids, topo))):
+        found.add(((((s * dies) + d) * clusters + cl) * cores + co) * threads + t)

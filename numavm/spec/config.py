@@ -32,7 +32,7 @@ from typing import Any
 
 from numavm.errors import ConfigError
 from numavm.spec.policy import Policy, parse_policy
-from numavm.spec.topology import DomainSpec, MachineSpec, parse_distance, parse_hmat, parse_hmat_cache, parse_hugepages
+from numavm.spec.topology import MAX_CPUS, DomainSpec, MachineSpec, parse_distance, parse_hmat, parse_hmat_cache, parse_hugepages
 from numavm.spec.units import parse_list, parse_size
 
 SCHEMA_VERSION = 1
@@ -190,7 +190,7 @@ def domain_from_table(d: dict[str, Any], k: int, name: str) -> DomainSpec:
     return DomainSpec(
         id=dom_id,
         size=parse_size(d["size"], f"{origin} size") if "size" in d else None,
-        cpus=parse_list(d["cpus"], f"{origin} cpus") if "cpus" in d else None,
+        cpus=parse_list(d["cpus"], f"{origin} cpus", MAX_CPUS) if "cpus" in d else None,
         policy=parse_policy(str(pol), f"{origin} policy") if pol is not None else Policy(),
         hugepages=parse_hugepages(str(d["hugepages"]), f"{origin} hugepages") if "hugepages" in d else None,
         origin=origin,
