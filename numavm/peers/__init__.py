@@ -114,8 +114,18 @@ def size(text: str, field: str, plain: int = 1) -> int:
     (QEMU's -m and bhyve's -m count MiB)."""
     t = text.strip()
     if t.isascii() and t.isdigit():
-        return int(t) * plain
+        return whole(t, field) * plain
     return parse_size(t, field)
+
+
+MAX_DIGITS = 20  # 2**64 has 20; Python's int() refuses more than 4300 (ValueError)
+
+
+def whole(digits: str, field: str) -> int:
+    """ASCII `digits` as a number, at most MAX_DIGITS of them."""
+    if len(digits) > MAX_DIGITS:
+        raise ConfigError(f"{field}: a number of {len(digits)} digits; at most {MAX_DIGITS}")
+    return int(digits)
 
 
 def flag(value: str, field: str) -> bool:

@@ -13,7 +13,7 @@ from numavm.errors import ConfigError
 from numavm.spec.policy import MAX_HOST_NODES, Mode, Policy, parse_policy
 from numavm.spec.topology import MAX_CPUS, DomainSpec, MachineSpec
 from numavm.spec.units import MiB, parse_int
-from numavm.peers import Imported, comma_list, command_words, size
+from numavm.peers import Imported, comma_list, command_words, size, whole
 
 FMT = "bhyve"
 # bhyve(8)'s getopt string (FreeBSD 15): the letters with ':' take a value
@@ -25,7 +25,7 @@ def _size(text: str, field: str) -> int:
     """bhyve's vm_parse_memsize: a bare number below 1 MiB counts MiB, else bytes."""
     t = text.strip()
     if t.isascii() and t.isdigit():
-        n = int(t)
+        n = whole(t, field)
         return n * MiB if n < MiB else n
     return size(t, field)
 

@@ -31,7 +31,9 @@ _MODES = {"strict": Mode.BIND, "preferred": Mode.PREFERRED, "interleave": Mode.I
 def parse_xml(text: str) -> ET.Element:
     """The document's root element; a DOCTYPE or entity declaration is refused."""
     builder = ET.TreeBuilder()
-    parser = expat.ParserCreate()
+    # the text was read as UTF-8: that is its encoding, whatever its declaration says (an
+    # encoding Python does not know raised LookupError)
+    parser = expat.ParserCreate("utf-8")
 
     def no_dtd(name: str, *_: object) -> None:
         raise ConfigError(f"the XML has a DOCTYPE ({name}); a domain XML has none, and numavm "
@@ -55,6 +57,8 @@ def parse_xml(text: str) -> ET.Element:
     except expat.ExpatError as e:
         raise ConfigError(f"not well-formed XML: {expat.ErrorString(e.code)} "
                           f"at line {e.lineno}, column {e.offset}") from None
+    except LookupError as e:
+        raise ConfigError(f"an XML encoding numavm does not read ({e}); domain XML is UTF-8") from None
     return builder.close()
 
 

@@ -103,7 +103,26 @@ def loads(text: str, name: str) -> MachineSpec:
         raise ConfigError(f"{name}: not valid TOML: {e}") from None
     except RecursionError:  # the scan above should have refused it; never a traceback
         raise ConfigError(f"{name}: arrays or tables nested too deeply") from None
+    except ValueError:  # int() of a decimal past Python's 4300 digits
+        raise ConfigError(f"{name}: a number of more than 4300 digits; numavm's numbers fit 64 bits") from None
+    _check_numbers(doc, name, name)
     return from_dict(doc, name)
+
+
+MAX_BITS = 64
+
+
+def _check_numbers(v: Any, where: str, name: str) -> None:
+    """Refuse an integer past 64 bits anywhere in the document (a hex or binary one parses
+    at any length, and would fail later where an error message prints it)."""
+    if isinstance(v, dict):
+        for k, x in v.items():
+            _check_numbers(x, f"{where}.{k}" if where != name else f"{name}: {k}", name)
+    elif isinstance(v, list):
+        for k, x in enumerate(v):
+            _check_numbers(x, f"{where}[{k}]", name)
+    elif isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > MAX_BITS:
+        raise ConfigError(f"{where}: a number of {v.bit_length()} bits; numavm's numbers fit {MAX_BITS}")
 
 
 def _check_shape(text: str, name: str) -> None:
@@ -186,6 +205,8 @@ def domain_from_table(d: dict[str, Any], k: int, name: str) -> DomainSpec:
     if dom_id < 0:
         raise ConfigError(f"{where}.id: must be 0 or more, got {dom_id}")
     origin = f"{name}: domain id={dom_id}"
+    if "policy" in d and "domain_policy" in d:
+        raise ConfigError(f"{origin}: policy and domain_policy are one key (two spellings); give one")
     pol = d.get("policy", d.get("domain_policy"))
     return DomainSpec(
         id=dom_id,

@@ -54,7 +54,7 @@ def parse_int(text: str, field: str) -> int:
     """A whole number in ASCII digits (a leading ``-`` allowed, for the caller to refuse)."""
     t = text.strip(_SPACE)
     if not _INT_RE.match(t):
-        raise ConfigError(f"{field}: expected a whole number, got {t!r}")
+        raise ConfigError(f"{field}: expected a whole number, got {_clip(t)}")
     return int(t, 10)
 
 
@@ -62,7 +62,7 @@ def parse_seconds(text: str, field: str) -> float:
     """SECONDS: a finite decimal number more than 0 (no nan, inf, exponents or signs)."""
     t = text.strip(_SPACE)
     if not _SECONDS_RE.match(t) or float(t) <= 0:
-        raise ConfigError(f"{field}: expected a number of seconds more than 0, such as 30 or 0.5, got {t!r}")
+        raise ConfigError(f"{field}: expected a number of seconds more than 0, such as 30 or 0.5, got {_clip(t)}")
     return float(t)
 
 
