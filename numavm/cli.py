@@ -240,7 +240,11 @@ def _like_host_spec(args: argparse.Namespace, note: Callable[[str], None]) -> Ma
 
 
 def build_topology(args: argparse.Namespace) -> Topology:
-    return machine_spec(args).build(_host_nodes(args))
+    held: list[str] = []  # --like-host's notes: said once the machine is known to be good
+    topo = machine_spec(args, held.append).build(_host_nodes(args))
+    for line in held:
+        _stderr(line)
+    return topo
 
 
 def _host_nodes(args: argparse.Namespace) -> tuple[int, ...] | None:
@@ -259,7 +263,11 @@ def machine_options(options: list[str], note: Callable[[str], None]) -> tuple[Ma
 
 def _machine(args: argparse.Namespace) -> Machine:
     from numavm.api import Machine
-    return Machine.from_spec(machine_spec(args), _host_nodes(args))
+    held: list[str] = []  # --like-host's notes: an error is the one line printed
+    machine = Machine.from_spec(machine_spec(args, held.append), _host_nodes(args))
+    for line in held:
+        _stderr(line)
+    return machine
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
