@@ -323,7 +323,7 @@ class Machine:
         (engine choice, warnings).  Raises ConfigError for bad input (nothing was allocated) and
         GuestFailed when the guest did not power off.
         """
-        from numavm.guest.launch import Console, guest_assets, guest_initrd, kernel_cmdline
+        from numavm.guest.launch import Console, check_inputs, guest_assets, guest_initrd, kernel_cmdline
         from numavm.guest.launch import Sink as StreamSink
         from numavm.guest.initramfs import parse_guest_report
         from numavm.vmm.run import GuestRun
@@ -333,10 +333,15 @@ class Machine:
         if isinstance(add, (str, os.PathLike)):
             add = [add]  # one file, not its name's characters
         warnings: list[str] = []
-        prep = self._prepare(accel, timeout, release, prefault, hugepages, pin, None, True, log, warnings)
+        added = [_str(a) for a in add]
+        check_inputs(_str(kernel), _str(initrd), added)  # every file's kind and size, first
+        held: list[str] = []  # the engine and why: said once the inputs are known to be good
+        prep = self._prepare(accel, timeout, release, prefault, hugepages, pin, None, True, held.append, warnings)
         own_init = initrd is None
         assets = guest_assets(_str(kernel), log, release)
-        initrd_bytes = guest_initrd(_str(initrd), assets.busybox, argv, [_str(a) for a in add], shell=shell)
+        initrd_bytes = guest_initrd(_str(initrd), assets.busybox, argv, added, shell=shell)
+        for line in held:
+            log(line)
         cmdline = kernel_cmdline(prep.stage, prep.engine.emulates_guest_code, append, self.topology)
         if prep.engine.emulates_guest_code:
             log("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
@@ -392,17 +397,22 @@ class Machine:
         engine is a KVM that emulates guest code, else userspace.  The verdict's `match`,
         `mismatches` and `exit_code` say how it went; a guest that ended before it could be compared
         is a mismatch ("boot: ...") with `outcome` saying why."""
-        from numavm.guest.launch import Console, KernelStageWatch, guest_assets, guest_initrd, kernel_cmdline
+        from numavm.guest.launch import Console, KernelStageWatch, check_inputs, guest_assets, guest_initrd
+        from numavm.guest.launch import kernel_cmdline
         from numavm.vmm.run import GuestRun
 
         if stage is not None and stage not in STAGES:
             raise ConfigError(f"--stage: must be one of {', '.join(STAGES)}, got {stage!r}")
         log = log or _quiet
-        prep = self._prepare(accel, timeout, release, prefault, hugepages, pin, stage, False, log, [])
+        check_inputs(_str(kernel), _str(initrd), [])
+        held: list[str] = []
+        prep = self._prepare(accel, timeout, release, prefault, hugepages, pin, stage, False, held.append, [])
         engine, stage = prep.engine, prep.stage
         emulated_kvm = engine.emulates_guest_code
         assets = guest_assets(_str(kernel), log, release)
         initrd_bytes = guest_initrd(_str(initrd), assets.busybox, None, []) if stage == "userspace" else None
+        for line in held:
+            log(line)
         cmdline = kernel_cmdline(stage, emulated_kvm, topology=self.topology)
         # SMP bring-up shows the llc-sibling warnings, unless the engine checked its vCPUs already
         until_smp = not (emulated_kvm or engine.cpus_checked_before_run)

@@ -349,10 +349,12 @@ class _Tree:
 
 def _host_file(path: Path) -> tuple[int, bytes]:
     try:
+        from numavm.host.files import MAX_ADD, read_input
+
         st = os.stat(path)  # follows symlinks: the guest gets the file itself
         if not stat.S_ISREG(st.st_mode):
             raise NumavmError(f"initramfs: {path} is not a regular file")
-        return (st.st_mode & 0o7777) or 0o644, path.read_bytes()
+        return (st.st_mode & 0o7777) or 0o644, read_input(path, "initramfs", MAX_ADD)
     except OSError as e:
         raise NumavmError(f"initramfs: cannot read {path}: {e.strerror}") from None
 
