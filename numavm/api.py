@@ -337,51 +337,52 @@ class Machine:
         check_inputs(_str(kernel), _str(initrd), added)  # every file's kind and size, first
         held: list[str] = []  # the engine and why: said once the inputs are known to be good
         prep = self._prepare(accel, timeout, release, prefault, hugepages, pin, None, True, held.append, warnings)
-        own_init = initrd is None
-        assets = guest_assets(_str(kernel), log, release)
-        initrd_bytes = guest_initrd(_str(initrd), assets.busybox, argv, added, shell=shell)
-        for line in held:
-            log(line)
-        cmdline = kernel_cmdline(prep.stage, prep.engine.emulates_guest_code, append, self.topology)
-        if prep.engine.emulates_guest_code:
-            log("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
-                "the emulator cannot run")
-        out, err = bytearray(), bytearray()
+        with _opened_disks(self.topology) as disks:  # before anything is made: a bad image is exit 2
+            own_init = initrd is None
+            assets = guest_assets(_str(kernel), log, release)
+            initrd_bytes = guest_initrd(_str(initrd), assets.busybox, argv, added, shell=shell)
+            for line in held:
+                log(line)
+            cmdline = kernel_cmdline(prep.stage, prep.engine.emulates_guest_code, append, self.topology)
+            if prep.engine.emulates_guest_code:
+                log("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
+                    "the emulator cannot run")
+            out, err = bytearray(), bytearray()
 
-        def sink(where: Output, buf: bytearray) -> Sink:
-            if where is None:
-                return buf.extend
-            if callable(where) and not hasattr(where, "write"):
-                return where  # type: ignore[return-value]
-            return StreamSink(where)  # type: ignore[arg-type]
+            def sink(where: Output, buf: bytearray) -> Sink:
+                if where is None:
+                    return buf.extend
+                if callable(where) and not hasattr(where, "write"):
+                    return where  # type: ignore[return-value]
+                return StreamSink(where)  # type: ignore[arg-type]
 
-        streams = {"stdout": sink(stdout, out), "stderr": sink(stderr, err)} if own_init else {}
-        with _console_log(console_log) as log_file:
-            echo = list(console) + ([log_file] if log_file else [])
-            con = Console(echo=echo)
-            with _raw_terminal(input_fd if shell else None):
-                result = prep.engine.run(GuestRun(
-                    self.layout, assets.vmlinux, initrd_bytes, cmdline, prep.timeout, con, verbose=verbose,
-                    log=log, prefault=prep.prefault, hugepages=hugepages, input_fd=input_fd, own_init=own_init,
-                    on_start=_read_results_soon("numavm.check.report"), **streams))
-        text = con.text
-        report = parse_guest_report(text) if own_init else None
-        if report is not None and not report.get("streams", True):
-            w = ("the guest kernel has no serial ports ttyS1 and ttyS2 for the command's stdout and stderr: "
-                 "its output went to the console (--verbose or --console-log show it)")
-            warnings.append(w)
-            log(f"numavm: warning: {w}")
-        status = report.get("exit_status") if report else None
-        from numavm.check.report import GuestReport
-        res = CommandResult(
-            status=int(status) & 0xFF if isinstance(status, int) else 0, stdout=bytes(out), stderr=bytes(err),
-            topology=GuestReport.from_document(report) if report else None, engine=prep.engine.name,
-            engine_why=prep.engine.why, placement=result.placement, outcome=result.outcome, detail=result.detail,
-            seconds=result.seconds, console=text, warnings=tuple(warnings), counts_exits=prep.engine.counts_exits,
-            engine_result=result)
-        if result.outcome is not Outcome.POWEROFF:
-            raise GuestFailed(res)
-        return res
+            streams = {"stdout": sink(stdout, out), "stderr": sink(stderr, err)} if own_init else {}
+            with _console_log(console_log) as log_file:
+                echo = list(console) + ([log_file] if log_file else [])
+                con = Console(echo=echo)
+                with _raw_terminal(input_fd if shell else None):
+                    result = prep.engine.run(GuestRun(
+                        self.layout, assets.vmlinux, initrd_bytes, cmdline, prep.timeout, con, verbose=verbose,
+                        log=log, prefault=prep.prefault, hugepages=hugepages, input_fd=input_fd, own_init=own_init,
+                        on_start=_read_results_soon("numavm.check.report"), disks=disks, **streams))
+            text = con.text
+            report = parse_guest_report(text) if own_init else None
+            if report is not None and not report.get("streams", True):
+                w = ("the guest kernel has no serial ports ttyS1 and ttyS2 for the command's stdout and stderr: "
+                     "its output went to the console (--verbose or --console-log show it)")
+                warnings.append(w)
+                log(f"numavm: warning: {w}")
+            status = report.get("exit_status") if report else None
+            from numavm.check.report import GuestReport
+            res = CommandResult(
+                status=int(status) & 0xFF if isinstance(status, int) else 0, stdout=bytes(out), stderr=bytes(err),
+                topology=GuestReport.from_document(report) if report else None, engine=prep.engine.name,
+                engine_why=prep.engine.why, placement=result.placement, outcome=result.outcome, detail=result.detail,
+                seconds=result.seconds, console=text, warnings=tuple(warnings), counts_exits=prep.engine.counts_exits,
+                engine_result=result)
+            if result.outcome is not Outcome.POWEROFF:
+                raise GuestFailed(res)
+            return res
 
     # ------------------------------------------------------------ check
 
@@ -407,26 +408,27 @@ class Machine:
         check_inputs(_str(kernel), _str(initrd), [])
         held: list[str] = []
         prep = self._prepare(accel, timeout, release, prefault, hugepages, pin, stage, False, held.append, [])
-        engine, stage = prep.engine, prep.stage
-        emulated_kvm = engine.emulates_guest_code
-        assets = guest_assets(_str(kernel), log, release)
-        initrd_bytes = guest_initrd(_str(initrd), assets.busybox, None, []) if stage == "userspace" else None
-        for line in held:
-            log(line)
-        cmdline = kernel_cmdline(stage, emulated_kvm, topology=self.topology)
-        # SMP bring-up shows the llc-sibling warnings, unless the engine checked its vCPUs already
-        until_smp = not (emulated_kvm or engine.cpus_checked_before_run)
-        watch = KernelStageWatch(until_smp) if stage == "kernel" else None
-        if emulated_kvm:
-            log("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
-                "the emulator cannot run")
-        with _console_log(console_log) as log_file:
-            con = Console(echo=list(console) + ([log_file] if log_file else []), watch=watch)
-            result = engine.run(GuestRun(self.layout, assets.vmlinux, initrd_bytes, cmdline, prep.timeout, con,
-                                         watch, verbose=verbose, log=log, prefault=prep.prefault,
-                                         hugepages=hugepages,
-                                         own_init=initrd_bytes is not None and initrd is None,
-                                         on_start=_read_results_soon("numavm.check.verdict")))
+        with _opened_disks(self.topology) as disks:  # before anything is made: a bad image is exit 2
+            engine, stage = prep.engine, prep.stage
+            emulated_kvm = engine.emulates_guest_code
+            assets = guest_assets(_str(kernel), log, release)
+            initrd_bytes = guest_initrd(_str(initrd), assets.busybox, None, []) if stage == "userspace" else None
+            for line in held:
+                log(line)
+            cmdline = kernel_cmdline(stage, emulated_kvm, topology=self.topology)
+            # SMP bring-up shows the llc-sibling warnings, unless the engine checked its vCPUs already
+            until_smp = not (emulated_kvm or engine.cpus_checked_before_run)
+            watch = KernelStageWatch(until_smp) if stage == "kernel" else None
+            if emulated_kvm:
+                log("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
+                    "the emulator cannot run")
+            with _console_log(console_log) as log_file:
+                con = Console(echo=list(console) + ([log_file] if log_file else []), watch=watch)
+                result = engine.run(GuestRun(self.layout, assets.vmlinux, initrd_bytes, cmdline, prep.timeout, con,
+                                             watch, verbose=verbose, log=log, prefault=prep.prefault,
+                                             hugepages=hugepages,
+                                             own_init=initrd_bytes is not None and initrd is None,
+                                             on_start=_read_results_soon("numavm.check.verdict"), disks=disks))
         from numavm.check.verdict import evaluate
         wanted = Outcome.STOPPED if stage == "kernel" else Outcome.POWEROFF
         report = evaluate(self.layout, stage, engine.name, con.text, result.outcome is wanted,
@@ -507,6 +509,22 @@ def _argv(command: Sequence[str] | str | None) -> list[str] | None:
     if not all(isinstance(a, str) for a in argv):
         raise ConfigError(f"command: expected a list of strings, got {list(command)!r}")
     return argv or None
+
+
+@contextlib.contextmanager
+def _opened_disks(topology: Topology) -> Iterator[tuple[Any, ...]]:
+    """The machine's disk images opened, checked and locked (numavm.host.disk) for one run, and
+    closed after it however it ends; () and no import without disks."""
+    if not topology.disks:
+        yield ()
+        return
+    from numavm.host.disk import close_disks, open_disks
+
+    disks = open_disks(topology.disks)
+    try:
+        yield tuple(disks)
+    finally:
+        close_disks(disks)
 
 
 @contextlib.contextmanager

@@ -432,3 +432,380 @@ def test_open_disks_names_the_disk_as_its_spec_does(tmp_path: Path) -> None:
         open_disks([parse_disk(f"{missing},domain=1")])
     with pytest.raises(ConfigError, match=rf"^m.toml: disk {missing}: no such file$"):
         open_disks([disk_from_table({"path": str(missing)}, 0, "m.toml")])
+
+
+# --- the PCI platform under guest programs ---------------------------------------------
+#
+# A small interpreter runs in the guest (64-bit, interrupts off but while it waits): a table of
+# 24-byte operations (op, address, value) the test writes, each an MMIO or port access, a read
+# reported on port 0x90, or a wait for an interrupt, whose handler reports its vector on port
+# 0x91 and EOIs.  The end reports on port 0x92, which stops the machine.  Assembled with GNU as
+# (the source is in the comments).
+
+INTERP = bytes.fromhex(
+    "0f011b"            # lidt [rbx]
+    "488b06"            # next: mov rax, [rsi]
+    "488b7e08"          #   mov rdi, [rsi+8]        ; address (or port)
+    "488b5610"          #   mov rdx, [rsi+16]       ; value
+    "4883c618"          #   add rsi, 24
+    "3c017425"          #   cmp al, 0x01; je w8
+    "3c027425"          #   cmp al, 0x02; je w16
+    "3c047426"          #   cmp al, 0x04; je w32
+    "3c12742d"          #   cmp al, 0x12; je r16
+    "3c147430"          #   cmp al, 0x14; je r32
+    "3c247432"          #   cmp al, 0x24; je pout
+    "3c347435"          #   cmp al, 0x34; je pin
+    "3c307438"          #   cmp al, 0x30; je wait
+    "3c117412"          #   cmp al, 0x11; je r8
+    "e692"              # done: out 0x92, al
+    "f4ebfd"            # halt: hlt; jmp halt
+    "8817ebc4"          # w8: mov [rdi], dl; jmp next
+    "668917ebbf"        # w16: mov [rdi], dx; jmp next
+    "8917ebbb"          # w32: mov [rdi], edx; jmp next
+    "0fb607e790ebb4"    # r8: movzx eax, byte [rdi]; out 0x90, eax; jmp next
+    "0fb707e790ebad"    # r16: movzx eax, word [rdi]; out 0x90, eax; jmp next
+    "8b07e790eba7"      # r32: mov eax, [rdi]; out 0x90, eax; jmp next
+    "89d089faefeba0"    # pout: mov eax, edx; mov edx, edi; out dx, eax; jmp next
+    "89faede790eb99"    # pin: mov edx, edi; in eax, dx; out 0x90, eax; jmp next
+    "fbf4faeb94"        # wait: sti; hlt; cli; jmp next
+)
+W8, W16, W32, R8, R16, R32, POUT, PIN, WAIT, END = 0x01, 0x02, 0x04, 0x11, 0x12, 0x14, 0x24, 0x34, 0x30, 0x00
+VALUE_PORT = 0x90
+M_GDT, M_PROGRAM, M_TABLE, M_PT, M_IDT, M_IDTR, M_HANDLERS = 0x7000, 0x8000, 0x9000, 0x10000, 0x20000, 0x21000, 0x22000
+HANDLED = range(0x40, 0x50)
+
+
+def _handler(vector: int) -> bytes:
+    """push rax; mov al, vector; out 0x91, al; mov eax, 0; mov [0xfee000b0], eax (EOI); pop rax; iretq"""
+    return bytes.fromhex(f"50b0{vector:02x}e691b800000000a3b000e0fe0000000058" "48cf")
+
+
+class Recorder:
+    """Ports 0x90-0x92: values, interrupt vectors (in the order they came), and the end."""
+
+    def __init__(self, machine: object) -> None:
+        self.machine = machine
+        self.events: list[tuple[str, int]] = []
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset == 0:
+            self.events.append(("value", value))
+        elif offset == 1:
+            self.events.append(("irq", value))
+        else:
+            from numavm.vmm.run import Outcome
+            self.machine.stop(Outcome.STOPPED, "the program ended")  # type: ignore[attr-defined]
+
+    @property
+    def values(self) -> list[int]:
+        return [v for kind, v in self.events if kind == "value"]
+
+
+def _pci_layout(tmp_path: Path, *disks: str, domains: tuple[str, ...] = ("id=0,size=32M,cpus=0", "id=1,size=32M")):
+    from numavm.plan.layout import plan_layout
+    from numavm.spec.devices import parse_disk
+    from numavm.spec.topology import MachineSpec, parse_numa
+
+    spec = MachineSpec(domains=[parse_numa(d) for d in domains], disks=[parse_disk(d) for d in disks])
+    return plan_layout(spec.build(host_nodes=(0,)))
+
+
+def run_script(machine: object, ops: list[tuple[int, int, int]], timeout: float = 60) -> Recorder:
+    """Run the interpreter over `ops` on the machine's boot vCPU; the recorder of what it reported."""
+    from numavm.vmm.kvm.machine import KvmMachine
+    from numavm.vmm.run import Outcome
+
+    assert isinstance(machine, KvmMachine)
+    rec = Recorder(machine)
+    machine.bus.register(VALUE_PORT, 3, rec)
+    idt = bytearray(256 * 16)
+    handlers = b""
+    for k, vector in enumerate(HANDLED):
+        code = _handler(vector)
+        idt[vector * 16:vector * 16 + 16] = _idt_gate(M_HANDLERS + 0x20 * k)
+        handlers += code.ljust(0x20, b"\xcc")
+    table = b"".join(struct.pack("<QQQ", op, addr, value) for op, addr, value in [*ops, (END, 0, 0)])
+    machine.load([(M_GDT, cpu.gdt_bytes()), (M_PROGRAM, INTERP), (M_TABLE, table), (M_PT, cpu.identity_page_tables(M_PT)),
+                  (M_IDT, bytes(idt)), (M_IDTR, struct.pack("<HQ", len(idt) - 1, M_IDT)), (M_HANDLERS, handlers)])
+    state = cpu.long_mode_state(M_PT, M_GDT, M_PROGRAM, rsp=0x7000, rsi=M_TABLE)
+    machine.set_boot_state(with_regs(state, rbx=M_IDTR))
+    result = machine.run(timeout=timeout)
+    assert result.outcome is Outcome.STOPPED, (result.detail, rec.events)
+    rec.result = result  # type: ignore[attr-defined]
+    return rec
+
+
+LAPIC_ON = (W32, LAPIC + 0xF0, 0x1FF)  # the spurious-vector register: APIC software-enabled
+
+
+def _cf8(bus: int, devfn: int, offset: int) -> int:
+    return 0x8000_0000 | bus << 16 | devfn << 8 | offset
+
+
+@needs_kvm
+def test_config_space_through_ecam_and_cf8_reads_the_model(tmp_path: Path) -> None:
+    from numavm.plan.pci import ecam_address
+    from numavm.vmm.kvm.machine import KvmMachine
+
+    a, b = _image(tmp_path, 1 << 20, "a.img"), _image(tmp_path, 4096, "b.img")
+    layout = _pci_layout(tmp_path, f"{a},domain=1", f"{b},domain=0")
+    d1, d0 = layout.pci.devices  # --disk order; bridges (buses) in domain order
+    assert (d0.domain, d0.bus, d1.domain, d1.bus) == (0, 1, 1, 2)
+    with KvmMachine(layout, name="cfg") as m:
+        rec = run_script(m, [
+            (R32, ecam_address(d1.bus, d1.slot, 0), 0),                 # vendor | device << 16
+            (R32, ecam_address(d0.bus, d0.slot, 0) + 8, 0),             # revision | class << 8
+            (R16, ecam_address(d1.bus, d1.slot, 0) + 0x2E, 0),          # subsystem id
+            (R32, ecam_address(0, 0, 0), 0),                            # bus 0 is empty: all-ones
+            (R32, ecam_address(d1.bus, 5, 0), 0),                       # an empty slot
+            (POUT, 0xCF8, _cf8(d1.bus, d1.devfn, 0)), (PIN, 0xCFC, 0),  # mechanism #1
+            (POUT, 0xCF8, _cf8(d0.bus, d0.devfn, 0x10)), (PIN, 0xCFC, 0),  # BAR0 as numavm assigned it
+            (PIN, 0xCF8, 0),                                            # the latch reads back
+            (POUT, 0xCF8, _cf8(0, 0, 0)), (PIN, 0xCFC, 0),              # nothing on bus 0
+            (POUT, 0xCF8, _cf8(d1.bus, d1.devfn, 0) & 0x7FFF_FFFF), (PIN, 0xCFC, 0),  # disabled
+        ])
+    assert rec.values == [0x1042_1AF4, 0x0180_0001, 2, 0xFFFF_FFFF, 0xFFFF_FFFF,
+                          0x1042_1AF4, d0.bar0, _cf8(d0.bus, d0.devfn, 0x10), 0xFFFF_FFFF, 0xFFFF_FFFF]
+    assert rec.result.exits["mmio"] == 5  # type: ignore[attr-defined]
+
+
+COMMON, ISR, DEVCFG, NOTIFY, MSIX_TABLE = 0x0000, 0x1000, 0x2000, 0x3000, 0x4000
+CMD_MEMORY_MASTER = 0x6
+
+
+def _msix_control(fn: object) -> int:
+    """Offset of the MSI-X capability's message control in `fn`'s config space (walking the list)."""
+    cap = fn.config_read(0x34, 1)  # type: ignore[attr-defined]
+    while cap:
+        if fn.config_read(cap, 1) == 0x11:  # type: ignore[attr-defined]
+            return cap + 2
+        cap = fn.config_read(cap + 1, 1)  # type: ignore[attr-defined]
+    raise AssertionError("no MSI-X capability")
+
+
+@needs_kvm
+def test_bar_sizing_and_moving_from_the_guest_moves_mmio_and_the_notify_eventfd(tmp_path: Path) -> None:
+    from numavm.plan.pci import ecam_address
+    from numavm.vmm.kvm.machine import KvmMachine
+
+    layout = _pci_layout(tmp_path, f"{_image(tmp_path)},domain=1")
+    (dev,) = layout.pci.devices
+    cfg = ecam_address(dev.bus, dev.slot, 0)
+    old, new = dev.bar0, dev.bar0 + 0x10000
+    with KvmMachine(layout, name="bars") as m:
+        assert m.pci is not None
+        fn = m.pci.devices[0].fn
+        rec = run_script(m, [
+            (R32, cfg + 0x10, 0),                       # numavm's assignment
+            (R16, old + COMMON + 0x12, 0),              # num_queues, through the BAR where it is
+            (W16, cfg + 0x04, 0),                       # decoding off, as Linux sizes a BAR
+            (W32, cfg + 0x10, 0xFFFF_FFFF), (R32, cfg + 0x10, 0),  # size it
+            (W32, cfg + 0x10, new), (R32, cfg + 0x10, 0),
+            (R16, new + COMMON + 0x12, 0),              # not decoding yet: nothing there
+            (W16, cfg + 0x04, CMD_MEMORY_MASTER),
+            (R16, new + COMMON + 0x12, 0),              # the BAR answers at its new address
+            (R16, old + COMMON + 0x12, 0),              # and no longer at the old one
+            (W16, new + NOTIFY, 0),                     # queue 0's notify: the moved ioeventfd, no exit
+            (W16, old + NOTIFY, 0),                     # the old address: an exit that reaches nothing
+        ])
+        assert rec.values == [old, 1, 0xFFFF_8000, new, 0xFFFF, 1, 0xFFFF]
+        assert m.pci.devices[0].notify_at == new
+        assert fn.ignored_notifies == 1  # the I/O thread ran queue 0 once (not enabled yet: ignored)
+        assert rec.result.exits["mmio"] == 12  # every access but the notify
+
+
+@needs_kvm
+def test_a_device_interrupt_reaches_the_guest_through_msix_irqfd_and_its_route(tmp_path: Path) -> None:
+    """The whole interrupt path: the guest programs MSI-X vector 0 (config changes) and turns on
+    DRIVER_OK, then notifies a queue it never enabled; the notify's ioeventfd wakes the I/O
+    thread, the model flags the device error and raises its configuration interrupt, the
+    irqfd and the route the guest's table entry became deliver it to the guest's handler."""
+    from numavm.plan.pci import ecam_address
+    from numavm.vmm.kvm.machine import KvmMachine
+
+    layout = _pci_layout(tmp_path, f"{_image(tmp_path)},domain=1")
+    (dev,) = layout.pci.devices
+    cfg, bar = ecam_address(dev.bus, dev.slot, 0), dev.bar0
+    with KvmMachine(layout, name="msix") as m:
+        assert m.pci is not None
+        fn = m.pci.devices[0].fn
+        control = _msix_control(fn)
+        rec = run_script(m, [
+            LAPIC_ON,
+            (W16, cfg + 0x04, CMD_MEMORY_MASTER),
+            (W32, bar + MSIX_TABLE, LAPIC), (W32, bar + MSIX_TABLE + 4, 0),
+            (W32, bar + MSIX_TABLE + 8, 0x41), (W32, bar + MSIX_TABLE + 12, 0),  # vector 0 -> 0x41, unmasked
+            (W16, cfg + control, 0x8000),              # MSI-X on
+            (W16, bar + COMMON + 0x10, 0),             # config_msix_vector = 0
+            (W8, bar + COMMON + 0x14, 0x07),           # ACKNOWLEDGE | DRIVER | DRIVER_OK
+            (W16, bar + NOTIFY, 0),                    # queue 0, never enabled
+            (WAIT, 0, 0),
+            (R8, bar + COMMON + 0x14, 0),              # DEVICE_NEEDS_RESET now set
+        ])
+        assert rec.events == [("irq", 0x41), ("value", 0x47)]
+        assert m.pci.devices[0].routes == (K.MsiRoute(K.FIRST_MSI_GSI, LAPIC, 0x41),)
+        assert "queue 0 notified but not enabled" in fn.errors[-1]
+
+
+DESC, AVAIL, USED, HEADER, STATUS = 0x30000, 0x31000, 0x32000, 0x33000, 0x35000
+QSIZE = 256
+
+
+def _virtio_setup(cfg: int, bar: int, control: int, vector: int) -> list[tuple[int, int, int]]:
+    """A driver's bring-up of queue 0 with the rings at DESC/AVAIL/USED, its interrupt on MSI-X
+    vector 1 -> `vector`, up to DRIVER_OK."""
+    c = bar + COMMON
+    return [
+        LAPIC_ON,
+        (W16, cfg + 0x04, CMD_MEMORY_MASTER),
+        (W32, bar + MSIX_TABLE + 16, LAPIC), (W32, bar + MSIX_TABLE + 20, 0),
+        (W32, bar + MSIX_TABLE + 24, vector), (W32, bar + MSIX_TABLE + 28, 0),
+        (W16, cfg + control, 0x8000),
+        (W8, c + 0x14, 0x01), (W8, c + 0x14, 0x03),          # ACKNOWLEDGE, DRIVER
+        (W32, c + 0x08, 1), (W32, c + 0x0C, 1),               # driver features 32-63: VERSION_1
+        (W8, c + 0x14, 0x0B), (R8, c + 0x14, 0),              # FEATURES_OK, read back
+        (W16, c + 0x16, 0),                                   # queue_select 0
+        (R16, c + 0x18, 0),                                   # queue_size
+        (W32, c + 0x20, DESC), (W32, c + 0x24, 0),
+        (W32, c + 0x28, AVAIL), (W32, c + 0x2C, 0),
+        (W32, c + 0x30, USED), (W32, c + 0x34, 0),
+        (W16, c + 0x1A, 1),                                   # queue_msix_vector = 1
+        (W16, c + 0x1C, 1),                                   # queue_enable
+        (W8, c + 0x14, 0x0F),                                 # DRIVER_OK
+    ]
+
+
+def _request(mem: object, req_type: int, sector: int, buffers: list[tuple[int, int]], head: int, slot: int) -> None:
+    """Descriptors head.. for one virtio-blk request (header, data buffers, status) and avail slot."""
+    write = mem.write  # type: ignore[attr-defined]
+    chain = [(HEADER + 16 * slot, 16, 0)] + [(a, n, 2 if req_type == 0 else 0) for a, n in buffers] \
+        + [(STATUS + slot, 1, 2)]
+    write(HEADER + 16 * slot, struct.pack("<IIQ", req_type, 0, sector))
+    for k, (addr, n, flags) in enumerate(chain):
+        last = k == len(chain) - 1
+        write(DESC + 16 * (head + k), struct.pack("<QIHH", addr, n, flags | (0 if last else 1), head + k + 1))
+    write(AVAIL + 4 + 2 * slot, struct.pack("<H", head))
+
+
+@needs_kvm
+def test_virtio_blk_reads_and_writes_the_image_into_guest_memory_across_two_domains(tmp_path: Path) -> None:
+    """A guest program drives the device as a driver would (the rings are written by the test);
+    the request's data buffer straddles domain 0's end and domain 1's start, so the device's
+    preadv/pwritev go straight into two host segments.  Read sector 1.., then write it back
+    elsewhere; flush."""
+    from numavm.plan.pci import ecam_address
+    from numavm.vmm.kvm.machine import KvmMachine
+
+    img = _image(tmp_path, 1 << 20)
+    pattern = os.urandom(1 << 20)
+    img.write_bytes(pattern)
+    layout = _pci_layout(tmp_path, f"{img},domain=1")
+    (dev,) = layout.pci.devices
+    cfg, bar = ecam_address(dev.bus, dev.slot, 0), dev.bar0
+    edge = 32 << 20  # domain 0 ends, domain 1 starts
+    buf, n = edge - 1536, 4096
+    with KvmMachine(layout, name="blk") as m:
+        assert m.pci is not None and m.memory is not None
+        control = _msix_control(m.pci.devices[0].fn)
+        _request(m.memory, 0, 1, [(buf, n)], head=0, slot=0)            # IN: sectors 1..8
+        _request(m.memory, 1, 100, [(buf, n)], head=3, slot=1)          # OUT: back at sector 100
+        _request(m.memory, 4, 0, [], head=6, slot=2)                    # FLUSH
+        m.memory.write(AVAIL, struct.pack("<HH", 0, 1))                 # one request offered
+        rec = run_script(m, [
+            *_virtio_setup(cfg, bar, control, 0x42),
+            (W16, bar + NOTIFY, 0), (WAIT, 0, 0),
+            (R16, USED + 2, 0), (R8, STATUS, 0),
+            (W16, AVAIL + 2, 3), (W16, bar + NOTIFY, 0), (WAIT, 0, 0),  # the write and the flush
+            (R16, USED + 2, 0), (R8, STATUS + 1, 0), (R8, STATUS + 2, 0),
+        ])
+        assert rec.events == [("value", 0x0B), ("value", QSIZE),                  # FEATURES_OK held; queue size
+                              ("irq", 0x42), ("value", 1), ("value", 0),            # the read: used 1, status OK
+                              ("irq", 0x42), ("value", 3), ("value", 0), ("value", 0)]  # write, flush
+        assert m.memory.read(buf, n) == pattern[512:512 + n]
+        assert m.memory.segments[0].read(edge - 1536, 1536) == pattern[512:2048]  # the part in domain 0
+        used = struct.unpack_from("<HH", m.memory.read(USED, 4))[1]
+        assert used == 3
+        assert m.memory.read(STATUS, 3) == b"\0\0\0"
+    assert img.read_bytes()[100 * 512:100 * 512 + n] == pattern[512:512 + n]
+
+
+def _threads() -> set[str]:
+    return {t.name for t in threading.enumerate()}
+
+
+@needs_kvm
+def test_io_threads_are_named_and_pinned_like_their_domain_and_everything_is_released(tmp_path: Path) -> None:
+    from numavm.host.memory import policy_cpus
+    from numavm.plan.pci import ecam_address
+    from numavm.vmm.kvm.machine import KvmMachine
+
+    layout = _pci_layout(tmp_path, f"{_image(tmp_path, name='a.img')},domain=1",
+                         f"{_image(tmp_path, name='b.img')},domain=0,readonly",
+                         domains=("id=0,size=32M,cpus=0", "id=1,size=32M,domain_policy=bind:0"))
+    fds, threads = _fds(), _threads()
+    seen: dict[str, set[int]] = {}
+    with KvmMachine(layout, name="rel") as m:
+        assert m.pci is not None and len(m.disks) == 2 and all(not d.closed for d in m.disks)
+
+        class Spy(Recorder):
+            def write(self, offset: int, size: int, value: int) -> None:
+                for t in threading.enumerate():
+                    if t.name.startswith("rel-virtio-blk"):
+                        seen[t.name] = os.sched_getaffinity(t.native_id or 0)
+                super().write(offset, size, value)
+
+        rec = Spy(m)
+        m.bus.register(0x94, 3, rec)
+        rec2 = run_script(m, [(PIN, 0x94, 0), (POUT, 0x94 + 2, 0)])  # the spy looks while the vCPU runs
+        assert rec2.values == [0]
+        assert _threads() == threads  # the I/O threads ended with the run
+    assert set(seen) == {"rel-virtio-blk0", "rel-virtio-blk1"}
+    assert seen["rel-virtio-blk0"] == set(policy_cpus((0,)))  # domain 1 is bound to host node 0
+    assert seen["rel-virtio-blk1"] == os.sched_getaffinity(0)  # domain 0 has the default policy: unpinned
+    assert _fds() == fds and _threads() == threads
+    assert all(d.closed for d in m.disks) or m.disks == []
+
+
+@needs_kvm
+def test_a_machine_that_fails_to_build_releases_its_disks(tmp_path: Path) -> None:
+    from numavm.vmm.kvm.machine import KvmMachine
+
+    img = _image(tmp_path)
+    layout = _pci_layout(tmp_path, f"{img},domain=1")
+    fds = _fds()
+    with pytest.raises(Exception, match="/nonexistent/kvm"):
+        KvmMachine(layout, kvm_path="/nonexistent/kvm")
+    assert _fds() == fds
+    with open_disk(img):  # and the lock went with it
+        pass
+
+
+@needs_kvm
+def test_a_locked_image_is_refused_before_guest_memory_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from numavm.host.memory import guestmap
+    from numavm.vmm.kvm.machine import KvmMachine
+
+    img = _image(tmp_path)
+    layout = _pci_layout(tmp_path, f"{img},domain=1")
+    made: list[object] = []
+    monkeypatch.setattr(guestmap.GuestMemory, "__post_init__", lambda self: made.append(self))
+    with open_disk(img):
+        with pytest.raises(ConfigError, match=rf"^--disk {img}: is locked by another user"):
+            KvmMachine(layout)
+    assert made == []
+
+
+@needs_kvm
+def test_a_machine_without_devices_has_no_pci_platform() -> None:
+    from numavm.plan.layout import plan_layout
+    from numavm.spec.topology import MachineSpec
+    from numavm.vmm.kvm.machine import KvmMachine
+
+    layout = plan_layout(MachineSpec(cpus=1, memory=64 << 20).build())
+    with KvmMachine(layout) as m:
+        assert m.pci is None and m.disks == [] and 0xCF8 not in m.bus
+        rec = run_script(m, [(R32, 0xE000_0000, 0), (W32, 0xC000_0000, 5), (R32, 0xC000_0000, 0)])
+    assert rec.values == [0xFFFF_FFFF, 0xFFFF_FFFF]  # nothing decodes: reads float high, writes vanish

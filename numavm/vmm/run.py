@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     from numavm.plan.layout import Layout
+    from numavm.host.disk import DiskImage
     from numavm.host.memory import GuestMemory
 
 Log = Callable[[str], None]
@@ -116,6 +117,11 @@ class GuestRun:
     # wait until then (numavm.api imports what reads the result) overlaps the boot instead of
     # delaying it.
     on_start: Callable[[], None] | None = None
+    # The machine's disk images, one per `layout.topology.disks` in order, opened, checked and
+    # locked by the caller before anything else was made (numavm.host.disk.open_disks) and
+    # closed by it after the run: an engine uses their fds and never closes them.  Empty for a
+    # machine with disks, an engine opens them itself (and closes them).
+    disks: tuple[DiskImage, ...] = ()
 
 
 def prefault(memory: GuestMemory, log: Log, domains: frozenset[int] | None = None) -> None:

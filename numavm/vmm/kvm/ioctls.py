@@ -41,6 +41,7 @@ __all__ = [
     "IoExit", "MmioExit", "InternalErrorExit", "SystemEventExit", "FailEntryExit",
     "Kvm", "Vm", "Vcpu", "host_address", "APIC_ID_OFFSET",
     "RUN_WORD_EXIT_REASON", "RUN_WORD_IO", "RUN_WORD_IO_COUNT", "RUN_WORD_IO_DATA_OFFSET",
+    "RUN_WORD_MMIO_ADDR", "RUN_WORD_MMIO_LEN", "RUN_WORD_MMIO_IS_WRITE", "RUN_MMIO_DATA",
 ]
 
 KVM_PATH = "/dev/kvm"
@@ -398,7 +399,17 @@ RUN_WORD_EXIT_REASON = KvmRun.exit_reason.offset // 4
 RUN_WORD_IO = (_RUN_EXIT_OFFSET + _RunIo.direction.offset) // 4
 RUN_WORD_IO_COUNT = (_RUN_EXIT_OFFSET + _RunIo.count.offset) // 4
 RUN_WORD_IO_DATA_OFFSET = (_RUN_EXIT_OFFSET + _RunIo.data_offset.offset) // 4
+#   RUN_WORD_MMIO_ADDR       exit.mmio.phys_addr's low word (the high word follows)
+#   RUN_WORD_MMIO_LEN        exit.mmio.len
+#   RUN_WORD_MMIO_IS_WRITE   the word holding exit.mmio.is_write in its low byte
+#   RUN_MMIO_DATA            the byte offset of exit.mmio.data (8 bytes)
+RUN_WORD_MMIO_ADDR = (_RUN_EXIT_OFFSET + _RunMmio.phys_addr.offset) // 4
+RUN_WORD_MMIO_LEN = (_RUN_EXIT_OFFSET + _RunMmio.len.offset) // 4
+RUN_WORD_MMIO_IS_WRITE = (_RUN_EXIT_OFFSET + _RunMmio.is_write.offset) // 4
+RUN_MMIO_DATA = _MMIO_DATA_OFFSET
 assert sys.byteorder == "little"
+assert (_RunMmio.phys_addr.offset, _RunMmio.data.offset, _RunMmio.len.offset, _RunMmio.is_write.offset) == (0, 8, 16, 20)
+assert (RUN_WORD_MMIO_ADDR, RUN_WORD_MMIO_LEN, RUN_WORD_MMIO_IS_WRITE, RUN_MMIO_DATA) == (8, 12, 13, 40)
 assert KvmRun.exit_reason.offset % 4 == 0 and _RUN_EXIT_OFFSET % 8 == 0
 assert (_RunIo.direction.offset, _RunIo.size.offset, _RunIo.port.offset) == (0, 1, 2)
 assert (_RunIo.count.offset, _RunIo.data_offset.offset) == (4, 8)

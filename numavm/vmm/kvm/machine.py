@@ -10,26 +10,32 @@ thread is released, on every path.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import struct
 import threading
 import time
 from collections import Counter
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from numavm.vmm.kvm import cpu as cpumode
 from numavm.plan.acpi import build_tables
 from numavm.plan.cpuid import vcpu_cpuid
 from numavm.devices import IoBus, IrqLines, PowerEvent, Serial16550, attach_power_devices
 from numavm.errors import NumavmError
-from numavm.vmm.kvm.ioctls import (RUN_WORD_EXIT_REASON, RUN_WORD_IO, RUN_WORD_IO_COUNT, RUN_WORD_IO_DATA_OFFSET, Kvm,
-                                   KvmExit, KvmInternalError, KvmIoctlError, KvmIoDirection, MpState, Vcpu, Vm)
+from numavm.vmm.kvm.ioctls import (DEVICE_CAPS, RUN_MMIO_DATA, RUN_WORD_EXIT_REASON, RUN_WORD_IO, RUN_WORD_IO_COUNT,
+                                   RUN_WORD_IO_DATA_OFFSET, RUN_WORD_MMIO_ADDR, RUN_WORD_MMIO_IS_WRITE, RUN_WORD_MMIO_LEN,
+                                   Kvm, KvmExit, KvmInternalError, KvmIoctlError, KvmIoDirection, MpState, Vcpu, Vm)
 from numavm.plan.layout import (COM1_PORT, COM2_IRQ, COM2_PORT, COM3_IRQ, COM3_PORT, CONSOLE_UARTS, LAPIC_ADDR,
                                 STREAM_UARTS, Layout)
 from numavm.host.memory import GuestMemory, policy_cpus
 from numavm.spec.policy import Mode
 from numavm.vmm.run import PANIC_RE, GuestRun, Outcome, RunResult, prefault_for
+
+if TYPE_CHECKING:
+    from numavm.host.disk import DiskImage
+    from numavm.vmm.kvm.pci import PciPlatform
 
 # KVM's private pages for VMX (TSS and identity map), in the 3-4 GiB hole,
 # clear of the IOAPIC and LAPIC.
@@ -65,9 +71,16 @@ class KvmMachine:
                  stdout: Callable[[bytes], None] | None = None,
                  stderr: Callable[[bytes], None] | None = None,
                  pin: bool = True, hugepages: str | None = None,
-                 kvm_path: str = "/dev/kvm", cpuid: bool = True) -> None:
+                 kvm_path: str = "/dev/kvm", cpuid: bool = True,
+                 disks: Sequence[DiskImage] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
         """`stdout`/`stderr`: given, the machine gets UARTs at COM2 and COM3 too (the guest
-        command's streams, see numavm.guest.initramfs), whose output goes to them."""
+        command's streams, see numavm.guest.initramfs), whose output goes to them.
+
+        `disks`: the machine's disk images, opened (numavm.host.disk.open_disks), one per
+        `layout.topology.disks` in order; the caller keeps them and closes them.  Without
+        them a machine whose layout has disks opens them itself, first of all, and closes
+        them with itself.  `log`: numavm's own lines (a device the guest misprogrammed)."""
         self.layout = layout
         self.name = name
         self.pin = pin
@@ -89,6 +102,10 @@ class KvmMachine:
         self.kvm: Kvm | None = None
         self.vm: Vm | None = None
         self.vcpus: list[Vcpu] = []
+        self.pci: PciPlatform | None = None  # only when the layout has devices
+        self.disks: list[DiskImage] = list(disks) if disks is not None else []
+        self._own_disks = disks is None
+        self._log = log or (lambda line: None)
         try:
             self._build(hugepages, kvm_path, cpuid)
         except BaseException:
@@ -99,6 +116,12 @@ class KvmMachine:
 
     def _build(self, hugepages: str | None, kvm_path: str, use_cpuid: bool) -> None:
         layout = self.layout
+        if layout.pci and self._own_disks:
+            # Before anything is allocated: a missing or locked image is the user's mistake.
+            from numavm.host.disk import open_disks
+            self.disks = open_disks(layout.topology.disks)
+        if len(self.disks) != len(layout.topology.disks):
+            raise NumavmError(f"{len(self.disks)} disk images for {len(layout.topology.disks)} disks")
         # Memory first: a bad policy is refused before KVM is even opened.
         # Private anonymous memory: no other process maps it, and it gets THP (see `Anonymous`).
         self.memory = GuestMemory(layout, machine=self.name, hugepages=hugepages, shared=False)
@@ -144,6 +167,44 @@ class KvmMachine:
             self.bus.register(COM3_PORT, 8, stderr_serial)
             self.uarts += [self.stdout_serial, stderr_serial]
         self.power = attach_power_devices(self.bus, self._power_event)
+        if layout.pci:
+            self._build_pci(x2apic)
+
+    def _build_pci(self, x2apic: bool) -> None:
+        """The PCI platform (numavm.vmm.kvm.pci) and a virtio-blk function per disk.  Only for a
+        machine with devices: one without keeps KVM's default routes and no device threads."""
+        from numavm.devices.virtio import VirtioBlk, VirtioPciDevice
+        from numavm.plan.pci import CONFIG_ADDRESS_PORT
+        from numavm.vmm.kvm.pci import PciPlatform
+
+        assert self.kvm is not None and self.vm is not None and self.memory is not None
+        self.kvm.require(DEVICE_CAPS, "the machine's PCI devices")
+        functions = []
+        for dev in self.layout.pci.devices:
+            image = self.disks[dev.index]
+            blk = VirtioBlk(image.fd, image.size, readonly=image.readonly, serial=f"numavm{dev.index}")
+            fn = VirtioPciDevice(blk, self.memory)
+            fn.on_error = self._device_error_log(f"{dev.kind} {dev.bdf} ({image.path})")
+            functions.append(fn)
+        self.pci = PciPlatform(self.vm, self.layout.pci, functions, name=self.name, x2apic=x2apic,
+                               cpus_of=self._domain_cpus,
+                               on_error=lambda line: self.stop(Outcome.ERROR, line))
+        self.bus.register(CONFIG_ADDRESS_PORT, 8, self.pci.config_ports())
+
+    def _device_error_log(self, what: str, shown: int = 4) -> Callable[[str], None]:
+        """A device's protocol errors (a driver that misprogrammed it) to the log: the first
+        few, then one line saying more came; the device itself keeps counting them."""
+        count = 0
+
+        def on_error(reason: str) -> None:
+            nonlocal count
+            count += 1
+            if count <= shown:
+                self._log(f"numavm: {what}: the guest's driver broke the protocol: {reason} "
+                          "(the device waits for a reset)")
+            elif count == shown + 1:
+                self._log(f"numavm: {what}: more protocol errors, not shown")
+        return on_error
 
     def _console_out(self, data: bytes) -> None:
         """Guest console output (a line at a time): to the console, and watched for a panic."""
@@ -230,6 +291,8 @@ class KvmMachine:
         old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         old[KICK_SIGNAL] = signal.signal(KICK_SIGNAL, lambda *_: None)  # only to interrupt KVM_RUN
         try:
+            if self.pci is not None:
+                self.pci.start()
             for index, vcpu in enumerate(self.vcpus):
                 exits = [0] * _EXIT_SLOTS
                 self._exits.append(exits)
@@ -249,6 +312,8 @@ class KvmMachine:
                 t.join()
             self._aux.clear()
         finally:
+            if self.pci is not None:
+                self.pci.stop()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
         with self._io_lock:
@@ -282,14 +347,19 @@ class KvmMachine:
 
     def _pin(self, index: int) -> None:
         """Keep a vCPU on the host CPUs of its domain's policy nodes."""
-        if not self.pin:
-            return
-        pol = self.layout.topology.domain_of_cpu(index).policy
-        if pol.mode in (Mode.DEFAULT, Mode.LOCAL) or not pol.nodes:
-            return
-        cpus = policy_cpus(pol.nodes)  # the prefault threads' CPUs too
+        cpus = self._domain_cpus(self.layout.topology.domain_of_cpu(index).id)
         if cpus:
             os.sched_setaffinity(0, cpus)  # 0 = this thread on Linux
+
+    def _domain_cpus(self, domain: int) -> tuple[int, ...]:
+        """Where a domain's threads run (its vCPUs, its devices' I/O threads): the host CPUs of
+        its policy's nodes; () for no pinning (--no-pin, or a policy without nodes)."""
+        if not self.pin:
+            return ()
+        pol = self.layout.topology.domains[domain].policy
+        if pol.mode in (Mode.DEFAULT, Mode.LOCAL) or not pol.nodes:
+            return ()
+        return policy_cpus(pol.nodes)  # the prefault threads' CPUs too
 
     def _vcpu_thread(self, index: int, vcpu: Vcpu, exits: list[int]) -> None:
         unhandled_reads: dict[int, int] = {}  # plain dicts: a Counter's += is slower
@@ -321,9 +391,14 @@ class KvmMachine:
         acquire, release = self._io_lock.acquire, self._io_lock.release
         from_bytes = int.from_bytes
         reads_get, writes_get = unhandled_reads.get, unhandled_writes.get
-        IO, INTR, OUT = int(KvmExit.IO), int(KvmExit.INTR), int(KvmIoDirection.OUT)
+        IO, INTR, OUT, MMIO = int(KvmExit.IO), int(KvmExit.INTR), int(KvmIoDirection.OUT), int(KvmExit.MMIO)
         REASON, IO_HEAD, IO_COUNT, IO_DATA = (RUN_WORD_EXIT_REASON, RUN_WORD_IO, RUN_WORD_IO_COUNT,
                                               RUN_WORD_IO_DATA_OFFSET)
+        M_ADDR, M_LEN, M_WRITE, M_DATA = RUN_WORD_MMIO_ADDR, RUN_WORD_MMIO_LEN, RUN_WORD_MMIO_IS_WRITE, RUN_MMIO_DATA
+        # MMIO: the PCI platform's (ECAM, BARs; it locks the device it calls), else nothing
+        # decodes: reads float high, writes go nowhere.
+        mmio_read = self.pci.mmio_read if self.pci is not None else _floating_read
+        mmio_write = self.pci.mmio_write if self.pci is not None else _dropped_write
         slots = len(exits)
         while not self._stopping:
             try:
@@ -373,6 +448,13 @@ class KvmMachine:
                         page[offset] = value
                     else:
                         page[offset:offset + size] = value.to_bytes(size, "little")
+            elif reason == MMIO:  # config space and BAR registers; queue notifies never exit
+                exits[MMIO] += 1
+                addr, size = words[M_ADDR] | words[M_ADDR + 1] << 32, words[M_LEN]
+                if words[M_WRITE] & 0xFF:
+                    mmio_write(addr, size, from_bytes(page[M_DATA:M_DATA + size], "little"))
+                else:
+                    page[M_DATA:M_DATA + size] = mmio_read(addr, size).to_bytes(size, "little")
             elif reason == INTR:
                 exits[INTR] += 1
             elif reason < slots:
@@ -396,12 +478,7 @@ class KvmMachine:
                     page[k:k + size] = bus.read(port, size).to_bytes(size, "little")
 
     def _other_exit(self, vcpu: Vcpu, reason: int) -> None:
-        if reason == KvmExit.MMIO:
-            m = vcpu.mmio_exit()
-            if not m.is_write:  # no MMIO devices: reads float high, as on a bus with nothing there
-                m.data[:] = b"\xff" * len(m.data)
-        else:
-            self._slow_exit(vcpu, vcpu.exit_reason)
+        self._slow_exit(vcpu, vcpu.exit_reason)
 
     def _slow_exit(self, vcpu: Vcpu, reason: KvmExit | int) -> None:
         if reason == KvmExit.HLT:
@@ -463,6 +540,11 @@ class KvmMachine:
             self._stopping = True
             self._stop.set()
             self._join_vcpus()
+        pci, self.pci = self.pci, None
+        if pci is not None:  # its threads and models hold guest memory views: before the memory goes
+            pci.close()
+            del pci
+            gc.collect()  # the models' views (their rings) go with them; models hold reference cycles
         vm, self.vm = self.vm, None
         if vm is not None:
             vm.close()
@@ -473,12 +555,24 @@ class KvmMachine:
         memory, self.memory = self.memory, None
         if memory is not None:
             memory.close()
+        if self._own_disks:
+            disks, self.disks = self.disks, []
+            for disk in disks:
+                disk.close()
 
     def __enter__(self) -> "KvmMachine":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _floating_read(addr: int, size: int) -> int:
+    return (1 << (size << 3)) - 1
+
+
+def _dropped_write(addr: int, size: int, value: int) -> None:
+    pass
 
 
 # KVM's in-kernel IOAPIC takes an 8-bit destination: the extended destination id a
@@ -508,7 +602,7 @@ def run_linux(run: GuestRun, pin: bool = True) -> RunResult:
     gdt = page_tables + 0x6000
     assert page_tables + len(tables) <= gdt and gdt + len(cpumode.gdt_bytes()) <= plan.scratch.end
     with KvmMachine(run.layout, console=run.console, stdout=run.stdout, stderr=run.stderr, pin=pin,
-                    hugepages=run.hugepages) as m:
+                    hugepages=run.hugepages, disks=run.disks or None, log=run.log) as m:
         if run.watch is not None:
             run.watch.stop = m.stop
         assert m.memory is not None
