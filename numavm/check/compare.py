@@ -102,9 +102,10 @@ def pxm_to_node_from_log(console_text: str) -> dict[int, int]:
 def pxm_to_node_from_srat(srat: bytes) -> dict[int, int]:
     """The PXM -> node map Linux (x86) will make of an SRAT.
 
-    Linux walks the processor entries (local APIC and x2APIC affinity, in
-    table order) before the memory entries, and gives each proximity domain
-    the next node number the first time an enabled entry names it.
+    Linux walks the processor entries (local APIC and x2APIC affinity) and the
+    generic initiator entries, in table order, before the memory entries, and
+    gives each proximity domain the next node number the first time an enabled
+    entry names it.
     """
     procs: list[int] = []
     mems: list[int] = []
@@ -120,6 +121,11 @@ def pxm_to_node_from_srat(srat: bytes) -> dict[int, int]:
                 procs.append(e[2] | e[9] << 8 | e[10] << 16 | e[11] << 24)
         elif kind == 2 and length >= 24:  # processor local x2APIC affinity
             pxm, _, flags = struct.unpack_from("<III", e, 4)
+            if flags & 1:
+                procs.append(pxm)
+        elif kind == 5 and length >= 32:  # generic initiator affinity
+            pxm, = struct.unpack_from("<I", e, 4)
+            flags, = struct.unpack_from("<I", e, 24)
             if flags & 1:
                 procs.append(pxm)
         elif kind == 1 and length >= 40:  # memory affinity
@@ -155,10 +161,13 @@ def guest_pxm_to_node(layout: Layout, from_log: Mapping[int, int], report: Guest
 
 
 def pxm_to_node_from_plan(layout: Layout) -> dict[int, int]:
-    """The map for numavm's own SRAT order (domains with vCPUs by id, then memory-only ones)."""
+    """The map for numavm's own SRAT order (domains with vCPUs by id, then those with only a
+    generic initiator, then memory-only ones)."""
     if not layout.topology.numa:
         return {0: 0}
-    return node_numbering((d.id, bool(d.domain.cpus), bool(d.segment_size)) for d in layout.domains)
+    gis = layout.topology.initiators
+    return node_numbering((d.id, bool(d.domain.cpus), bool(d.segment_size), d.id in gis)
+                          for d in layout.domains)
 
 
 # ---------------------------------------------------------------- memory bounds

@@ -1,8 +1,8 @@
 """What a Linux guest makes of our tables, and what its kernel log says it made.
 
 `expected_view` predicts, from the plan, what Linux will report: it numbers
-nodes by first appearance in the SRAT (processor entries, in vCPU order,
-before memory entries), merges each node's ranges, and orders each node's
+nodes by first appearance in the SRAT (processor and generic initiator entries,
+in table order, before memory entries), merges each node's ranges, and orders each node's
 zonelist fallback by distance with the kernel's tie-breaks
 (mm/page_alloc.c: find_next_best_node).  `parse_kernel_log` reads the same
 facts back from the guest's console, and `compare_kernel` lists every
@@ -60,20 +60,32 @@ class KernelView:
         return self.zonelists is not None
 
 
-def node_numbering(domains: Iterable[tuple[int, bool, bool]]) -> dict[int, int]:
-    """PXM -> node for (domain id, has vCPUs, has memory) triples.
+def node_numbering(domains: Iterable[tuple[int, bool, bool] | tuple[int, bool, bool, bool]]) -> dict[int, int]:
+    """PXM -> node for (domain id, has vCPUs, has memory[, has a generic initiator]) tuples.
 
-    Linux numbers nodes by first appearance in the SRAT, processor entries
-    first; ours list processors by domain id, so domains with vCPUs come
-    first in id order, then memory-only domains in id order.
+    Linux (acpi_numa_init) numbers nodes by first appearance in the SRAT: one pass over the
+    processor, x2APIC and generic initiator entries in table order, then one over the memory
+    entries.  numavm's SRAT lists processors by domain id, then the initiators, then memory
+    (numavm.plan.acpi.tables.build_srat), so: domains with vCPUs in id order, then domains
+    with a generic initiator but no vCPUs in id order, then memory-only domains in id order.
+    A domain with only a generic initiator is a node with neither CPUs nor memory (online, in
+    /sys/devices/system/node/has_generic_initiator).
     """
-    doms = sorted(domains)
-    order = [i for i, cpus, _ in doms if cpus] + [i for i, cpus, mem in doms if not cpus and mem]
+    doms = sorted((t[0], t[1], t[2], len(t) > 3 and bool(t[3])) for t in domains)  # type: ignore[misc]
+    order = ([i for i, cpus, _, _ in doms if cpus] + [i for i, cpus, _, gi in doms if not cpus and gi]
+             + [i for i, cpus, mem, gi in doms if not cpus and not gi and mem])
     return {pxm: node for node, pxm in enumerate(order)}
 
 
 def expected_pxm_to_node(layout: Layout) -> dict[int, int]:
-    return node_numbering((d.id, bool(d.apic_ids), bool(d.ranges)) for d in layout.domains)
+    gis = layout.topology.initiators
+    return node_numbering((d.id, bool(d.apic_ids), bool(d.ranges), d.id in gis) for d in layout.domains)
+
+
+def generic_initiator_nodes(layout: Layout) -> frozenset[int]:
+    """The nodes Linux lists in /sys/devices/system/node/has_generic_initiator."""
+    p2n = expected_pxm_to_node(layout)
+    return frozenset(p2n[d] for d in layout.topology.initiators if d in p2n)
 
 
 def fallback_order(distances: list[list[int]], with_memory: set[int],
@@ -123,7 +135,7 @@ def expected_view(layout: Layout, version: tuple[int, int] | None = None) -> Ker
     for d in layout.domains:
         node = p2n.get(d.id)
         if node is None:
-            continue  # a domain with neither vCPUs nor memory cannot exist (topology forbids it)
+            continue  # a domain with neither vCPUs, memory nor an initiator cannot exist (topology forbids it)
         for apic in d.apic_ids:
             v.apic_to_node[apic] = node
         if d.ranges:

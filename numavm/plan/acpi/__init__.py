@@ -21,6 +21,7 @@ from numavm.plan.acpi.tables import (
     Fadt,
     FadtFlags,
     Gas,
+    GenericInitiatorAffinity,
     InterruptSourceOverride,
     IoApic,
     LocalApic,
@@ -45,7 +46,7 @@ from numavm.plan.acpi.tables import (
 __all__ = [
     "aml", "FADT_LENGTH", "IOAPIC_ID", "NMI_LINT", "S5_SLEEP_CONTROL_VALUE", "S5_SLP_TYP", "SLP_EN",
     "SLP_TYP_MASK", "SLP_TYP_SHIFT", "WAK_STS", "TIMER_GSI", "TIMER_IRQ",
-    "AcpiTables", "BootArch", "Dsdt", "Fadt", "FadtFlags", "Gas", "InterruptSourceOverride", "IoApic",
+    "AcpiTables", "BootArch", "Dsdt", "Fadt", "FadtFlags", "Gas", "GenericInitiatorAffinity", "InterruptSourceOverride", "IoApic",
     "LocalApic", "LocalApicNmi", "LocalX2Apic", "LocalX2ApicNmi", "Madt", "MemoryAffinity",
     "ProcessorAffinity", "Rsdp", "Slit", "Srat", "X2ApicAffinity", "Xsdt", "build_dsdt", "build_madt",
     "build_srat", "build_tables", "checksum",

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, ClassVar, Sequence, Union
 from numavm.plan import layout as _lay
 from numavm.errors import NumavmError
 from numavm.plan.layout import S5_SLP_TYP, Layout
+from numavm.plan.pci import PCI_SEGMENT
 
 if TYPE_CHECKING:  # mptable and hmat import this module
     from numavm.plan.acpi.hmat import Hmat
@@ -416,7 +417,8 @@ _SRAT_HEAD = struct.Struct("<IQ")
 _SRAT_LAPIC = struct.Struct("<BBBBIB3sI")
 _SRAT_MEM = struct.Struct("<BBIHQQIIQ")
 _SRAT_X2APIC = struct.Struct("<BBHIIIII")
-assert (_SRAT_HEAD.size, _SRAT_LAPIC.size, _SRAT_MEM.size, _SRAT_X2APIC.size) == (12, 16, 40, 24)
+_SRAT_GI = struct.Struct("<BBBBIHH12sII")
+assert (_SRAT_HEAD.size, _SRAT_LAPIC.size, _SRAT_MEM.size, _SRAT_X2APIC.size, _SRAT_GI.size) == (12, 16, 40, 24, 32)
 
 SRAT_ENABLED = 1
 SRAT_MEM_HOT_PLUGGABLE = 1 << 1
@@ -472,7 +474,29 @@ class X2ApicAffinity:
                                  SRAT_ENABLED if self.enabled else 0, self.clock_domain, 0)
 
 
-SratEntry = Union[ProcessorAffinity, MemoryAffinity, X2ApicAffinity]
+GI_HANDLE_ACPI = 0
+GI_HANDLE_PCI = 1
+
+
+@dataclass(frozen=True)
+class GenericInitiatorAffinity:
+    """Generic Initiator Affinity (type 5, ACPI 6.3): a PCI device that initiates memory
+    accesses from `proximity`.  Its handle is the PCI segment and the BDF as one 16-bit number
+    (bus << 8 | device << 3 | function), as ACPICA and QEMU encode it."""
+
+    proximity: int
+    segment: int
+    bus: int
+    devfn: int
+    enabled: bool = True
+    type: ClassVar[int] = 5
+
+    def to_bytes(self) -> bytes:
+        return _SRAT_GI.pack(self.type, _SRAT_GI.size, 0, GI_HANDLE_PCI, self.proximity, self.segment,
+                             self.bus << 8 | self.devfn, b"", SRAT_ENABLED if self.enabled else 0, 0)
+
+
+SratEntry = Union[ProcessorAffinity, MemoryAffinity, X2ApicAffinity, GenericInitiatorAffinity]
 
 
 @dataclass(frozen=True)
@@ -489,11 +513,15 @@ class Srat(_Table):
 
 
 def build_srat(layout: Layout) -> Srat:
-    """Processor entries by domain id then vCPU order, then memory entries by domain id.
+    """Processor entries by domain id then vCPU order, then one generic initiator entry per
+    initiator device (in `--disk` order), then memory entries by domain id.
 
-    Linux numbers nodes in the order proximity domains first appear among the
-    processor entries, then the memory entries; listing processors by domain
-    keeps that order ascending in domain id for the domains with vCPUs.
+    Linux (drivers/acpi/numa/srat.c, acpi_numa_init, 5.10 to 6.12 at least) numbers nodes in
+    the order proximity domains first appear in one pass over the processor, x2APIC and generic
+    initiator entries in table order, then in a pass over the memory entries.  Listing
+    processors by domain and the initiators after them gives: domains with vCPUs in id order,
+    then domains with an initiator but no vCPUs, then memory-only domains
+    (numavm.check.linux_numa.node_numbering).
     """
     procs: list[SratEntry] = []
     mems: list[SratEntry] = []
@@ -505,7 +533,9 @@ def build_srat(layout: Layout) -> Srat:
                 procs.append(X2ApicAffinity(dl.id, apic_id))
         for r in dl.ranges:
             mems.append(MemoryAffinity(dl.id, r.start, r.size))
-    return Srat(tuple(procs + mems))
+    inits: list[SratEntry] = [GenericInitiatorAffinity(dev.domain, PCI_SEGMENT, dev.bus, dev.devfn)
+                              for dev in layout.pci.devices if dev.initiator]
+    return Srat(tuple(procs + inits + mems))
 
 
 # ---------------------------------------------------------------- SLIT
