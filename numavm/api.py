@@ -323,7 +323,8 @@ class Machine:
         (engine choice, warnings).  Raises ConfigError for bad input (nothing was allocated) and
         GuestFailed when the guest did not power off.
         """
-        from numavm.guest.launch import Console, check_inputs, guest_assets, guest_initrd, kernel_cmdline
+        from numavm.guest.launch import Console, check_inputs, guest_assets, guest_initrd, guest_modules
+        from numavm.guest.launch import kernel_cmdline
         from numavm.guest.launch import Sink as StreamSink
         from numavm.guest.initramfs import parse_guest_report
         from numavm.vmm.run import GuestRun
@@ -340,7 +341,8 @@ class Machine:
         with _opened_disks(self.topology) as disks:  # before anything is made: a bad image is exit 2
             own_init = initrd is None
             assets = guest_assets(_str(kernel), log, release)
-            initrd_bytes = guest_initrd(_str(initrd), assets.busybox, argv, added, shell=shell)
+            modules = guest_modules(assets, self.layout, log) if own_init else []
+            initrd_bytes = guest_initrd(_str(initrd), assets.busybox, argv, added, shell=shell, modules=modules)
             for line in held:
                 log(line)
             cmdline = kernel_cmdline(prep.stage, prep.engine.emulates_guest_code, append, self.topology)
@@ -399,7 +401,7 @@ class Machine:
         `mismatches` and `exit_code` say how it went; a guest that ended before it could be compared
         is a mismatch ("boot: ...") with `outcome` saying why."""
         from numavm.guest.launch import Console, KernelStageWatch, check_inputs, guest_assets, guest_initrd
-        from numavm.guest.launch import kernel_cmdline
+        from numavm.guest.launch import guest_modules, kernel_cmdline
         from numavm.vmm.run import GuestRun
 
         if stage is not None and stage not in STAGES:
@@ -412,7 +414,10 @@ class Machine:
             engine, stage = prep.engine, prep.stage
             emulated_kvm = engine.emulates_guest_code
             assets = guest_assets(_str(kernel), log, release)
-            initrd_bytes = guest_initrd(_str(initrd), assets.busybox, None, []) if stage == "userspace" else None
+            own = stage == "userspace" and initrd is None
+            initrd_bytes = (guest_initrd(_str(initrd), assets.busybox, None, [],
+                                         modules=guest_modules(assets, self.layout, log) if own else [])
+                            if stage == "userspace" else None)
             for line in held:
                 log(line)
             cmdline = kernel_cmdline(stage, emulated_kvm, topology=self.topology)

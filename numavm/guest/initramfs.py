@@ -61,6 +61,8 @@ EXIT_MARK = "@@NUMAVM-EXIT"
 NO_STREAMS_MARK = "@@NUMAVM-NO-STREAMS@@"  # the guest kernel found no ttyS1/ttyS2
 SHELL_FLAG = "/etc/numavm/shell"
 ARGV_DIR = "/etc/numavm/argv"
+MODULES_LIST = "/etc/numavm/modules"  # the kernel modules /init loads, one name a line, in load order
+MODULES_DIR = "/lib/numavm"  # NAME.ko for each
 MTIME = 0  # every entry's mtime: deterministic output
 
 COMPRESSIONS = ("gzip", "xz", "none")
@@ -82,6 +84,15 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 cd /
+# the drivers of the machine's devices (numavm.guest.modules), each after what it needs;
+# each one's insmod status goes into the report
+mods=""
+if [ -f @MODULES_LIST@ ]; then
+  while read -r m; do
+    insmod "@MODULES_DIR@/$m.ko"
+    mods="$mods $m=$?"
+  done < @MODULES_LIST@
+fi
 # A TCG boot starts one CPU (maxcpus=1, see guest.tcg_cmdline) and marks the
 # command line: the others come up here, before anything reads the topology
 # (their llc-sibling warnings reach dmesg before the report reads it).
@@ -102,20 +113,30 @@ for t in /sys/firmware/acpi/tables/*; do
   [ -f "$t" ] && tables="$tables ${t##*/}"
 done
 # what Linux made of the HMAT: access classes' initiator links, memory-side caches, memory tiers
+# PCI devices (numavm's host bridges' and QEMU's), and a virtio disk's block device
+pci=""
+for t in /sys/bus/pci/devices/*; do
+  [ -e "$t" ] && pci="$pci $t"
+done
+blk=""
+for t in /sys/bus/pci/devices/*/virtio*/block/*; do
+  [ -e "$t" ] && blk="$blk $t"
+done
 hmat=""
 for t in /sys/devices/system/node/node*/access[01]/initiators/node* \
          /sys/devices/system/node/node*/memory_side_cache/index* /sys/devices/virtual/memory_tiering/memory_tier*; do
   [ -e "$t" ] && hmat="$hmat $t"
 done
 # the kernel's NUMA lines (the console may be quiet), then the report as one line of JSON
-dmesg 2>/dev/null | awk -v nodes="$nodes" -v tables="$tables" -v hmat="$hmat" '
+dmesg 2>/dev/null | awk -v nodes="$nodes" -v tables="$tables" -v hmat="$hmat" -v pci="$pci" -v blk="$blk" \
+  -v mods="$mods" '
 function rd(f,   r, l, sep) { r = ""; sep = ""; while ((getline l < f) > 0) { r = r sep l; sep = "\n" }
   close(f); sub(/\n+$/, "", r); return r }
 function js(s,   o, i, c, n) { o = ""; n = length(s)
   for (i = 1; i <= n; i++) { c = substr(s, i, 1)
     if (c == "\\" || c == "\"") o = o "\\" c; else if (c < " ") o = o " "; else o = o c }
   return "\"" o "\"" }
-function num(s) { return s ~ /^[0-9]+$/ ? s : "null" }
+function num(s) { return s ~ /^-?[0-9]+$/ ? s : "null" }
 /SRAT|SLIT|NUMA|Initmem setup|Fallback order|zonelists|sibling|not on the same node|software IO TLB/ {
   print "numavm-dmesg: " $0 }
 END {
@@ -169,6 +190,23 @@ END {
   printf ",\"online_cpus\":%s,\"possible_cpus\":%s", js(rd(C "/online")), js(rd(C "/possible"))
   printf ",\"possible_nodes\":%s,\"online_nodes\":%s", js(rd(N "/possible")), js(rd(N "/online"))
   printf ",\"has_cpu_nodes\":%s,\"has_memory_nodes\":%s", js(rd(N "/has_cpu")), js(rd(N "/has_memory"))
+  if ((getline l < (N "/has_generic_initiator")) >= 0) { close(N "/has_generic_initiator")
+    printf ",\"has_generic_initiator_nodes\":%s", js(rd(N "/has_generic_initiator")) }
+  # block devices by PCI address: .../devices/BDF/virtioK/block/vdX
+  k = split(blk, bs, " ")
+  for (i = 1; i <= k; i++) { m = split(bs[i], w, "/"); b = w[m - 3]
+    bl[b] = bl[b] (bl[b] == "" ? "" : ",") "{\"name\":" js(w[m]) ",\"sectors\":" num(rd(bs[i] "/size")) \
+      ",\"logical_block_size\":" num(rd(bs[i] "/queue/logical_block_size")) "}" }
+  d = ""; k = split(pci, ps, " ")
+  for (i = 1; i <= k; i++) { m = split(ps[i], w, "/"); b = w[m]
+    d = d (d == "" ? "" : ",") js(b) ":{\"vendor\":" js(rd(ps[i] "/vendor")) ",\"device\":" js(rd(ps[i] "/device")) \
+      ",\"class\":" js(rd(ps[i] "/class")) ",\"numa_node\":" num(rd(ps[i] "/numa_node"))
+    if (b in bl) d = d ",\"block\":[" bl[b] "]"
+    d = d "}" }
+  printf ",\"pci\":{%s}", d
+  if (mods != "") { k = split(mods, ms, " "); d = ""
+    for (i = 1; i <= k; i++) { split(ms[i], w, "="); d = d (i > 1 ? "," : "") js(w[1]) ":" num(w[2]) }
+    printf ",\"modules\":{%s}", d }
   printf ",\"memtotal_kb\":%s,\"acpi_tables\":[%s],\"cpu_apic_ids\":{%s}", num(mt), t, a
   if (tiers != "") printf ",\"memory_tiers\":{%s}", tiers
   printf ",\"kernel\":%s,\"uptime\":%s,\"cmdline\":%s}", js(rd("/proc/sys/kernel/osrelease")), up, js(rd("/proc/cmdline"))
@@ -208,7 +246,8 @@ printf '\n@@NUMAVM-EXIT %d@@\n' "$st"
 poweroff -f
 sleep 5
 reboot -f
-""".replace("@ONLINE_MARK@", ONLINE_CPUS_MARK)
+""".replace("@ONLINE_MARK@", ONLINE_CPUS_MARK).replace("@MODULES_LIST@", MODULES_LIST).replace(
+    "@MODULES_DIR@", MODULES_DIR)
 
 
 # ---------------------------------------------------------------- cpio newc
@@ -360,10 +399,13 @@ def _host_file(path: Path) -> tuple[int, bytes]:
 
 
 def initramfs_entries(busybox: Path, command: Sequence[str] | None = None,
-                      add: Iterable[tuple[Path, str]] = (), shell: bool = False) -> list[Entry]:
+                      add: Iterable[tuple[Path, str]] = (), shell: bool = False,
+                      modules: Sequence[Path] = ()) -> list[Entry]:
     """The archive's members, sorted, before compression.
 
     `shell`: no command; /init gives an interactive shell on the command port.
+    `modules`: kernel module files (uncompressed ELF .ko, numavm.guest.modules.device_modules)
+    /init loads in this order before it reports; none, and the archive has no trace of them.
     """
     if shell and command is not None:
         raise NumavmError("initramfs: an interactive shell takes no command")
@@ -391,6 +433,18 @@ def initramfs_entries(busybox: Path, command: Sequence[str] | None = None,
         mode, data = _host_file(Path(lib))
         # a user's own file at that path wins over the host's library
         tree.add(Entry(_guest_path(lib), stat.S_IFREG | mode, data), replace=False)
+    if modules:
+        names = []
+        for path in modules:
+            _, data = _host_file(Path(path))
+            if not data.startswith(b"\x7fELF"):
+                raise NumavmError(f"initramfs: {path} is not an uncompressed kernel module (busybox's insmod "
+                                  "reads no compressed ones)")
+            name = Path(path).name.removesuffix(".ko")
+            names.append(name)
+            tree.add(Entry(f"{MODULES_DIR.lstrip('/')}/{name}.ko", stat.S_IFREG | 0o644, data))
+        tree.add(Entry(MODULES_LIST.lstrip("/"), stat.S_IFREG | 0o644, "".join(f"{n}\n" for n in names).encode()))
+        tree.add(Entry("sbin/insmod", stat.S_IFLNK | 0o777, b"../bin/busybox"))
     if shell:
         tree.add(Entry(SHELL_FLAG.lstrip("/"), stat.S_IFREG | 0o644))
     if command is not None:
@@ -416,9 +470,9 @@ def compress(data: bytes, method: str = "gzip") -> bytes:
 
 def build_initramfs(busybox: Path, command: list[str] | None = None,
                     add: Iterable[tuple[Path, str]] = (), compress: str = "gzip",
-                    shell: bool = False) -> bytes:
+                    shell: bool = False, modules: Sequence[Path] = ()) -> bytes:
     """The initramfs as bytes: cpio newc, compressed with `compress` (gzip, xz or none)."""
-    return _compress(cpio_newc(initramfs_entries(busybox, command, add, shell)), compress)
+    return _compress(cpio_newc(initramfs_entries(busybox, command, add, shell, modules)), compress)
 
 
 _compress = compress
@@ -428,7 +482,7 @@ CACHE_KEEP = 8  # compressed images kept in the cache, newest first
 
 def cached_initramfs(busybox: Path, command: list[str] | None = None,
                      add: Iterable[tuple[Path, str]] = (), cache_dir: Path | None = None,
-                     shell: bool = False) -> bytes:
+                     shell: bool = False, modules: Sequence[Path] = ()) -> bytes:
     """`build_initramfs()` (gzip), compressed once per distinct archive and kept in numavm's cache.
 
     The archive is built (cheap: concatenation), then looked up by the SHA-256
@@ -442,7 +496,7 @@ def cached_initramfs(busybox: Path, command: list[str] | None = None,
 
     root = cache_dir if cache_dir is not None else cache_root()
     add = list(add)
-    ident = None if add else _identity(Path(busybox), command, shell)
+    ident = None if add else _identity(Path(busybox), command, shell, modules)
     if ident is not None:
         digest, _, size = (recall("initramfs", ident, root) or "").partition(" ")
         data = _whole(root / f"initramfs-{digest}.cpio.gz", int(size)) if size.isdigit() else None
@@ -450,7 +504,7 @@ def cached_initramfs(busybox: Path, command: list[str] | None = None,
             return data
     import hashlib  # only when the image is not known by its identity: its import alone is ~15 ms
 
-    raw = cpio_newc(initramfs_entries(busybox, command, add, shell))
+    raw = cpio_newc(initramfs_entries(busybox, command, add, shell, modules))
     digest = hashlib.sha256(raw).hexdigest()[:20]
     path = root / f"initramfs-{digest}.cpio.gz"
     data = _whole(path, len(raw))
@@ -467,16 +521,20 @@ def cached_initramfs(busybox: Path, command: list[str] | None = None,
     return data
 
 
-def _identity(busybox: Path, command: list[str] | None, shell: bool) -> str | None:
+def _identity(busybox: Path, command: list[str] | None, shell: bool,
+              modules: Sequence[Path] = ()) -> str | None:
     """What an image without added files is made of, as one line: busybox and this module
     (which holds /init and the archive's whole recipe) each by path, size, mtime and inode,
-    so a changed file is a new identity; the command; whether it is a shell."""
+    so a changed file is a new identity; the command; whether it is a shell; and the kernel
+    modules, each the same way, in load order (none: the identity images had before modules)."""
     try:
         files = [(str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-                 for p in (busybox, Path(__file__)) for st in (p.stat(),)]
+                 for p in (busybox, Path(__file__), *map(Path, modules)) for st in (p.stat(),)]
     except OSError:
-        return None  # initramfs_entries says what is wrong with busybox
-    return json.dumps([files, command, shell])
+        return None  # initramfs_entries says what is wrong with busybox or a module
+    if not modules:
+        return json.dumps([files, command, shell])
+    return json.dumps([files[:2], command, shell, files[2:]])
 
 
 def _whole(path: Path, raw_size: int) -> bytes | None:

@@ -26,6 +26,7 @@ from numavm.vmm.run import Outcome
 
 if TYPE_CHECKING:
     from numavm.spec.topology import Topology
+    from numavm.plan.layout import Layout
 
 Log = Callable[[str], None]
 
@@ -160,6 +161,8 @@ class GuestAssets:
     kernel: Path  # what the user gave or the cached Debian bzImage
     vmlinux: Path  # the unpacked ELF (same as kernel when given an ELF)
     busybox: Path | None
+    debian: Assets | None = None  # the Debian package the kernel came from (None: --kernel)
+    release: str | None = None  # that package's release, when not the host's
 
 
 def guest_assets(kernel: str | None, log: Log, release: str | None = None) -> GuestAssets:
@@ -171,7 +174,7 @@ def guest_assets(kernel: str | None, log: Log, release: str | None = None) -> Gu
     """
     if kernel is None:
         assets = cached(release=release) or fetch_anywhere(log, release)
-        return GuestAssets(assets.kernel, unpacked_kernel(assets.kernel, log), assets.busybox)
+        return GuestAssets(assets.kernel, unpacked_kernel(assets.kernel, log), assets.busybox, assets, release)
     path = Path(kernel)
     check_input_file(path, "--kernel", MAX_KERNEL)
     try:
@@ -279,8 +282,23 @@ def unpacked_kernel(path: Path, log: Log) -> Path:
     return out
 
 
+def guest_modules(assets: GuestAssets, layout: Layout, log: Log) -> list[Path]:
+    """The kernel modules numavm's initramfs must load for the machine's devices (in load
+    order, numavm.guest.modules): [] without devices; [] with a note for a kernel numavm did not
+    fetch (--kernel: its drivers must be built in).  Fetched once per kernel into the cache."""
+    if not layout.pci:
+        return []
+    if assets.debian is None:
+        log("numavm: --kernel: numavm knows no modules for this kernel; its virtio-pci and virtio-blk "
+            "drivers must be built in for the guest to see the machine's disks")
+        return []
+    from numavm.guest.modules import device_modules
+
+    return device_modules(assets.debian, sorted({d.kind for d in layout.pci.devices}), log, assets.release)
+
+
 def guest_initrd(initrd: str | None, busybox: Path | None, command: list[str] | None,
-                 add: list[str], shell: bool = False) -> bytes:
+                 add: list[str], shell: bool = False, modules: Sequence[Path] = ()) -> bytes:
     from numavm.guest.initramfs import cached_initramfs
 
     if initrd is not None:
@@ -288,7 +306,7 @@ def guest_initrd(initrd: str | None, busybox: Path | None, command: list[str] | 
     pairs = check_added(add)
     if busybox is None:
         busybox = (cached() or fetch_anywhere(lambda s: None)).busybox
-    return cached_initramfs(busybox, command or None, pairs, shell=shell)
+    return cached_initramfs(busybox, command or None, pairs, shell=shell, modules=modules)
 
 
 def check_inputs(kernel: str | None, initrd: str | None, add: Sequence[str]) -> None:
