@@ -44,6 +44,7 @@ from numavm.plan.layout import HIGH_RAM_BASE, LOW_RAM_LIMIT, QEMU_PC_MACHINE, La
 from numavm.host.lifetime import OwnedDir, die_with_parent
 from numavm.host.disk import DiskImage, close_disks, open_disks
 from numavm.host.memory import GuestMemory
+from numavm.spec.shares import Share
 from numavm.vmm.run import PANIC_RE as _PANIC
 from numavm.vmm.run import GuestRun, Outcome, RunResult, prefault_for
 
@@ -190,6 +191,27 @@ def pci_args(pci: PciLayout, disks: Sequence[DiskImage]) -> list[str]:
     return args
 
 
+def share_args(shares: Sequence[Share]) -> list[str]:
+    """QEMU options exporting each share (numavm.spec.shares) over virtio-9p, QEMU's own server.
+
+    The ``local`` backend serves the directory with QEMU's credentials (``security_model=none``:
+    files keep their host owners and modes; what QEMU cannot chown or chmod is not an error),
+    and walks every path one component at a time under the export with O_NOFOLLOW, so neither
+    ``..`` nor a symlink takes a request outside it (QEMU 2.9+, CVE-2016-9602); a read-only
+    share is ``readonly=on``, QEMU refusing every modifying request with EROFS whatever the
+    guest's mount says.  The devices sit on QEMU's root bus (bus 0, which numavm's plan leaves
+    free), after the disks' expander bridges, at the first free slots: the disks' BDFs, behind
+    the bridges, do not move."""
+    args: list[str] = []
+    for k, s in enumerate(shares):
+        ro = "" if s.rw else ",readonly=on"
+        path = s.host.replace(",", ",,")
+        args += ["-fsdev", f"local,id=fs{k},path={path},security_model=none{ro}",
+                 "-device", f"virtio-9p-pci,id=share{k},fsdev=fs{k},mount_tag={s.tag},bus=pci.0,"
+                            "disable-legacy=on"]
+    return args
+
+
 def tcg_topology(layout: Layout) -> tuple[list[str], list[str]]:
     """QEMU -smp and -device options giving every vCPU numavm's APIC id.
 
@@ -243,10 +265,12 @@ class QemuMachine:
                  console: Callable[[bytes], None] | None = None,
                  stdout: Callable[[bytes], None] | None = None,
                  stderr: Callable[[bytes], None] | None = None,
-                 hugepages: str | None = None, log: Callable[[str], None] | None = None) -> None:
+                 hugepages: str | None = None, log: Callable[[str], None] | None = None,
+                 shares: Sequence[Share] = ()) -> None:
         """`stdout`/`stderr`: given, the guest gets COM2 and COM3 (see `STREAM_PORTS`),
-        whose output goes to them."""
+        whose output goes to them.  `shares`: host directories exported over virtio-9p."""
         self.layout = layout
+        self.shares = tuple(shares)
         self.name = name
         self._console = console or (lambda data: None)
         self._streams: dict[str, Callable[[bytes], None]] = {}
@@ -314,6 +338,7 @@ class QemuMachine:
             *[a for dev in self.cpu_devices for a in ("-device", dev)],
             *acpi,
             *pci_args(self.layout.pci, self.disks),
+            *share_args(self.shares),
             "-kernel", str(kernel),
             *(["-initrd", str(initrd)] if initrd else []),
             "-append", cmdline,
@@ -570,7 +595,7 @@ def run_linux(run: GuestRun) -> RunResult:
     from numavm.guest.launch import tcg_cmdline
 
     with QemuMachine(run.layout, console=run.console, stdout=run.stdout, stderr=run.stderr,
-                     hugepages=run.hugepages, log=run.log if run.verbose else None) as m:
+                     hugepages=run.hugepages, log=run.log if run.verbose else None, shares=run.shares) as m:
         if run.watch is not None:
             run.watch.stop = m.stop
         assert m.memory is not None
