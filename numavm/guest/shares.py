@@ -83,7 +83,7 @@ if grep -q '^@ROOT_TAG@	' $E/shares; then
   mount -t sysfs sysfs $root/sys || fail "cannot mount /sys in the host's root"
   mount -t devtmpfs devtmpfs $root/dev || fail "cannot mount /dev in the host's root"
   mkdir -p $root/dev/pts $root/dev/shm 2>/dev/null
-  mount -t devpts devpts $root/dev/pts 2>/dev/null
+  mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts $root/dev/pts 2>/dev/null
   mount -t tmpfs -o mode=1777 tmpfs $root/dev/shm 2>/dev/null
   cwd=$(cat $E/cwd 2>/dev/null; echo x); cwd=${cwd%x}
   uid=$(cat $E/root/uid); gid=$(cat $E/root/gid)

@@ -199,14 +199,18 @@ def share_args(shares: Sequence[Share]) -> list[str]:
     and walks every path one component at a time under the export with O_NOFOLLOW, so neither
     ``..`` nor a symlink takes a request outside it (QEMU 2.9+, CVE-2016-9602); a read-only
     share is ``readonly=on``, QEMU refusing every modifying request with EROFS whatever the
-    guest's mount says.  The devices sit on QEMU's root bus (bus 0, which numavm's plan leaves
+    guest's mount says.  ``multidevs=remap``: an export spanning host filesystems (the host's
+    ``/`` holds /proc, /sys, /dev...) gets distinct inode numbers (9p qid paths) from each;
+    with QEMU's default the roots of /proc and /sys, both inode 1, were one inode to the
+    guest (cache=loose keys inodes by qid), which then mounted its /sys over its /proc.  The
+    devices sit on QEMU's root bus (bus 0, which numavm's plan leaves
     free), after the disks' expander bridges, at the first free slots: the disks' BDFs, behind
     the bridges, do not move."""
     args: list[str] = []
     for k, s in enumerate(shares):
         ro = "" if s.rw else ",readonly=on"
         path = s.host.replace(",", ",,")
-        args += ["-fsdev", f"local,id=fs{k},path={path},security_model=none{ro}",
+        args += ["-fsdev", f"local,id=fs{k},path={path},security_model=none,multidevs=remap{ro}",
                  "-device", f"virtio-9p-pci,id=share{k},fsdev=fs{k},mount_tag={s.tag},bus=pci.0,"
                             "disable-legacy=on"]
     return args
