@@ -349,7 +349,7 @@ class Machine:
             modules = guest_modules(assets, self.layout, log) if own_init else []
             if exported:
                 from numavm.guest.shares import merge_modules, share_modules
-                modules = merge_modules(modules, share_modules(assets, log))
+                modules = merge_modules(modules, share_modules(assets, log, host_root))
             initrd_bytes = guest_initrd(_str(initrd), assets.busybox, argv, added, shell=shell, modules=modules,
                                         extra=share_files)
             for line in held:

@@ -5,14 +5,17 @@ sees one virtio-9p device per share, known by its mount tag (numavm.spec.shares)
 initramfs gets:
 
 * the 9p drivers of Debian's kernel (9p, 9pnet, 9pnet_virtio, netfs, fscache as 6.1 needs,
-  and virtio_pci), taken out of the kernel package by numavm.guest.modules and loaded by
-  /init with the machine's other drivers, before it reports (`share_modules`);
+  and virtio_pci; overlay for --host-root), taken out of the kernel package by
+  numavm.guest.modules and loaded by /init with the machine's other drivers, before it
+  reports (`share_modules`);
 * ``/etc/numavm/shares``: one line per share, ``TAG<TAB>ro|rw<TAB>GUEST_DIR``;
 * ``/etc/numavm/shared`` (`SHARED_SCRIPT`): /init runs the command through it.  It mounts
   every share (``mount -t 9p -o trans=virtio,version=9p2000.L,msize=MSIZE,...``) and runs
   the command in the user's directory; with --host-root it first mounts the host's ``/`` at
   /newroot read-only with the guest's own /proc, /sys, /dev (and /dev/shm, /dev/pts), a
-  tmpfs on /tmp, /var/tmp, /run and HOME, and runs the command chrooted there, with the
+  tmpfs on /tmp, /var/tmp and /run, an overlay on HOME (the host's HOME read-only below, a
+  tmpfs taking the writes above, so ~/.local, a pyenv or a venv there still run; a tmpfs
+  where the overlay cannot be mounted), and runs the command chrooted there, with the
   user's environment (`guest_env`) and, for a user other than root, the user's uid, gid and
   groups (the host's own util-linux ``setpriv``, seen through the root share).  It runs
   with the command's stdout and stderr already on their serial ports, so what goes wrong
@@ -51,10 +54,12 @@ NEWROOT = "/newroot"
 
 # Debian 12's 6.1 builds all of these as modules; what they need comes from modules.dep.
 NINEP_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
-NINEP_MODULE_DIRS = ("drivers/virtio", "net/9p", "fs/9p", "fs/netfs", "fs/fscache")
-NINEP_MODULES_DIR = "modules-9p-{release}"
+OVERLAY_MODULES = ("overlay",)  # --host-root: HOME as the host's, writable, writes kept in the guest
+NINEP_MODULE_DIRS = ("drivers/virtio", "net/9p", "fs/9p", "fs/netfs", "fs/fscache", "fs/overlayfs")
+NINEP_MODULES_DIR = "modules-shares-{release}"
 
-# tmpfs over what a program run from a read-only root must be able to write (HOME is added)
+# tmpfs over what a program run from a read-only root must be able to write; HOME gets an
+# overlay (the host's HOME below, a tmpfs above), or a tmpfs where that cannot be mounted
 WRITABLE = ("/tmp", "/var/tmp", "/run")
 
 # The host environment the command gets under --host-root (a login's, plus what steers Python
@@ -94,7 +99,14 @@ if grep -q '^@ROOT_TAG@	' $E/shares; then
     case "$cwd/" in "$d"/*) [ -d "$root$cwd" ] && mkdir -p /keep && mount -o bind "$root$cwd" /keep && keep=1 ;; esac
     mode=1777; o=""
     [ "$d" = /run ] && mode=755
-    [ -f "$E/root/home" ] && [ "$d" = "$(cat $E/root/home)" ] && mode=700 && o=",uid=$uid,gid=$gid"
+    if [ -f "$E/root/home" ] && [ "$d" = "$(cat $E/root/home)" ]; then
+      # HOME: the host's files (dotfiles, ~/.local, a pyenv...) below, the guest's writes above
+      mkdir -p /ovl && mount -t tmpfs -o mode=755 tmpfs /ovl && mkdir -p /ovl/up /ovl/work &&
+        chown "$(stat -c %u:%g "$root$d")" /ovl/up && chmod "$(stat -c %a "$root$d")" /ovl/up &&
+        mount -t overlay -o "lowerdir=$root$d,upperdir=/ovl/up,workdir=/ovl/work" overlay "$root$d" &&
+        { [ -z "$keep" ] || umount /keep; continue; }
+      mode=700; o=",uid=$uid,gid=$gid"
+    fi
     mount -t tmpfs -o "mode=$mode$o" tmpfs "$root$d" || fail "cannot mount a tmpfs on $d"
     if [ -n "$keep" ]; then
       mkdir -p "$root$cwd" && mount -o move /keep "$root$cwd"
@@ -136,10 +148,10 @@ exec "$@"
     "@ROOT_TAG@", ROOT_TAG).replace("@NEWROOT@", NEWROOT)
 
 
-def share_modules(assets: GuestAssets, log: Log) -> list[Path]:
-    """The 9p drivers' module files (in load order) for the guest's kernel, fetched once into
-    the cache by numavm.guest.modules; [] for a --kernel numavm did not fetch (its 9p must
-    then be built in, and numavm says so)."""
+def share_modules(assets: GuestAssets, log: Log, host_root: bool = False) -> list[Path]:
+    """The 9p drivers' module files (in load order) for the guest's kernel, and overlayfs's with
+    `host_root`, fetched once into the cache by numavm.guest.modules; [] for a --kernel numavm
+    did not fetch (its 9p must then be built in, and numavm says so)."""
     if assets.debian is None:
         log("numavm: --kernel: numavm knows no modules for this kernel; its virtio-pci and 9p drivers "
             "must be built in for the guest to mount the shares")
@@ -148,7 +160,7 @@ def share_modules(assets: GuestAssets, log: Log) -> list[Path]:
 
     where = extract_modules(assets.debian, log, assets.release, dirs=NINEP_MODULE_DIRS,
                             dirname=NINEP_MODULES_DIR)
-    return ordered_modules(where, NINEP_MODULES)
+    return ordered_modules(where, NINEP_MODULES + (OVERLAY_MODULES if host_root else ()))
 
 
 def merge_modules(*lists: Sequence[Path]) -> list[Path]:
