@@ -215,7 +215,7 @@ SOAK_BEGIN, SOAK_END = "<!-- soak -->", "<!-- /soak -->"  # bench.soak's section
 
 # ---------------------------------------------------------------- main
 
-GROUPS = ("boot", "setup", "prefault", "rss", "exits", "scale", "check")
+GROUPS = ("boot", "setup", "prefault", "rss", "exits", "scale", "check", "disk")
 
 
 def build(quick: bool, only: set[str] | None) -> list[Bench]:

@@ -4,6 +4,8 @@ initiators (each table read back by `iasl -d`), and the node numbering Linux mak
 from __future__ import annotations
 
 import hashlib
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from numavm.check.compare import pxm_to_node_from_plan, pxm_to_node_from_srat
 from numavm.check.linux_numa import expected_pxm_to_node, expected_view, generic_initiator_nodes, node_numbering
 from numavm.plan import acpi
 from numavm.plan.layout import STREAM_UARTS, Layout
-from test_acpi import check_header, disassemble, hexval, srat_cpus, srat_mems
+from test_acpi import _norm_asl, check_header, disassemble, hexval, iasl, srat_cpus, srat_mems
 
 TWO = ["-c", "2", "-n", "id=0,size=256M,cpus=0", "-n", "id=1,size=256M,cpus=1"]
 
@@ -67,11 +69,11 @@ def test_srat_generic_initiators_in_iasl(work: Path) -> None:
     kinds = [hexval(s["Subtable Type"]) for s in d.subtables()]
     assert kinds == [0, 0, 5, 5, 1, 1, 1]  # processors, then initiators, then memory
     gis = [s for s in d.subtables() if hexval(s["Subtable Type"]) == 5]
-    # bridges: domain 0 -> bus 1, domain 1 -> bus 2, domain 2 -> bus 3; a.img is bus 2's slot 0,
-    # b.img bus 3's slot 0 (c.img, slot 1, is no initiator)
+    # bridges: domain 0 -> bus 2, domain 1 -> bus 4, domain 2 -> bus 6; a.img is bus 4's slot 0,
+    # b.img bus 6's slot 0 (c.img, slot 1, is no initiator)
     assert [(hexval(s["Proximity Domain"]), hexval(s["Device Handle Type"]), s["Device Handle"].split()[:4],
-             s["Enabled"]) for s in gis] == [(1, 1, ["00", "00", "00", "02"], "1"),
-                                             (2, 1, ["00", "00", "00", "03"], "1")]
+             s["Enabled"]) for s in gis] == [(1, 1, ["00", "00", "00", "04"], "1"),
+                                             (2, 1, ["00", "00", "00", "06"], "1")]
     assert srat_cpus(d) == [(0, 0, "lapic"), (1, 3, "lapic")]
     assert [m[0] for m in srat_mems(d)] == [0, 2, 3]
 
@@ -103,3 +105,69 @@ def test_expected_view_counts_the_initiator_only_node() -> None:
     assert v.zonelists == 4 and sorted(v.fallback) == [0, 1, 2, 3]
     assert 2 not in v.srat_ranges  # domain 1: neither memory nor vCPUs
     assert v.fallback[2][0] == 2  # 6.1 puts even a memoryless node first in its own list
+
+
+# ---------------------------------------------------------------- MCFG and the DSDT's host bridges
+
+
+BRIDGES = ("-c", "2", "-n", "id=0,size=256M,cpus=0", "-n", "id=1,size=0", "-n", "id=2,size=256M,cpus=1",
+           "--disk", "/x/a.img,domain=1,initiator", "--disk", "/x/b.img,domain=2", "--disk", "/x/c.img,domain=2")
+
+
+def test_mcfg_in_iasl(work: Path) -> None:
+    lay = layout(*BRIDGES)
+    t = acpi.build_tables(lay)
+    blobs = t.blobs()
+    assert tuple(blobs) == ("RSDP", "XSDT", "FACP", "DSDT", "APIC", "SRAT", "SLIT", "MCFG")
+    d = disassemble(blobs["MCFG"], work, "MCFG")
+    check_header(d, "MCFG", 44 + 16, 1)
+    assert (d.hex("Base Address"), d.hex("Segment Group Number"), d.hex("Start Bus Number"),
+            d.hex("End Bus Number")) == (0xE000_0000, 0, 0, 4)
+    x = disassemble(blobs["XSDT"], work, "mcfg-XSDT")
+    assert t.address_of("MCFG") in [hexval(v) for n, v in x.fields if n.startswith("ACPI Table Address")]
+    # what the MCFG names is reserved in the e820 map too
+    ecam = lay.pci.ecam
+    assert ecam is not None and any(e.start == ecam.start and e.end == ecam.end and e.type.label == "reserved"
+                                    for e in lay.e820)
+
+
+def test_dsdt_host_bridges_in_iasl(work: Path) -> None:
+    lay = layout(*BRIDGES)
+    d = disassemble(acpi.build_tables(lay).blobs()["DSDT"], work, "pci-DSDT")
+    assert d.checksum_ok, d.log
+    asl = re.sub(r"\s*,\s*", ",", _norm_asl(d.text))  # iasl versions space the empty fields apart differently
+    for dev, bus, num, pxm, lo, hi in (("PC02", "0x02", 2, "One", "0xC0000000", "0xC01FFFFF"),
+                                       ("PC04", "0x04", 4, "0x02", "0xC0200000", "0xC03FFFFF")):
+        assert (f'Device ({dev}) {{ Name (_HID,EisaId ("PNP0A03")) Name (_UID,{bus}) Name (_SEG,Zero) '
+                f"Name (_BBN,{bus}) Name (_PXM,{pxm}) Name (_CRS,ResourceTemplate () {{ "
+                f"WordBusNumber (ResourceProducer,MinFixed,MaxFixed,PosDecode,0x0000,0x{num:04X},0x{num:04X},"
+                f"0x0000,0x0001,,,) "
+                f"DWordMemory (ResourceProducer,PosDecode,MinFixed,MaxFixed,NonCacheable,ReadWrite,"
+                f"0x00000000,{lo},{hi},0x00000000,0x00200000,,,,AddressRangeMemory,TypeStatic) }}) }}") in asl, asl
+    assert ('Device (MRES) { Name (_HID,EisaId ("PNP0C02")) Name (_UID,Zero) Name (_CRS,ResourceTemplate () { '
+            "Memory32Fixed (ReadWrite,0xE0000000,0x00500000,) }) }") in asl, asl
+    src = work / "pci-dsdt-again.dsl"
+    src.write_text(d.text)
+    res = subprocess.run([iasl(), src.name], cwd=work, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "0 Errors, 0 Warnings" in res.stdout, res.stdout + res.stderr
+
+
+def test_bridge_without_numa_has_no_pxm(work: Path) -> None:
+    lay = layout("-c", "1", "-m", "256M", "--disk", "/x/a.img")
+    blobs = acpi.build_tables(lay).blobs()
+    assert "SRAT" not in blobs and "MCFG" in blobs
+    asl = _norm_asl(disassemble(blobs["DSDT"], work, "classic-pci-DSDT").text)
+    assert "Device (PC02)" in asl and "_PXM" not in asl
+
+
+def test_resource_descriptor_bytes() -> None:
+    from numavm.plan.acpi import aml
+
+    assert aml.word_bus_number(3, 3) == bytes.fromhex("880d00020c00" "0000" "0300" "0300" "0000" "0100")
+    assert aml.dword_memory(0xC000_0000, 0xC020_0000) == bytes.fromhex(
+        "871700000c01" "00000000" "000000c0" "ffff1fc0" "00000000" "00002000")
+    assert aml.memory32_fixed(0xE000_0000, 0x10_0000) == bytes.fromhex("860900" "01" "000000e0" "00001000")
+    with pytest.raises(ValueError):
+        aml.word_bus_number(2, 1)
+    with pytest.raises(ValueError):
+        aml.dword_memory(0xFFFF_F000, 0x1_0000_1000)

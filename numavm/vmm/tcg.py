@@ -62,6 +62,9 @@ LINUX_FLAT_MAX_CPUS = 8
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 
 
+# Expander bridges QEMU's pc machine takes: each is a device on its root bus, whose slot 0 is the
+# i440fx host bridge and slot 1 the PIIX3 (-nodefaults, no VGA); the 31st pxb finds no slot.
+QEMU_PC_MAX_PXB = 30
 NUMA_TABLES = ("SRAT", "SLIT", "HMAT")  # numavm's; QEMU makes the others (no -numa: no NUMA tables)
 QEMU_ACPITABLE_MAX = 65535  # -acpitable refuses larger tables ("ACPI table too big")
 # Once QEMU has exited, the console and stream pumps reach EOF after the bytes still in their
@@ -115,6 +118,10 @@ def check_tcg(layout: Layout) -> tuple[list[str], list[str]]:
             raise EngineRefusal("--accel tcg", f"QEMU's -acpitable takes tables up to {QEMU_ACPITABLE_MAX} "
                                 f"bytes and this {sig} is {len(blobs[sig])} ({len(layout.domains)} domains)",
                                 "use --accel kvm")
+    if len(layout.pci.bridges) > QEMU_PC_MAX_PXB:
+        raise EngineRefusal("--accel tcg", f"QEMU's pc machine takes at most {QEMU_PC_MAX_PXB} expander bridges "
+                            f"(one per domain with a disk), and this machine has disks on "
+                            f"{len(layout.pci.bridges)} domains", "use --accel kvm")
     return tcg_topology(layout)
 
 

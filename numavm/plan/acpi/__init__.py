@@ -1,4 +1,4 @@
-"""What the guest is told: ACPI tables (RSDP, XSDT, FADT, DSDT, MADT, SRAT, SLIT).
+"""What the guest is told: ACPI tables (RSDP, XSDT, FADT, DSDT, MADT, SRAT, SLIT, HMAT, MCFG).
 
 `build_tables(layout)` returns every table as a value with its guest-physical
 address; `AcpiTables.placements()` gives the (address, bytes) pairs to copy
@@ -29,6 +29,8 @@ from numavm.plan.acpi.tables import (
     LocalX2Apic,
     LocalX2ApicNmi,
     Madt,
+    Mcfg,
+    McfgEntry,
     MemoryAffinity,
     ProcessorAffinity,
     Rsdp,
@@ -38,6 +40,7 @@ from numavm.plan.acpi.tables import (
     Xsdt,
     build_dsdt,
     build_madt,
+    build_mcfg,
     build_srat,
     build_tables,
     checksum,
@@ -47,7 +50,7 @@ __all__ = [
     "aml", "FADT_LENGTH", "IOAPIC_ID", "NMI_LINT", "S5_SLEEP_CONTROL_VALUE", "S5_SLP_TYP", "SLP_EN",
     "SLP_TYP_MASK", "SLP_TYP_SHIFT", "WAK_STS", "TIMER_GSI", "TIMER_IRQ",
     "AcpiTables", "BootArch", "Dsdt", "Fadt", "FadtFlags", "Gas", "GenericInitiatorAffinity", "InterruptSourceOverride", "IoApic",
-    "LocalApic", "LocalApicNmi", "LocalX2Apic", "LocalX2ApicNmi", "Madt", "MemoryAffinity",
-    "ProcessorAffinity", "Rsdp", "Slit", "Srat", "X2ApicAffinity", "Xsdt", "build_dsdt", "build_madt",
+    "LocalApic", "LocalApicNmi", "LocalX2Apic", "LocalX2ApicNmi", "Madt", "Mcfg", "McfgEntry", "MemoryAffinity",
+    "ProcessorAffinity", "Rsdp", "Slit", "Srat", "X2ApicAffinity", "Xsdt", "build_dsdt", "build_madt", "build_mcfg",
     "build_srat", "build_tables", "checksum",
 ]

@@ -37,6 +37,17 @@ PARENT_PREFIX_CHAR = 0x5E  # '^'
 _IRQ_NO_FLAGS_TAG = 0x04 << 3 | 2  # IRQ descriptor, 2-byte form (no flags byte)
 _IO_PORT_TAG = 0x08 << 3 | 7
 _END_TAG = 0x0F << 3 | 1
+# Large resource descriptors (6.4.3): tag byte 0x80 | item name, then a 16-bit length.
+_MEMORY32_FIXED_TAG = 0x86
+_DWORD_ADDRESS_TAG = 0x87
+_WORD_ADDRESS_TAG = 0x88
+_RESOURCE_MEMORY = 0  # address space descriptors' resource type
+_RESOURCE_BUS_NUMBER = 2
+# General flags of an address space descriptor (6.4.3.5): a bridge produces its windows, and
+# both ends are fixed ("ResourceProducer, MinFixed, MaxFixed, PosDecode")
+_ADDR_MIN_FIXED = 1 << 2
+_ADDR_MAX_FIXED = 1 << 3
+_MEM_READ_WRITE = 1  # memory type-specific flags bit 0; bits 1-2 0 = NonCacheable
 
 _NAME_SEG_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,3}$")
 _EISA_RE = re.compile(r"^[A-Z]{3}[0-9A-F]{4}$")
@@ -192,6 +203,38 @@ def irq_no_flags(*irqs: int) -> bytes:
         mask |= 1 << irq
     out = struct.pack("<BH", _IRQ_NO_FLAGS_TAG, mask)
     assert len(out) == 3
+    return out
+
+
+def memory32_fixed(base: int, length: int, writable: bool = True) -> bytes:
+    """32-bit Fixed Memory Range descriptor (6.4.3.4), 12 bytes: ``Memory32Fixed (ReadWrite, base, len)``."""
+    if not (0 <= base < 1 << 32 and 0 <= length < 1 << 32 and base + length <= 1 << 32):
+        raise ValueError("Memory32Fixed: a range below 4 GiB")
+    out = struct.pack("<BHBII", _MEMORY32_FIXED_TAG, 9, 1 if writable else 0, base, length)
+    assert len(out) == 12
+    return out
+
+
+def word_bus_number(first: int, last: int) -> bytes:
+    """Word Address Space Descriptor for bus numbers (6.4.3.5.3), 16 bytes:
+    ``WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, first, last, 0, count)``."""
+    if not 0 <= first <= last <= 0xFF:
+        raise ValueError(f"bus numbers 0..255, first <= last, got {first}..{last}")
+    out = struct.pack("<BHBBBHHHHH", _WORD_ADDRESS_TAG, 13, _RESOURCE_BUS_NUMBER,
+                      _ADDR_MIN_FIXED | _ADDR_MAX_FIXED, 0, 0, first, last, 0, last - first + 1)
+    assert len(out) == 16
+    return out
+
+
+def dword_memory(start: int, end: int) -> bytes:
+    """DWord Address Space Descriptor for memory (6.4.3.5.2), 26 bytes: a bridge's window
+    [start, end): ``DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable,
+    ReadWrite, 0, start, end - 1, 0, end - start)``."""
+    if not 0 <= start < end <= 1 << 32:
+        raise ValueError(f"DWordMemory: a non-empty window below 4 GiB, got {start:#x}-{end:#x}")
+    out = struct.pack("<BHBBBIIIII", _DWORD_ADDRESS_TAG, 23, _RESOURCE_MEMORY, _ADDR_MIN_FIXED | _ADDR_MAX_FIXED,
+                      _MEM_READ_WRITE, 0, start, end - 1, 0, end - start)
+    assert len(out) == 26
     return out
 
 

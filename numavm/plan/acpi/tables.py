@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar, Sequence, Union
 from numavm.plan import layout as _lay
 from numavm.errors import NumavmError
 from numavm.plan.layout import S5_SLP_TYP, Layout
-from numavm.plan.pci import PCI_SEGMENT
+from numavm.plan.pci import ECAM_BASE, PCI_SEGMENT, PciLayout
 
 if TYPE_CHECKING:  # mptable and hmat import this module
     from numavm.plan.acpi.hmat import Hmat
@@ -252,8 +252,10 @@ class Dsdt(_Table):
         return self.aml
 
 
-def build_dsdt(uarts: Sequence[tuple[int, int]] = ((_lay.COM1_PORT, _lay.COM1_IRQ),)) -> Dsdt:
-    """`\\_S5` for power-off and one 16550 UART (PNP0501) per (port, IRQ) in `uarts`, COM1 first.
+def build_dsdt(uarts: Sequence[tuple[int, int]] = ((_lay.COM1_PORT, _lay.COM1_IRQ),),
+               pci: PciLayout = PciLayout()) -> Dsdt:
+    """`\\_S5` for power-off and one 16550 UART (PNP0501) per (port, IRQ) in `uarts`, COM1 first;
+    with devices, one PCI host bridge per `pci.bridges` entry and the ECAM's reservation.
 
     A hardware-reduced ACPI guest has no legacy PIC, so Linux routes an ISA IRQ
     only for a device the DSDT describes: every UART the machine has is listed.
@@ -271,7 +273,82 @@ def build_dsdt(uarts: Sequence[tuple[int, int]] = ((_lay.COM1_PORT, _lay.COM1_IR
         for i, (port, irq) in enumerate(uarts))
     s5 = aml.name("_S5_", aml.package(aml.integer(S5_SLP_TYP), aml.integer(0),
                                       aml.integer(0), aml.integer(0)))
-    return Dsdt(s5 + aml.scope("\\_SB_", coms))
+    return Dsdt(s5 + aml.scope("\\_SB_", coms, *_pci_devices(pci)))
+
+
+def host_bridge_name(bus: int) -> str:
+    """The DSDT name of the host bridge that owns `bus`: PC01..PCFF (unique, one bus each)."""
+    return f"PC{bus:02X}"
+
+
+def _pci_devices(pci: PciLayout) -> list[bytes]:
+    """One PNP0A03 host bridge per bridge (_UID = _BBN = its bus, _SEG 0, _PXM its domain, _CRS its
+    bus and its memory window; MSI-X only, so no _PRT), and a PNP0C02 motherboard resource
+    reserving the ECAM range the MCFG names (Linux trusts an MCFG region it finds reserved in
+    the e820 map, where numavm reserves it too, or in a motherboard resource)."""
+    out = []
+    for b in pci.bridges:
+        out.append(aml.device(
+            host_bridge_name(b.bus),
+            aml.name("_HID", aml.eisa_id("PNP0A03")),
+            aml.name("_UID", aml.integer(b.uid)),
+            aml.name("_SEG", aml.integer(PCI_SEGMENT)),
+            aml.name("_BBN", aml.integer(b.bus)),
+            *([aml.name("_PXM", aml.integer(b.pxm))] if b.pxm is not None else []),
+            aml.name("_CRS", aml.resource_template(
+                aml.word_bus_number(b.bus, b.bus),
+                aml.dword_memory(b.mmio.start, b.mmio.end),
+            )),
+        ))
+    ecam = pci.ecam
+    if ecam is not None:
+        out.append(aml.device(
+            "MRES",
+            aml.name("_HID", aml.eisa_id("PNP0C02")),
+            aml.name("_UID", aml.integer(0)),
+            aml.name("_CRS", aml.resource_template(aml.memory32_fixed(ecam.start, ecam.size))),
+        ))
+    return out
+
+
+# ---------------------------------------------------------------- MCFG
+
+_MCFG_HEAD = struct.Struct("<Q")  # reserved
+_MCFG_ENTRY = struct.Struct("<QHBBI")
+assert (_MCFG_HEAD.size, _MCFG_ENTRY.size) == (8, 16)
+
+
+@dataclass(frozen=True)
+class McfgEntry:
+    """One configuration space base address allocation: `base` is bus 0's address even when
+    `first_bus` is not 0 (PCI Firmware 3.2, 4.1.2)."""
+
+    base: int
+    segment: int
+    first_bus: int
+    last_bus: int
+
+    def to_bytes(self) -> bytes:
+        return _MCFG_ENTRY.pack(self.base, self.segment, self.first_bus, self.last_bus, 0)
+
+
+@dataclass(frozen=True)
+class Mcfg(_Table):
+    """PCI Express memory-mapped configuration space base address description table."""
+
+    entries: tuple[McfgEntry, ...]
+    signature: ClassVar[bytes] = b"MCFG"
+    revision: ClassVar[int] = 1
+
+    def body(self) -> bytes:
+        return _MCFG_HEAD.pack(0) + b"".join(e.to_bytes() for e in self.entries)
+
+
+def build_mcfg(pci: PciLayout) -> Mcfg | None:
+    """Segment 0, buses 0..the last bridge's bus, at ECAM_BASE; None without devices."""
+    if pci.ecam is None:
+        return None
+    return Mcfg((McfgEntry(ECAM_BASE, PCI_SEGMENT, 0, pci.last_bus),))
 
 
 # ---------------------------------------------------------------- MADT
@@ -565,7 +642,7 @@ def _align(addr: int, align: int = TABLE_ALIGN) -> int:
     return (addr + align - 1) & -align
 
 
-Table = Union[Xsdt, Fadt, Dsdt, Madt, Srat, Slit, "Hmat"]
+Table = Union[Xsdt, Fadt, Dsdt, Madt, Srat, Slit, Mcfg, "Hmat"]
 
 
 @dataclass(frozen=True)
@@ -584,12 +661,13 @@ class AcpiTables:
     addresses: tuple[tuple[str, int], ...] = field(default=())
     mptable: "MpTable | None" = None  # not ACPI: the MP spec's table, for the pre-ACPI scan
     hmat: "Hmat | None" = None  # only when the machine describes latency, bandwidth or caches
+    mcfg: Mcfg | None = None  # only when the machine has PCI devices
 
     def tables(self) -> tuple[Table, ...]:
         """The XSDT and the tables in memory order (RSDP excluded)."""
         by_name: dict[str, Table] = {t.name: t for t in
                                      (self.xsdt, self.fadt, self.dsdt, self.madt, self.srat, self.slit,
-                                      self.hmat)
+                                      self.hmat, self.mcfg)
                                      if t is not None}
         return tuple(by_name[n] for n, _ in self.addresses)
 
@@ -602,7 +680,7 @@ class AcpiTables:
         raise KeyError(name)
 
     def blobs(self) -> dict[str, bytes]:
-        """{"RSDP": ..., "XSDT": ..., "FACP": ..., "DSDT": ..., "APIC": ..., ["SRAT", "SLIT", ["HMAT"]]}."""
+        """{"RSDP": ..., "XSDT": ..., "FACP": ..., "DSDT": ..., "APIC": ..., ["SRAT", "SLIT", ["HMAT"]], ["MCFG"]}."""
         out = {"RSDP": self.rsdp.to_bytes()}
         out.update((t.name, t.to_bytes()) for t in self.tables())
         return out
@@ -623,8 +701,9 @@ def build_tables(layout: Layout, uarts: Sequence[tuple[int, int]] = ((_lay.COM1_
     Raises NumavmError if the tables do not fit the table area.
     """
     topo = layout.topology
-    dsdt = build_dsdt(uarts)
+    dsdt = build_dsdt(uarts, layout.pci)
     madt = build_madt(layout)
+    mcfg = build_mcfg(layout.pci)
     srat = build_srat(layout) if topo.numa else None
     slit = Slit(topo.distances) if topo.numa else None
     # XSDT order: FADT first (by convention), then the others.
@@ -639,6 +718,8 @@ def build_tables(layout: Layout, uarts: Sequence[tuple[int, int]] = ((_lay.COM1_
         hmat = build_hmat(topo)
     if hmat is not None:
         pointed.append(("HMAT", len(hmat.to_bytes())))
+    if mcfg is not None:
+        pointed.append(("MCFG", len(mcfg.to_bytes())))
     xsdt_len = HEADER.size + 8 * (len(pointed) - 1)  # the DSDT hangs off the FADT, not the XSDT
 
     area = layout.table_area
@@ -669,6 +750,6 @@ def build_tables(layout: Layout, uarts: Sequence[tuple[int, int]] = ((_lay.COM1_
         rsdp=Rsdp(at["XSDT"]), xsdt=xsdt, fadt=fadt, dsdt=dsdt, madt=madt, srat=srat, slit=slit,
         rsdp_addr=layout.rsdp_addr, addresses=tuple(a for a in addresses if a[0] != "MPTABLE"),
         mptable=MpTable(layout.apic_ids, layout.mp_pointer_addr, at["MPTABLE"]) if mp else None,
-        hmat=hmat,
+        hmat=hmat, mcfg=mcfg,
     )
 
