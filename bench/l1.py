@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from numavm.guest import assets
+from numavm.guest import assets, modules
 from numavm.errors import NumavmError
 from numavm.guest.initramfs import Entry, compress, cpio_newc
 from numavm.host.lifetime import OwnedDir, die_with_parent
@@ -209,38 +209,25 @@ def modules_dir(cache: Path | None = None) -> Path | None:
 
 
 def _depends(ko: bytes) -> list[str]:
-    m = re.search(rb"\0depends=([^\0]*)\0", ko)
-    return [x.replace("_", "-") for x in m.group(1).decode().split(",") if x] if m else []
+    return modules.depends(ko)
 
 
 def module_order(kos: dict[str, bytes], wanted: Sequence[str], builtin: frozenset[str] = frozenset()) -> list[str]:
-    """`wanted` (and what they depend on, if present) with every module after its dependencies.
+    """`wanted` (and what they depend on, if present) with every module after its dependencies
+    (numavm.guest.modules.load_order, from each module's own depends=).
 
-    A module the kernel has built in (`builtin`, names as in modules.builtin, with "-") needs no
+    A module the kernel has built in (`builtin`, names as in modules.builtin) needs no
     loading: Debian 13's kernel builds virtio in, Debian 12's ships it as a module.  A module of
     `wanted` that the kernel lacks altogether is left out (6.12 folded fscache into netfs); one
     that a loaded module depends on must be there."""
-    norm = {name.replace("_", "-"): name for name in kos}
-    out: list[str] = []
-
-    def visit(name: str, path: tuple[str, ...]) -> None:
-        key = name.replace("_", "-")
-        if key in path:
-            raise NumavmError(f"module dependency cycle: {' -> '.join(path + (key,))}")
-        real = norm.get(key)
-        if real is None and (key in builtin or not path):
-            return  # built in, or a module of the list this kernel has not at all (6.12: fscache is in netfs)
-        if real is None:
-            raise L1Unavailable(f"kernel module {name} is not in the kernel package")
-        if real in out:
-            return
-        for dep in _depends(kos[real]):
-            visit(dep, path + (key,))
-        out.append(real)
-
-    for name in wanted:
-        visit(name, ())
-    return out
+    real = {modules.key(name): name for name in kos}
+    inside = {modules.key(b) for b in builtin}
+    present = [w for w in wanted if modules.key(w) in real or modules.key(w) in inside]
+    try:
+        order = modules.load_order(present, {k: modules.depends(kos[n]) for k, n in real.items()}, real, inside)
+    except modules.ModulesUnavailable as e:
+        raise L1Unavailable(str(e)) from None
+    return [real[k] for k in order]
 
 
 def fetch_modules(log=print) -> Path:  # type: ignore[no-untyped-def]
@@ -258,7 +245,7 @@ def fetch_modules(log=print) -> Path:  # type: ignore[no-untyped-def]
         work = Path(tmp)
         deb = assets.download(a.kernel_package, a.kernel_package_version, work, log)
         names = "|".join(re.escape(m) for m in {*MODULES, *(m.replace("-", "_") for m in MODULES)})
-        pattern = re.compile(rf"^(?:\./)?(?:usr/)?lib/modules/[^/]+/(?:kernel/.*/((?:{names})\.ko(?:\.xz)?)"
+        pattern = re.compile(rf"^(?:\./)?(?:usr/)?lib/modules/[^/]+/(?:kernel/.*/((?:{names})\.ko(?:\.xz|\.zst|\.gz)?)"
                              rf"|(modules\.builtin))$")
         files = assets.extract_matching(deb, pattern)
         deb.unlink()
@@ -266,10 +253,7 @@ def fetch_modules(log=print) -> Path:  # type: ignore[no-untyped-def]
                             for line in files.pop("modules.builtin", b"").decode().split())
         kos: dict[str, bytes] = {}
         for fname, data in files.items():
-            if fname.endswith(".xz"):
-                import lzma
-                data = lzma.decompress(data)
-            kos[fname.split(".ko")[0]] = data
+            kos[fname.split(".ko")[0]] = modules.decompress(fname, data)  # busybox's insmod: plain ELF
         # the order is computed from the modules' own depends= (virtio_ring before virtio, ...)
         order = module_order(kos, MODULES, builtin)
         stage = work / "modules"

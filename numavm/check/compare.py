@@ -157,6 +157,19 @@ def guest_pxm_to_node(layout: Layout, from_log: Mapping[int, int], report: Guest
         nodes = {a2n.get(a) for a in d.apic_ids}
         if len(nodes) == 1 and None not in nodes:
             out[d.id] = nodes.pop()  # type: ignore[assignment]
+    # A domain with only a generic initiator is in no log line (Linux logs its SRAT entry at debug
+    # level): it is the node Linux's rule gives it when the guest lists that node among its
+    # generic initiators and the node has neither CPUs nor memory; the distance rows and the
+    # devices' numa_node are then held against that.
+    gis = report.generic_initiator_nodes or frozenset()
+    rule = pxm_to_node_from_plan(layout)
+    for d in layout.domains:
+        if d.id in out or d.apic_ids or d.ranges or d.id not in layout.topology.initiators:
+            continue
+        node = rule.get(d.id)
+        n = report.nodes.get(node) if node is not None else None
+        if node in gis and n is not None and not n.cpus and not n.memtotal_kb and node not in out.values():
+            out[d.id] = node  # type: ignore[assignment]
     return out
 
 
@@ -186,7 +199,7 @@ def memory_bounds(layout: Layout) -> dict[int, tuple[int, int, list[str]]]:
     for d in layout.domains:
         size = d.segment_size
         if size == 0:
-            out[d.id] = (0, 0, ["CPU-only"])
+            out[d.id] = (0, 0, ["CPU-only" if d.domain.cpus else "no memory"])
             continue
         parts = [("memmap", size // 64 + MEMMAP_SECTION_SLACK),
                  ("node", NODE_SLACK + CPU_SLACK * len(d.domain.cpus))]
@@ -387,3 +400,92 @@ def compare_hmat(layout: Layout, report: GuestReport, pxm_to_node: Mapping[int, 
             bad.append(f"domain {d} (node {node}): memory tier {got_tier.get(node)}, plan wants {want_tiers[d]}"
                        f"{'' if version is None or version >= HMAT_TIERS_FROM else ' (before 6.10 every node is DRAM)'}")
     return bad, notes
+
+
+# ---------------------------------------------------------------- PCI devices
+
+
+def disk_sectors(path: str) -> int | None:
+    """The disk's size in 512-byte sectors as the device model reports it (the image's size,
+    rounded down), or None when the host cannot say (then the size is not compared)."""
+    import os
+
+    try:
+        return os.stat(path).st_size // 512
+    except OSError:
+        return None
+
+
+def expected_device_nodes(layout: Layout, pxm_to_node: Mapping[int, int]) -> dict[str, int | None]:
+    """{device address: the node its numa_node must show}: its domain through Linux's numbering;
+    -1 without NUMA (no _PXM); None when the domain has no node in the map."""
+    if not layout.topology.numa:
+        return {dev.bdf: -1 for dev in layout.pci.devices}
+    return {dev.bdf: pxm_to_node.get(dev.domain) for dev in layout.pci.devices}
+
+
+def compare_devices(layout: Layout, report: GuestReport, pxm_to_node: Mapping[int, int] | None) -> list[str]:
+    """The plan's PCI devices against the guest's report: each device at its address with
+    virtio-blk's modern ids (1af4:1042; QEMU's transitional device, 1af4:1001, is not it), on its domain's node, its disk's name, size and logical block size; the
+    modules /init loaded; the generic initiator nodes.  A machine without devices is checked
+    only for not having generic initiator nodes."""
+    # The class is reported, not compared: QEMU's virtio-blk-pci says 0x010000 (SCSI), numavm's 0x018000.
+    from numavm.plan.pci import VIRTIO_IDS, VIRTIO_PCI_DEVICE_BASE, VIRTIO_VENDOR
+
+    out: list[str] = []
+    topo = layout.topology
+    pmap = dict(pxm_to_node) if pxm_to_node else pxm_to_node_from_plan(layout)
+    for name, st in sorted((report.modules or {}).items()):
+        if st != 0:
+            out.append(f"module {name}: insmod failed in the guest (status {st})")
+    want_gi = {pmap[d] for d in topo.initiators if d in pmap}
+    got_gi = report.generic_initiator_nodes
+    if got_gi is None:
+        if topo.initiators:
+            out.append("generic initiators: the guest's report has no has_generic_initiator list "
+                       "(Linux 5.10+ has /sys/devices/system/node/has_generic_initiator)")
+    elif set(got_gi) != want_gi:
+        out.append(f"generic initiator nodes: guest {format_cpulist(got_gi) or 'none'}, plan wants "
+                   f"{format_cpulist(want_gi) or 'none'}")
+    if not layout.pci:
+        return out
+    if report.pci is None:
+        out.append("the guest's report has no PCI devices (pci)")
+        return out
+    nodes = expected_device_nodes(layout, pmap)
+    for dev, disk in zip(layout.pci.devices, topo.disks):
+        where = f"disk {dev.index} ({dev.bdf}, domain {dev.domain})"
+        got = report.pci.get(dev.bdf)
+        if got is None:
+            out.append(f"{where}: not among the guest's PCI devices "
+                       f"({', '.join(sorted(a for a in report.pci if not a.startswith('0000:00:'))) or 'none off bus 0'})")
+            continue
+        want_ids = (VIRTIO_VENDOR, VIRTIO_PCI_DEVICE_BASE + VIRTIO_IDS[dev.kind])
+        if (got.vendor, got.device) != want_ids:
+            out.append(f"{where}: ids {_ids(got.vendor, got.device)}, plan wants {_ids(*want_ids)}")
+        want_node = nodes[dev.bdf]
+        if want_node is None:
+            out.append(f"{where}: domain {dev.domain} has no node in the guest's numbering")
+        elif got.numa_node != want_node:
+            out.append(f"{where}: numa_node {got.numa_node}, plan wants {want_node}"
+                       f"{'' if want_node < 0 else f' (domain {dev.domain})'}")
+        if len(got.block) != 1:
+            out.append(f"{where}: {len(got.block)} block devices ({', '.join(b.name for b in got.block) or 'none'}), "
+                       f"plan wants one (virtio_blk not loaded?)")
+            continue
+        # Its name (vda...) is reported, not compared: virtio_blk names disks in PCI probe order,
+        # which follows the host bridges' order in the DSDT (numavm's: by bus; QEMU's pxb
+        # bridges came in reverse under the TCG engine).
+        b = got.block[0]
+        if not b.name.startswith("vd"):
+            out.append(f"{where}: block device {b.name!r}, plan wants a virtio disk (vd...)")
+        sectors = disk_sectors(disk.path)
+        if sectors is not None and b.sectors != sectors:
+            out.append(f"{where}: {b.sectors} sectors, the image {disk.path} has {sectors}")
+        if b.logical_block_size != 512:
+            out.append(f"{where}: logical block size {b.logical_block_size}, plan wants 512")
+    return out
+
+
+def _ids(vendor: int | None, device: int | None) -> str:
+    return f"{vendor if vendor is None else f'{vendor:04x}'}:{device if device is None else f'{device:04x}'}"

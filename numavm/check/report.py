@@ -100,8 +100,47 @@ class GuestNode:
 
 
 @dataclass(frozen=True)
+class BlockDevice:
+    """A virtio disk's /sys/block/NAME as the guest saw it."""
+
+    name: str
+    sectors: int | None  # size in 512-byte sectors
+    logical_block_size: int | None
+
+    @classmethod
+    def from_document(cls, d: Mapping[str, Any]) -> BlockDevice:
+        return cls(_str(d.get("name")) or "", _int(d.get("sectors")), _int(d.get("logical_block_size")))
+
+
+@dataclass(frozen=True)
+class PciFunction:
+    """One /sys/bus/pci/devices/SSSS:BB:DD.F: its ids, its node (-1: none), its disks."""
+
+    vendor: int | None
+    device: int | None
+    pci_class: int | None
+    numa_node: int | None
+    block: tuple[BlockDevice, ...] = ()
+
+    @classmethod
+    def from_document(cls, d: Mapping[str, Any]) -> PciFunction:
+        blk = d.get("block")
+        return cls(_hex(d.get("vendor")), _hex(d.get("device")), _hex(d.get("class")), _int(d.get("numa_node")),
+                   tuple(BlockDevice.from_document(_mapping(b)) for b in blk) if isinstance(blk, list) else ())
+
+
+def _hex(v: Any) -> int | None:
+    """sysfs's "0x1af4"."""
+    try:
+        return int(v, 16) if isinstance(v, str) else None
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
 class GuestReport:
-    """The whole report: nodes, CPUs and their APIC ids, memory tiers, the kernel, the command's status."""
+    """The whole report: nodes, CPUs and their APIC ids, memory tiers, the kernel, the command's status,
+    PCI devices with their nodes and disks, the generic initiator nodes, the modules /init loaded."""
 
     nodes: dict[int, GuestNode]
     cpu_apic_ids: dict[int, int] | None  # None: the report has none
@@ -111,6 +150,9 @@ class GuestReport:
     kernel: str | None  # uname -r
     exit_status: int | None = None  # the command's; None when the guest never printed it
     streams: bool = True  # False: the command's output went to the console
+    pci: dict[str, PciFunction] | None = None  # by Linux's address (0000:01:00.0); None: not reported
+    generic_initiator_nodes: frozenset[int] | None = None  # None: the kernel has no such list
+    modules: dict[str, int] | None = None  # each module /init loaded: insmod's status; None: none loaded
     document: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -142,5 +184,11 @@ class GuestReport:
             kernel=_str(doc.get("kernel")),
             exit_status=_int(doc.get("exit_status")),
             streams=doc.get("streams", True) is not False,
+            pci=({a: PciFunction.from_document(_mapping(v)) for a, v in pci.items() if isinstance(a, str)}
+                 if isinstance(pci := doc.get("pci"), Mapping) else None),
+            generic_initiator_nodes=(parse_cpulist(gi) if isinstance(gi := doc.get("has_generic_initiator_nodes"),
+                                                                    str) else None),
+            modules=({m: st for m, st in mods.items() if isinstance(m, str) and _int(st) is not None}
+                     if isinstance(mods := doc.get("modules"), Mapping) else None),
             document=doc,
         )

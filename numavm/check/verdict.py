@@ -3,7 +3,8 @@
 Stage `kernel` reads the guest kernel's own log (SRAT node ranges, APIC to
 node, node count, zonelist fallback order, which must agree with the
 distances); stage `userspace` adds the guest's sysfs view (CPUs and their
-APIC ids, MemTotal and distances per node) reported by numavm's /init.
+APIC ids, MemTotal and distances per node; each PCI device's node and disk,
+the generic initiator nodes) reported by numavm's /init.
 Linux 6.12+ no longer logs APIC to node: its kernel stage says so in
 `notes`, and its userspace stage proves that fact (and the node of a
 CPU-only domain) from sysfs alone.
@@ -15,7 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from numavm.check.compare import compare_hmat, compare_userspace, guest_pxm_to_node
+from numavm.check.compare import (compare_devices, compare_hmat, compare_userspace, disk_sectors,
+                                  expected_device_nodes, guest_pxm_to_node)
 from numavm.check.linux_numa import (KernelView, compare_kernel, expected_view, hmat_access,
                                      memory_tiers, parse_kernel_log, unlogged)
 from numavm.check.report import GuestReport
@@ -56,9 +58,32 @@ class CheckReport:
             observed["userspace"] = dict(
                 self.guest.document, pxm_to_node={str(p): n for p, n in self.pxm_to_node.items()},
                 apic_to_node={str(a): n for a, n in self.guest.apic_to_node().items()})
-        return {"match": self.match, "stage": self.stage, "engine": self.engine, "boot": self.boot,
-                "expected": plan_document(self.layout), "observed": observed, "mismatches": self.mismatches,
-                "notes": self.notes}
+        doc = {"match": self.match, "stage": self.stage, "engine": self.engine, "boot": self.boot,
+               "expected": plan_document(self.layout), "observed": observed, "mismatches": self.mismatches,
+               "notes": self.notes}
+        if self.layout.pci or self.layout.topology.initiators:
+            doc["devices"] = self.devices()
+        return doc
+
+    def devices(self) -> dict[str, Any]:
+        """Each device's node and disk, expected beside observed, and the generic initiator nodes."""
+        exp = self.expected
+        p2n = exp.pxm_to_node if exp is not None else {0: 0}
+        want_nodes = expected_device_nodes(self.layout, p2n)
+        pci = (self.guest.pci or {}) if self.guest is not None else {}
+        rows = []
+        for dev, disk in zip(self.layout.pci.devices, self.layout.topology.disks):
+            got = pci.get(dev.bdf)
+            rows.append({"address": dev.bdf, "kind": dev.kind, "domain": dev.domain,
+                         "node": {"expected": want_nodes[dev.bdf], "observed": got.numa_node if got else None},
+                         "block": {"expected": {"sectors": disk_sectors(disk.path), "logical_block_size": 512},
+                                   "observed": dataclasses.asdict(got.block[0]) if got and got.block else None}})
+        gi = self.guest.generic_initiator_nodes if self.guest is not None else None
+        return {"pci": rows,
+                "generic_initiator_nodes": {"expected": sorted(p2n[d] for d in self.layout.topology.initiators
+                                                               if d in p2n),
+                                            "observed": sorted(gi) if gi is not None else None},
+                "modules": self.guest.modules if self.guest is not None else None}
 
 
 def _view_doc(v: KernelView) -> dict[str, Any]:
@@ -98,6 +123,7 @@ def evaluate(layout: Layout, stage: str, engine: str, console_text: str, boot_ok
                 report.mismatches.append(f"domain->node numbering (log and sysfs): expected "
                                          f"{expected.pxm_to_node}, guest {pmap}")
             report.mismatches += compare_userspace(layout, guest, pmap or None)
+            report.mismatches += compare_devices(layout, guest, pmap or None)
             if layout.topology.numa:
                 bad, notes = compare_hmat(layout, guest, pmap or expected_view(layout).pxm_to_node, seen.version)
                 report.mismatches += bad
@@ -142,6 +168,8 @@ def render(report: CheckReport) -> str:
         if exp is not None:
             rows.append(("  fallback order", " ".join(map(str, exp.fallback.get(node if node is not None else -1, []))),
                          " ".join(map(str, kern.fallback.get(seen_node, []))) or "-"))
+    if layout.pci or layout.topology.initiators:
+        _device_rows(rows, report)
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     lines = [f"{a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
@@ -154,6 +182,26 @@ def render(report: CheckReport) -> str:
         lines.append(f"MISMATCH ({len(report.mismatches)}):")
         lines += [f"  - {m}" for m in report.mismatches]
     return "\n".join(lines) + "\n"
+
+
+def _device_rows(rows: list[tuple[str, str, str]], report: CheckReport) -> None:
+    """Each disk's address, node and block device, and the generic initiator nodes."""
+    d = report.devices()
+    for dev, row in zip(report.layout.pci.devices, d["pci"]):
+        rows.append((f"disk {dev.index} ({dev.bdf}): node", str(row["node"]["expected"]),
+                     "-" if row["node"]["observed"] is None else str(row["node"]["observed"])))
+        b = row["block"]["observed"]
+        want = row["block"]["expected"]
+        rows.append(("  block device", f"vd? {want['sectors'] if want['sectors'] is not None else '?'} sectors, "
+                                       f"logical block {want['logical_block_size']} B",
+                     f"{b['name']} {b['sectors']} sectors, logical block {b['logical_block_size']} B"
+                     if b else "-"))
+    gi = d["generic_initiator_nodes"]
+    rows.append(("generic initiator nodes", format_list(gi["expected"]) or "none",
+                 "-" if gi["observed"] is None else format_list(gi["observed"]) or "none"))
+    if d["modules"]:
+        rows.append(("modules loaded", "", " ".join(f"{m}" if st == 0 else f"{m}(failed {st})"
+                                                    for m, st in d["modules"].items())))
 
 
 def _hmat_rows(rows: list[tuple[str, str, str]], report: CheckReport, dom: int, node: Any,

@@ -41,6 +41,12 @@ Log = Callable[[str], None]
 # with pci=off 6,136 exits, and L1's run 172 s -> 87 s.
 BASE_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr panic=-1"
 NO_PCI_CMDLINE = "pci=off"  # not for a machine with devices (--disk): they are PCI functions
+# A machine with devices needs PCI, but not the early port-I/O scans (the GART aperture search,
+# early quirks): pci=noearly leaves them out.  Linux then takes the MCFG's ECAM late, where it
+# finds it reserved by an ACPI motherboard resource (numavm's DSDT has one): measured under
+# QEMU q35 with Debian's 6.1, "PCI: MMCONFIG at [mem 0xb0000000-0xbfffffff] reserved in ACPI
+# motherboard resources", and a virtio-blk disk behind a pxb-pcie found on its node.
+PCI_CMDLINE = "pci=noearly"
 KERNEL_STAGE_CMDLINE = "ignore_loglevel"
 # Userspace: warnings and worse reach the console (an llc-sibling warning among
 # them), the info lines do not: a serial console costs an emulated guest about
@@ -75,10 +81,11 @@ def log_buf_cmdline(cpus: int, nodes: int) -> str:
 def kernel_cmdline(stage: str, emulated_kvm: bool, append: str = "", topology: Topology | None = None,
                    shares: bool = False) -> str:
     """The guest's command line for `stage`; with `topology`, a log ring its NUMA lines fit in
-    (`log_buf_cmdline`) unless `append` sets one.  `shares`: the run has virtio-9p devices
-    (--share, --host-root), PCI functions like the machine's disks."""
+    (`log_buf_cmdline`) unless `append` sets one, and PCI (without its early scans) when the
+    machine has devices or the run has shares (`shares`: virtio-9p devices for --share and
+    --host-root, PCI functions like the machine's disks)."""
     pci = shares or (topology is not None and bool(topology.disks))
-    parts = [BASE_CMDLINE, "" if pci else NO_PCI_CMDLINE,
+    parts = [BASE_CMDLINE, PCI_CMDLINE if pci else NO_PCI_CMDLINE,
              KERNEL_STAGE_CMDLINE if stage == "kernel" else USERSPACE_CMDLINE]
     if emulated_kvm:
         from numavm.plan.boot import emulation_safe_cmdline
