@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Sequence
 
 from numavm.guest.assets import Assets, cached, fetch
 from numavm.host.files import MAX_ADD, MAX_ADD_TOTAL, MAX_INITRD, MAX_KERNEL, check_input_file, read_input
-from numavm.host.cache import CacheError, cache_root, find, note, private_dir, prune, recall, store
+from numavm.host.cache import CacheError, cache_root, find, locked, note, private_dir, prune, recall, store
 # numavm.plan.boot (kernel loading, boot plans) is imported where used: the TCG engine needs
 # neither, and every import is paid at every `numavm check`.
 from numavm.errors import ConfigError, NumavmError
@@ -202,7 +202,7 @@ def fetch_anywhere(log: Log, release: str | None = None) -> Assets:
     """`fetch()` into the cache, or into this run's private directory when the cache
     cannot be written (read-only, full)."""
     try:
-        return fetch(log=log, release=release)
+        return fetch(log=log, release=release, reuse=True, spill=private_dir)
     except OSError as e:
         first = e
     where = private_dir()
@@ -260,7 +260,22 @@ def unpacked_kernel(path: Path, log: Log) -> Path:
     """
     with open(path, "rb") as f:
         head = f.read(4)
-        if head == b"\x7fELF":
+    if head == b"\x7fELF":
+        if not _valid_elf(path):
+            from numavm.plan.boot import load_kernel
+            load_kernel(path)  # raises what is wrong with it
+            raise NumavmError(f"{path}: an x86-64 ELF file, but not a Linux kernel (no Linux or Xen "
+                              f"ELF note)")
+        return path
+    # one numavm at a time unpacks (runs started together unpack once and note one digest)
+    with locked(cache_root(), "unpack", log, "unpacking a kernel"):
+        return _unpacked(path, log)
+
+
+def _unpacked(path: Path, log: Log) -> Path:
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head == b"\x7fELF":  # the file changed since: the caller's checks again
             if not _valid_elf(path):
                 from numavm.plan.boot import load_kernel
                 load_kernel(path)  # raises what is wrong with it
