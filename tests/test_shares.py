@@ -307,3 +307,13 @@ def test_host_root_runs_the_hosts_python(tmp_path: Path) -> None:
     assert facts[facts.index("tmp") + 1] == "tmpfs"
     assert "cwd read-only 30" in err  # EROFS: the host's / is read-only in the guest
     assert not (ROOT / "numavm-guest-was-here").exists()
+
+
+@needs_qemu
+def test_shares_and_bridges_share_qemus_root_bus(tmp_path: Path) -> None:
+    doms = ["id=0,size=4M,cpus=0"] + [f"id={i},size=4M" for i in range(1, 30)]
+    layout = Machine(cpus=1, domains=doms, disks=[f"d{i}.img,domain={i}" for i in range(30)]).layout
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(T.EngineRefusal, match="30 free slots.*30 for disks' bridges and 1 for shares"):
+        T.QemuMachine(layout, shares=parse_shares([str(tmp_path)]))
+    assert set(os.listdir("/proc/self/fd")) <= before  # refused before any memory or disk

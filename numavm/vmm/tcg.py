@@ -293,6 +293,10 @@ class QemuMachine:
             raise ConfigError("--accel tcg: qemu-system-x86_64 not found (Debian: apt-get install qemu-system-x86)")
         self.binary = binary
         self.smp, self.cpu_devices = check_tcg(layout)  # refuses before anything is allocated
+        if len(layout.pci.bridges) + len(self.shares) > QEMU_PC_MAX_PXB:  # each share: a slot on bus 0 too
+            raise EngineRefusal("--accel tcg", f"QEMU's pc root bus has {QEMU_PC_MAX_PXB} free slots, and this run "
+                                f"needs {len(layout.pci.bridges)} for disks' bridges and {len(self.shares)} "
+                                "for shares", "use fewer shares or --accel kvm")
         self._tmp: Path | None = None
         self._tmpdir: OwnedDir | None = None
         self._proc: subprocess.Popen[bytes] | None = None
