@@ -96,7 +96,7 @@ if grep -q '^@ROOT_TAG@	' $E/shares; then
   while IFS= read -r d; do
     [ -d "$root$d" ] || continue
     keep=""
-    case "$cwd/" in "$d"/*) [ -d "$root$cwd" ] && mkdir -p /keep && mount -o bind "$root$cwd" /keep && keep=1 ;; esac
+    case "$cwd" in "$d"/*) [ -d "$root$cwd" ] && mkdir -p /keep && mount -o bind "$root$cwd" /keep && keep=1 ;; esac
     mode=1777; o=""
     [ "$d" = /run ] && mode=755
     if [ -f "$E/root/home" ] && [ "$d" = "$(cat $E/root/home)" ]; then
