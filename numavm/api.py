@@ -343,6 +343,9 @@ class Machine:
         exported, share_files = _shares(shares, host_root, initrd)  # the directories too
         held: list[str] = []  # the engine and why: said once the inputs are known to be good
         prep = self._prepare(accel, timeout, release, prefault, hugepages, pin, None, True, held.append, warnings)
+        if exported and not getattr(prep.engine, "serves_shares", False):
+            raise ConfigError(f"{'--host-root' if host_root else '--share'}: the {prep.engine.name} engine cannot "
+                              "serve host directories yet; use --accel tcg")
         with _opened_disks(self.topology) as disks:  # before anything is made: a bad image is exit 2
             own_init = initrd is None
             assets = guest_assets(_str(kernel), log, release)

@@ -317,3 +317,14 @@ def test_shares_and_bridges_share_qemus_root_bus(tmp_path: Path) -> None:
     with pytest.raises(T.EngineRefusal, match="30 free slots.*30 for disks' bridges and 1 for shares"):
         T.QemuMachine(layout, shares=parse_shares([str(tmp_path)]))
     assert set(os.listdir("/proc/self/fd")) <= before  # refused before any memory or disk
+
+
+def test_an_engine_without_a_9p_server_refuses_shares(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from numavm.vmm import engine as E
+
+    import dataclasses
+
+    select = E.select
+    monkeypatch.setattr(E, "select", lambda *a, **k: dataclasses.replace(select(*a, **k), serves_shares=False))
+    with pytest.raises(ConfigError, match="--share: the tcg engine cannot serve host directories yet"):
+        Machine(memory="64M").run(["true"], accel="tcg", shares=[str(tmp_path)])
