@@ -328,3 +328,14 @@ def test_an_engine_without_a_9p_server_refuses_shares(monkeypatch: pytest.Monkey
     monkeypatch.setattr(E, "select", lambda *a, **k: dataclasses.replace(select(*a, **k), serves_shares=False))
     with pytest.raises(ConfigError, match="--share: the tcg engine cannot serve host directories yet"):
         Machine(memory="64M").run(["true"], accel="tcg", shares=[str(tmp_path)])
+
+
+def test_mount_order_parents_first_and_symlinked_guest_dirs_resolved(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    shares = parse_shares([f"{tmp_path}/a/b:/tmp/x/y", f"{tmp_path}/a:/tmp/x"])
+    table = {e.path: e.data for e in G.share_entries(shares, cwd="/")}["etc/numavm/shares"].decode()
+    assert [line.split("\t")[2] for line in table.splitlines()] == ["/tmp/x", "/tmp/x/y"]
+    rooted = parse_shares([f"{tmp_path}/link"], host_root=True)  # guest dir: the path as named, a symlink
+    table = {e.path: e.data for e in G.share_entries(rooted, cwd="/", uid=0, gid=0, groups=[], environ={})}
+    assert table["etc/numavm/shares"].decode().splitlines()[1].split("\t")[2] == f"{tmp_path}/a"

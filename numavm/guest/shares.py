@@ -200,7 +200,12 @@ def share_entries(shares: Sequence[Share], cwd: str | None = None, uid: int | No
     for s in shares:
         if any(c in s.guest for c in "\t\n") or any(c in s.tag for c in "\t\n /"):
             raise ConfigError(f"--share {s.host}: a tab or newline in {s.guest!r}")
-    lines = "".join(f"{s.tag}\t{'rw' if s.rw else 'ro'}\t{s.guest}\n" for s in shares)
+    if host_root:  # a guest path through a host symlink: where the host's / resolves it, as the guest would
+        shares = [Share(s.host, os.path.realpath(s.guest), s.rw, s.tag) if s.tag != ROOT_TAG and os.path.isdir(s.guest)
+                  else s for s in shares]
+    # parents before children: a share inside another's guest directory is mounted on top of it
+    ordered = sorted(shares, key=lambda s: (s.tag != ROOT_TAG, len(PurePosixPath(s.guest).parts)))
+    lines = "".join(f"{s.tag}\t{'rw' if s.rw else 'ro'}\t{s.guest}\n" for s in ordered)
     out = [_file(SHARES_TABLE, lines), Entry(SHARED_SCRIPT_PATH, stat.S_IFREG | 0o755, SHARED_SCRIPT.encode())]
     cwd = os.getcwd() if cwd is None else cwd
     where = guest_cwd(tuple(shares), cwd)
