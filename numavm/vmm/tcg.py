@@ -277,9 +277,11 @@ class QemuMachine:
                  stdout: Callable[[bytes], None] | None = None,
                  stderr: Callable[[bytes], None] | None = None,
                  hugepages: str | None = None, log: Callable[[str], None] | None = None,
-                 shares: Sequence[Share] = ()) -> None:
+                 shares: Sequence[Share] = (), disks: Sequence[DiskImage] | None = None) -> None:
         """`stdout`/`stderr`: given, the guest gets COM2 and COM3 (see `STREAM_PORTS`),
-        whose output goes to them.  `shares`: host directories exported over virtio-9p."""
+        whose output goes to them.  `shares`: host directories exported over virtio-9p.
+        `disks`: the images the caller opened and locked (GuestRun.disks, numavm.api) and
+        closes; without them the machine opens its layout's disks itself and closes them."""
         self.layout = layout
         self.shares = tuple(shares)
         self.name = name
@@ -309,11 +311,14 @@ class QemuMachine:
         check_ram_order(layout)
         # The images first: a refused one (missing, locked...) is a one-line error before any guest
         # memory exists.  QEMU gets these very fds, so it uses the files numavm checked and locked.
-        self.disks: list[DiskImage] = open_disks(layout.topology.disks)
+        # (a second open of an image the caller holds would be refused by the caller's own lock)
+        self._own_disks = not disks and bool(layout.topology.disks)
+        self.disks: list[DiskImage] = open_disks(layout.topology.disks) if self._own_disks else list(disks or ())
         try:
             self.memory: GuestMemory | None = GuestMemory(layout, machine=name, hugepages=hugepages, unified=True)
         except BaseException:
-            close_disks(self.disks)
+            if self._own_disks:
+                close_disks(self.disks)
             raise
         try:
             self._tmpdir = OwnedDir("tcg")  # a killed run's directory goes with the next run
@@ -596,7 +601,8 @@ class QemuMachine:
         memory, self.memory = self.memory, None
         if memory is not None:
             memory.close()
-        close_disks(self.disks)
+        if self._own_disks:
+            close_disks(self.disks)
 
     def __enter__(self) -> "QemuMachine":
         return self
@@ -610,7 +616,8 @@ def run_linux(run: GuestRun) -> RunResult:
     from numavm.guest.launch import tcg_cmdline
 
     with QemuMachine(run.layout, console=run.console, stdout=run.stdout, stderr=run.stderr,
-                     hugepages=run.hugepages, log=run.log if run.verbose else None, shares=run.shares) as m:
+                     hugepages=run.hugepages, log=run.log if run.verbose else None, shares=run.shares,
+                     disks=run.disks) as m:
         if run.watch is not None:
             run.watch.stop = m.stop
         assert m.memory is not None
