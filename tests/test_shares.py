@@ -339,3 +339,18 @@ def test_mount_order_parents_first_and_symlinked_guest_dirs_resolved(tmp_path: P
     rooted = parse_shares([f"{tmp_path}/link"], host_root=True)  # guest dir: the path as named, a symlink
     table = {e.path: e.data for e in G.share_entries(rooted, cwd="/", uid=0, gid=0, groups=[], environ={})}
     assert table["etc/numavm/shares"].decode().splitlines()[1].split("\t")[2] == f"{tmp_path}/a"
+
+
+def test_pytest_plugin_passes_shares_to_run_not_to_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    from numavm import pytest_plugin as P
+
+    seen: dict[str, dict[str, object]] = {}
+    m = Machine(memory="64M")
+    monkeypatch.setattr(Machine, "run", lambda self, command=None, **kw: seen.setdefault("run", kw))
+    monkeypatch.setattr(Machine, "check", lambda self, **kw: seen.setdefault("check", kw))
+    assert {"shares", "host_root"} <= set(P.RUN_DEFAULTS)
+    guest = P.Guest(m, None, {"shares": ["/srv"], "host_root": True, "timeout": 9})  # type: ignore[arg-type]
+    guest.run("true")
+    guest.check()
+    assert seen["run"] == {"shares": ["/srv"], "host_root": True, "timeout": 9}
+    assert seen["check"] == {"timeout": 9}

@@ -14,8 +14,17 @@ its own device), so that one /init serves both:
 * 9P2000.L with messages up to `MSIZE` bytes (the largest the guest's virtio transport
   asks for: Linux 6.1's 9pnet_virtio takes at most 125 pages of a 128-entry queue);
 * the share's directory and nothing outside it (``..`` at its top is its top, symlinks
-  are the guest's to follow, never the server's), and for a read-only share every
-  modifying request refused (EROFS), whatever the guest's own mount says.
+  are the guest's to follow, never the server's; any ``aname`` attaches the share's top),
+  and for a read-only share every modifying request refused (EROFS), whatever the guest's
+  own mount says;
+* qid paths unique across the host filesystems a share spans: the root share holds /proc,
+  /sys, /dev, /run... whose roots are inode 1 or 2, each on its own device, and the guest
+  mounts with cache=loose, which takes two directories with one qid path for one (QEMU:
+  ``multidevs=remap``; its default made the guest's /sys land on its /proc);
+* for the root share, the host's mounts inside it crossed as the host's own path lookup
+  crosses them (/home, /boot or /usr may be filesystems of their own): the guest must see
+  the host's `/` as a user of the host sees it.  A plain share may stop at mount points
+  or not; QEMU crosses them.
 """
 
 from __future__ import annotations
