@@ -154,7 +154,7 @@ def benches(quick: bool) -> list[Bench]:
 
         notes = [
             "numavm: `numavm run --accel tcg` on two domains with the image as `--disk IMG,domain=1,readonly`: "
-            "QEMU's pxb for domain 1's host bridge (root bus 3), virtio-blk-pci behind it at 0000:04:00.0 on "
+            "QEMU's pxb for domain 1's host bridge (root bus 1), virtio-blk-pci behind it at 0000:02:00.0 on "
             "a raw -blockdev over the fd numavm opened (`/dev/fdset/0`), SeaBIOS, numavm's SRAT/SLIT and "
             "_PXM SSDT; the guest's command is the script below, its output read from numavm's stdout.",
             "QEMU: the same vmlinux and kernel command line, `numavm export --to qemu` of the same two "

@@ -364,23 +364,29 @@ def test_modules_load_and_report_under_qemu(tmp_path: Path) -> None:
     assert rep.generic_initiator_nodes == frozenset()
 
 
-def test_check_under_tcg_with_a_generic_initiator_only_domain(tmp_path: Path) -> None:
+@pytest.mark.parametrize("other_release", [False, True])
+def test_check_under_tcg_with_a_generic_initiator_only_domain(tmp_path: Path, other_release: bool) -> None:
     """`numavm check` end to end (the TCG engine's pxb + virtio-blk-pci): a disk on domain 1 and an
     initiator disk on domain 2, which has neither memory nor vCPUs; Linux makes domain 2 node 2,
-    lists it in has_generic_initiator, and puts the disk there."""
+    lists it in has_generic_initiator, and puts the disk there.  On the other Debian release's
+    kernel too (6.12 on a Debian 12 host: virtio_pci built in, only virtio_blk loaded)."""
     import shutil
     import subprocess
     import sys
 
+    from numavm.guest.aptrelease import host_release
     from numavm.guest.assets import cached
 
-    if shutil.which("qemu-system-x86_64") is None or cached() is None:
-        pytest.skip("needs qemu-system-x86_64 and numavm's cached guest kernel (numavm fetch)")
+    release = ("trixie" if host_release() == "bookworm" else "bookworm") if other_release else None
+    if shutil.which("qemu-system-x86_64") is None or cached(release=release) is None:
+        pytest.skip(f"needs qemu-system-x86_64 and numavm's cached guest kernel (numavm fetch"
+                    f"{' --release ' + release if release else ''})")
     a, b = tmp_path / "a.img", tmp_path / "b.img"
     for p, size in ((a, 16 << 20), (b, 8 << 20)):
         p.write_bytes(b"")
         os.truncate(p, size)
     r = subprocess.run([sys.executable, "-m", "numavm", "check", "--accel", "tcg", "--json",
+                        *(["--release", release] if release else []),
                         "--disk", f"{a},domain=1", "--disk", f"{b},domain=2,initiator", "-c", "2",
                         "-n", "id=0,size=256M,cpus=0", "-n", "id=1,size=256M,cpus=1", "-n", "id=2,size=0",
                         "--distance", "0:2=30", "--distance", "1:2=25"], capture_output=True, text=True, timeout=600)
@@ -393,3 +399,75 @@ def test_check_under_tcg_with_a_generic_initiator_only_domain(tmp_path: Path) ->
     assert [d["block"]["observed"]["sectors"] for d in dev["pci"]] == [32768, 16384]
     assert set(dev["modules"].values()) == {0}
     assert doc["observed"]["userspace"]["nodes"]["2"]["cpulist"] == ""
+
+
+# ---------------------------------------------------------------- HMAT with a generic initiator
+
+
+HMAT_GI = ["-c", "1", "-n", "id=0,size=256M,cpus=0", "-n", "id=1,size=256M", "-n", "id=2,size=0",
+           "--hmat", "0:0,latency=100,bandwidth=20000", "--hmat", "0:1,latency=300,bandwidth=8000",
+           "--hmat", "2:1,latency=150,bandwidth=16000"]
+
+
+def test_hmat_initiator_may_be_a_generic_initiator(tmp_path: Path) -> None:
+    """Linux's hmat.c: every initiator of the tables competes for a target's access0, only those
+    with CPUs for access1; so the memory-only domain's access0 is the device's, access1 domain 0's."""
+    from numavm import ConfigError
+    from numavm.check.linux_numa import hmat_access
+
+    img = tmp_path / "a.img"
+    img.write_bytes(bytes(4096))
+    with pytest.raises(ConfigError, match="a domain needs memory .* or a generic initiator"):
+        Machine.from_options(HMAT_GI)  # domain 2 holds nothing yet
+    with pytest.raises(ConfigError, match=r"initiator 1 has no vCPUs; an initiator is a domain with cpus= or a "
+                                          r"generic initiator \(--disk FILE,domain=1,initiator\)"):
+        Machine.from_options(HMAT_GI + ["--disk", f"{img},domain=2,initiator", "--disk", f"{img},domain=1",
+                                        "--hmat", "1:0,latency=100,bandwidth=100"])  # a disk, not an initiator
+    m = Machine.from_options(HMAT_GI + ["--disk", f"{img},domain=2,initiator"])
+    from numavm.plan.render import hmat_links
+    acc = hmat_access(hmat_links(m.topology), [0, 1], [0])
+    assert acc[1][0]["initiators"] == [2] and acc[1][0]["read_latency"] == 150
+    assert acc[1][1]["initiators"] == [0] and acc[1][1]["read_latency"] == 300
+    # the HMAT names the device's domain among its initiators; iasl reads it
+    from numavm.plan import acpi
+    from test_acpi import disassemble
+    d = disassemble(acpi.build_tables(m.plan().layout).blobs()["HMAT"], tmp_path, "gi-HMAT")
+    assert [v for n, v in d.fields if n == "Initiator Proximity Domain List"][:2] == ["00000000", "00000002"], \
+        [f for f in d.fields if "Initiator" in f[0]]
+
+
+def test_check_hmat_with_a_generic_initiator_under_tcg(tmp_path: Path) -> None:
+    """End to end: the guest's memory-only node links access0 to the generic initiator's node and
+    access1 to the CPU node, with their figures."""
+    import shutil
+    import subprocess
+    import sys
+
+    from numavm.guest.assets import cached
+
+    if shutil.which("qemu-system-x86_64") is None or cached() is None:
+        pytest.skip("needs qemu-system-x86_64 and numavm's cached guest kernel (numavm fetch)")
+    img = tmp_path / "a.img"
+    img.write_bytes(bytes(1 << 20))
+    r = subprocess.run([sys.executable, "-m", "numavm", "check", "--accel", "tcg", "--json", *HMAT_GI,
+                        "--disk", f"{img},domain=2,initiator"], capture_output=True, text=True, timeout=600)
+    doc = json.loads(r.stdout)
+    assert doc["match"] and r.returncode == 0, "\n".join(doc["mismatches"]) + r.stderr[-2000:]
+    assert doc["observed"]["userspace"]["pxm_to_node"] == {"0": 0, "2": 1, "1": 2}
+    access = doc["observed"]["userspace"]["nodes"]["2"]["access"]
+    assert (access["0"]["initiators"], access["0"]["read_latency"]) == ([1], 150)
+    assert (access["1"]["initiators"], access["1"]["read_latency"]) == ([0], 300)
+
+
+def test_export_to_qemu_leaves_a_generic_initiator_out_of_the_hmat(tmp_path: Path) -> None:
+    """QEMU 7.2 refuses `-numa hmat-lb,initiator=N` for a node without CPUs ("it isn't an initiator
+    proximity domain"): export leaves such links out, and says so."""
+    from numavm.peers.export import export
+
+    img = tmp_path / "a.img"
+    img.write_bytes(bytes(4096))
+    m = Machine.from_options(HMAT_GI + ["--disk", f"{img},domain=2,initiator"])
+    e = export(m.topology, "qemu")
+    text, warnings = e.text, e.warnings
+    assert "initiator=2" not in text and "hmat-lb,initiator=0,target=1" in text
+    assert any("--hmat 2:1: QEMU takes no HMAT initiator without vCPUs" in w for w in warnings)

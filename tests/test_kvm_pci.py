@@ -553,7 +553,7 @@ def test_config_space_through_ecam_and_cf8_reads_the_model(tmp_path: Path) -> No
     a, b = _image(tmp_path, 1 << 20, "a.img"), _image(tmp_path, 4096, "b.img")
     layout = _pci_layout(tmp_path, f"{a},domain=1", f"{b},domain=0")
     d1, d0 = layout.pci.devices  # --disk order; bridges (buses) in domain order
-    assert (d0.domain, d0.bus, d1.domain, d1.bus) == (0, 1, 1, 2)
+    assert (d0.domain, d1.domain) == (0, 1) and 0 < d0.bus < d1.bus  # bridges in domain order
     with KvmMachine(layout, name="cfg") as m:
         rec = run_script(m, [
             (R32, ecam_address(d1.bus, d1.slot, 0), 0),                 # vendor | device << 16

@@ -219,7 +219,10 @@ def _qemu_initiators(topo: Topology, warnings: list[str]) -> dict[int, int]:
                             f"numavm's lets Linux link it to initiator domain(s) {format_list(best) or 'none'}, "
                             f"so the guest's access0/access1 for it will differ")
         elif not d.cpus and d.size:
-            if len(best) == 1:
+            if len(best) == 1 and not topo.domains[best[0]].cpus:
+                warnings.append(f"domain {d.id}: Linux links numavm's HMAT to generic initiator domain {best[0]}; "
+                                f"QEMU takes no initiator without vCPUs: none attached")
+            elif len(best) == 1:
                 out[d.id] = best[0]
             elif best:
                 warnings.append(f"domain {d.id}: QEMU attaches a memory-only node to one initiator; Linux "
@@ -244,6 +247,10 @@ def _qemu_caches(topo: Topology, warnings: list[str]) -> list[MemoryCache]:
 def _qemu_hmat(topo: Topology, warnings: list[str]) -> list[list[str]]:
     lines: list[list[str]] = []
     for lk in topo.hmat:
+        if not topo.domains[lk.initiator].cpus:  # QEMU: "it isn't an initiator proximity domain"
+            warnings.append(f"--hmat {lk.initiator}:{lk.target}: QEMU takes no HMAT initiator without vCPUs "
+                            f"(a generic initiator): left out")
+            continue
         for attr, word in _QEMU_LB.items():
             v = lk.value(attr)
             if v is None:

@@ -240,7 +240,7 @@ def _build(spec: MachineSpec, online: tuple[int, ...]) -> Topology:
     total = sum(sizes)
     if total > MAX_MEMORY:
         raise ConfigError(f"{NUMA_OPT}: domains total {format_size(total)}, at most {format_size(MAX_MEMORY)}")
-    links, caches = _check_hmat(domains, spec.hmat, spec.caches)
+    links, caches = _check_hmat(domains, spec.hmat, spec.caches, initiators)
     return Topology(n, total, tuple(domains), _distance_matrix(len(domains), spec.distances), True,
                     links, caches, disks)
 
@@ -464,17 +464,21 @@ def hmat_base_unit(values: Iterable[int]) -> int:
     return math.gcd(*values)
 
 
-def _check_hmat(domains: list[Domain], links: list[HmatLink], caches: list[MemoryCache]
-                ) -> tuple[tuple[HmatLink, ...], tuple[MemoryCache, ...]]:
+def _check_hmat(domains: list[Domain], links: list[HmatLink], caches: list[MemoryCache],
+                initiators: frozenset[int] = frozenset()) -> tuple[tuple[HmatLink, ...], tuple[MemoryCache, ...]]:
+    """The HMAT's links and caches, checked.  An initiator is a domain with vCPUs or one holding a
+    generic initiator (`initiators`): Linux lists every initiator in a target's access0, and
+    only those with CPUs in access1 (numavm.check.linux_numa.hmat_access)."""
     n = len(domains)
     seen: dict[tuple[int, int], HmatLink] = {}
     for link in links:
         for x, role in ((link.initiator, "initiator"), (link.target, "target")):
             if x >= n:
                 raise ConfigError(f"{link.origin}: no domain {x} (domains 0..{n - 1})")
-        if not domains[link.initiator].cpus:
+        if not domains[link.initiator].cpus and link.initiator not in initiators:
             raise ConfigError(f"{link.origin}: initiator {link.initiator} has no vCPUs; an initiator is a "
-                              f"domain with cpus=")
+                              f"domain with cpus= or a generic initiator (--disk FILE,domain="
+                              f"{link.initiator},initiator)")
         if not domains[link.target].size:
             raise ConfigError(f"{link.origin}: target {link.target} has no memory; a target is a domain "
                               f"with size=")

@@ -311,9 +311,9 @@ class QemuMachine:
         check_ram_order(layout)
         # The images first: a refused one (missing, locked...) is a one-line error before any guest
         # memory exists.  QEMU gets these very fds, so it uses the files numavm checked and locked.
-        # (a second open of an image the caller holds would be refused by the caller's own lock)
-        self._own_disks = not disks and bool(layout.topology.disks)
-        self.disks: list[DiskImage] = open_disks(layout.topology.disks) if self._own_disks else list(disks or ())
+        # Given `disks` (the run's, opened by its caller: GuestRun.disks) are the caller's to close.
+        self._own_disks = disks is None
+        self.disks: list[DiskImage] = open_disks(layout.topology.disks) if disks is None else list(disks)
         try:
             self.memory: GuestMemory | None = GuestMemory(layout, machine=name, hugepages=hugepages, unified=True)
         except BaseException:
@@ -617,7 +617,7 @@ def run_linux(run: GuestRun) -> RunResult:
 
     with QemuMachine(run.layout, console=run.console, stdout=run.stdout, stderr=run.stderr,
                      hugepages=run.hugepages, log=run.log if run.verbose else None, shares=run.shares,
-                     disks=run.disks) as m:
+                     disks=run.disks or None) as m:
         if run.watch is not None:
             run.watch.stop = m.stop
         assert m.memory is not None

@@ -10,7 +10,6 @@ thread is released, on every path.
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import struct
@@ -543,8 +542,6 @@ class KvmMachine:
         pci, self.pci = self.pci, None
         if pci is not None:  # its threads and models hold guest memory views: before the memory goes
             pci.close()
-            del pci
-            gc.collect()  # the models' views (their rings) go with them; models hold reference cycles
         vm, self.vm = self.vm, None
         if vm is not None:
             vm.close()

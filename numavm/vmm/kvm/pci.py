@@ -28,8 +28,9 @@ numavm.devices.pci / numavm.devices.virtio model the functions (`PciFunction`,
   around that device's config and MMIO accesses; a device never waits on the machine's port
   I/O lock, nor the UARTs on a disk.
 - Teardown (`close`, idempotent, on every path): threads stopped and joined, ioeventfds and
-  irqfds removed, every eventfd closed.  The routes go with the VM.  Guest memory views a
-  model holds are the model's: the threads are gone before the machine unmaps memory.
+  irqfds removed, every eventfd closed, each function reset to its power-on state (which drops
+  the guest memory views its rings held, so the machine can unmap guest memory next).  The
+  routes go with the VM.
 """
 
 from __future__ import annotations
@@ -425,6 +426,10 @@ class PciPlatform:
             dev.queue_fds, dev.vector_fds = [], []
             dev.fn.signal_msi = _dropped
             dev.fn.on_change = _ignored
+            reset = getattr(dev.fn, "function_reset", None)
+            if reset is not None:
+                with dev.lock:
+                    reset()  # power-on state: the rings' guest memory views go, so memory can be unmapped
         if self._stop_fd >= 0:
             os.close(self._stop_fd)
             self._stop_fd = -1
