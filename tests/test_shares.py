@@ -1,7 +1,7 @@
 """--share and --host-root: the options, what the initramfs and QEMU get, and two TCG boots.
 
 The unit tests need no guest.  The two boots (QEMU TCG, a few seconds each) prove, from inside
-the guest: a share's file reads as on the host, a read-write share's write reaches the host, a
+the guest: the 9p devices leave a disk at its planned address, a share's file reads as on the host, a read-write share's write reaches the host, a
 read-only share refuses writes even after the guest remounts it read-write (QEMU refuses
 them), no path leaves a share (absolute and relative symlinks pointing out, ``..``, a 9p attach
 naming another directory, a device node), and --host-root runs the host's python3 with the
@@ -203,6 +203,7 @@ def test_environment_for_the_host_root() -> None:
 
 
 SHARE_SCRIPT = r"""
+for d in /sys/bus/pci/devices/*; do echo "pci ${d##*/} $(cat $d/vendor):$(cat $d/device) node=$(cat $d/numa_node)"; done
 cd /mnt/s
 echo "read=$(cat f)"
 for p in abs rel sub/rel2 ../secret /mnt/w/../../secret; do
@@ -246,11 +247,18 @@ def test_guest_reads_writes_and_cannot_escape_a_share(tmp_path: Path) -> None:
     except PermissionError:
         can_mknod = False
     before = {p.name: p.read_bytes() for p in share.iterdir() if p.is_file() and not p.is_char_device()}
-    r = numavm("run", "--accel", "tcg", "-c", "1", "-m", "256M", "--timeout", "300",
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    domains = ["-c", "2", "-n", "id=0,size=256M,cpus=0", "-n", "id=1,size=256M,cpus=1"]
+    r = numavm("run", "--accel", "tcg", *domains, "--disk", f"{disk},domain=1", "--timeout", "300",
                "--share", f"{share}:/mnt/s", "--share", f"{rw}:/mnt/w,rw",
                "--", "sh", "-c", SHARE_SCRIPT.replace("$PARENT", str(tmp_path)))
     out = r.stdout.decode()
     assert r.returncode == 0, out + r.stderr.decode()
+    # the disk where the plan put it, on its node, with both 9p devices on QEMU's root bus beside it
+    (planned,) = Machine.from_options([*domains, "--disk", f"{disk},domain=1"]).layout.pci.devices
+    assert f"pci {planned.bdf} 0x1af4:0x1042 node=1\n" in out, out
+    assert len([line for line in out.splitlines() if line.startswith("pci 0000:00:") and "0x1af4:0x1049" in line]) == 2
     assert f"read={data}\n" in out  # the host's bytes
     assert "escaped" not in out and "host-secret" not in out, out
     for p in ("abs", "rel", "sub/rel2", "../secret", "/mnt/w/../../secret"):
