@@ -53,6 +53,12 @@ def test_share_syntax(tmp_path: Path) -> None:
     link.symlink_to(tmp_path / "a,b")
     assert parse_share(str(link)).host == f"{tmp_path}/a,b"  # the directory itself is exported
     assert parse_share(str(link)).guest == str(link)  # seen where the user named it
+    here = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert parse_share(".") == Share(str(tmp_path), str(tmp_path), False, "numavm-share0")
+    finally:
+        os.chdir(here)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -93,13 +93,16 @@ if grep -q '^@ROOT_TAG@	' $E/shares; then
   cwd=$(cat $E/cwd 2>/dev/null; echo x); cwd=${cwd%x}
   uid=$(cat $E/root/uid); gid=$(cat $E/root/gid)
   # a tmpfs on each writable directory; the user's directory, if under one, stays visible
+  home=$(cat $E/root/home 2>/dev/null)
   while IFS= read -r d; do
+    # a HOME inside a directory made a tmpfs above (HOME=/tmp/u) is made there, the user's
+    [ "$d" = "$home" ] && [ ! -d "$root$d" ] && mkdir -p "$root$d" 2>/dev/null && chown "$uid:$gid" "$root$d"
     [ -d "$root$d" ] || continue
     keep=""
     case "$cwd" in "$d"/*) [ -d "$root$cwd" ] && mkdir -p /keep && mount -o bind "$root$cwd" /keep && keep=1 ;; esac
     mode=1777; o=""
     [ "$d" = /run ] && mode=755
-    if [ -f "$E/root/home" ] && [ "$d" = "$(cat $E/root/home)" ]; then
+    if [ "$d" = "$home" ]; then
       # HOME: the host's files (dotfiles, ~/.local, a pyenv...) below, the guest's writes above
       mkdir -p /ovl && mount -t tmpfs -o mode=755 tmpfs /ovl && mkdir -p /ovl/up /ovl/work &&
         chown "$(stat -c %u:%g "$root$d")" /ovl/up && chmod "$(stat -c %a "$root$d")" /ovl/up &&
