@@ -358,7 +358,7 @@ class Machine:
             for line in held:
                 log(line)
             cmdline = kernel_cmdline(prep.stage, prep.engine.emulates_guest_code, append, self.topology,
-                                     shares=bool(exported))
+                                     shares=bool(exported)) + _tty_size(input_fd if shell and own_init else None)
             if prep.engine.emulates_guest_code:
                 log("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
                     "the emulator cannot run")
@@ -528,6 +528,18 @@ def _argv(command: Sequence[str] | str | None) -> list[str] | None:
     if not all(isinstance(a, str) for a in argv):
         raise ConfigError(f"command: expected a list of strings, got {list(command)!r}")
     return argv or None
+
+
+def _tty_size(fd: int | None) -> str:
+    """`` numavm.tty=ROWSxCOLS`` for a shell fed from the terminal `fd` (its size now), else ""."""
+    if fd is None:
+        return ""
+    from numavm.guest.initramfs import TTY_SIZE_PARAM
+    try:
+        size = os.get_terminal_size(fd)
+    except OSError:
+        return ""
+    return f" {TTY_SIZE_PARAM}{size.lines}x{size.columns}" if size.lines and size.columns else ""
 
 
 def _shares(shares: Iterable[str] | str | None, host_root: bool, initrd: object) -> tuple[tuple[Any, ...], list[Any]]:

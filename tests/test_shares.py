@@ -368,3 +368,22 @@ def test_pytest_plugin_passes_shares_to_run_not_to_check(monkeypatch: pytest.Mon
     guest.check()
     assert seen["run"] == {"shares": ["/srv"], "host_root": True, "timeout": 9}
     assert seen["check"] == {"timeout": 9}
+
+
+def test_an_interactive_shell_gets_the_host_terminals_size() -> None:
+    import fcntl
+    import struct
+    import termios
+
+    from numavm.api import _tty_size
+    from numavm.guest.initramfs import TTY_SIZE_PARAM
+
+    master, slave = os.openpty()
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 37, 123, 0, 0))
+        assert _tty_size(slave) == f" {TTY_SIZE_PARAM}37x123"
+        assert _tty_size(None) == ""
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert f'case "$a" in {TTY_SIZE_PARAM}*x*)' in INIT_SCRIPT  # /init sets it on ttyS1 before the shell

@@ -75,6 +75,9 @@ INIT_APPLETS = ("sh", "mount", "cat", "echo", "printf", "sed", "tr", "ls", "grep
 # On the kernel command line: /init brings every offline CPU online before it reports.
 # A dotted word the kernel takes for an unknown module's parameter and ignores.
 ONLINE_CPUS_MARK = "numavm.online_cpus=all"
+# On the kernel command line of an interactive shell's guest: the host terminal's ROWSxCOLS,
+# which /init gives the shell's tty (a serial line has no way to learn it).
+TTY_SIZE_PARAM = "numavm.tty="
 
 INIT_SCRIPT = r"""#!/bin/sh
 # numavm guest init: report the topology, run the command, power off.
@@ -220,8 +223,15 @@ if [ -e /etc/numavm/shell ]; then
   # is the command port; the host puts its own terminal in raw mode
   /bin/busybox --install -s 2>/dev/null
   w=""; [ -x @SHARED@ ] && w=@SHARED@  # --share/--host-root: the shell in their view
-  setsid -c $w sh -l </dev/ttyS1 >/dev/ttyS1 2>&1
+  # the host terminal's size, as numavm started (@TTY_SIZE@ROWSxCOLS on the command line);
+  # a tty forgets its size when its last file closes, so fd 9 holds it open meanwhile
+  exec 9<>/dev/ttyS1
+  for a in $cmdline; do
+    case "$a" in @TTY_SIZE@*x*) r=${a#@TTY_SIZE@}; stty -F /dev/ttyS1 rows "${r%x*}" cols "${r#*x}" 2>/dev/null ;; esac
+  done
+  setsid -c $w sh -l </dev/ttyS1 >/dev/ttyS1 2>&1 9>&-
   st=$?
+  exec 9>&-
 elif [ -d /etc/numavm/argv ]; then
   /bin/busybox --install -s 2>/dev/null
   set --
@@ -250,7 +260,7 @@ printf '\n@@NUMAVM-EXIT %d@@\n' "$st"
 poweroff -f
 sleep 5
 reboot -f
-""".replace("@ONLINE_MARK@", ONLINE_CPUS_MARK).replace("@SHARED@", SHARED).replace("@MODULES_LIST@", MODULES_LIST).replace(
+""".replace("@ONLINE_MARK@", ONLINE_CPUS_MARK).replace("@TTY_SIZE@", TTY_SIZE_PARAM).replace("@SHARED@", SHARED).replace("@MODULES_LIST@", MODULES_LIST).replace(
     "@MODULES_DIR@", MODULES_DIR)
 
 
