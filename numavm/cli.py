@@ -142,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a host directory the guest mounts (virtio-9p) at GUEST_DIR (default: the same "
                          "path), read-only unless rw; repeatable")
     sr.add_argument("--host-root", action="store_true",
-                    help="the command runs in the host's / (read-only; tmpfs on /tmp, /var/tmp, /run and "
-                         "HOME) as you, in your current directory, after numavm's /init has reported")
+                    help="the command runs in the host's / (read-only; tmpfs on /tmp, /var/tmp and /run, HOME "
+                         "writable over the host's, writes kept in the guest) as you, in your current "
+                         "directory, after numavm's /init has reported")
     sr.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- CMD ...",
                     help="the command to run in the guest")
 
