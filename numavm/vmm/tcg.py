@@ -10,6 +10,10 @@ QEMU builds no NUMA tables of its own.  QEMU's `pc` machine with
 checks that in QEMU's memory tree before the guest runs and refuses on a
 mismatch.
 
+Disks (`--disk`) are QEMU's own devices at the plan's PCI addresses: an expander bridge per
+host bridge, virtio-blk-pci on the image fds numavm opened and locked, and an SSDT of numavm's
+that gives each bridge its domain as _PXM (`pci_args`, `pxm_ssdt`).
+
 The console is QEMU's stdio chardev; for `run` the guest command's stdout and
 stderr are COM2 and COM3, QEMU pipe chardevs on FIFOs numavm reads.
 
@@ -175,11 +179,14 @@ def pci_args(pci: PciLayout, disks: Sequence[DiskImage]) -> list[str]:
     `disks` are the opened images (numavm.host.disk), in --disk order; QEMU inherits their fds.
     Each is fd set N (`-add-fd`) and QEMU opens ``/dev/fdset/N``, which dup()s the inherited
     fd: QEMU reads and writes the very open file numavm checked, never the path again (which
-    could meanwhile name another file).  ``locking=off``: numavm's OFD lock is on that same open
+    could meanwhile name another file; ``/proc/self/fd/N`` would reopen it as a new open file,
+    which numavm's own lock then refuses: "Failed to lock byte 100", measured).  ``locking=off``: numavm's OFD lock is on that same open
     file description and holds for the whole run; QEMU's own byte-range locks, taken through it,
     would not conflict with it but replace parts of it.  Raw format, QEMU's default cache
     (writeback: the guest sees a volatile write cache and sends flushes, which QEMU passes on as
-    fdatasync), the modern virtio-pci transport only, as numavm's own device.
+    fdatasync), the modern virtio-pci transport only, as numavm's own device.  A block device
+    takes QEMU's ``host_device`` driver: its ``file`` driver refuses anything but a regular file
+    ("'file' driver requires '/dev/fdset/0' to be a regular file", QEMU 7.2).
     """
     args: list[str] = []
     for b in pci.bridges:
@@ -190,7 +197,8 @@ def pci_args(pci: PciLayout, disks: Sequence[DiskImage]) -> list[str]:
         n = dev.index
         args += [
             "-add-fd", f"fd={image.fd},set={n}",
-            "-blockdev", f"driver=file,node-name=file{n},filename=/dev/fdset/{n},read-only={ro},locking=off",
+            "-blockdev", f"driver={'host_device' if image.block_device else 'file'},node-name=file{n},"
+                         f"filename=/dev/fdset/{n},read-only={ro},locking=off",
             "-blockdev", f"driver=raw,node-name=disk{n},file=file{n},read-only={ro}",
             "-device", f"virtio-blk-pci,id=vd{n},drive=disk{n},bus={pxb_id(bridges[dev.domain])},"
                        f"addr={dev.slot:#x},disable-legacy=on",
