@@ -282,6 +282,12 @@ def test_kernel_stage_does_not_want_the_initiator_logged(tmp_path: Path) -> None
         *(f"[0.0] Fallback order for Node {n}: {' '.join(map(str, o))}" for n, o in exp.fallback.items()),
         "[0.0] Built 4 zonelists, mobility grouping on.  Total pages: 1"])
     assert compare_kernel(exp, parse_kernel_log(log)) == []
+    text = render(CheckReport("kernel", "tcg", lay, parse_kernel_log(log), boot="stopped"))
+    lines = text.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("domain 1: node")))
+    assert lines[at].split()[-3:] == ["2", "not", "logged"]
+    want = [str(n) for n in exp.fallback[2]]
+    assert next(line for line in lines[at:] if "fallback order" in line).split()[-2 * len(want):] == want * 2
 
 
 def test_verdict_shows_devices(tmp_path: Path) -> None:
@@ -471,3 +477,27 @@ def test_export_to_qemu_leaves_a_generic_initiator_out_of_the_hmat(tmp_path: Pat
     text, warnings = e.text, e.warnings
     assert "initiator=2" not in text and "hmat-lb,initiator=0,target=1" in text
     assert any("--hmat 2:1: QEMU takes no HMAT initiator without vCPUs" in w for w in warnings)
+
+
+def test_modules_go_to_a_private_directory_when_the_cache_cannot_take_them(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from numavm.guest import modules as M
+    from numavm.guest.assets import Assets
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    a = Assets(cache / "vmlinuz-6.1.0-57-amd64", cache / "busybox", "6.1.0-57-amd64", "linux-image-x", "1")
+    roots = []
+
+    def extract(assets, log, release, dirs, names, dirname, root):  # type: ignore[no-untyped-def]
+        roots.append(root)
+        if root == cache:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return root / "modules-6.1.0-57-amd64"
+
+    monkeypatch.setattr(M, "_extract", extract)
+    lines: list[str] = []
+    got = M.extract_modules(a, lines.append)
+    assert roots[0] == cache and got.parent == roots[1] != cache
+    assert "cannot keep the kernel's modules (Read-only file system)" in lines[0]

@@ -141,7 +141,11 @@ def render(report: CheckReport) -> str:
     for d in layout.domains:
         node = exp.pxm_to_node.get(d.id) if exp else 0
         seen_node: Any = p2n.get(d.id, "-" if layout.topology.numa else 0)
-        rows.append((f"domain {d.id}: node", str(node), str(seen_node)))
+        # a domain with only a generic initiator: Linux logs its SRAT entry at debug level, so the
+        # kernel stage knows its node only from the zonelists, which are compared by node number
+        gi_only = not d.apic_ids and not d.ranges and d.id in layout.topology.initiators
+        zonelist_node = node if gi_only and seen_node == "-" else seen_node
+        rows.append((f"domain {d.id}: node", str(node), "not logged" if gi_only and seen_node == "-" else str(seen_node)))
         ranges = ", ".join(f"{r.start:#x}-{r.end - 1:#x}" for r in d.ranges) or "none"
         got = kern.srat_ranges.get(seen_node, []) if isinstance(seen_node, int) else []
         got_text = ", ".join(f"{s:#x}-{e - 1:#x}" for s, e in got) or (
@@ -167,7 +171,7 @@ def render(report: CheckReport) -> str:
             _hmat_rows(rows, report, d.id, seen_node, guest)
         if exp is not None:
             rows.append(("  fallback order", " ".join(map(str, exp.fallback.get(node if node is not None else -1, []))),
-                         " ".join(map(str, kern.fallback.get(seen_node, []))) or "-"))
+                         " ".join(map(str, kern.fallback.get(zonelist_node, []))) or "-"))
     if layout.pci or layout.topology.initiators:
         _device_rows(rows, report)
     w0 = max(len(r[0]) for r in rows)

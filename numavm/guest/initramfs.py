@@ -26,7 +26,14 @@ memory node's ``"access": {"0": {"read_latency": 100, "write_latency": 100,
 (nodeN/accessA/initiators: ns, MB/s and the linked initiator nodes), its
 ``"memory_side_cache": {"1": {"size": ..., "line_size": 64, "indexing": 0,
 "write_policy": 0}}``, and ``"memory_tiers": {"4": "0-1", "52": "2"}`` (each
-/sys/devices/virtual/memory_tiering/memory_tierK's nodelist).
+/sys/devices/virtual/memory_tiering/memory_tierK's nodelist).  Devices: ``"pci":
+{"0000:02:00.0": {"vendor": "0x1af4", "device": "0x1042", "class": "0x018000", "numa_node": 1,
+"block": [{"name": "vda", "sectors": 32768, "logical_block_size": 512}]}, ...}`` (every PCI
+function, the platform's own included; a virtio disk's /sys/block entry), and
+``"has_generic_initiator_nodes": "2"`` where the kernel has that list (5.10+).  A machine with
+devices gets their driver modules (numavm.guest.modules) in /lib/numavm, listed in load order in
+/etc/numavm/modules; /init insmods them first and reports each one's status in ``"modules":
+{"virtio_ring": 0, ...}``.
 
 then runs the user's command, if any, with its argv exactly as given (each
 argument is a file under /etc/numavm/argv/, read back by the script, never

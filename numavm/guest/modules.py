@@ -162,13 +162,31 @@ def extract_modules(assets: Assets, log: Log = print, release: str | None = None
     found = cached_modules(assets, dirname)
     if found is not None:
         return found
+    try:
+        return _extract(assets, log, release, dirs, names, dirname, assets.kernel.parent)
+    except OSError as e:  # a read-only or full cache: this run's private directory instead
+        from numavm.host.cache import private_dir
+
+        where = private_dir()
+        log(f"numavm: the cache {assets.kernel.parent} cannot keep the kernel's modules ({e.strerror}): "
+            f"extracting into {where}")
+        try:
+            return _extract(assets, log, release, dirs, names, dirname, where)
+        except OSError as e2:
+            raise ModulesUnavailable(f"cannot keep the guest kernel's modules: {assets.kernel.parent}: "
+                                     f"{e.strerror}; {where}: {e2.strerror}") from None
+
+
+def _extract(assets: Assets, log: Log, release: str | None, dirs: Sequence[str], names: Iterable[str],
+             dirname: str, root: Path) -> Path:
+    final = root / dirname.format(release=assets.kernel_version)
+    if (final / "modules.dep").is_file():
+        return final
     if not assets.kernel_package or not assets.kernel_package_version:
         raise ModulesUnavailable("numavm's cache does not say which kernel package its kernel came from "
                                  "(run `numavm fetch`)")
     from numavm.guest import assets as _assets
 
-    root = assets.kernel.parent
-    final = root / dirname.format(release=assets.kernel_version)
     alternatives = "|".join([*(re.escape(d) + r"/(?:.*/)?[^/]+" for d in dirs),
                              *(r"(?:.*/)?" + re.escape(n) for n in
                                {v for n in names for v in (n, n.replace("-", "_"), n.replace("_", "-"))})])
@@ -194,7 +212,7 @@ def extract_modules(assets: Assets, log: Log = print, release: str | None = None
         try:
             os.rename(stage, final)
         except OSError:  # another process got there first
-            if cached_modules(assets, dirname) is None:
+            if not (final / "modules.dep").is_file():
                 raise
     log(f"numavm: kernel modules of {assets.kernel_package} {assets.kernel_package_version} -> {final}")
     return final
