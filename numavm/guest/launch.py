@@ -306,11 +306,11 @@ def guest_initrd(initrd: str | None, busybox: Path | None, command: list[str] | 
 
 def check_inputs(kernel: str | None, initrd: str | None, add: Sequence[str]) -> None:
     """Every file a run reads, checked for kind and size before anything else happens."""
-    if kernel is not None:
-        check_input_file(kernel, "--kernel", MAX_KERNEL)
     if initrd is not None:
         check_input_file(initrd, "--initrd", MAX_INITRD)
     check_added(add)
+    if kernel is not None:
+        check_input_file(kernel, "--kernel", MAX_KERNEL)
 
 
 def check_added(add: Sequence[str]) -> list[tuple[Path, str]]:
