@@ -13,6 +13,7 @@ if is_command():  # the console script imports this module first: from here a si
     become_command()
 
 import argparse  # noqa: E402
+import errno
 import json
 import sys
 from pathlib import Path
@@ -346,6 +347,8 @@ def _write(path: Path, data: str | bytes, option: str) -> None:
         else:
             path.write_text(data)
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):  # the host's trouble, not the input's
+            raise NumavmError(f"{option}: cannot write {path}: {e.strerror}") from None
         raise ConfigError(f"{option}: cannot write {path}: {e.strerror}") from None
 
 
