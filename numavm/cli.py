@@ -7,12 +7,13 @@ what is allowed, and exit status 2, before anything is allocated.
 
 from __future__ import annotations
 
-from numavm.command import BROKEN_PIPE, become_command, discard_stdout, is_command
+from numavm.command import BROKEN_PIPE, become_command, discard_stdout, finished, is_command
 
 if is_command():  # the console script imports this module first: from here a signal ends numavm with 130
     become_command()
 
 import argparse  # noqa: E402
+import errno
 import json
 import sys
 from pathlib import Path
@@ -362,6 +363,8 @@ def _write(path: Path, data: str | bytes, option: str) -> None:
         else:
             path.write_text(data)
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):  # the host's trouble, not the input's
+            raise NumavmError(f"{option}: cannot write {path}: {e.strerror}") from None
         raise ConfigError(f"{option}: cannot write {path}: {e.strerror}") from None
 
 
@@ -489,6 +492,15 @@ COMMANDS = {"plan": cmd_plan, "acpi": cmd_acpi, "export": cmd_export, "import": 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+    except KeyboardInterrupt:  # a signal while an error was being printed
+        status = ExitCode.INTERRUPTED
+    finished(status)  # as the numavm command: the process ends here, with this status
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     command = None
     try:

@@ -23,7 +23,16 @@ def _on_term(signum: int, frame: object) -> None:
 
 
 def _excepthook(kind: type[BaseException], value: BaseException, tb: object) -> None:
-    """An exception that escaped main (a signal during imports, or after main returned)."""
+    """An exception that escaped main (a signal during imports, or after main returned).
+    Python 3.11 wraps one raised while a class is made (dataclasses' __set_name__) in a
+    RuntimeError: the chain is searched."""
+    seen: BaseException | None = value
+    for _ in range(32):
+        if seen is None:
+            break
+        if isinstance(seen, KeyboardInterrupt):
+            os._exit(INTERRUPTED)
+        seen = seen.__cause__ or seen.__context__
     if issubclass(kind, KeyboardInterrupt):
         os._exit(INTERRUPTED)
     if issubclass(kind, BrokenPipeError):
@@ -45,6 +54,26 @@ def become_command() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _on_term)
         sys.excepthook = _excepthook
+
+
+def finished(status: int) -> None:
+    """The command is done and `status` decided: as the numavm command, end the process here
+    with it.  Signals are ignored from here on, stdout and stderr flushed, the atexit
+    functions (temporary directories) run, and the process exits without the interpreter's
+    shutdown, during which a signal would end it by that signal (-2, -15) instead of its status.
+    In any other process (a library user's, a test's `main()`) nothing happens."""
+    if sys.excepthook is not _excepthook:
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    import atexit
+    atexit._run_exitfuncs()
+    os._exit(status)
 
 
 def discard_stdout() -> None:

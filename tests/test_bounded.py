@@ -100,17 +100,22 @@ def test_text_input_over_the_limit_is_said_so_not_not_utf8():
     assert "over the size limit of 1 MiB" in err and "UTF-8" not in err
 
 
-def test_a_fifo_with_a_writer_is_still_read_for_toml(tmp_path):
-    f = tmp_path / "m.toml"
-    os.mkfifo(f)
-
-    def write() -> None:
-        with open(f, "w") as w:
-            w.write("cpus = 2\n")
-
-    threading.Thread(target=write, daemon=True).start()
-    r = numavm("plan", "--json", "-f", str(f))
-    assert r.returncode == 0 and json.loads(r.stdout)["cpus"] == 2
+@pytest.mark.parametrize("argv", [["plan", "-f"], ["import", "--from", "qemu"]])
+def test_a_named_fifo_is_refused_and_a_pipe_is_read(argv, fifo):
+    """A named FIFO without a writer hung the read; `<(...)` (a pipe, /dev/fd/N) still works."""
+    t = time.monotonic()
+    assert "is a FIFO" in one_line(numavm(*argv, str(fifo)))
+    assert time.monotonic() - t < 10
+    rd, wr = os.pipe()
+    p = subprocess.Popen([sys.executable, "-m", "numavm", *argv, f"/dev/fd/{rd}", "--json"], pass_fds=(rd,),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         preexec_fn=_limits)
+    os.close(rd)
+    threading.Thread(target=lambda: (os.write(wr, b"cpus = 2\n" if argv[0] == "plan" else b"-smp 2"),
+                                     os.close(wr)), daemon=True).start()
+    out, err = p.communicate(timeout=GUARD)
+    assert p.returncode == 0, err
+    assert json.loads(out)["cpus"] == 2
 
 
 def test_bounded_read_stops_at_the_limit(tmp_path):
@@ -250,7 +255,10 @@ def test_a_closed_pipe_ends_quietly_with_141(argv):
 def _handles_sigterm(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/status") as f:
-            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+            status = f.read()
+        if "State:\tZ" in status:
+            return True  # ended: nothing left to wait for
+        caught = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
     except (OSError, StopIteration):
         return True  # gone: nothing left to wait for
     return bool(caught & (1 << (signal.SIGTERM - 1)))

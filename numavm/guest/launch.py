@@ -267,9 +267,29 @@ def unpacked_kernel(path: Path, log: Log) -> Path:
             raise NumavmError(f"{path}: an x86-64 ELF file, but not a Linux kernel (no Linux or Xen "
                               f"ELF note)")
         return path
+    known = _known_vmlinux(path)  # the common case, without waiting for anyone
+    if known is not None:
+        return known
     # one numavm at a time unpacks (runs started together unpack once and note one digest)
     with locked(cache_root(), "unpack", log, "unpacking a kernel"):
         return _unpacked(path, log)
+
+
+def _known_vmlinux(path: Path) -> Path | None:
+    """The whole vmlinux already unpacked from `path` (known by its path, size, mtime and inode)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    digest = recall("vmlinux-src", f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}") or ""
+    out = find(f"vmlinux-{digest}") if len(digest) == _DIGEST_HEX else None
+    if out is None or not _valid_elf(out):
+        return None
+    try:
+        os.utime(out)  # used: the newest survive `prune`
+    except OSError:
+        pass
+    return out
 
 
 def _unpacked(path: Path, log: Log) -> Path:
@@ -338,11 +358,11 @@ def guest_initrd(initrd: str | None, busybox: Path | None, command: list[str] | 
 
 def check_inputs(kernel: str | None, initrd: str | None, add: Sequence[str]) -> None:
     """Every file a run reads, checked for kind and size before anything else happens."""
-    if kernel is not None:
-        check_input_file(kernel, "--kernel", MAX_KERNEL)
     if initrd is not None:
         check_input_file(initrd, "--initrd", MAX_INITRD)
     check_added(add)
+    if kernel is not None:
+        check_input_file(kernel, "--kernel", MAX_KERNEL)
 
 
 def check_added(add: Sequence[str]) -> list[tuple[Path, str]]:

@@ -2,7 +2,8 @@
 
 A path the user names (``--kernel``, ``--initrd``, ``--add``, ``-f``, ``import FILE``) is
 opened without blocking (a FIFO with no writer must not hang the open), checked to be a
-regular file (not a FIFO, a character device such as /dev/zero, a directory or a socket)
+regular file (not a FIFO, a character device such as /dev/zero, a directory or a socket;
+the small text inputs -f and import FILE may also be a pipe, as ``-f <(...)`` gives)
 and no larger than the option's limit, and only then read, with that bound: a file that
 grows while it is read is cut at the limit and refused, not read to memory's end.  Every
 refusal is a `ConfigError` whose one line names the option, the file and what is allowed.
@@ -58,19 +59,17 @@ def _checked_fd(path: str | os.PathLike[str], option: str, limit: int, pipes: bo
     """An open fd on `path` (a regular file at most `limit` bytes, or with `pipes` a pipe)
     and its size (0 for a pipe)."""
     name = os.fspath(path)
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY
     try:
-        if not (pipes and stat.S_ISFIFO(os.stat(name).st_mode)):
-            flags |= os.O_NONBLOCK  # a FIFO with no writer would block the open; it is refused below
-        fd = os.open(name, flags)
+        # O_NONBLOCK: the open of a FIFO with no writer would block; it is refused below
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as e:
         raise ConfigError(f"{option}: cannot read {name}: {e.strerror}") from None
     try:
         st = os.fstat(fd)
-        if pipes and stat.S_ISFIFO(st.st_mode):
+        if pipes and stat.S_ISFIFO(st.st_mode) and _anonymous_pipe(fd):
             return fd, 0
         if not stat.S_ISREG(st.st_mode):
-            allowed = "a regular file or a pipe" if pipes else "a regular file"
+            allowed = "a regular file or a pipe such as <(...)" if pipes else "a regular file"
             raise ConfigError(f"{option}: {name} is {_kind(st.st_mode)}; {allowed} is needed")
         if st.st_size > limit:
             raise too_large(option, name, limit)
@@ -78,6 +77,15 @@ def _checked_fd(path: str | os.PathLike[str], option: str, limit: int, pipes: bo
         os.close(fd)
         raise
     return fd, st.st_size
+
+
+def _anonymous_pipe(fd: int) -> bool:
+    """A pipe (`-f <(...)`, /dev/fd/N: its writer exists), not a named FIFO (which may have
+    none, and then a read would wait for ever)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+    except OSError:
+        return False
 
 
 def check_input_file(path: str | os.PathLike[str], option: str, limit: int) -> int:
@@ -89,7 +97,7 @@ def check_input_file(path: str | os.PathLike[str], option: str, limit: int) -> i
 
 def read_input(path: str | os.PathLike[str], option: str, limit: int, pipes: bool = False) -> bytes:
     """The bytes of `path`, checked as `check_input_file` does and read with the bound `limit`;
-    `pipes`: a pipe is read too (`-f <(...)`), up to the same bound."""
+    `pipes`: a pipe is read too (`-f <(...)`, not a named FIFO), up to the same bound."""
     fd, _ = _checked_fd(path, option, limit, pipes)
     try:
         os.set_blocking(fd, True)
