@@ -416,3 +416,21 @@ def test_bad_input_of_run_is_one_line(tmp_path):
 def test_like_host_prints_only_its_error():
     err = one_line(numavm("plan", "--like-host", "-c", "1025"))
     assert "-c/--cpus" in err and "--like-host" not in err
+
+
+# ---------------------------------------------------------------- disk images (the next input numavm opens)
+
+
+def test_disk_images_are_regular_files_or_block_devices(tmp_path, fifo):
+    from numavm.host.files import open_image
+
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"\0" * 8192)
+    fd, size = open_image(img, "--disk", writable=True)
+    os.close(fd)
+    assert size == 8192
+    for path, kind in (("/dev/zero", "character device"), (str(fifo), "FIFO"), (str(tmp_path), "directory")):
+        with pytest.raises(ConfigError, match=rf"^--disk: {path} is a {kind}; a regular file or a block device"):
+            open_image(path, "--disk", writable=False)
+    with pytest.raises(ConfigError, match="^--disk: cannot open"):
+        open_image(tmp_path / "none", "--disk", writable=False)

@@ -381,7 +381,7 @@ def hostile_files(tmp_path_factory):  # type: ignore[no-untyped-def]
             "/bin/ls": "/bin/ls"}
 
 
-NOT_A_GUEST_FILE = ["/dev/zero", "/dev/urandom", "/dev/null", "fifo", "directory", "sparse-10G", "sparse-1G+1",
+NOT_A_GUEST_FILE = ["/dev/zero", "/dev/urandom", "fifo", "directory", "sparse-10G", "sparse-1G+1",
                     "loop", "missing"]
 
 
@@ -390,7 +390,7 @@ NOT_A_GUEST_FILE = ["/dev/zero", "/dev/urandom", "/dev/null", "fifo", "directory
 def test_fuzz_hostile_files_are_refused_in_one_line(sandbox, hostile_files, option, data):
     """Every file option, given what no reader may read whole (and --kernel, what is no kernel),
     is refused in one line naming the option, within the child's memory and time."""
-    kinds = NOT_A_GUEST_FILE + (["garbage", "empty", "/bin/ls"] if option == "--kernel" else [])
+    kinds = NOT_A_GUEST_FILE + (["garbage", "empty", "/dev/null", "/bin/ls"] if option == "--kernel" else [])
     if option in ("-f", "import"):
         kinds = [k for k in NOT_A_GUEST_FILE if k != "sparse-1G+1"] + ["garbage"]
     kind = data.draw(st.sampled_from(kinds))
@@ -412,7 +412,7 @@ def test_fuzz_hostile_files_are_refused_in_one_line(sandbox, hostile_files, opti
             argv += ["--kernel", "/nonexistent-numavm-fuzz/vmlinuz"]
         if command == "run":
             argv += ["--", "true"]
-        naming = option if kind not in ("garbage", "empty", "/bin/ls") or qemu_binary() else None
+        naming = option if kind not in ("garbage", "empty", "/dev/null", "/bin/ls") or qemu_binary() else None
     if kind == "garbage" and option in ("-f", "import"):
         naming = None  # random bytes: "not UTF-8" from the option's reader, or valid text that is bad input
     status, out, err = capped(argv)

@@ -2,7 +2,8 @@
 
 A path the user names (``--kernel``, ``--initrd``, ``--add``, ``-f``, ``import FILE``) is
 opened without blocking (a FIFO with no writer must not hang the open), checked to be a
-regular file (not a FIFO, a character device such as /dev/zero, a directory or a socket;
+regular file (not a FIFO, a character device such as /dev/zero (/dev/null, empty, is read as
+such), a directory or a socket;
 the small text inputs -f and import FILE may also be a pipe, as ``-f <(...)`` gives)
 and no larger than the option's limit, and only then read, with that bound: a file that
 grows while it is read is cut at the limit and refused, not read to memory's end.  Every
@@ -27,6 +28,9 @@ MAX_ADD = 256 * MiB  # each --add file (and each shared library it brings)
 MAX_ADD_TOTAL = 1 * GiB  # every --add file together
 MAX_CONFIG = 1 * MiB  # -f/--config (a 256-domain machine with every distance is ~200 KiB)
 MAX_IMPORT = 1 * MiB  # import FILE (a 256-domain libvirt XML with every distance is ~1/3 MiB)
+
+
+DEV_NULL = os.makedev(1, 3)  # the one character device that is a bounded input: empty
 
 
 def human(n: int) -> str:
@@ -68,6 +72,8 @@ def _checked_fd(path: str | os.PathLike[str], option: str, limit: int, pipes: bo
         st = os.fstat(fd)
         if pipes and stat.S_ISFIFO(st.st_mode) and _anonymous_pipe(fd):
             return fd, 0
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == DEV_NULL:
+            return fd, 0  # empty, at once (`--initrd /dev/null`: no initramfs at all)
         if not stat.S_ISREG(st.st_mode):
             allowed = "a regular file or a pipe such as <(...)" if pipes else "a regular file"
             raise ConfigError(f"{option}: {name} is {_kind(st.st_mode)}; {allowed} is needed")
@@ -135,3 +141,32 @@ def _bounded(f: BinaryIO, limit: int) -> bytes:
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
+
+
+def open_image(path: str | os.PathLike[str], option: str, writable: bool) -> tuple[int, int]:
+    """A disk image (``--disk``): a regular file or a block device, opened for reading (and
+    writing when `writable`) without blocking on a FIFO; its fd and size in bytes.  What is
+    neither (a FIFO, /dev/zero, a directory) is refused in one line.  An image is not read
+    into memory, so it has no size limit of its own."""
+    name = os.fspath(path)
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    try:
+        fd = os.open(name, flags)
+    except OSError as e:
+        raise ConfigError(f"{option}: cannot open {name}{' for writing' if writable else ''}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            size = st.st_size
+        elif stat.S_ISBLK(st.st_mode):
+            size = os.lseek(fd, 0, os.SEEK_END)
+        else:
+            raise ConfigError(f"{option}: {name} is {_kind(st.st_mode)}; a regular file or a block device is needed")
+        os.set_blocking(fd, True)
+    except OSError as e:
+        os.close(fd)
+        raise ConfigError(f"{option}: cannot open {name}: {e.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, size
