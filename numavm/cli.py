@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--append", metavar="ARGS", default="", help="more kernel command-line parameters")
     sr.add_argument("--add", metavar="HOST_PATH[:GUEST_PATH]", action="append", default=[],
                     help="copy a host file (and its shared libraries) into the guest, repeatable")
+    sr.add_argument("--share", metavar="HOST_DIR[:GUEST_DIR][,rw]", action="append", default=[],
+                    help="a host directory the guest mounts (virtio-9p) at GUEST_DIR (default: the same "
+                         "path), read-only unless rw; repeatable")
+    sr.add_argument("--host-root", action="store_true",
+                    help="the command runs in the host's / (read-only; tmpfs on /tmp, /var/tmp and /run, HOME "
+                         "writable over the host's, writes kept in the guest) as you, in your current "
+                         "directory, after numavm's /init has reported")
     sr.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- CMD ...",
                     help="the command to run in the guest")
 
@@ -391,7 +398,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     sink = Sink(out)  # a write error ends the writing, not the run; reported after it
     try:
         result = machine.run(command, add=args.add, append=args.append, stdout=sink, stderr=Sink(err),
-                             console=echo, shell=shell,
+                             console=echo, shell=shell, shares=args.share, host_root=args.host_root,
                              input_fd=sys.stdin.fileno() if shell else None, **_guest_kwargs(args))
     except GuestFailed as e:
         failed = e.result

@@ -448,7 +448,7 @@ def test_run_into_a_full_disk_or_a_closed_pipe(real_assets):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_run_interrupted_at_any_moment_of_its_start_ends_with_130(real_assets, sig):
     for delay in (0.0, 0.02, 0.2, 1.0, 3.0):
-        p = subprocess.Popen([sys.executable, "-m", "numavm", "run", "--accel", "tcg", "--", "true"],
+        p = subprocess.Popen([sys.executable, "-m", "numavm", "run", "--accel", "tcg", "--", "sleep", "600"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         end = time.monotonic() + GUARD
         while not _handles_sigterm(p.pid) and time.monotonic() < end:

@@ -27,6 +27,7 @@ from numavm.vmm.run import Outcome
 if TYPE_CHECKING:
     from numavm.spec.topology import Topology
     from numavm.plan.layout import Layout
+    from numavm.guest.initramfs import Entry
 
 Log = Callable[[str], None]
 
@@ -77,11 +78,14 @@ def log_buf_cmdline(cpus: int, nodes: int) -> str:
     return f"log_buf_len={1 << (need - 1).bit_length()}"
 
 
-def kernel_cmdline(stage: str, emulated_kvm: bool, append: str = "", topology: Topology | None = None) -> str:
+def kernel_cmdline(stage: str, emulated_kvm: bool, append: str = "", topology: Topology | None = None,
+                   shares: bool = False) -> str:
     """The guest's command line for `stage`; with `topology`, a log ring its NUMA lines fit in
     (`log_buf_cmdline`) unless `append` sets one, and PCI (without its early scans) when the
-    machine has devices."""
-    parts = [BASE_CMDLINE, NO_PCI_CMDLINE if topology is None or not topology.disks else PCI_CMDLINE,
+    machine has devices or the run has shares (`shares`: virtio-9p devices for --share and
+    --host-root, PCI functions like the machine's disks)."""
+    pci = shares or (topology is not None and bool(topology.disks))
+    parts = [BASE_CMDLINE, PCI_CMDLINE if pci else NO_PCI_CMDLINE,
              KERNEL_STAGE_CMDLINE if stage == "kernel" else USERSPACE_CMDLINE]
     if emulated_kvm:
         from numavm.plan.boot import emulation_safe_cmdline
@@ -340,7 +344,8 @@ def guest_modules(assets: GuestAssets, layout: Layout, log: Log) -> list[Path]:
 
 
 def guest_initrd(initrd: str | None, busybox: Path | None, command: list[str] | None,
-                 add: list[str], shell: bool = False, modules: Sequence[Path] = ()) -> bytes:
+                 add: list[str], shell: bool = False, modules: Sequence[Path] = (),
+                 extra: Sequence[Entry] = ()) -> bytes:
     from numavm.guest.initramfs import cached_initramfs
 
     if initrd is not None:
@@ -348,7 +353,7 @@ def guest_initrd(initrd: str | None, busybox: Path | None, command: list[str] | 
     pairs = check_added(add)
     if busybox is None:
         busybox = (cached() or fetch_anywhere(lambda s: None)).busybox
-    return cached_initramfs(busybox, command or None, pairs, shell=shell, modules=modules)
+    return cached_initramfs(busybox, command or None, pairs, shell=shell, modules=modules, extra=extra)
 
 
 def check_inputs(kernel: str | None, initrd: str | None, add: Sequence[str]) -> None:
