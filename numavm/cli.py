@@ -408,6 +408,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"numavm: {e}", file=sys.stderr)
         return e.exit_code
     _report_run(args, result.counts_exits, result.engine, result.engine_result)
+    if sink.reader_gone:  # what the closed pipe left in stdout's buffer must not fail the last flush
+        discard_stdout()
     if sink.error is not None:
         discard_stdout()
         raise NumavmError(f"run: cannot write stdout: {sink.error.strerror} (the guest command's output "

@@ -313,3 +313,20 @@ def test_consecutive_checks_in_one_process_release_everything(tmp_path, monkeypa
     for key in ("memfds", "children"):
         assert first[key] <= before[key], (key, before, r["samples"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_child_can_be_started_without_a_capability():
+    """die_with_parent(drop_caps=...) takes the capability out of the child's bounding set (the
+    TCG engine starts QEMU without CAP_MKNOD); the parent keeps its own."""
+    from numavm.host.libc import CAP_MKNOD
+    from numavm.host.lifetime import die_with_parent
+
+    def bounding(text: str) -> int:
+        return int(next(line.split()[1] for line in text.splitlines() if line.startswith("CapBnd:")), 16)
+
+    mine = bounding(Path("/proc/self/status").read_text())
+    child = subprocess.run(["cat", "/proc/self/status"], capture_output=True, text=True, check=True,
+                           preexec_fn=die_with_parent(drop_caps=(CAP_MKNOD,))).stdout
+    assert not bounding(child) & 1 << CAP_MKNOD
+    assert bounding(child) | 1 << CAP_MKNOD == mine | 1 << CAP_MKNOD  # nothing else dropped
+    assert bounding(Path("/proc/self/status").read_text()) == mine

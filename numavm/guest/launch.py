@@ -421,6 +421,7 @@ class Sink:
     def __init__(self, out: BinaryIO) -> None:
         self._out: BinaryIO | None = out
         self.error: OSError | None = None
+        self.reader_gone = False  # a closed pipe ended the writing (bytes may be left buffered)
 
     def __call__(self, data: bytes) -> None:
         if self._out is None:
@@ -429,7 +430,7 @@ class Sink:
             self._out.write(data)
             self._out.flush()
         except (BrokenPipeError, ValueError):
-            self._out = None
+            self._out, self.reader_gone = None, True
         except OSError as e:
             self._out, self.error = None, e
 

@@ -140,6 +140,10 @@ def openat2(dirfd: int, path: str | bytes, flags: int, mode: int, resolve: int) 
 # Process lifetime: prctl(2).  PR_SET_PDEATHSIG: the signal a child gets when
 # the thread that forked it exits (include/uapi/linux/prctl.h).
 PR_SET_PDEATHSIG = 1
+# PR_CAPBSET_DROP: a capability out of the bounding set, so no program this process execs gets
+# it, root or not (linux/capability.h: CAP_MKNOD, making device nodes).
+PR_CAPBSET_DROP = 24
+CAP_MKNOD = 27
 # PR_SET_VMA_ANON_NAME (Linux 5.17+, CONFIG_ANON_VMA_NAME): a name for anonymous memory in
 # /proc/PID/maps, as "[anon:NAME]".
 PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0

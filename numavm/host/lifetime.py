@@ -31,8 +31,10 @@ _OWNED = re.compile(r"^numavm-(?:[a-z]+)-(\d+)-[A-Za-z0-9_]+$")
 _OWNED_TMP = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
 
 
-def die_with_parent() -> Callable[[], None]:
-    """A subprocess `preexec_fn`: the child gets SIGKILL when numavm's forking thread dies.
+def die_with_parent(drop_caps: tuple[int, ...] = ()) -> Callable[[], None]:
+    """A subprocess `preexec_fn`: the child gets SIGKILL when numavm's forking thread dies, and
+    runs without the capabilities `drop_caps` (dropped from its bounding set, so the program it
+    execs cannot have them even as root; where numavm may not drop them, it has none to lose).
 
     Runs in the child between fork and exec, so it only calls prctl and
     getppid (no locks, no imports); a parent already gone by then (the fork
@@ -44,6 +46,11 @@ def die_with_parent() -> Callable[[], None]:
 
     def preexec() -> None:
         prctl(_libc.PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        for cap in drop_caps:
+            try:
+                prctl(_libc.PR_CAPBSET_DROP, cap, 0, 0, 0)
+            except OSError:  # EPERM without CAP_SETPCAP: not root, so no such capability anyway
+                pass
         if os.getppid() != parent:
             os._exit(1)
 

@@ -129,7 +129,9 @@ def _qemu_props(opt: str, value: str, implied: str) -> dict[str, str]:
     if value.lstrip().startswith("{"):
         try:
             obj = json.loads(value)
-        except (ValueError, RecursionError) as e:
+        except RecursionError:  # Python's decoder recursed too deep (3.11 does so sooner than 3.13)
+            raise ConfigError(f"{opt} {value[:60]}: nested more than {_JSON_DEPTH} objects deep") from None
+        except ValueError as e:
             raise ConfigError(f"{opt} {value[:60]}: not a JSON object ({str(e)[:80]})") from None
         if not isinstance(obj, dict):
             raise ConfigError(f"{opt} {value[:60]}: not a JSON object")

@@ -45,6 +45,7 @@ from numavm.plan.pci import HostBridge, PciLayout, pxb_bus_nr
 from numavm.vmm.engine import EngineRefusal, qemu_binary
 from numavm.errors import ConfigError, NumavmError
 from numavm.plan.layout import HIGH_RAM_BASE, LOW_RAM_LIMIT, QEMU_PC_MACHINE, Layout
+from numavm.host.libc import CAP_MKNOD
 from numavm.host.lifetime import OwnedDir, die_with_parent
 from numavm.host.disk import DiskImage, close_disks, open_disks
 from numavm.host.memory import GuestMemory
@@ -410,7 +411,9 @@ class QemuMachine:
                 self.argv, pass_fds=(fd, *(d.fd for d in self.disks)), stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 start_new_session=True,  # our signal handlers decide QEMU's fate, not the terminal
-                preexec_fn=die_with_parent())  # and QEMU dies with numavm, however it ends
+                # QEMU dies with numavm, however it ends; without CAP_MKNOD a guest cannot make a
+                # device node on the host through a writable share (QEMU 10's 9p passes mknod on)
+                preexec_fn=die_with_parent(drop_caps=(CAP_MKNOD,)))
             err_buf: list[bytes] = []
             errs = threading.Thread(target=lambda: err_buf.append(self._proc.stderr.read()),  # type: ignore[union-attr]
                                     daemon=True)
