@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import bisect
 import mmap
+import operator
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from itertools import repeat
+from typing import Iterator, NamedTuple, Sequence
 
 from numavm.host import libc as _libc
 from numavm.errors import ConfigError, NumavmError
@@ -199,12 +201,33 @@ class GuestMemory:
         if i >= 0 and n > 0:
             r = self._routes[i]
             if gpa + n <= r.end:
-                whole = self._route_views.get(i)
-                if whole is None:  # two I/O threads may both get here: one view is kept, both are good
-                    whole = self._route_views.setdefault(i, r.segment.view(r.offset, r.end - r.start))
                 at = gpa - r.start
-                return [whole[at:at + n]]
+                return [self._route_view(i)[at:at + n]]
         return [seg.view(off, take) for seg, off, take, _ in self._pieces(gpa, n)]
+
+    def views_many(self, addrs: Sequence[int], lengths: Sequence[int]) -> list[memoryview]:
+        """`views` of each buffer (``addrs[k]``, ``lengths[k]``), concatenated in order.
+
+        A device's request is a list of buffers, a 1 MiB read 256 pages; when they all lie in one
+        slot (the usual case: the guest's buffer is in one domain) this makes their views with
+        C-level maps over the lists, not a Python call per buffer (~0.3 us each natively, 20-40
+        times that in an emulated L1).  Anything else, empty buffers and errors too, is `views`
+        per buffer."""
+        if addrs and min(lengths) > 0:
+            i = bisect.bisect_right(self._starts, min(addrs)) - 1
+            ends = list(map(operator.add, addrs, lengths))
+            if i >= 0 and max(ends) <= self._routes[i].end:
+                base = repeat(self._routes[i].start)
+                cuts = map(slice, map(operator.sub, addrs, base), map(operator.sub, ends, base))
+                return list(map(self._route_view(i).__getitem__, cuts))
+        return [v for a, n in zip(addrs, lengths) for v in self.views(a, n)]
+
+    def _route_view(self, i: int) -> memoryview:
+        whole = self._route_views.get(i)
+        if whole is None:  # two I/O threads may both get here: one view is kept, both are good
+            r = self._routes[i]
+            whole = self._route_views.setdefault(i, r.segment.view(r.offset, r.end - r.start))
+        return whole
 
     # ---- for KVM and QEMU
 
