@@ -169,8 +169,11 @@ class Virtqueue:
         if not self.enabled:
             raise VirtqueueError(f"queue {self.index} is not enabled")
         last = self.last_avail
-        if self._avail_idx == last and not self.pending():
-            return None
+        if self._avail_idx == last:  # `pending`, inline: this runs twice per request at queue depth 1
+            self._avail_idx = _U16.unpack_from(self._avail_ring, 2)[0]
+            if self._avail_idx == last:
+                return None
+            self.pending()  # the driver's index moved: check how far
         head = _U16.unpack_from(self._avail_ring, 4 + 2 * (last % self.size))[0]
         self.last_avail = (last + 1) & 0xFFFF
         try:
@@ -182,8 +185,9 @@ class Virtqueue:
         size = self.size
         if head >= size:
             raise VirtqueueError(f"queue {self.index}: head {head} is past the table of {size}")
-        chain = Chain(head)
-        readable, writable = chain.readable, chain.writable
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        chain = Chain(head, readable, writable)
         ram, max_segment = self.ram, self.max_segment
         table: memoryview | bytes = self._desc_ring
         limit = size  # descriptors this table may contribute to the chain

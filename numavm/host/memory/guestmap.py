@@ -201,8 +201,9 @@ class GuestMemory:
         if i >= 0 and n > 0:
             r = self._routes[i]
             if gpa + n <= r.end:
+                whole = self._route_views.get(i) or self._route_view(i)
                 at = gpa - r.start
-                return [self._route_view(i)[at:at + n]]
+                return [whole[at:at + n]]
         return [seg.view(off, take) for seg, off, take, _ in self._pieces(gpa, n)]
 
     def views_many(self, addrs: Sequence[int], lengths: Sequence[int]) -> list[memoryview]:
