@@ -177,8 +177,8 @@ def benches(quick: bool) -> list[Bench]:
 # each side once per round (the order reversed every other round): numavm's KVM engine (this
 # checkout, and any other checkout given with --also-numavm, e.g. main before a change) and
 # QEMU-KVM, on the same image, kernel, command, modules and topology.  Round 0 is a warm-up
-# (discarded).  Besides the figures in the guest, each side's CPU time outside its vCPU threads
-# is read from /proc over each phase (the device side: numavm's I/O thread, QEMU's main loop
+# (discarded).  Besides the figures in the guest, each side's CPU time in its threads other than the
+# vCPUs is read from /proc over each phase (the device side: numavm's I/O thread, QEMU's main loop
 # and thread pool), with the guest's request counts from /sys/block/vda/stat.
 
 L1_SECTION = "## Disks on KVM (L1): numavm-KVM against QEMU-KVM's virtio-blk-pci"
@@ -219,27 +219,32 @@ def kvm_numavm_argv(img: Path, rr: Path, script: str) -> list[str]:
             "--timeout", str(int(KVM_TIMEOUT)), "--", "sh", "-c", script]
 
 
-def device_cpu(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of process `pid` outside its vCPU threads: the process's total
-    (exited threads included: QEMU's pool workers come and go) less every thread that has run
-    guest code (guest_time, stat field 43, > 0)."""
-    tick = os.sysconf("SC_CLK_TCK")
-
-    def fields(path: str) -> list[str]:
-        with open(path) as f:
-            return f.read().rsplit(")", 1)[1].split()  # field n is [n - 3]
-
-    total = fields(f"/proc/{pid}/stat")
-    user, system = int(total[11]), int(total[12])
+def device_threads(pid: int) -> dict[int, tuple[int, int]]:
+    """(user, system) clock ticks of each live thread of `pid` that has not run guest code
+    (guest_time, stat field 43, is 0): the device side (numavm's I/O thread and console
+    readers, QEMU's main loop and thread-pool workers).  Per thread, not the process total less
+    the vCPU threads: the kernel scales a process's and each thread's times separately, and
+    the difference of two large scaled sums came out negative."""
+    out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            t = fields(f"/proc/{pid}/task/{tid}/stat")
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                t = f.read().rsplit(")", 1)[1].split()  # field n is [n - 3]
         except OSError:
             continue
-        if int(t[40]) > 0:
-            user -= int(t[11])
-            system -= int(t[12])
-    return user / tick, system / tick
+        if int(t[40]) == 0:
+            out[int(tid)] = (int(t[11]), int(t[12]))
+    return out
+
+
+def cpu_between(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> list[float]:
+    """[user, system] seconds the device threads used between two readings (a thread born in
+    between counts from zero; one that ended in between is lost: QEMU's pool workers live
+    10 s idle, longer than the gaps here)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    u = sum(a[0] - before.get(t, (0, 0))[0] for t, a in after.items())
+    s = sum(a[1] - before.get(t, (0, 0))[1] for t, a in after.items())
+    return [u / tick, s / tick]
 
 
 def _vmm_pid(root_pid: int) -> int:
@@ -253,16 +258,15 @@ def kvm_sample(argv: list[str], env: dict[str, str] | None, cwd: str, size: int)
         cpu = []
         for mark in (_P_START, _P_MID, _P_DONE):
             c.wait_for(mark.encode(), KVM_TIMEOUT)
-            cpu.append(device_cpu(_vmm_pid(c.pid)))
-        c.wait_for(DONE, 30)
+            cpu.append(device_threads(_vmm_pid(c.pid)))
+        c.wait_for(DONE, KVM_TIMEOUT)  # (wait_for's timeout counts from the spawn)
         text = bytes(c.out)
     out["seq"], out["iops"] = parse(text, size)
     stats = {m.group(1).decode(): [int(x) for x in m.group(2).split()]
              for m in re.finditer(rb"(vda-stat\d) ([\d ]+)", text)}
     reads = [stats[f"vda-stat{k}"][0] for k in range(3)]  # reads completed
     out["seq_requests"], out["rand_requests"] = reads[1] - reads[0], reads[2] - reads[1]
-    out["seq_cpu"] = [cpu[1][0] - cpu[0][0], cpu[1][1] - cpu[0][1]]  # user, system
-    out["rand_cpu"] = [cpu[2][0] - cpu[1][0], cpu[2][1] - cpu[1][1]]
+    out["seq_cpu"], out["rand_cpu"] = cpu_between(cpu[0], cpu[1]), cpu_between(cpu[1], cpu[2])  # user, system
     return out
 
 
