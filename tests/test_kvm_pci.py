@@ -868,3 +868,30 @@ def test_a_guest_that_overlaps_two_devices_bars_gets_one_of_them_not_a_crash(tmp
         assert m.pci.mmio_read(d0.bar0 + 0x12, 2) == 1  # num_queues, from one of them
         m.pci.config_write(d1.bus, d1.devfn, 0x10, 4, d1.bar0)
         assert p1.notify_fallback == 0 and m.pci.mmio_read(d1.bar0 + 0x12, 2) == 1
+
+
+def test_views_many_is_views_per_buffer() -> None:
+    """GuestMemory.views_many (the virtqueue's one call for a request's buffers) gives exactly
+    the views `views` gives buffer by buffer: in one slot, across slots, with an empty buffer,
+    and the same refusal outside RAM."""
+    from numavm.host.memory import GuestMemory, GuestAddressError
+    from numavm.plan.layout import plan_layout
+    from numavm.spec.topology import MachineSpec, parse_numa
+
+    layout = plan_layout(MachineSpec(domains=[parse_numa("id=0,size=4M,cpus=0"),
+                                              parse_numa("id=1,size=4M")]).build(host_nodes=(0,)))
+    edge = 4 << 20
+    with GuestMemory(layout, machine="many", shared=False) as mem:
+        mem.write(0, os.urandom(2 * edge))
+        for addrs, lengths in (([0x1000, 0x3000, 0x2000], [0x1000, 0x800, 0x10]),  # one slot
+                               ([edge + 0x1000, edge + 0x5000], [4096, 4096]),     # the other
+                               ([edge - 0x800, 0x1000], [0x1000, 0x1000]),         # one straddles
+                               ([0x1000, edge + 0x1000], [0x1000, 0x1000]),        # two slots
+                               ([0x1000, 0x2000], [0x1000, 0])):                   # an empty buffer
+            many = mem.views_many(addrs, lengths)
+            each = [v for a, n in zip(addrs, lengths) for v in mem.views(a, n)]
+            assert [bytes(v) for v in many] == [bytes(v) for v in each]
+            for v in (*many, *each):
+                v.release()
+        with pytest.raises(GuestAddressError):
+            mem.views_many([0x1000, 2 * edge - 0x800], [0x1000, 0x1000])

@@ -1117,3 +1117,44 @@ def test_reset_lets_guest_memory_close(image: tuple[int, bytes]) -> None:
         ram.close()
     drv.dev.function_reset()
     ram.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 24), in_order=st.booleans(), data=st.data())
+def test_an_in_order_indirect_table_reads_as_the_descriptor_loop_reads_it(n: int, in_order: bool,
+                                                                          data: st.DataObject) -> None:
+    """The queue's one-pass reading of a Linux-shaped indirect table (`_in_order`) gives the
+    chain, or the refusal, that the descriptor-by-descriptor loop gives for the same table."""
+    from numavm.devices.virtio import queue as vq
+
+    ram = SlotRam([(0, 0x4000), (0x4000, 0x4000)])
+    ram.write(0, os.urandom(0x8000))  # every byte different: equal views are views of one place
+    entries = []
+    for k in range(n):
+        flags = data.draw(st.sampled_from([0, 1, 2, 3, 1, 3, 4, 5]), "flags")
+        nxt = k + 1 if in_order else data.draw(st.integers(0, n), "next")
+        addr = data.draw(st.integers(0, 0x7F00), "addr")
+        length = data.draw(st.integers(0, 0x900), "length")
+        entries.append(struct.pack("<QIHH", addr, length, flags, nxt))
+    results = []
+    for threshold in (1, 1 << 30):  # the one-pass reading, then the loop alone
+        q = Virtqueue(ram, 0, 8, max_segment=0x800)
+        q.indirect = True
+        q.desc, q.driver, q.device = 0x6000, 0x6200, 0x6400
+        q.enable()
+        ram.write(0x7000, b"".join(entries))
+        ram.write(0x6000, struct.pack("<QIHH", 0x7000, 16 * n, VIRTQ_DESC_F_INDIRECT, 0))
+        ram.write(0x6200, struct.pack("<HHH", 0, 1, 0))
+        old, vq._IN_ORDER_FROM = vq._IN_ORDER_FROM, threshold
+        try:
+            chain = q.pop()
+            assert chain is not None
+            results.append(([bytes(v) for v in chain.readable], [bytes(v) for v in chain.writable],
+                            chain.descriptors))
+        except VirtqueueError:
+            results.append("refused")
+        finally:
+            vq._IN_ORDER_FROM = old
+            q.reset()
+    event(f"{'in order' if in_order else 'any order'}: {'refused' if results[1] == 'refused' else 'served'}")
+    assert results[0] == results[1]

@@ -32,6 +32,7 @@ whatever the block size; a partial last sector of the file is not exposed.
 
 from __future__ import annotations
 
+import operator
 import os
 import struct
 from typing import Final
@@ -73,6 +74,7 @@ SIZE_MAX: Final = 1 << 20  # bytes per segment (also bounds every descriptor of 
 
 _HEADER = struct.Struct("<IIQ")  # type, reserved, sector
 _CONFIG = struct.Struct("<QIIII")  # capacity, size_max, seg_max, geometry (0), blk_size
+_nbytes = operator.attrgetter("nbytes")
 try:
     _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
 except (ValueError, OSError):
@@ -137,11 +139,11 @@ class VirtioBlk(VirtioDevice):
             status_view = status_views[0]
         written = 0
         if kind == VIRTIO_BLK_T_IN:
-            status = self._transfer(sector, data_in, write=False)
-            if status == VIRTIO_BLK_S_OK:
-                written = sum(v.nbytes for v in data_in)
+            status, written = self._transfer(sector, data_in, write=False)
+            if status != VIRTIO_BLK_S_OK:
+                written = 0
         elif kind == VIRTIO_BLK_T_OUT:
-            status = self._transfer(sector, data_out, write=True)
+            status, _ = self._transfer(sector, data_out, write=True)
         elif kind == VIRTIO_BLK_T_FLUSH:
             status = self._flush()
         elif kind == VIRTIO_BLK_T_GET_ID:
@@ -155,21 +157,22 @@ class VirtioBlk(VirtioDevice):
             self.io_errors += 1
         return written + 1
 
-    def _transfer(self, sector: int, views: list[memoryview], *, write: bool) -> int:
-        length = sum(v.nbytes for v in views)
+    def _transfer(self, sector: int, views: list[memoryview], *, write: bool) -> tuple[int, int]:
+        """(status, bytes moved) of a read or write of ``views`` at ``sector``."""
+        length = sum(map(_nbytes, views))
         if length % SECTOR_SIZE or sector + length // SECTOR_SIZE > self.capacity:
-            return VIRTIO_BLK_S_IOERR
+            return VIRTIO_BLK_S_IOERR, 0
         if write and self.readonly:
-            return VIRTIO_BLK_S_IOERR
+            return VIRTIO_BLK_S_IOERR, 0
         offset = sector * SECTOR_SIZE
         try:
             if write:
-                _write_all(self.fd, views, offset)
+                _write_all(self.fd, views, offset, length)
             else:
-                _read_all(self.fd, views, offset)
+                _read_all(self.fd, views, offset, length)
         except OSError:
-            return VIRTIO_BLK_S_IOERR
-        return VIRTIO_BLK_S_OK
+            return VIRTIO_BLK_S_IOERR, 0
+        return VIRTIO_BLK_S_OK, length
 
     def _flush(self) -> int:
         try:
@@ -198,21 +201,27 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     return _split(views, n)[1]
 
 
-def _read_all(fd: int, views: list[memoryview], offset: int) -> None:
-    """Fill ``views`` from ``offset``; past the end of the file, zeros."""
-    while views:
-        n = os.preadv(fd, views[:_IOV_MAX], offset)
+def _read_all(fd: int, views: list[memoryview], offset: int, length: int) -> None:
+    """Fill ``views`` (``length`` bytes) from ``offset``; past the end of the file, zeros."""
+    while length > 0:
+        n = os.preadv(fd, views if len(views) <= _IOV_MAX else views[:_IOV_MAX], offset)
+        length -= n
+        if length <= 0:
+            return  # the usual case: the first call did it all
+        views = _advance(views, n)
         if n == 0:
             for v in views:
                 v[:] = bytes(v.nbytes)
             return
         offset += n
-        views = _advance(views, n)
 
 
-def _write_all(fd: int, views: list[memoryview], offset: int) -> None:
-    while views:
-        n = os.pwritev(fd, views[:_IOV_MAX], offset)
+def _write_all(fd: int, views: list[memoryview], offset: int, length: int) -> None:
+    while length > 0:
+        n = os.pwritev(fd, views if len(views) <= _IOV_MAX else views[:_IOV_MAX], offset)
+        length -= n
+        if length <= 0:
+            return
         if n == 0:
             raise OSError("pwritev wrote nothing")
         offset += n

@@ -51,7 +51,7 @@ import collections
 from typing import Callable, Final
 
 from numavm.devices.memory import GuestRam
-from numavm.devices.pci.function import CAP_ID_VENDOR, COMMAND_BUS_MASTER, PciFunction
+from numavm.devices.pci.function import CAP_ID_VENDOR, COMMAND, COMMAND_BUS_MASTER, PciFunction
 from numavm.devices.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice
 from numavm.devices.virtio.queue import NO_VECTOR, Virtqueue, VirtioError
 from numavm.plan import pci as plan_pci
@@ -221,7 +221,7 @@ class VirtioPciDevice(PciFunction):
             else:
                 self.ignored_notifies += 1
             return
-        if not self.command & COMMAND_BUS_MASTER:
+        if not self._cfg[COMMAND] & COMMAND_BUS_MASTER:  # the command register's low byte, as `command` reads it
             self.ignored_notifies += 1  # no DMA without bus mastering; the kick is lost, as on hardware
             return
         try:

@@ -30,6 +30,7 @@ offered, so suppression is the avail ring's NO_INTERRUPT flag only.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -57,6 +58,22 @@ DESC_SIZE = 16
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")  # id, len
+_F_NEXT_WRITE = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
+
+
+# Below this many entries the loop in `_walk` is as fast as `_in_order`'s fixed cost (measured:
+# 3 entries, a 4 KiB request, take ~2.8 us in the loop and ~4.7 us in `_in_order`).
+_IN_ORDER_FROM = 8
+_TABLES: dict[int, tuple[struct.Struct, tuple[int, ...]]] = {}  # at most MAX_INDIRECT entries
+
+
+def _table(n: int) -> tuple[struct.Struct, tuple[int, ...]]:
+    """A Struct unpacking an indirect table of ``n`` descriptors in one call, and the ``next``
+    fields of a table laid out in order (1, 2, ..., n - 1), as Linux lays out every table."""
+    found = _TABLES.get(n)
+    if found is None:
+        found = _TABLES[n] = (struct.Struct("<" + "QIHH" * n), tuple(range(1, n)))
+    return found
 
 
 class VirtioError(Exception):
@@ -151,11 +168,14 @@ class Virtqueue:
         """The next available chain, or None when the driver has given nothing more."""
         if not self.enabled:
             raise VirtqueueError(f"queue {self.index} is not enabled")
-        if self._avail_idx == self.last_avail and not self.pending():
-            return None
-        slot = self.last_avail % self.size
-        head = _U16.unpack_from(self._avail_ring, 4 + 2 * slot)[0]
-        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        last = self.last_avail
+        if self._avail_idx == last:  # `pending`, inline: this runs twice per request at queue depth 1
+            self._avail_idx = _U16.unpack_from(self._avail_ring, 2)[0]
+            if self._avail_idx == last:
+                return None
+            self.pending()  # the driver's index moved: check how far
+        head = _U16.unpack_from(self._avail_ring, 4 + 2 * (last % self.size))[0]
+        self.last_avail = (last + 1) & 0xFFFF
         try:
             return self._walk(head)
         except ValueError as e:  # GuestRam: a buffer outside RAM
@@ -165,8 +185,9 @@ class Virtqueue:
         size = self.size
         if head >= size:
             raise VirtqueueError(f"queue {self.index}: head {head} is past the table of {size}")
-        chain = Chain(head)
-        readable, writable = chain.readable, chain.writable
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        chain = Chain(head, readable, writable)
         ram, max_segment = self.ram, self.max_segment
         table: memoryview | bytes = self._desc_ring
         limit = size  # descriptors this table may contribute to the chain
@@ -186,6 +207,8 @@ class Virtqueue:
                 pieces = ram.views(addr, length)
                 table = pieces[0] if len(pieces) == 1 else b"".join(pieces)
                 limit = length // DESC_SIZE
+                if limit >= _IN_ORDER_FROM and self._in_order(chain, table, limit):
+                    return chain
                 indirect = True
                 i, count = 0, 0
                 continue
@@ -207,6 +230,49 @@ class Virtqueue:
             if nxt >= limit:
                 raise VirtqueueError(f"queue {self.index}: next {nxt} is past the table of {limit}")
             i = nxt
+
+    def _in_order(self, chain: Chain, table: memoryview | bytes, n: int) -> bool:
+        """Fill ``chain`` from an indirect table of ``n`` descriptors in one pass, if it is laid out
+        as Linux lays out every table: entry k's next is k + 1, NEXT on all but the last, none
+        indirect, the readable entries before the writable ones, none longer than
+        ``max_segment``.  False (``chain`` untouched) for anything else, which `_walk`'s
+        descriptor-by-descriptor loop then checks and refuses or serves.
+
+        Why: a request's descriptors cost a Python loop turn each in `_walk`, about 1 us
+        natively; this checks the table with C-level tuple operations (one unpack, slices, set
+        and max over them), so a 1 MiB request of 256 pages costs one view per page and little
+        else."""
+        unpack, nexts = _table(n)
+        t = unpack.unpack_from(table)
+        flags, lengths = t[2::4], t[1::4]
+        last = flags[-1]
+        if t[3::4][:-1] != nexts or last & ~VIRTQ_DESC_F_WRITE or max(lengths) > self.max_segment:
+            return False
+        body = set(flags[:-1])  # every entry but the last: NEXT, with or without WRITE
+        if not body <= {VIRTQ_DESC_F_NEXT, _F_NEXT_WRITE}:
+            return False
+        # where the writable entries start (n: none); they must run to the end
+        if _F_NEXT_WRITE in body:
+            first_write = flags.index(_F_NEXT_WRITE)
+            if VIRTQ_DESC_F_NEXT in flags[first_write:-1] or not last:
+                return False
+        else:
+            first_write = n - 1 if last else n
+        addrs = t[0::4]
+        if first_write:
+            chain.readable = self._buffers(addrs[:first_write], lengths[:first_write])
+        if first_write < n:
+            chain.writable = self._buffers(addrs[first_write:], lengths[first_write:])
+        chain.descriptors = n
+        return True
+
+    def _buffers(self, addrs: tuple[int, ...], lengths: tuple[int, ...]) -> list[memoryview]:
+        """The views of these buffers: in one call where the memory offers it (GuestMemory's
+        `views_many`, without a Python call per buffer), else `GuestRam.views` per buffer."""
+        many = getattr(self.ram, "views_many", None)
+        if many is not None:
+            return many(addrs, lengths)
+        return list(itertools.chain.from_iterable(map(self.ram.views, addrs, lengths)))
 
     def push(self, head: int, written: int) -> None:
         """Give chain ``head`` back, ``written`` bytes written into its writable buffers."""
