@@ -309,7 +309,8 @@ class Machine:
             prefault: bool | Iterable[int] = False, hugepages: str | None = None, pin: bool = True,
             stdout: Output = None, stderr: Output = None, console: Sequence[BinaryIO | IO[bytes]] = (),
             console_log: str | os.PathLike[str] | None = None, input_fd: int | None = None,
-            shell: bool = False, verbose: bool = False, log: Log | None = None) -> CommandResult:
+            shell: bool = False, verbose: bool = False, log: Log | None = None,
+            shares: Iterable[str] | str | None = (), host_root: bool = False) -> CommandResult:
         """Boot Linux on the machine, run `command` in it (a list is the argv; a string runs under
         ``sh -c``) and return its status, stdout and stderr, the guest's topology, the engine and
         the placement audit.
@@ -320,10 +321,14 @@ class Machine:
         guest console is copied to; `console_log`: a file that gets it.  `shell`/`input_fd`: an
         interactive shell on the command port, fed from `input_fd` (a terminal there is in raw
         mode for the run, so that its keys, Ctrl-C too, reach the guest).  `log`: numavm's own lines
-        (engine choice, warnings).  Raises ConfigError for bad input (nothing was allocated) and
+        (engine choice, warnings).  `shares`: host directories the guest mounts, ``--share``'s
+        ``HOST_DIR[:GUEST_DIR][,rw]``; `host_root`: the command runs in the host's ``/``
+        (read-only, tmpfs where it must write) as this process's user, in its directory
+        (numavm.guest.shares).  Raises ConfigError for bad input (nothing was allocated) and
         GuestFailed when the guest did not power off.
         """
-        from numavm.guest.launch import Console, guest_assets, guest_initrd, guest_modules, kernel_cmdline
+        from numavm.guest.launch import Console, check_inputs, guest_assets, guest_initrd, guest_modules
+        from numavm.guest.launch import kernel_cmdline
         from numavm.guest.launch import Sink as StreamSink
         from numavm.guest.initramfs import parse_guest_report
         from numavm.vmm.run import GuestRun
@@ -333,14 +338,27 @@ class Machine:
         if isinstance(add, (str, os.PathLike)):
             add = [add]  # one file, not its name's characters
         warnings: list[str] = []
-        prep = self._prepare(accel, timeout, release, prefault, hugepages, pin, None, True, log, warnings)
+        added = [_str(a) for a in add]
+        check_inputs(_str(kernel), _str(initrd), added)  # every file's kind and size, first
+        exported, share_files = _shares(shares, host_root, initrd)  # the directories too
+        held: list[str] = []  # the engine and why: said once the inputs are known to be good
+        prep = self._prepare(accel, timeout, release, prefault, hugepages, pin, None, True, held.append, warnings)
+        if exported and not getattr(prep.engine, "serves_shares", False):
+            raise ConfigError(f"{'--host-root' if host_root else '--share'}: the {prep.engine.name} engine cannot "
+                              "serve host directories yet; use --accel tcg")
         with _opened_disks(self.topology) as disks:  # before anything is made: a bad image is exit 2
             own_init = initrd is None
             assets = guest_assets(_str(kernel), log, release)
             modules = guest_modules(assets, self.layout, log) if own_init else []
-            initrd_bytes = guest_initrd(_str(initrd), assets.busybox, argv, [_str(a) for a in add], shell=shell,
-                                        modules=modules)
-            cmdline = kernel_cmdline(prep.stage, prep.engine.emulates_guest_code, append, self.topology)
+            if exported:
+                from numavm.guest.shares import merge_modules, share_modules
+                modules = merge_modules(modules, share_modules(assets, log, host_root))
+            initrd_bytes = guest_initrd(_str(initrd), assets.busybox, argv, added, shell=shell, modules=modules,
+                                        extra=share_files)
+            for line in held:
+                log(line)
+            cmdline = kernel_cmdline(prep.stage, prep.engine.emulates_guest_code, append, self.topology,
+                                     shares=bool(exported)) + _tty_size(input_fd if shell and own_init else None)
             if prep.engine.emulates_guest_code:
                 log("numavm: guest code is emulated here: added kernel parameters that avoid instructions "
                     "the emulator cannot run")
@@ -361,7 +379,8 @@ class Machine:
                     result = prep.engine.run(GuestRun(
                         self.layout, assets.vmlinux, initrd_bytes, cmdline, prep.timeout, con, verbose=verbose,
                         log=log, prefault=prep.prefault, hugepages=hugepages, input_fd=input_fd, own_init=own_init,
-                        on_start=_read_results_soon("numavm.check.report"), disks=disks, **streams))
+                        on_start=_read_results_soon("numavm.check.report"), disks=disks, shares=exported,
+                        **streams))
             text = con.text
             report = parse_guest_report(text) if own_init else None
             if report is not None and not report.get("streams", True):
@@ -395,14 +414,16 @@ class Machine:
         engine is a KVM that emulates guest code, else userspace.  The verdict's `match`,
         `mismatches` and `exit_code` say how it went; a guest that ended before it could be compared
         is a mismatch ("boot: ...") with `outcome` saying why."""
-        from numavm.guest.launch import (Console, KernelStageWatch, guest_assets, guest_initrd, guest_modules,
-                                         kernel_cmdline)
+        from numavm.guest.launch import Console, KernelStageWatch, check_inputs, guest_assets, guest_initrd
+        from numavm.guest.launch import guest_modules, kernel_cmdline
         from numavm.vmm.run import GuestRun
 
         if stage is not None and stage not in STAGES:
             raise ConfigError(f"--stage: must be one of {', '.join(STAGES)}, got {stage!r}")
         log = log or _quiet
-        prep = self._prepare(accel, timeout, release, prefault, hugepages, pin, stage, False, log, [])
+        check_inputs(_str(kernel), _str(initrd), [])
+        held: list[str] = []
+        prep = self._prepare(accel, timeout, release, prefault, hugepages, pin, stage, False, held.append, [])
         with _opened_disks(self.topology) as disks:  # before anything is made: a bad image is exit 2
             engine, stage = prep.engine, prep.stage
             emulated_kvm = engine.emulates_guest_code
@@ -411,6 +432,8 @@ class Machine:
             initrd_bytes = (guest_initrd(_str(initrd), assets.busybox, None, [],
                                          modules=guest_modules(assets, self.layout, log) if own else [])
                             if stage == "userspace" else None)
+            for line in held:
+                log(line)
             cmdline = kernel_cmdline(stage, emulated_kvm, topology=self.topology)
             # SMP bring-up shows the llc-sibling warnings, unless the engine checked its vCPUs already
             until_smp = not (emulated_kvm or engine.cpus_checked_before_run)
@@ -505,6 +528,34 @@ def _argv(command: Sequence[str] | str | None) -> list[str] | None:
     if not all(isinstance(a, str) for a in argv):
         raise ConfigError(f"command: expected a list of strings, got {list(command)!r}")
     return argv or None
+
+
+def _tty_size(fd: int | None) -> str:
+    """`` numavm.tty=ROWSxCOLS`` for a shell fed from the terminal `fd` (its size now), else ""."""
+    if fd is None:
+        return ""
+    from numavm.guest.initramfs import TTY_SIZE_PARAM
+    try:
+        size = os.get_terminal_size(fd)
+    except OSError:
+        return ""
+    return f" {TTY_SIZE_PARAM}{size.lines}x{size.columns}" if size.lines and size.columns else ""
+
+
+def _shares(shares: Iterable[str] | str | None, host_root: bool, initrd: object) -> tuple[tuple[Any, ...], list[Any]]:
+    """`run`'s --share and --host-root, checked (ConfigError): the shares the engine exports and
+    the initramfs members that mount them (numavm.guest.shares); nothing for neither."""
+    if not shares and not host_root:
+        return (), []
+    from numavm.spec.shares import HOST_ROOT_OPT, SHARE_OPT, parse_shares
+    from numavm.guest.shares import share_entries
+
+    if initrd is not None:
+        raise ConfigError(f"{HOST_ROOT_OPT if host_root else SHARE_OPT}: needs numavm's own initramfs, "
+                          "not --initrd (its /init mounts the shares)")
+    given = [shares] if isinstance(shares, (str, os.PathLike)) else list(shares or ())
+    exported = parse_shares([_str(s) if isinstance(s, os.PathLike) else s for s in given], host_root)
+    return exported, share_entries(exported)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,13 @@ what is allowed, and exit status 2, before anything is allocated.
 
 from __future__ import annotations
 
-import argparse
+from numavm.command import BROKEN_PIPE, become_command, discard_stdout, finished, is_command
+
+if is_command():  # the console script imports this module first: from here a signal ends numavm with 130
+    become_command()
+
+import argparse  # noqa: E402
+import errno
 import json
 import sys
 from pathlib import Path
@@ -17,9 +23,9 @@ from numavm import __version__
 from numavm.spec import config
 from numavm.guest.aptrelease import check_release
 from numavm.errors import ConfigError, NumavmError
-from numavm.spec.policy import POLICY_SYNTAX
+from numavm.spec.policy import MAX_HOST_NODES, POLICY_SYNTAX
 from numavm.vmm.run import STAGES, ExitCode
-from numavm.spec.topology import MachineSpec, Topology, parse_distance, parse_hmat, parse_hmat_cache, parse_numa
+from numavm.spec.topology import MAX_DOMAINS, MachineSpec, Topology, parse_distance, parse_hmat, parse_hmat_cache, parse_numa
 from numavm.spec.devices import parse_disk
 from numavm.spec.units import parse_int, parse_list, parse_size
 
@@ -133,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--append", metavar="ARGS", default="", help="more kernel command-line parameters")
     sr.add_argument("--add", metavar="HOST_PATH[:GUEST_PATH]", action="append", default=[],
                     help="copy a host file (and its shared libraries) into the guest, repeatable")
+    sr.add_argument("--share", metavar="HOST_DIR[:GUEST_DIR][,rw]", action="append", default=[],
+                    help="a host directory the guest mounts (virtio-9p) at GUEST_DIR (default: the same "
+                         "path), read-only unless rw; repeatable")
+    sr.add_argument("--host-root", action="store_true",
+                    help="the command runs in the host's / (read-only; tmpfs on /tmp, /var/tmp and /run, HOME "
+                         "writable over the host's, writes kept in the guest) as you, in your current "
+                         "directory, after numavm's /init has reported")
     sr.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- CMD ...",
                     help="the command to run in the guest")
 
@@ -244,12 +257,16 @@ def _like_host_spec(args: argparse.Namespace, note: Callable[[str], None]) -> Ma
 
 
 def build_topology(args: argparse.Namespace) -> Topology:
-    return machine_spec(args).build(_host_nodes(args))
+    held: list[str] = []  # --like-host's notes: said once the machine is known to be good
+    topo = machine_spec(args, held.append).build(_host_nodes(args))
+    for line in held:
+        _stderr(line)
+    return topo
 
 
 def _host_nodes(args: argparse.Namespace) -> tuple[int, ...] | None:
     host = getattr(args, "host_nodes", None)
-    return parse_list(host.replace(",", "+"), "--host-nodes") if host is not None else None
+    return parse_list(host.replace(",", "+"), "--host-nodes", MAX_HOST_NODES) if host is not None else None
 
 
 def machine_options(options: list[str], note: Callable[[str], None]) -> tuple[MachineSpec, tuple[int, ...] | None]:
@@ -263,7 +280,11 @@ def machine_options(options: list[str], note: Callable[[str], None]) -> tuple[Ma
 
 def _machine(args: argparse.Namespace) -> Machine:
     from numavm.api import Machine
-    return Machine.from_spec(machine_spec(args), _host_nodes(args))
+    held: list[str] = []  # --like-host's notes: an error is the one line printed
+    machine = Machine.from_spec(machine_spec(args, held.append), _host_nodes(args))
+    for line in held:
+        _stderr(line)
+    return machine
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -308,24 +329,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from numavm.peers.export import export
     from numavm.peers import FORMATS, MAX_INPUT, import_topology
+    from numavm.host.files import read_input, read_stream
 
     if args.peer not in FORMATS:
         raise ConfigError(f"--from: must be one of {', '.join(FORMATS)}, got {args.peer!r}")
     name = "stdin" if args.file == "-" else args.file
-    try:
-        if args.file == "-":
-            data = sys.stdin.buffer.read(MAX_INPUT + 1)
-        else:
-            with open(args.file, "rb") as f:
-                data = f.read(MAX_INPUT + 1)
-    except OSError as e:
-        raise ConfigError(f"import: cannot read {name}: {e.strerror}") from None
+    if args.file == "-":
+        data = read_stream(sys.stdin.buffer, "import", name, MAX_INPUT)
+    else:
+        data = read_input(args.file, "import", MAX_INPUT, pipes=True)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"import: {name} is not UTF-8 (byte {data[e.start]:#04x} at offset {e.start})") from None
     host = args.host_nodes
-    nodes = parse_list(host.replace(",", "+"), "--host-nodes") if host is not None else None
+    nodes = parse_list(host.replace(",", "+"), "--host-nodes", MAX_HOST_NODES) if host is not None else None
     topo, notes = import_topology(args.peer, text, nodes)
     for note in notes:
         print(f"numavm: import: {_one_line(Exception(note))}", file=sys.stderr)
@@ -345,6 +363,8 @@ def _write(path: Path, data: str | bytes, option: str) -> None:
         else:
             path.write_text(data)
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):  # the host's trouble, not the input's
+            raise NumavmError(f"{option}: cannot write {path}: {e.strerror}") from None
         raise ConfigError(f"{option}: cannot write {path}: {e.strerror}") from None
 
 
@@ -370,11 +390,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     own_init = args.initrd is None
     # no command on a terminal: a shell in the guest, on the command port
     shell = own_init and not command and sys.stdin.isatty()
+    from numavm.guest.launch import Sink
+
     out, err = _binary(sys.stdout), _binary(sys.stderr)
     echo = [err] if args.verbose else [] if own_init else [out]
+    sink = Sink(out)  # a write error ends the writing, not the run; reported after it
     try:
-        result = machine.run(command, add=args.add, append=args.append, stdout=out, stderr=err, console=echo,
-                             shell=shell,
+        result = machine.run(command, add=args.add, append=args.append, stdout=sink, stderr=Sink(err),
+                             console=echo, shell=shell, shares=args.share, host_root=args.host_root,
                              input_fd=sys.stdin.fileno() if shell else None, **_guest_kwargs(args))
     except GuestFailed as e:
         failed = e.result
@@ -384,6 +407,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"numavm: {e}", file=sys.stderr)
         return e.exit_code
     _report_run(args, result.counts_exits, result.engine, result.engine_result)
+    if sink.error is not None:
+        discard_stdout()
+        raise NumavmError(f"run: cannot write stdout: {sink.error.strerror} (the guest command's output "
+                          f"was lost; it exited {result.status})")
     return result.status
 
 
@@ -447,7 +474,7 @@ def _prefault_domains(args: argparse.Namespace) -> frozenset[int] | None:
         return frozenset()
     if args.prefault == "all":
         return None
-    return frozenset(parse_list(args.prefault, "--prefault"))
+    return frozenset(parse_list(args.prefault, "--prefault", MAX_DOMAINS))
 
 
 def _binary(stream: Any) -> BinaryIO:
@@ -465,13 +492,26 @@ COMMANDS = {"plan": cmd_plan, "acpi": cmd_acpi, "export": cmd_export, "import": 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+    except KeyboardInterrupt:  # a signal while an error was being printed
+        status = ExitCode.INTERRUPTED
+    finished(status)  # as the numavm command: the process ends here, with this status
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
+    command = None
     try:
         args = parser.parse_args(argv)
         if not args.command:
             parser.print_help()
             return EXIT_USAGE
-        return COMMANDS[args.command](args)
+        command = args.command
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a full disk or a closed pipe shows here, not at the interpreter's exit
+        return status
     except ConfigError as e:
         print(f"numavm: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
@@ -480,6 +520,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
+    except BrokenPipeError:  # stdout's reader went away (`| head`): end quietly, as a killed pipe stage
+        discard_stdout()
+        return BROKEN_PIPE
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        # what is left unnamed is stdout: a full disk (`> /dev/full`), a quota, an I/O error
+        discard_stdout()
+        print(f"numavm: error: {command or 'numavm'}: cannot write stdout: {e.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ The machine is the marker's positional arguments (the command line's machine opt
 or its keywords `toml=` (a path or TOML text) or `Machine(...)`'s keywords (`cpus=`,
 `memory=`, `domains=`, `distances=`...); an indirect parameter (a `numavm.Machine`, a list
 of options, a TOML path or text, or a dict of keywords) takes precedence.  The marker's
-`accel=`, `timeout=` (default 300 s), `add=`, `kernel=` and `release=` are the defaults of
-every `numavm_guest.run()`; ``pytest --numavm-accel tcg`` sets the engine for all tests.
+`accel=`, `timeout=` (default 300 s), `add=`, `kernel=`, `release=`, `shares=` (``--share``'s
+strings) and `host_root=` are the defaults of every `numavm_guest.run()`; ``pytest --numavm-accel tcg`` sets the engine for all tests.
 
 `numavm_guest.run(command, **kw)` boots the machine, runs the command and returns a
 `numavm.CommandResult` (status, stdout, stderr, the guest's topology, engine, placement);
@@ -43,9 +43,11 @@ if TYPE_CHECKING:
     from numavm.vmm.engine import Engine
 
 MARKER = ("numavm(*options, toml=None, accel='auto', timeout=300, add=(), kernel=None, release=None, "
+          "shares=(), host_root=False, "
           "**machine_keywords): the machine the numavm_guest fixture boots (numavm's machine options, "
           "a TOML path or text, or numavm.Machine keywords)")
-RUN_DEFAULTS = ("accel", "timeout", "add", "kernel", "release")
+RUN_DEFAULTS = ("accel", "timeout", "add", "kernel", "release", "shares", "host_root")
+CHECK_IGNORES = ("add", "shares", "host_root")  # run()'s alone: check() boots numavm's report only
 DEFAULT_TIMEOUT = 300.0
 _assets_problem: dict[tuple[str | None, str | None], str | None] = {}  # per (kernel, release), per session
 
@@ -77,7 +79,7 @@ class Guest:
 
     def check(self, **kw: Any) -> Verdict:
         """`numavm check` on this machine (`numavm.Machine.check`)."""
-        kw = {**{k: v for k, v in self.defaults.items() if k != "add"}, **kw}
+        kw = {**{k: v for k, v in self.defaults.items() if k not in CHECK_IGNORES}, **kw}
         return self.machine.check(**kw)
 
     def __repr__(self) -> str:

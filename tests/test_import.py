@@ -189,7 +189,8 @@ def test_qemu_memoryless_node_and_thread_ids() -> None:
 @pytest.mark.parametrize("text,words", [
     ("-smp 4,maxcpus=8 -m 1G", ["maxcpus=8", "hotplug"]),
     ("-smp 2 -m 1G,slots=2,maxmem=4G", ["maxmem=4G", "hotplug"]),
-    ("-smp 1 -m 1G -numa node -numa hmat-lb,initiator=0", ["hmat-lb", "HMAT"]),
+    ("-smp 1 -m 1G -numa node -numa hmat-lb,initiator=0,target=0,hierarchy=first-level,"
+     "data-type=access-latency,latency=5", ["hierarchy=first-level", "memory only"]),
     ("-smp 1 -m 1G -object memory-backend-file,id=m,size=1G,mem-path=/dev/hugepages -numa node,cpus=0,memdev=m",
      ["memory-backend-file", "mem-path=/dev/hugepages"]),
     ("-smp 1 -m 1G -numa node,cpus=0,memdev=nope", ["memdev=nope", "no -object"]),
@@ -201,7 +202,8 @@ def test_qemu_memoryless_node_and_thread_ids() -> None:
      ["discard-data"]),
     ("-smp 2 -m 1G -object memory-backend-ram,id=m,size=1G -numa node,cpus=0,memdev=m", ["vCPUs 1", "no domain"]),
     ("-smp 2 -m 2G -object memory-backend-ram,id=m,size=1G -numa node,cpus=0-1,memdev=m", ["differs"]),
-    ("-smp 1 -m 1G -numa node,cpus=0,mem=1G,initiator=0", ["initiator", "HMAT"]),
+    ("-smp 1 -m 1G -numa node,cpus=0,mem=1G -numa hmat-lb,initiator=0,target=0,data-type=read-bandwidth,"
+     "bandwidth=1000", ["bandwidth=1000", "whole number of MiB/s"]),
     ("-smp 1 -m 1G -mem-path /dev/hugepages", ["-mem-path"]),
     ("-smp 1 -m 1G -numa node,cpus=0,mem=1G -numa dist,src=0,dst=1,val=20", ["no domain 1"]),
     ("-smp 1 -m 'unclosed", ["not a shell command line"]),

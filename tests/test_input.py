@@ -108,28 +108,38 @@ def test_toml_brackets_in_strings_and_comments_do_not_count():
 @pytest.mark.parametrize("path", ["/dev/zero", "/dev/urandom"])
 def test_toml_endless_files_are_refused_quickly(capsys, path):
     err = one_error(capsys, ["plan", "-f", path])
-    assert "larger than 1 MiB" in err
+    assert "is a character device; a regular file or a pipe such as <(...) is needed" in err
 
 
 def test_toml_too_big(capsys, tmp_path):
     f = tmp_path / "m.toml"
     f.write_text("# " + "x" * (1 << 20) + "\ncpus = 2\n")
-    assert "larger than 1 MiB" in one_error(capsys, ["plan", "-f", str(f)])
+    assert "over the size limit of 1 MiB" in one_error(capsys, ["plan", "-f", str(f)])
 
 
-def test_toml_from_a_pipe_still_works(tmp_path):
-    fifo = tmp_path / "m.toml"
-    os.mkfifo(fifo)
-    r = subprocess.Popen([sys.executable, "-m", "numavm", "plan", "--json", "-f", str(fifo)],
-                         stdout=subprocess.PIPE, text=True)
-    with open(fifo, "w") as f:
+def test_toml_from_a_pipe_still_works():
+    """`-f <(...)`: the shell passes /dev/fd/N, a pipe whose writer exists."""
+    rd, wr = os.pipe()
+    r = subprocess.Popen([sys.executable, "-m", "numavm", "plan", "--json", "-f", f"/dev/fd/{rd}"],
+                         stdout=subprocess.PIPE, text=True, pass_fds=(rd,))
+    os.close(rd)
+    with open(wr, "w") as f:
         f.write("cpus = 3\n")
     out, _ = r.communicate(timeout=60)
     assert r.returncode == 0 and '"cpus": 3' in out
 
 
+def test_toml_from_a_named_fifo_is_refused(capsys, tmp_path):
+    """A named FIFO may have no writer, and the read would wait for ever."""
+    fifo = tmp_path / "m.toml"
+    os.mkfifo(fifo)
+    assert "is a FIFO; a regular file or a pipe such as <(...) is needed" in one_error(
+        capsys, ["plan", "-f", str(fifo)])
+
+
 def test_toml_directory(capsys, tmp_path):
-    assert "Is a directory" in one_error(capsys, ["plan", "-f", str(tmp_path)])
+    assert "is a directory; a regular file or a pipe such as <(...) is needed" in one_error(
+        capsys, ["plan", "-f", str(tmp_path)])
 
 
 # ---------------------------------------------------------------- kernels

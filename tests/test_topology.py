@@ -211,7 +211,7 @@ def test_parse_numa_repeated_cpus_as_qemu():
 
 
 def test_parse_numa_repeated_cpus_overlapping():
-    with pytest.raises(ConfigError, match=r"^-n/--numa id=0: cpus names a vCPU more than once"):
+    with pytest.raises(ConfigError, match=r"^-n/--numa cpus: vCPU 2 named more than once"):
         parse_numa("id=0,cpus=0-2,cpus=2")
 
 
@@ -530,7 +530,7 @@ def test_cpus_inferred_from_domains():
 def test_cpus_inferred_max():
     assert build(f"id=0,size=4M,cpus=0-{MAX_CPUS - 1}").cpus == MAX_CPUS
     msg = build_error(f"id=0,size=4M,cpus=0-{MAX_CPUS}")
-    assert msg.startswith("-n/--numa: at most 1024 vCPUs"), msg
+    assert msg.startswith("-n/--numa cpus: 1024 is past the largest allowed, 1023"), msg
 
 
 def test_cpus_explicit_matches_domains():

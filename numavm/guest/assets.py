@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
 
 from numavm.guest.aptrelease import PrivateApt, check_release, host_release
-from numavm.host.cache import cache_root, probe
+from numavm.host.cache import cache_root, locked, probe
 from numavm.host.cache import write_atomic as _write_atomic
 from numavm.errors import NumavmError
 from numavm.host.lifetime import OwnedDir, die_with_parent
@@ -77,20 +77,32 @@ def cached(cache_dir: Path | None = None, release: str | None = None) -> Assets 
     return assets if assets.kernel.is_file() and assets.busybox.is_file() else None
 
 
-def fetch(cache_dir: Path | None = None, log: Log = print, release: str | None = None) -> Assets:
+def fetch(cache_dir: Path | None = None, log: Log = print, release: str | None = None,
+          reuse: bool = False, spill: Callable[[], Path] | None = None) -> Assets:
     """The Debian kernel and busybox-static in `cache_dir` (default `cache_root()`),
-    of the host's release or of `release` (see `release_cache`)."""
+    of the host's release or of `release` (see `release_cache`).
+
+    One numavm at a time fetches into a cache (`numavm.host.cache.locked`); with `reuse`, what
+    the cache holds once the lock is ours is used without asking apt (runs that started
+    together download once).  `spill`: a directory for the files when the cache cannot take
+    them, so that a full cache costs no second download."""
     cache = release_cache(cache_dir, release)
-    if not (shutil.which("apt-get") and shutil.which("apt-cache")):
-        raise NumavmError("no apt-get on this machine to fetch Debian's kernel and busybox; "
-                          "pass --kernel (and --initrd) instead")
-    if release is None or cache == release_cache(cache_dir, None):
-        return _fetch(cache, log, [], None)
-    with PrivateApt(release, cache / "apt", log) as apt:
-        return _fetch(cache, log, apt.options, apt)
+    with locked(cache, "fetch", log, "fetching Debian's kernel and busybox"):
+        if reuse:
+            have = cached(cache_dir, release)
+            if have is not None:
+                return have
+        if not (shutil.which("apt-get") and shutil.which("apt-cache")):
+            raise NumavmError("no apt-get on this machine to fetch Debian's kernel and busybox; "
+                              "pass --kernel (and --initrd) instead")
+        if release is None or cache == release_cache(cache_dir, None):
+            return _fetch(cache, log, [], None, spill)
+        with PrivateApt(release, cache / "apt", log) as apt:
+            return _fetch(cache, log, apt.options, apt, spill)
 
 
-def _fetch(cache: Path, log: Log, opts: list[str], apt: PrivateApt | None) -> Assets:
+def _fetch(cache: Path, log: Log, opts: list[str], apt: PrivateApt | None,
+           spill: Callable[[], Path] | None = None) -> Assets:
     cached = _read_manifest(cache)
     kpkg, kver, bver = _resolve(log, cached, opts, apt)
     if cached is not None and _current(cached, cache, kpkg, kver, bver):
@@ -98,7 +110,13 @@ def _fetch(cache: Path, log: Log, opts: list[str], apt: PrivateApt | None) -> As
         log(f"assets: cached {assets.kernel_package} {assets.kernel_package_version} -> {assets.kernel}; "
             f"{BUSYBOX_PACKAGE} {assets.busybox_version} -> {assets.busybox}")
         return assets
-    probe(cache)  # a cache that cannot be written fails before the downloads, not after
+    home = cache
+    try:
+        probe(cache)  # a cache that cannot be written fails before the downloads, not after
+    except OSError as e:
+        if spill is None:
+            raise
+        cache = _spilled(cache, spill, e, log)
     with OwnedDir("assets") as tmp:  # a killed fetch's downloads go with the next run
         work = tmp.path  # private (0700): as root, apt downloads unsandboxed here
         kernel_deb = _download(kpkg, kver, work, log, opts)
@@ -106,17 +124,27 @@ def _fetch(cache: Path, log: Log, opts: list[str], apt: PrivateApt | None) -> As
         kname, kdata = _extract_one(kernel_deb, KERNEL_FILE)
         _, bdata = _extract_one(busybox_deb, BUSYBOX_FILE)
     release = kname.removeprefix("vmlinuz-")
-    kernel_path = cache / kname
-    busybox_path = cache / "busybox"
-    _write_atomic(kernel_path, kdata, 0o644)
-    _write_atomic(busybox_path, bdata, 0o755)
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "kernel": {"package": kpkg, "version": kver, "file": kname, "release": release},
         "busybox": {"package": BUSYBOX_PACKAGE, "version": bver, "file": "busybox"},
     }
-    _write_atomic(cache / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), 0o644)
-    if cached is not None:  # drop an older kernel the new manifest no longer names
+
+    def keep(where: Path) -> None:
+        _write_atomic(where / kname, kdata, 0o644)
+        _write_atomic(where / "busybox", bdata, 0o755)
+        _write_atomic(where / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), 0o644)
+
+    try:
+        keep(cache)
+    except OSError as e:  # a full cache: what was downloaded goes to the spill, not downloaded again
+        if spill is None or cache != home:
+            raise
+        cache = _spilled(cache, spill, e, log)
+        keep(cache)
+    kernel_path = cache / kname
+    busybox_path = cache / "busybox"
+    if cached is not None and cache == home:  # drop an older kernel the new manifest no longer names
         old = cached.get("kernel", {}).get("file")
         if isinstance(old, str) and old != kname and "/" not in old:
             (cache / old).unlink(missing_ok=True)
@@ -124,6 +152,12 @@ def _fetch(cache: Path, log: Log, opts: list[str], apt: PrivateApt | None) -> As
     log(f"assets: fetched {kpkg} {kver} -> {kernel_path} (kernel {release}); "
         f"{BUSYBOX_PACKAGE} {bver} -> {busybox_path}")
     return assets
+
+
+def _spilled(cache: Path, spill: Callable[[], Path], e: OSError, log: Log) -> Path:
+    where = spill()
+    log(f"numavm: the cache {cache} cannot be written ({e.strerror}): fetching into {where}")
+    return where
 
 
 # ---------------------------------------------------------------- apt

@@ -70,6 +70,7 @@ SHELL_FLAG = "/etc/numavm/shell"
 ARGV_DIR = "/etc/numavm/argv"
 MODULES_LIST = "/etc/numavm/modules"  # the kernel modules /init loads, one name a line, in load order
 MODULES_DIR = "/lib/numavm"  # NAME.ko for each
+SHARED = "/etc/numavm/shared"  # the command's wrapper with --share/--host-root (numavm.guest.shares)
 MTIME = 0  # every entry's mtime: deterministic output
 
 COMPRESSIONS = ("gzip", "xz", "none")
@@ -81,6 +82,9 @@ INIT_APPLETS = ("sh", "mount", "cat", "echo", "printf", "sed", "tr", "ls", "grep
 # On the kernel command line: /init brings every offline CPU online before it reports.
 # A dotted word the kernel takes for an unknown module's parameter and ignores.
 ONLINE_CPUS_MARK = "numavm.online_cpus=all"
+# On the kernel command line of an interactive shell's guest: the host terminal's ROWSxCOLS,
+# which /init gives the shell's tty (a serial line has no way to learn it).
+TTY_SIZE_PARAM = "numavm.tty="
 
 INIT_SCRIPT = r"""#!/bin/sh
 # numavm guest init: report the topology, run the command, power off.
@@ -225,8 +229,16 @@ if [ -e /etc/numavm/shell ]; then
   # interactive: a shell whose terminal (controlling tty, stdin, stdout, stderr)
   # is the command port; the host puts its own terminal in raw mode
   /bin/busybox --install -s 2>/dev/null
-  setsid -c sh -l </dev/ttyS1 >/dev/ttyS1 2>&1
+  w=""; [ -x @SHARED@ ] && w=@SHARED@  # --share/--host-root: the shell in their view
+  # the host terminal's size, as numavm started (@TTY_SIZE@ROWSxCOLS on the command line);
+  # a tty forgets its size when its last file closes, so fd 9 holds it open meanwhile
+  exec 9<>/dev/ttyS1
+  for a in $cmdline; do
+    case "$a" in @TTY_SIZE@*x*) r=${a#@TTY_SIZE@}; stty -F /dev/ttyS1 rows "${r%x*}" cols "${r#*x}" 2>/dev/null ;; esac
+  done
+  setsid -c $w sh -l </dev/ttyS1 >/dev/ttyS1 2>&1 9>&-
   st=$?
+  exec 9>&-
 elif [ -d /etc/numavm/argv ]; then
   /bin/busybox --install -s 2>/dev/null
   set --
@@ -236,6 +248,8 @@ elif [ -d /etc/numavm/argv ]; then
     set -- "$@" "${a%x}"
     i=$((i + 1))
   done
+  # --share/--host-root (numavm.guest.shares): the command runs through the script that mounts them
+  [ -x @SHARED@ ] && set -- @SHARED@ "$@"
   # the command's stdout and stderr each get a serial port of their own, raw
   # (no CR before LF, every byte as written); the console keeps the kernel log
   # and this report.  Closing a tty waits until its output has left the UART.
@@ -253,7 +267,7 @@ printf '\n@@NUMAVM-EXIT %d@@\n' "$st"
 poweroff -f
 sleep 5
 reboot -f
-""".replace("@ONLINE_MARK@", ONLINE_CPUS_MARK).replace("@MODULES_LIST@", MODULES_LIST).replace(
+""".replace("@ONLINE_MARK@", ONLINE_CPUS_MARK).replace("@TTY_SIZE@", TTY_SIZE_PARAM).replace("@SHARED@", SHARED).replace("@MODULES_LIST@", MODULES_LIST).replace(
     "@MODULES_DIR@", MODULES_DIR)
 
 
@@ -395,18 +409,22 @@ class _Tree:
 
 def _host_file(path: Path) -> tuple[int, bytes]:
     try:
+        from numavm.host.files import MAX_ADD, read_input
+
         st = os.stat(path)  # follows symlinks: the guest gets the file itself
         if not stat.S_ISREG(st.st_mode):
             raise NumavmError(f"initramfs: {path} is not a regular file")
-        return (st.st_mode & 0o7777) or 0o644, path.read_bytes()
+        return (st.st_mode & 0o7777) or 0o644, read_input(path, "initramfs", MAX_ADD)
     except OSError as e:
         raise NumavmError(f"initramfs: cannot read {path}: {e.strerror}") from None
 
 
 def initramfs_entries(busybox: Path, command: Sequence[str] | None = None,
                       add: Iterable[tuple[Path, str]] = (), shell: bool = False,
-                      modules: Sequence[Path] = ()) -> list[Entry]:
+                      modules: Sequence[Path] = (), extra: Sequence[Entry] = ()) -> list[Entry]:
     """The archive's members, sorted, before compression.
+
+    `extra`: more members, as they are (numavm.guest.shares' table and scripts).
 
     `shell`: no command; /init gives an interactive shell on the command port.
     `modules`: kernel module files (uncompressed ELF .ko, numavm.guest.modules.device_modules)
@@ -450,6 +468,8 @@ def initramfs_entries(busybox: Path, command: Sequence[str] | None = None,
             tree.add(Entry(f"{MODULES_DIR.lstrip('/')}/{name}.ko", stat.S_IFREG | 0o644, data))
         tree.add(Entry(MODULES_LIST.lstrip("/"), stat.S_IFREG | 0o644, "".join(f"{n}\n" for n in names).encode()))
         tree.add(Entry("sbin/insmod", stat.S_IFLNK | 0o777, b"../bin/busybox"))
+    for e in extra:
+        tree.add(e)
     if shell:
         tree.add(Entry(SHELL_FLAG.lstrip("/"), stat.S_IFREG | 0o644))
     if command is not None:
@@ -475,9 +495,9 @@ def compress(data: bytes, method: str = "gzip") -> bytes:
 
 def build_initramfs(busybox: Path, command: list[str] | None = None,
                     add: Iterable[tuple[Path, str]] = (), compress: str = "gzip",
-                    shell: bool = False, modules: Sequence[Path] = ()) -> bytes:
+                    shell: bool = False, modules: Sequence[Path] = (), extra: Sequence[Entry] = ()) -> bytes:
     """The initramfs as bytes: cpio newc, compressed with `compress` (gzip, xz or none)."""
-    return _compress(cpio_newc(initramfs_entries(busybox, command, add, shell, modules)), compress)
+    return _compress(cpio_newc(initramfs_entries(busybox, command, add, shell, modules, extra)), compress)
 
 
 _compress = compress
@@ -487,12 +507,12 @@ CACHE_KEEP = 8  # compressed images kept in the cache, newest first
 
 def cached_initramfs(busybox: Path, command: list[str] | None = None,
                      add: Iterable[tuple[Path, str]] = (), cache_dir: Path | None = None,
-                     shell: bool = False, modules: Sequence[Path] = ()) -> bytes:
+                     shell: bool = False, modules: Sequence[Path] = (), extra: Sequence[Entry] = ()) -> bytes:
     """`build_initramfs()` (gzip), compressed once per distinct archive and kept in numavm's cache.
 
     The archive is built (cheap: concatenation), then looked up by the SHA-256
     of its uncompressed bytes; compressing busybox costs ~0.1 s a run
-    otherwise.  Without `add`, a run first looks the image up by what it is
+    otherwise.  Without `add` or `extra`, a run first looks the image up by what it is
     made of (`_identity`, a `note` in the cache), so a repeated run neither
     reads busybox nor hashes the archive.  The newest CACHE_KEEP images are
     kept.  A cache that cannot be written is not an error.
@@ -501,7 +521,7 @@ def cached_initramfs(busybox: Path, command: list[str] | None = None,
 
     root = cache_dir if cache_dir is not None else cache_root()
     add = list(add)
-    ident = None if add else _identity(Path(busybox), command, shell, modules)
+    ident = None if add or extra else _identity(Path(busybox), command, shell, modules)
     if ident is not None:
         digest, _, size = (recall("initramfs", ident, root) or "").partition(" ")
         data = _whole(root / f"initramfs-{digest}.cpio.gz", int(size)) if size.isdigit() else None
@@ -509,7 +529,7 @@ def cached_initramfs(busybox: Path, command: list[str] | None = None,
             return data
     import hashlib  # only when the image is not known by its identity: its import alone is ~15 ms
 
-    raw = cpio_newc(initramfs_entries(busybox, command, add, shell, modules))
+    raw = cpio_newc(initramfs_entries(busybox, command, add, shell, modules, extra))
     digest = hashlib.sha256(raw).hexdigest()[:20]
     path = root / f"initramfs-{digest}.cpio.gz"
     data = _whole(path, len(raw))

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Sequence
 
 from numavm.guest.assets import Assets, cached, fetch
-from numavm.host.cache import CacheError, cache_root, find, note, private_dir, prune, recall, store
+from numavm.host.files import MAX_ADD, MAX_ADD_TOTAL, MAX_INITRD, MAX_KERNEL, check_input_file, read_input
+from numavm.host.cache import CacheError, cache_root, find, locked, note, private_dir, prune, recall, store
 # numavm.plan.boot (kernel loading, boot plans) is imported where used: the TCG engine needs
 # neither, and every import is paid at every `numavm check`.
 from numavm.errors import ConfigError, NumavmError
@@ -26,6 +27,7 @@ from numavm.vmm.run import Outcome
 if TYPE_CHECKING:
     from numavm.spec.topology import Topology
     from numavm.plan.layout import Layout
+    from numavm.guest.initramfs import Entry
 
 Log = Callable[[str], None]
 
@@ -76,11 +78,14 @@ def log_buf_cmdline(cpus: int, nodes: int) -> str:
     return f"log_buf_len={1 << (need - 1).bit_length()}"
 
 
-def kernel_cmdline(stage: str, emulated_kvm: bool, append: str = "", topology: Topology | None = None) -> str:
+def kernel_cmdline(stage: str, emulated_kvm: bool, append: str = "", topology: Topology | None = None,
+                   shares: bool = False) -> str:
     """The guest's command line for `stage`; with `topology`, a log ring its NUMA lines fit in
     (`log_buf_cmdline`) unless `append` sets one, and PCI (without its early scans) when the
-    machine has devices."""
-    parts = [BASE_CMDLINE, NO_PCI_CMDLINE if topology is None or not topology.disks else PCI_CMDLINE,
+    machine has devices or the run has shares (`shares`: virtio-9p devices for --share and
+    --host-root, PCI functions like the machine's disks)."""
+    pci = shares or (topology is not None and bool(topology.disks))
+    parts = [BASE_CMDLINE, PCI_CMDLINE if pci else NO_PCI_CMDLINE,
              KERNEL_STAGE_CMDLINE if stage == "kernel" else USERSPACE_CMDLINE]
     if emulated_kvm:
         from numavm.plan.boot import emulation_safe_cmdline
@@ -182,8 +187,7 @@ def guest_assets(kernel: str | None, log: Log, release: str | None = None) -> Gu
         assets = cached(release=release) or fetch_anywhere(log, release)
         return GuestAssets(assets.kernel, unpacked_kernel(assets.kernel, log), assets.busybox, assets, release)
     path = Path(kernel)
-    if not path.is_file():
-        raise ConfigError(f"--kernel: {path} is not a file")
+    check_input_file(path, "--kernel", MAX_KERNEL)
     try:
         return GuestAssets(path, unpacked_kernel(path, log), None)
     except OSError as e:
@@ -198,7 +202,7 @@ def fetch_anywhere(log: Log, release: str | None = None) -> Assets:
     """`fetch()` into the cache, or into this run's private directory when the cache
     cannot be written (read-only, full)."""
     try:
-        return fetch(log=log, release=release)
+        return fetch(log=log, release=release, reuse=True, spill=private_dir)
     except OSError as e:
         first = e
     where = private_dir()
@@ -223,12 +227,19 @@ def _valid_elf(path: Path) -> bool:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
             ok = True
             try:
-                parse_elf(mm, str(path))  # its views into `mm` die with the result, before the unmap
+                # its views into `mm` die with the result, before the unmap
+                ok = _is_linux(parse_elf(mm, str(path)).notes)
             except NumavmError:
                 ok = False
             return ok
     except (OSError, ValueError):  # unreadable, or empty (an empty file cannot be mapped)
         return False
+
+
+def _is_linux(notes: Sequence[tuple[bytes, int, bytes]]) -> bool:
+    """Whether an x86-64 ELF is a Linux kernel: its notes are Linux's (the build salt, since
+    4.20) or Xen's (the PVH entry); a program such as /bin/ls has neither."""
+    return any(name in (b"Linux", b"Xen") for name, _, _ in notes)
 
 
 # Unpacked images (~40 MB each) and the notes that name them, most recently used first: a
@@ -249,10 +260,47 @@ def unpacked_kernel(path: Path, log: Log) -> Path:
     """
     with open(path, "rb") as f:
         head = f.read(4)
-        if head == b"\x7fELF":
+    if head == b"\x7fELF":
+        if not _valid_elf(path):
+            from numavm.plan.boot import load_kernel
+            load_kernel(path)  # raises what is wrong with it
+            raise NumavmError(f"{path}: an x86-64 ELF file, but not a Linux kernel (no Linux or Xen "
+                              f"ELF note)")
+        return path
+    known = _known_vmlinux(path)  # the common case, without waiting for anyone
+    if known is not None:
+        return known
+    # one numavm at a time unpacks (runs started together unpack once and note one digest)
+    with locked(cache_root(), "unpack", log, "unpacking a kernel"):
+        return _unpacked(path, log)
+
+
+def _known_vmlinux(path: Path) -> Path | None:
+    """The whole vmlinux already unpacked from `path` (known by its path, size, mtime and inode)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    digest = recall("vmlinux-src", f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}") or ""
+    out = find(f"vmlinux-{digest}") if len(digest) == _DIGEST_HEX else None
+    if out is None or not _valid_elf(out):
+        return None
+    try:
+        os.utime(out)  # used: the newest survive `prune`
+    except OSError:
+        pass
+    return out
+
+
+def _unpacked(path: Path, log: Log) -> Path:
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head == b"\x7fELF":  # the file changed since: the caller's checks again
             if not _valid_elf(path):
                 from numavm.plan.boot import load_kernel
                 load_kernel(path)  # raises what is wrong with it
+                raise NumavmError(f"{path}: an x86-64 ELF file, but not a Linux kernel (no Linux or Xen "
+                                  f"ELF note)")
             return path
         # hashing an 8 MB bzImage costs ~40 ms a run: remember the digest per (file, size, mtime)
         st = os.fstat(f.fileno())
@@ -296,23 +344,41 @@ def guest_modules(assets: GuestAssets, layout: Layout, log: Log) -> list[Path]:
 
 
 def guest_initrd(initrd: str | None, busybox: Path | None, command: list[str] | None,
-                 add: list[str], shell: bool = False, modules: Sequence[Path] = ()) -> bytes:
+                 add: list[str], shell: bool = False, modules: Sequence[Path] = (),
+                 extra: Sequence[Entry] = ()) -> bytes:
     from numavm.guest.initramfs import cached_initramfs
 
     if initrd is not None:
-        try:
-            return Path(initrd).read_bytes()
-        except OSError as e:
-            raise ConfigError(f"--initrd: cannot read {initrd}: {e.strerror}") from None
+        return read_input(initrd, "--initrd", MAX_INITRD)
+    pairs = check_added(add)
     if busybox is None:
         busybox = (cached() or fetch_anywhere(lambda s: None)).busybox
+    return cached_initramfs(busybox, command or None, pairs, shell=shell, modules=modules, extra=extra)
+
+
+def check_inputs(kernel: str | None, initrd: str | None, add: Sequence[str]) -> None:
+    """Every file a run reads, checked for kind and size before anything else happens."""
+    if initrd is not None:
+        check_input_file(initrd, "--initrd", MAX_INITRD)
+    check_added(add)
+    if kernel is not None:
+        check_input_file(kernel, "--kernel", MAX_KERNEL)
+
+
+def check_added(add: Sequence[str]) -> list[tuple[Path, str]]:
+    """--add's (host file, guest path) pairs, each file a regular file within MAX_ADD, all
+    within MAX_ADD_TOTAL (numavm.host.files)."""
+    from numavm.host.files import too_large
+
     pairs = []
+    total = 0
     for spec in add:
         host, _, guest = spec.partition(":")
-        if not Path(host).exists():
-            raise ConfigError(f"--add: {host} does not exist")
+        total += check_input_file(host, "--add", MAX_ADD)
+        if total > MAX_ADD_TOTAL:
+            raise too_large("--add", host, MAX_ADD_TOTAL, "every --add file together")
         pairs.append((Path(host), guest or host))
-    return cached_initramfs(busybox, command or None, pairs, shell=shell, modules=modules)
+    return pairs
 
 
 class Console:
@@ -349,10 +415,12 @@ class Sink:
     """A guest stream written through to a host binary stream as it arrives.
 
     A reader that went away (a closed pipe: `numavm run ... | head`) ends the
-    writing, not the run."""
+    writing, not the run; so does any other error writing (a full disk), which is kept in
+    `error` for the command line to report."""
 
     def __init__(self, out: BinaryIO) -> None:
         self._out: BinaryIO | None = out
+        self.error: OSError | None = None
 
     def __call__(self, data: bytes) -> None:
         if self._out is None:
@@ -362,6 +430,8 @@ class Sink:
             self._out.flush()
         except (BrokenPipeError, ValueError):
             self._out = None
+        except OSError as e:
+            self._out, self.error = None, e
 
 
 class KernelStageWatch:

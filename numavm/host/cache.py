@@ -17,8 +17,9 @@ import atexit
 import os
 import tempfile
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from numavm.errors import NumavmError
 from numavm.host.lifetime import OwnedDir, owned_tmp_file
@@ -92,6 +93,31 @@ def store(name: str, data: bytes, log: Log, mode: int = 0o644, root: Path | None
             f"{tmp}; free space there or point XDG_CACHE_HOME or TMPDIR at a writable directory") from None
     log(f"numavm: the cache {cache} cannot be written ({first.strerror}): using {where} for this run")
     return where / name
+
+
+@contextmanager
+def locked(directory: Path, name: str, log: Log, what: str) -> Iterator[None]:
+    """Hold the cache's lock `name` (an flock on ``directory/.name.lock``): one numavm at a time
+    fetches or unpacks into a cache however many start at once; a waiting one says so, once.
+    A directory that cannot take the lock file has nothing to share: no lock then."""
+    import fcntl
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd: int | None = os.open(directory / f".{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"numavm: waiting for another numavm {what} in {directory}")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def prune(root: Path, patterns: tuple[str, ...], keep: int) -> None:

@@ -11,7 +11,7 @@ it.  `MachineSpec.build` then applies numavm's rules as for `-n`.
 from __future__ import annotations
 
 import importlib
-import shlex
+import re
 from dataclasses import dataclass, field
 
 from numavm.errors import ConfigError
@@ -58,14 +58,55 @@ def import_topology(fmt: str, text: str, host_nodes: tuple[int, ...] | None = No
 def command_words(text: str, fmt: str) -> list[str]:
     """A shell command line as words: backslash-newlines joined, # comments dropped,
     the program (and anything before the first option) left out."""
-    try:
-        words = shlex.split(text.replace("\\\n", " "), comments=True)
-    except ValueError as e:  # "No closing quotation"
-        raise ConfigError(f"not a shell command line: {e}") from None
+    words = shell_words(text.replace("\\\n", " "))
     for k, w in enumerate(words):
         if w.startswith("-"):
             return words[k:]
     return []
+
+
+# a shell word's pieces: blanks, a comment (at a word's start), '...', "...", \\c, plain characters
+_SHELL_PIECE = re.compile(r"""(?P<blank>[ \t\r\n]+)|(?P<single>'[^']*')|(?P<double>"(?:[^"\\]|\\.)*")"""
+                          r"""|(?P<escape>\\.)|(?P<plain>[^ \t\r\n'"\\]+)""", re.DOTALL)
+_DOUBLE_ESCAPE = re.compile(r'\\([\\"$`])')
+
+
+def shell_words(text: str) -> list[str]:
+    """POSIX shell words (quotes, backslashes, # comments), in time linear in `text`:
+    shlex.split grows each word a character at a time, quadratic in a word's length (a
+    650 KB word took 9 s)."""
+    words: list[str] = []
+    word: list[str] | None = None
+    pos = 0
+    while pos < len(text):
+        if word is None and text[pos] == "#":  # a comment, to the end of the line
+            end = text.find("\n", pos)
+            pos = len(text) if end < 0 else end
+            continue
+        m = _SHELL_PIECE.match(text, pos)
+        if m is None:  # an opening quote without its closing one, or a backslash at the end
+            what = "a backslash at the end" if text[pos] == "\\" else "no closing quotation"
+            raise ConfigError(f"not a shell command line: {what}")
+        pos = m.end()
+        kind, piece = m.lastgroup, m.group()
+        if kind == "blank":
+            if word is not None:
+                words.append("".join(word))
+                word = None
+            continue
+        if word is None:
+            word = []
+        if kind == "single":
+            word.append(piece[1:-1])
+        elif kind == "double":
+            word.append(_DOUBLE_ESCAPE.sub(r"\1", piece[1:-1]))
+        elif kind == "escape":
+            word.append(piece[1])
+        else:
+            word.append(piece)
+    if word is not None:
+        words.append("".join(word))
+    return words
 
 
 def size(text: str, field: str, plain: int = 1) -> int:
@@ -73,8 +114,18 @@ def size(text: str, field: str, plain: int = 1) -> int:
     (QEMU's -m and bhyve's -m count MiB)."""
     t = text.strip()
     if t.isascii() and t.isdigit():
-        return int(t) * plain
+        return whole(t, field) * plain
     return parse_size(t, field)
+
+
+MAX_DIGITS = 20  # 2**64 has 20; Python's int() refuses more than 4300 (ValueError)
+
+
+def whole(digits: str, field: str) -> int:
+    """ASCII `digits` as a number, at most MAX_DIGITS of them."""
+    if len(digits) > MAX_DIGITS:
+        raise ConfigError(f"{field}: a number of {len(digits)} digits; at most {MAX_DIGITS}")
+    return int(digits)
 
 
 def flag(value: str, field: str) -> bool:
@@ -86,18 +137,21 @@ def flag(value: str, field: str) -> bool:
     raise ConfigError(f"{field}: expected on or off, got {value!r}")
 
 
-def comma_list(text: str, field: str) -> tuple[int, ...]:
-    """Linux cpulist spelling (``0-3,6``, libvirt's ``^2`` exclusions too) as sorted numbers."""
-    from numavm.spec.units import parse_list
+def comma_list(text: str, field: str, ceiling: int) -> tuple[int, ...]:
+    """Linux cpulist spelling (``0-3,6``, libvirt's ``^2`` exclusions too) as sorted numbers,
+    each below `ceiling` (checked before a range is expanded)."""
+    from numavm.spec.units import Members, parse_list
 
-    take: list[int] = []
-    drop: list[int] = []
+    take = Members(field)
+    drop: set[int] = set()
     for part in text.split(","):
         part = part.strip()
         if not part:
-            raise ConfigError(f"{field}: empty item in {text!r}")
-        (drop if part.startswith("^") else take).extend(parse_list(part.lstrip("^"), field))
-    if len(set(take)) != len(take):
-        raise ConfigError(f"{field}: {text!r} names a number more than once")
-    return tuple(sorted(set(take) - set(drop)))
+            raise ConfigError(f"{field}: empty item in {text[:80]!r}")
+        items = parse_list(part.lstrip("^"), field, ceiling)
+        if part.startswith("^"):
+            drop.update(items)
+        else:
+            take.add(items)
+    return tuple(sorted(take.seen - drop))
 

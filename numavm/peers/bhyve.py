@@ -10,10 +10,10 @@ from __future__ import annotations
 import getopt
 
 from numavm.errors import ConfigError
-from numavm.spec.policy import Mode, Policy, parse_policy
-from numavm.spec.topology import DomainSpec, MachineSpec
+from numavm.spec.policy import MAX_HOST_NODES, Mode, Policy, parse_policy
+from numavm.spec.topology import MAX_CPUS, DomainSpec, MachineSpec
 from numavm.spec.units import MiB, parse_int
-from numavm.peers import Imported, comma_list, command_words, size
+from numavm.peers import Imported, comma_list, command_words, size, whole
 
 FMT = "bhyve"
 # bhyve(8)'s getopt string (FreeBSD 15): the letters with ':' take a value
@@ -25,7 +25,7 @@ def _size(text: str, field: str) -> int:
     """bhyve's vm_parse_memsize: a bare number below 1 MiB counts MiB, else bytes."""
     t = text.strip()
     if t.isascii() and t.isdigit():
-        n = int(t)
+        n = whole(t, field)
         return n * MiB if n < MiB else n
     return size(t, field)
 
@@ -33,9 +33,9 @@ def _size(text: str, field: str) -> int:
 def _policy(text: str, where: str) -> Policy:
     name, sep, nodes = text.partition(":")
     if name.strip().lower() in ("first-touch", "ft") and sep:
-        return Policy(Mode.BIND, comma_list(nodes, f"{where} nodes"))
+        return Policy(Mode.BIND, comma_list(nodes, f"{where} nodes", MAX_HOST_NODES))
     if sep:
-        return parse_policy(f"{name}:{'+'.join(str(n) for n in comma_list(nodes, f'{where} nodes'))}", where)
+        return parse_policy(f"{name}:{'+'.join(str(n) for n in comma_list(nodes, f'{where} nodes', MAX_HOST_NODES))}", where)
     return parse_policy(name, where)
 
 
@@ -94,7 +94,7 @@ def read(text: str) -> Imported:
         spec.domains.append(DomainSpec(
             did,
             _size(keys["size"], f"{where} size") if "size" in keys else None,
-            comma_list(keys["cpus"], f"{where} cpus"),
+            comma_list(keys["cpus"], f"{where} cpus", MAX_CPUS),
             _policy(keys["domain_policy"], f"{where} domain_policy") if "domain_policy" in keys else Policy(),
             origin=where))
     if ignored:

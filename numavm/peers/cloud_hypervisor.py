@@ -6,9 +6,9 @@ note."""
 from __future__ import annotations
 
 from numavm.errors import ConfigError
-from numavm.spec.policy import Mode, Policy
-from numavm.spec.topology import DomainSpec, MachineSpec
-from numavm.spec.units import format_list, parse_int, parse_list
+from numavm.spec.policy import MAX_HOST_NODES, Mode, Policy
+from numavm.spec.topology import MAX_CPUS, DomainSpec, MachineSpec
+from numavm.spec.units import Members, format_list, parse_int, parse_list
 from numavm.peers import Imported, command_words, flag, size
 
 FMT = "cloud-hypervisor"
@@ -149,12 +149,10 @@ def _numa(nodes: list[str], zones: dict[str, DomainSpec], spec: MachineSpec, pre
             raise ConfigError(f"{where} sgx_epc_sections=: numavm has no SGX enclave memory")
         if "pci_segments" in o:
             notes.append(f"{where} pci_segments= left out: numavm has no PCI")
-        cpus: list[int] = []
+        cpus = Members(f"{where} cpus", "vCPU")
         for item in _bracketed(o.get("cpus", "")):
-            cpus.extend(parse_list(item, f"{where} cpus"))
-        if len(set(cpus)) != len(cpus):
-            raise ConfigError(f"{where} cpus: names a vCPU more than once")
-        dom = DomainSpec(nid, 0, tuple(sorted(cpus)), origin=where)
+            cpus.add(parse_list(item, f"{where} cpus", MAX_CPUS))
+        dom = DomainSpec(nid, 0, cpus.sorted(), origin=where)
         mine = [zones[z] if z in zones else _no_zone(z, where) for z in _bracketed(o.get("memory_zones", ""))]
         for z, name in zip(mine, _bracketed(o.get("memory_zones", ""))):
             if name in used:

@@ -492,17 +492,29 @@ def _bhyve(topo: Topology, warnings: list[str]) -> str:
     kept = [d for d in topo.domains if d.cpus]
     dropped = [d for d in topo.domains if not d.cpus]
     memory = sum(d.size for d in kept)
-    for d in dropped:
+    sizes = {d.id: d.size for d in kept}
+    if not memory:
+        # every domain with vCPUs is CPU-only: `-m 0` is no machine (bhyve, and numavm's import, refuse
+        # it), so the first takes the memory-only domains' memory
+        first = kept[0]
+        memory = sizes[first.id] = sum(d.size for d in dropped)
         warnings.append(
-            f"memory-only domain {d.id} ({format_size(d.size)}, no vCPUs) cannot be expressed: bhyve wants cpus= "
-            f"in every domain; left out, so the guest gets {format_size(memory)} instead of {format_size(topo.memory)}")
+            f"bhyve wants cpus= in every domain and memory in the guest: the memory-only domains "
+            f"{format_list([d.id for d in dropped])} ({format_size(memory)}) cannot be expressed, and their "
+            f"memory goes to CPU-only domain {first.id}")
+    else:
+        for d in dropped:
+            warnings.append(
+                f"memory-only domain {d.id} ({format_size(d.size)}, no vCPUs) cannot be expressed: bhyve wants "
+                f"cpus= in every domain; left out, so the guest gets {format_size(memory)} instead of "
+                f"{format_size(topo.memory)}")
     if any(new != d.id for new, d in enumerate(kept)):
         warnings.append("bhyve's domain ids run 0.. without gaps: the domains with vCPUs are renumbered "
                         + ", ".join(f"{d.id}->{new}" for new, d in enumerate(kept) if new != d.id))
     lines: list[list[str]] = [[BHYVE_BINARY], ["-c", str(topo.cpus)], ["-m", format_size(memory)]]
     for new, d in enumerate(kept):
         # bhyve splits -n at every ',', so a list holding one is set with -o.
-        opts = [f"id={new}", f"size={format_size(d.size)}"]
+        opts = [f"id={new}", f"size={format_size(sizes[d.id])}"]
         extra: list[str] = []
         values = [("cpus", _comma_list(d.cpus)), ("domain_policy", _bhyve_policy(d, warnings))]
         for key, value in values:

@@ -14,8 +14,8 @@ import xml.etree.ElementTree as ET
 from xml.parsers import expat
 
 from numavm.errors import ConfigError
-from numavm.spec.policy import Mode, Policy
-from numavm.spec.topology import DomainSpec, MachineSpec
+from numavm.spec.policy import MAX_HOST_NODES, Mode, Policy
+from numavm.spec.topology import MAX_CPUS, DomainSpec, HmatLink, MachineSpec, MemoryCache
 from numavm.spec.units import format_list, parse_int
 from numavm.peers import Imported, comma_list
 
@@ -31,7 +31,9 @@ _MODES = {"strict": Mode.BIND, "preferred": Mode.PREFERRED, "interleave": Mode.I
 def parse_xml(text: str) -> ET.Element:
     """The document's root element; a DOCTYPE or entity declaration is refused."""
     builder = ET.TreeBuilder()
-    parser = expat.ParserCreate()
+    # the text was read as UTF-8: that is its encoding, whatever its declaration says (an
+    # encoding Python does not know raised LookupError)
+    parser = expat.ParserCreate("utf-8")
 
     def no_dtd(name: str, *_: object) -> None:
         raise ConfigError(f"the XML has a DOCTYPE ({name}); a domain XML has none, and numavm "
@@ -55,6 +57,8 @@ def parse_xml(text: str) -> ET.Element:
     except expat.ExpatError as e:
         raise ConfigError(f"not well-formed XML: {expat.ErrorString(e.code)} "
                           f"at line {e.lineno}, column {e.offset}") from None
+    except LookupError as e:
+        raise ConfigError(f"an XML encoding numavm does not read ({e}); domain XML is UTF-8") from None
     return builder.close()
 
 
@@ -83,7 +87,7 @@ def _policy(mode: str | None, nodeset: str | None, placement: str | None, where:
                           "restrictive")
     if not nodeset:
         raise ConfigError(f"{where}: needs nodeset=")
-    nodes = comma_list(nodeset, f"{where} nodeset")
+    nodes = comma_list(nodeset, f"{where} nodeset", MAX_HOST_NODES)
     m = _MODES[mode]
     if m is Mode.PREFERRED and len(nodes) > 1:
         m = Mode.PREFERRED_MANY  # what QEMU 8.0+ makes of several preferred nodes
@@ -137,10 +141,12 @@ def read(text: str) -> Imported:
     for pos, cell in enumerate(cells):
         cid = parse_int(cell.get("id", str(pos)), "<cell> id")
         where = f"<cell id='{cid}'>"
-        cpus = comma_list(cell.get("cpus", ""), f"{where} cpus") if cell.get("cpus") else ()
+        cpus = comma_list(cell.get("cpus", ""), f"{where} cpus", MAX_CPUS) if cell.get("cpus") else ()
         dom = DomainSpec(cid, _memory(cell, f"{where} memory"), cpus,
                          cell_policy.pop(cid, default), "hugetlbfs" if huge else None, where)
         spec.domains.append(dom)
+        for k, cache in enumerate(cell.findall("cache")):
+            spec.caches.append(_cache(cache, cid, f"{where} <cache level='{cache.get('level')}'>"))
         for sib in cell.findall("distances/sibling"):
             swhere = f"{where} <sibling id='{sib.get('id')}'>"
             spec.distances.append((cid, parse_int(sib.get("id", ""), f"{swhere} id"),
@@ -155,4 +161,76 @@ def read(text: str) -> Imported:
     if short:
         notes.append(f"the <distances> of cells {format_list(short)} do not name every cell; the pairs left "
                      "out are 20 (numavm's default) unless the other cell names them")
+    spec.hmat = _interconnects(root.findall("cpu/numa/interconnects/*"))
     return Imported(spec, notes)
+
+
+_ASSOC = {"none": "none", "direct": "direct", "full": "complex"}  # libvirt's words -> numavm's
+_CACHE_POLICY = {"none": "none", "writeback": "writeback", "writethrough": "writethrough"}
+
+
+def _cache(el: ET.Element, cid: int, where: str) -> MemoryCache:
+    """A cell's <cache level associativity policy><size/><line/></cache>: numavm's --hmat-cache."""
+    from numavm.spec.topology import parse_hmat_cache
+
+    assoc, policy = el.get("associativity", "none"), el.get("policy", "none")
+    if assoc not in _ASSOC:
+        raise ConfigError(f"{where} associativity={assoc!r}: libvirt's are none, direct, full")
+    if policy not in _CACHE_POLICY:
+        raise ConfigError(f"{where} policy={policy!r}: libvirt's are none, writeback, writethrough")
+    size, line = el.find("size"), el.find("line")
+    if size is None or line is None:
+        raise ConfigError(f"{where}: needs <size> and <line>")
+    nbytes = _value(size, f"{where} <size>", "KiB")
+    line_bytes = _value(line, f"{where} <line>", "B")
+    return parse_hmat_cache(f"{cid},size={nbytes},level={el.get('level', '')},line={line_bytes},"
+                            f"assoc={_ASSOC[assoc]},policy={_CACHE_POLICY[policy]}", f"{where} (--hmat-cache)")
+
+
+def _value(el: ET.Element, where: str, unit: str) -> int:
+    """An element's value= in bytes, in its unit= (default `unit`)."""
+    u = el.get("unit", unit)
+    mult = _UNITS.get(u.lower())
+    if mult is None:
+        raise ConfigError(f"{where}: unknown unit {u!r} (libvirt's: b, KiB, MiB, GiB, KB, MB, ...)")
+    return parse_int(el.get("value", ""), f"{where} value") * mult
+
+
+def _interconnects(items: list[ET.Element]) -> list[HmatLink]:
+    """<interconnects>' <latency> (ns) and <bandwidth> (per second, unit= default KiB) entries:
+    numavm's --hmat figures, one link per initiator and target.  type='access' is both read
+    and write; cache= (a figure for a cache level, not the memory) numavm cannot express."""
+    from numavm.spec.topology import parse_hmat
+
+    figures: dict[tuple[int, int], dict[str, int]] = {}
+    for el in items:
+        kind = el.tag
+        where = (f"<interconnects><{kind} initiator='{el.get('initiator')}' target='{el.get('target')}' "
+                 f"type='{el.get('type')}'>")
+        if kind not in ("latency", "bandwidth"):
+            raise ConfigError(f"<interconnects><{kind}>: expected <latency> or <bandwidth>")
+        if el.get("cache") is not None:
+            raise ConfigError(f"{where} cache='{el.get('cache')}': a figure for a memory-side cache level; "
+                              "numavm's HMAT gives figures for memory only")
+        rw = el.get("type", "")
+        if rw not in ("access", "read", "write"):
+            raise ConfigError(f"{where}: type must be access, read or write")
+        key = (parse_int(el.get("initiator", ""), f"{where} initiator"),
+               parse_int(el.get("target", ""), f"{where} target"))
+        if kind == "latency":
+            value = parse_int(el.get("value", ""), f"{where} value")  # ns
+        else:
+            per_second = _value(el, where, "KiB")
+            if per_second % (1 << 20):
+                raise ConfigError(f"{where}: {per_second} bytes/s is not a whole number of MiB/s, which "
+                                  "numavm's --hmat bandwidth counts (as QEMU's HMAT does)")
+            value = per_second >> 20
+        fig = figures.setdefault(key, {})
+        for side in (("read", "write") if rw == "access" else (rw,)):
+            name = f"{side}-{kind}"
+            if name in fig:
+                raise ConfigError(f"{where}: the {side} {kind} of initiator {key[0]} and target {key[1]} "
+                                  "given twice")
+            fig[name] = value
+    return [parse_hmat(f"{i}:{t}," + ",".join(f"{k}={v}" for k, v in fig.items()), "<interconnects>")
+            for (i, t), fig in figures.items()]

@@ -5,10 +5,12 @@ accelerator) do not describe the NUMA machine and are listed in a note."""
 
 from __future__ import annotations
 
+import itertools
+
 from numavm.errors import ConfigError
-from numavm.spec.policy import Mode, Policy
-from numavm.spec.topology import MAX_CPUS, DomainSpec, MachineSpec
-from numavm.spec.units import MiB, format_list, parse_int, parse_list
+from numavm.spec.policy import MAX_HOST_NODES, Mode, Policy
+from numavm.spec.topology import MAX_CPUS, DomainSpec, HmatLink, MachineSpec, MemoryCache
+from numavm.spec.units import Members, MiB, format_list, parse_int, parse_list
 from numavm.peers import Imported, command_words, flag, size
 
 FMT = "qemu"
@@ -56,6 +58,8 @@ def read(text: str) -> Imported:
     nodes: list[list[tuple[str, str]]] = []
     dists: list[dict[str, str]] = []
     cpu_maps: list[dict[str, str]] = []
+    lbs: list[dict[str, str]] = []
+    hmat_caches: list[dict[str, str]] = []
     ignored: list[str] = []
     notes: list[str] = []
     k = 0
@@ -88,11 +92,12 @@ def read(text: str) -> Imported:
                 dists.append(_one(pairs[1:], f"-numa {value}"))
             elif kind == "cpu":
                 cpu_maps.append(_one(pairs[1:], f"-numa {value}"))
-            elif kind in ("hmat-lb", "hmat-cache"):
-                raise ConfigError(f"-numa {kind}: numavm gives the guest no HMAT (latencies, bandwidths, "
-                                  "caches); only SRAT and SLIT")
+            elif kind == "hmat-lb":
+                lbs.append(_one(pairs[1:], f"-numa {value}"))
+            elif kind == "hmat-cache":
+                hmat_caches.append(_one(pairs[1:], f"-numa {value}"))
             else:
-                raise ConfigError(f"-numa {value}: expected node, dist or cpu")
+                raise ConfigError(f"-numa {value}: expected node, dist, cpu, hmat-lb or hmat-cache")
         elif name == "-object":
             pairs = opts(value, "qom-type", "-object")
             props = dict(pairs)
@@ -139,16 +144,23 @@ def read(text: str) -> Imported:
     for pos, pairs in enumerate(nodes):
         spec.domains.append(_node(pairs, pos, backends, used, prealloc))
     by_id = {d.id: d for d in spec.domains}
+    if len(cpu_maps) > (cpus or 1):  # each names a vCPU at least; the cost stays linear in the input
+        raise ConfigError(f"-numa cpu: {len(cpu_maps)} of them for {cpus or 1} vCPUs; at most one per vCPU")
+    mapped: dict[int, set[int]] = {}
     for c in cpu_maps:
-        _cpu_map(c, by_id, topo)
+        _cpu_map(c, by_id, topo, mapped)
+    for node, found in mapped.items():
+        by_id[node].cpus = tuple(sorted(found))
     for d in dists:
         where = f"-numa dist,src={d.get('src')},dst={d.get('dst')},val={d.get('val')}"
         if set(d) != {"src", "dst", "val"}:
             raise ConfigError(f"{where}: expected src=, dst= and val=")
         spec.distances.append((parse_int(d["src"], f"{where} src"), parse_int(d["dst"], f"{where} dst"),
                                parse_int(d["val"], f"{where} val"), where))
-    if not spec.domains and (dists or cpu_maps):
-        raise ConfigError("-numa: dist and cpu need -numa node options")
+    if not spec.domains and (dists or cpu_maps or lbs or hmat_caches):
+        raise ConfigError("-numa: dist, cpu, hmat-lb and hmat-cache need -numa node options")
+    spec.hmat = _hmat_lb(lbs)
+    spec.caches = [_hmat_cache(c) for c in hmat_caches]
     for bid in sorted(set(backends) - used):
         notes.append(f"-object {backends[bid]['qom-type']},id={bid}: no -numa node uses it; left out")
     if prealloc:
@@ -196,11 +208,10 @@ def _smp(smp: dict[str, str]) -> tuple[int | None, tuple[int, int, int, int, int
 def _policy(b: dict[str, str | list[str]], where: str) -> Policy:
     raw = b.get("host-nodes", [])
     assert isinstance(raw, list)
-    nodes: list[int] = []
+    members = Members(f"{where} host-nodes", "node")
     for r in raw:
-        nodes.extend(parse_list(r.replace(",", "+"), f"{where} host-nodes"))
-    if len(set(nodes)) != len(nodes):
-        raise ConfigError(f"{where} host-nodes: a node is named twice")
+        members.add(parse_list(r.replace(",", "+"), f"{where} host-nodes", MAX_HOST_NODES))
+    nodes = members.sorted()
     name = str(b.get("policy", "default"))
     if name not in _POLICIES:
         raise ConfigError(f"{where} policy={name}: QEMU's policies are {', '.join(_POLICIES)}")
@@ -218,11 +229,11 @@ def _policy(b: dict[str, str | list[str]], where: str) -> Policy:
 
 def _node(pairs: list[tuple[str, str]], pos: int, backends: dict[str, dict[str, str | list[str]]],
           used: set[str], prealloc: list[int]) -> DomainSpec:
-    cpus: list[int] = []
+    cpus = Members("-numa node cpus", "vCPU")
     keys: dict[str, str] = {}
     for k, v in pairs:
         if k == "cpus":  # repeatable, a number or a range each
-            cpus.extend(parse_list(v, "-numa node cpus"))
+            cpus.add(parse_list(v, "-numa node cpus", MAX_CPUS))
         elif k in ("nodeid", "mem", "memdev", "initiator"):
             if k in keys:
                 raise ConfigError(f"-numa node: {k}= given twice")
@@ -231,13 +242,9 @@ def _node(pairs: list[tuple[str, str]], pos: int, backends: dict[str, dict[str, 
             raise ConfigError(f"-numa node: unknown key {k}= (keys: nodeid, cpus, memdev, mem, initiator)")
     nid = parse_int(keys["nodeid"], "-numa node nodeid") if "nodeid" in keys else pos
     where = f"-numa node,nodeid={nid}"
-    if "initiator" in keys:
-        raise ConfigError(f"{where} initiator={keys['initiator']}: an HMAT initiator; numavm gives the guest no HMAT")
     if "mem" in keys and "memdev" in keys:
         raise ConfigError(f"{where}: mem= and memdev= together (QEMU refuses it too)")
-    if len(set(cpus)) != len(cpus):
-        raise ConfigError(f"{where}: cpus names a vCPU more than once")
-    dom = DomainSpec(nid, 0, tuple(sorted(cpus)), origin=where)
+    dom = DomainSpec(nid, 0, cpus.sorted(), origin=where)
     if "mem" in keys:
         dom.size = size(keys["mem"], f"{where} mem", plain=MiB)
     elif "memdev" in keys:
@@ -266,7 +273,80 @@ def _node(pairs: list[tuple[str, str]], pos: int, backends: dict[str, dict[str, 
     return dom
 
 
-def _cpu_map(c: dict[str, str], by_id: dict[int, DomainSpec], topo: tuple[int, int, int, int, int]) -> None:
+_LB_TYPES = {"access-latency": ("read-latency", "write-latency"), "read-latency": ("read-latency",),
+             "write-latency": ("write-latency",),
+             "access-bandwidth": ("read-bandwidth", "write-bandwidth"), "read-bandwidth": ("read-bandwidth",),
+             "write-bandwidth": ("write-bandwidth",)}
+
+
+def _hmat_lb(lbs: list[dict[str, str]]) -> list[HmatLink]:
+    """``-numa hmat-lb``: numavm's --hmat figures, one link per initiator and target.  QEMU's
+    latency is in ns, its bandwidth in bytes/s with a size suffix (``16000M``: MiB/s, which
+    numavm's MB/s count, as QEMU's HMAT does)."""
+    from numavm.spec.topology import parse_hmat
+
+    figures: dict[tuple[int, int], dict[str, int]] = {}
+    for lb in lbs:
+        where = "-numa hmat-lb," + ",".join(f"{k}={v}" for k, v in lb.items())
+        bad = sorted(set(lb) - {"initiator", "target", "hierarchy", "data-type", "latency", "bandwidth"})
+        if bad:
+            raise ConfigError(f"{where}: unknown key {bad[0]}= (keys: initiator, target, hierarchy, data-type, "
+                              "latency, bandwidth)")
+        if lb.get("hierarchy", "memory") != "memory":
+            raise ConfigError(f"{where}: hierarchy={lb['hierarchy']} gives figures for a cache level; numavm's "
+                              "HMAT gives figures for memory only")
+        kind = lb.get("data-type", "")
+        if kind not in _LB_TYPES:
+            raise ConfigError(f"{where}: data-type must be one of {', '.join(_LB_TYPES)}")
+        if "initiator" not in lb or "target" not in lb:
+            raise ConfigError(f"{where}: needs initiator= and target=")
+        key = (parse_int(lb["initiator"], f"{where} initiator"), parse_int(lb["target"], f"{where} target"))
+        if kind.endswith("latency"):
+            if "latency" not in lb or "bandwidth" in lb:
+                raise ConfigError(f"{where}: data-type={kind} takes latency= (ns)")
+            value = parse_int(lb["latency"], f"{where} latency")
+        else:
+            if "bandwidth" not in lb or "latency" in lb:
+                raise ConfigError(f"{where}: data-type={kind} takes bandwidth= (bytes/s, e.g. 16000M)")
+            per_second = size(lb["bandwidth"], f"{where} bandwidth")
+            if per_second % MiB:
+                raise ConfigError(f"{where}: {per_second} bytes/s is not a whole number of MiB/s, which "
+                                  "numavm's --hmat bandwidth counts")
+            value = per_second // MiB
+        fig = figures.setdefault(key, {})
+        for name in _LB_TYPES[kind]:
+            if name in fig:
+                raise ConfigError(f"{where}: the {name.replace('-', ' ')} of initiator {key[0]} and target "
+                                  f"{key[1]} given twice")
+            fig[name] = value
+    return [parse_hmat(f"{i}:{t}," + ",".join(f"{k}={v}" for k, v in fig.items()), "-numa hmat-lb")
+            for (i, t), fig in figures.items()]
+
+
+_QEMU_CACHE_POLICY = {"none": "none", "write-back": "writeback", "write-through": "writethrough"}
+
+
+def _hmat_cache(c: dict[str, str]) -> MemoryCache:
+    """``-numa hmat-cache,node-id,size,level,associativity,policy,line``: numavm's --hmat-cache."""
+    from numavm.spec.topology import parse_hmat_cache
+
+    where = "-numa hmat-cache," + ",".join(f"{k}={v}" for k, v in c.items())
+    bad = sorted(set(c) - {"node-id", "size", "level", "associativity", "policy", "line"})
+    if bad or "node-id" not in c or "size" not in c:
+        raise ConfigError(f"{where}: expected node-id=, size= and level=, associativity=, policy=, line=")
+    policy = c.get("policy", "none")
+    if policy not in _QEMU_CACHE_POLICY:
+        raise ConfigError(f"{where}: policy must be none, write-back or write-through")
+    node = parse_int(c["node-id"], f"{where} node-id")
+    nbytes = size(c["size"], f"{where} size")
+    text = (f"{node},size={nbytes},level={c.get('level', '1')},line={c.get('line', '64')},"
+            f"assoc={c.get('associativity', 'none')},policy={_QEMU_CACHE_POLICY[policy]}")
+    return parse_hmat_cache(text, "-numa hmat-cache")
+
+
+def _cpu_map(c: dict[str, str], by_id: dict[int, DomainSpec], topo: tuple[int, int, int, int, int],
+             mapped: dict[int, set[int]]) -> None:
+    """One ``-numa cpu``: the vCPUs it names join node-id's, in `mapped` (node -> vCPUs)."""
     where = "-numa cpu," + ",".join(f"{k}={v}" for k, v in c.items())
     keys = ("socket-id", "die-id", "cluster-id", "core-id", "thread-id")
     bad = sorted(set(c) - set(keys) - {"node-id"})
@@ -279,14 +359,8 @@ def _cpu_map(c: dict[str, str], by_id: dict[int, DomainSpec], topo: tuple[int, i
     for k, v, top in zip(keys, ids, topo):
         if v is not None and not 0 <= v < top:
             raise ConfigError(f"{where}: {k} {v} does not exist (-smp gives 0..{top - 1})")
-    found: list[int] = []
-    sockets, dies, clusters, cores, threads = topo
-    for s in range(sockets):
-        for d in range(dies):
-            for cl in range(clusters):
-                for co in range(cores):
-                    for t in range(threads):
-                        if all(v is None or v == x for v, x in zip(ids, (s, d, cl, co, t))):
-                            found.append(((((s * dies) + d) * clusters + cl) * cores + co) * threads + t)
-    dom = by_id[node]
-    dom.cpus = tuple(sorted(set(dom.cpus or ()) | set(found)))
+    # only the CPUs it names are visited: the ids given are fixed, the others run over their range
+    _, dies, clusters, cores, threads = topo
+    found = mapped.setdefault(node, set(by_id[node].cpus or ()))
+    for s, d, cl, co, t in itertools.product(*((v,) if v is not None else range(top) for v, top in zip(ids, topo))):
+        found.add(((((s * dies) + d) * clusters + cl) * cores + co) * threads + t)

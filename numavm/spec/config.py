@@ -39,7 +39,7 @@ from typing import Any
 from numavm.errors import ConfigError
 from numavm.spec.devices import disk_from_table
 from numavm.spec.policy import Policy, parse_policy
-from numavm.spec.topology import DomainSpec, MachineSpec, parse_distance, parse_hmat, parse_hmat_cache, parse_hugepages
+from numavm.spec.topology import MAX_CPUS, DomainSpec, MachineSpec, parse_distance, parse_hmat, parse_hmat_cache, parse_hugepages
 from numavm.spec.units import parse_list, parse_size
 
 SCHEMA_VERSION = 1
@@ -69,7 +69,7 @@ size = "512M"   # memory-only: no cpus
 """
 
 
-MAX_FILE_BYTES = 1 << 20  # a 256-domain machine with a full distance matrix is ~200 KiB
+MAX_FILE_BYTES = 1 << 20  # numavm.host.files.MAX_CONFIG: a 256-domain machine with every distance is ~200 KiB
 MAX_DEPTH = 16  # brackets and braces open at once; the schema needs 3 ([[domain]], a matrix row)
 # What can hold a bracket that is not one: strings of the four kinds, and comments.
 # tomllib's time grows with the cube of a dotted key's length (8000 parts: 1.2 s), so dots
@@ -80,17 +80,13 @@ _TOKENS = re.compile(r'"""(?:[^\\]|\\.)*?"""|\'\'\'.*?\'\'\'|"(?:[^"\\\n]|\\.)*"
 
 
 def load(path: str | Path) -> MachineSpec:
-    """Read a TOML file: UTF-8, at most MAX_FILE_BYTES, read with that cap (a FIFO or
-    /dev/zero ends at the cap, not at memory's end)."""
+    """Read a TOML file: UTF-8, at most MAX_FILE_BYTES, a regular file or a pipe (`-f <(...)`),
+    read with that bound (numavm.host.files)."""
+    from numavm.host.files import read_input
+
     p = Path(path)
     field = f"-f/--config {p}"
-    try:
-        with open(p, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"-f/--config: cannot read {p}: {e.strerror}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(f"{field}: larger than {MAX_FILE_BYTES >> 20} MiB; a machine file is far smaller")
+    data = read_input(p, "-f/--config", MAX_FILE_BYTES, pipes=True)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -114,7 +110,26 @@ def loads(text: str, name: str) -> MachineSpec:
         raise ConfigError(f"{name}: not valid TOML: {e}") from None
     except RecursionError:  # the scan above should have refused it; never a traceback
         raise ConfigError(f"{name}: arrays or tables nested too deeply") from None
+    except ValueError:  # int() of a decimal past Python's 4300 digits
+        raise ConfigError(f"{name}: a number of more than 4300 digits; numavm's numbers fit 64 bits") from None
+    _check_numbers(doc, name, name)
     return from_dict(doc, name)
+
+
+MAX_BITS = 64
+
+
+def _check_numbers(v: Any, where: str, name: str) -> None:
+    """Refuse an integer past 64 bits anywhere in the document (a hex or binary one parses
+    at any length, and would fail later where an error message prints it)."""
+    if isinstance(v, dict):
+        for k, x in v.items():
+            _check_numbers(x, f"{where}.{k}" if where != name else f"{name}: {k}", name)
+    elif isinstance(v, list):
+        for k, x in enumerate(v):
+            _check_numbers(x, f"{where}[{k}]", name)
+    elif isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > MAX_BITS:
+        raise ConfigError(f"{where}: a number of {v.bit_length()} bits; numavm's numbers fit {MAX_BITS}")
 
 
 def _check_shape(text: str, name: str) -> None:
@@ -201,11 +216,13 @@ def domain_from_table(d: dict[str, Any], k: int, name: str) -> DomainSpec:
     if dom_id < 0:
         raise ConfigError(f"{where}.id: must be 0 or more, got {dom_id}")
     origin = f"{name}: domain id={dom_id}"
+    if "policy" in d and "domain_policy" in d:
+        raise ConfigError(f"{origin}: policy and domain_policy are one key (two spellings); give one")
     pol = d.get("policy", d.get("domain_policy"))
     return DomainSpec(
         id=dom_id,
         size=parse_size(d["size"], f"{origin} size") if "size" in d else None,
-        cpus=parse_list(d["cpus"], f"{origin} cpus") if "cpus" in d else None,
+        cpus=parse_list(d["cpus"], f"{origin} cpus", MAX_CPUS) if "cpus" in d else None,
         policy=parse_policy(str(pol), f"{origin} policy") if pol is not None else Policy(),
         hugepages=parse_hugepages(str(d["hugepages"]), f"{origin} hugepages") if "hugepages" in d else None,
         origin=origin,

@@ -81,13 +81,17 @@ class Policy:
                 f"{field}: host {which} not online (online: {format_list(online) or 'none'})")
 
 
+# Linux's MAX_NUMNODES at its largest (CONFIG_NODES_SHIFT=10): no host node id reaches it
+MAX_HOST_NODES = 1 << 10
+
+
 def parse_policy(text: str, field: str) -> Policy:
     name, sep, nodes_text = text.strip().partition(":")
     key = name.strip().lower()
     if key not in _NAMES:
         raise ConfigError(f"{field}: unknown policy {name!r}; allowed: {POLICY_SYNTAX}")
     mode, arity = _NAMES[key]
-    nodes = parse_list(nodes_text, f"{field} nodes") if sep else ()
+    nodes = parse_list(nodes_text, f"{field} nodes", MAX_HOST_NODES) if sep else ()
     if arity == "none" and sep:
         raise ConfigError(f"{field}: {key} takes no nodes, got {text!r}")
     if arity in ("one", "some") and not nodes:

@@ -16,7 +16,7 @@ from typing import Iterable
 from numavm.errors import ConfigError
 from numavm.spec.devices import Disk, check_disks, initiator_domains
 from numavm.spec.policy import Policy, host_online_nodes, parse_policy
-from numavm.spec.units import MiB, TiB, format_list, format_size, parse_int, parse_list, parse_size
+from numavm.spec.units import Members, MiB, TiB, format_list, format_size, parse_int, parse_list, parse_size
 
 MAX_CPUS = 1024
 MAX_DOMAINS = 256
@@ -131,7 +131,7 @@ def parse_numa(text: str) -> DomainSpec:
     """Parse one ``-n id=I[,size=SIZE][,cpus=LIST][,domain_policy=POLICY][,hugepages=thp|hugetlbfs]``."""
     opt = NUMA_OPT
     keys: dict[str, str] = {}
-    cpus: list[int] = []
+    cpus = Members(f"{opt} cpus", "vCPU")
     seen_cpus = False
     for part in text.split(","):
         if not part.strip():
@@ -142,7 +142,7 @@ def parse_numa(text: str) -> DomainSpec:
             raise ConfigError(f"{opt}: expected key=value, got {part!r} (keys: {NUMA_KEYS})")
         if k == "cpus":  # may repeat, as in QEMU's -numa node,cpus=0,cpus=2
             seen_cpus = True
-            cpus.extend(parse_list(v, f"{opt} cpus"))
+            cpus.add(parse_list(v, f"{opt} cpus", MAX_CPUS))
             continue
         if k == "policy":
             k = "domain_policy"
@@ -155,12 +155,10 @@ def parse_numa(text: str) -> DomainSpec:
         raise ConfigError(f"{opt}: id= is required, e.g. -n id=0,size=1G,cpus=0-1 (got {text!r})")
     dom_id = _parse_id(keys["id"], f"{opt} id")
     origin = f"{opt} id={dom_id}"
-    if len(set(cpus)) != len(cpus):
-        raise ConfigError(f"{origin}: cpus names a vCPU more than once")
     return DomainSpec(
         id=dom_id,
         size=parse_size(keys["size"], f"{origin} size") if "size" in keys else None,
-        cpus=tuple(sorted(cpus)) if seen_cpus else None,
+        cpus=cpus.sorted() if seen_cpus else None,
         policy=parse_policy(keys["domain_policy"], f"{origin} domain_policy")
         if "domain_policy" in keys else Policy(),
         hugepages=parse_hugepages(keys["hugepages"], f"{origin} hugepages") if "hugepages" in keys else None,

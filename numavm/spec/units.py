@@ -54,7 +54,7 @@ def parse_int(text: str, field: str) -> int:
     """A whole number in ASCII digits (a leading ``-`` allowed, for the caller to refuse)."""
     t = text.strip(_SPACE)
     if not _INT_RE.match(t):
-        raise ConfigError(f"{field}: expected a whole number, got {t!r}")
+        raise ConfigError(f"{field}: expected a whole number, got {_clip(t)}")
     return int(t, 10)
 
 
@@ -62,7 +62,7 @@ def parse_seconds(text: str, field: str) -> float:
     """SECONDS: a finite decimal number more than 0 (no nan, inf, exponents or signs)."""
     t = text.strip(_SPACE)
     if not _SECONDS_RE.match(t) or float(t) <= 0:
-        raise ConfigError(f"{field}: expected a number of seconds more than 0, such as 30 or 0.5, got {t!r}")
+        raise ConfigError(f"{field}: expected a number of seconds more than 0, such as 30 or 0.5, got {_clip(t)}")
     return float(t)
 
 
@@ -74,21 +74,25 @@ def format_size(n: int) -> str:
     return str(n)
 
 
-def parse_list(text: str | int | list[int], field: str) -> tuple[int, ...]:
+def parse_list(text: str | int | list[int], field: str, ceiling: int | None = None) -> tuple[int, ...]:
     """Parse LIST (``0-3+6``) into sorted, distinct numbers.
 
     A TOML array of integers is accepted as it is.  Overlapping members are an
-    error: a vCPU or node named twice is almost always a typo.
+    error: a vCPU or node named twice is almost always a typo.  With `ceiling`, every
+    member is below it, checked before a range is expanded (`check_ceiling`).
     """
     if isinstance(text, bool):
         raise ConfigError(f"{field}: expected a list such as 0-3+6, got {text!r}")
     if isinstance(text, int):
         if text < 0:
             raise ConfigError(f"{field}: expected non-negative integers, got {text}")
+        check_ceiling(text, field, ceiling)
         items: list[int] = [text]
     elif isinstance(text, list):
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in text):
-            raise ConfigError(f"{field}: expected non-negative integers, got {text!r}")
+            raise ConfigError(f"{field}: expected non-negative integers, got {_clip(text)}")
+        for x in text:
+            check_ceiling(x, field, ceiling)
         items = list(text)
     else:
         items = []
@@ -99,18 +103,51 @@ def parse_list(text: str | int | list[int], field: str) -> tuple[int, ...]:
             m = _LIST_ITEM_RE.match(part.strip(_SPACE))
             if not m:
                 raise ConfigError(
-                    f"{field}: expected numbers and ranges joined by '+' (e.g. 0-3+6), got {text!r}")
+                    f"{field}: expected numbers and ranges joined by '+' (e.g. 0-3+6), got {_clip(text)}")
             lo = int(m.group(1))
             hi = int(m.group(2)) if m.group(2) is not None else lo
             if hi < lo:
                 raise ConfigError(f"{field}: range {part.strip()} runs backwards")
+            check_ceiling(hi, field, ceiling)
             if hi - lo + 1 + len(items) > MAX_LIST_MEMBERS:
-                raise ConfigError(f"{field}: list {text!r} is too long (at most {MAX_LIST_MEMBERS} members)")
+                raise ConfigError(f"{field}: list {_clip(text)} is too long (at most {MAX_LIST_MEMBERS} members)")
             items.extend(range(lo, hi + 1))
     if len(set(items)) != len(items):
         dup = sorted(x for x, n in Counter(items).items() if n > 1)
         raise ConfigError(f"{field}: {format_list(dup)} named more than once")
     return tuple(sorted(items))
+
+
+def check_ceiling(n: int, field: str, ceiling: int | None) -> None:
+    """Refuse a list member at or past `ceiling` (the number of vCPUs, domains or host nodes
+    there can be), before a range up to it is expanded."""
+    if ceiling is not None and n >= ceiling:
+        raise ConfigError(f"{field}: {n} is past the largest allowed, {ceiling - 1}")
+
+
+class Members:
+    """Numbers gathered from several lists (a key given more than once), each checked as it
+    comes: named twice is an error at once, so the work stays linear in the input and the
+    members below the lists' ceiling."""
+
+    def __init__(self, field: str, what: str = "number") -> None:
+        self.field, self.what = field, what
+        self.seen: set[int] = set()
+
+    def add(self, more: Iterable[int]) -> None:
+        for x in more:
+            if x in self.seen:
+                raise ConfigError(f"{self.field}: {self.what} {x} named more than once")
+            self.seen.add(x)
+
+    def sorted(self) -> tuple[int, ...]:
+        return tuple(sorted(self.seen))
+
+
+def _clip(text: object, most: int = 80) -> str:
+    """An input quoted in an error, cut to `most` characters: the line stays readable."""
+    r = repr(text)
+    return r if len(r) <= most else r[:most] + f"... ({len(r)} characters)"
 
 
 def parse_cpulist(text: str, field: str) -> tuple[int, ...]:

@@ -110,6 +110,7 @@ class Engine(Protocol):
     emulates_guest_code: bool  # a KVM that emulates guest kernel code: no userspace, safe kernel params
     counts_exits: bool  # RunResult.exits is counted
     cpus_checked_before_run: bool  # the vCPUs' APIC ids and packages are checked before the guest runs
+    serves_shares: bool  # gives the guest a virtio-9p device per GuestRun.shares (numavm.spec.shares)
 
     def refuse(self, layout: Layout) -> None:
         """Raise ConfigError when this engine cannot run `layout` as planned; nothing allocated."""
@@ -128,6 +129,7 @@ class KvmEngine:
     name: str = "kvm"
     counts_exits: bool = True
     cpus_checked_before_run: bool = False
+    serves_shares: bool = False  # its 9p device is being written (issue 23)
 
     @property
     def emulates_guest_code(self) -> bool:
@@ -157,6 +159,7 @@ class TcgEngine:
     emulates_guest_code: bool = False
     counts_exits: bool = False
     cpus_checked_before_run: bool = True  # over QMP (numavm.vmm.tcg.check_cpus)
+    serves_shares: bool = True  # QEMU's own 9p server (numavm.vmm.tcg.share_args)
 
     def refuse(self, layout: Layout) -> None:
         from numavm.vmm.tcg import check_tcg

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from numavm.plan.layout import Layout
     from numavm.host.disk import DiskImage
     from numavm.host.memory import GuestMemory
+    from numavm.spec.shares import Share
 
 Log = Callable[[str], None]
 Sink = Callable[[bytes], None]
@@ -122,6 +123,9 @@ class GuestRun:
     # closed by it after the run: an engine uses their fds and never closes them.  Empty for a
     # machine with disks, an engine opens them itself (and closes them).
     disks: tuple[DiskImage, ...] = ()
+    # Host directories the guest mounts over virtio-9p (--share, --host-root; numavm.spec.shares):
+    # the engine gives each a 9p device with its mount tag, read-only unless `rw`.
+    shares: tuple[Share, ...] = ()
 
 
 def prefault(memory: GuestMemory, log: Log, domains: frozenset[int] | None = None) -> None:

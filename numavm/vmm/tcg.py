@@ -48,6 +48,7 @@ from numavm.plan.layout import HIGH_RAM_BASE, LOW_RAM_LIMIT, QEMU_PC_MACHINE, La
 from numavm.host.lifetime import OwnedDir, die_with_parent
 from numavm.host.disk import DiskImage, close_disks, open_disks
 from numavm.host.memory import GuestMemory
+from numavm.spec.shares import Share
 from numavm.vmm.run import PANIC_RE as _PANIC
 from numavm.vmm.run import GuestRun, Outcome, RunResult, prefault_for
 
@@ -205,6 +206,31 @@ def pci_args(pci: PciLayout, disks: Sequence[DiskImage]) -> list[str]:
     return args
 
 
+def share_args(shares: Sequence[Share]) -> list[str]:
+    """QEMU options exporting each share (numavm.spec.shares) over virtio-9p, QEMU's own server.
+
+    The ``local`` backend serves the directory with QEMU's credentials (``security_model=none``:
+    files keep their host owners and modes; what QEMU cannot chown or chmod is not an error),
+    and walks every path one component at a time under the export with O_NOFOLLOW, so neither
+    ``..`` nor a symlink takes a request outside it (QEMU 2.9+, CVE-2016-9602); a read-only
+    share is ``readonly=on``, QEMU refusing every modifying request with EROFS whatever the
+    guest's mount says.  ``multidevs=remap``: an export spanning host filesystems (the host's
+    ``/`` holds /proc, /sys, /dev...) gets distinct inode numbers (9p qid paths) from each;
+    with QEMU's default the roots of /proc and /sys, both inode 1, were one inode to the
+    guest (cache=loose keys inodes by qid), which then mounted its /sys over its /proc.  The
+    devices sit on QEMU's root bus (bus 0, which numavm's plan leaves
+    free), after the disks' expander bridges, at the first free slots: the disks' BDFs, behind
+    the bridges, do not move."""
+    args: list[str] = []
+    for k, s in enumerate(shares):
+        ro = "" if s.rw else ",readonly=on"
+        path = s.host.replace(",", ",,")
+        args += ["-fsdev", f"local,id=fs{k},path={path},security_model=none,multidevs=remap{ro}",
+                 "-device", f"virtio-9p-pci,id=share{k},fsdev=fs{k},mount_tag={s.tag},bus=pci.0,"
+                            "disable-legacy=on"]
+    return args
+
+
 def tcg_topology(layout: Layout) -> tuple[list[str], list[str]]:
     """QEMU -smp and -device options giving every vCPU numavm's APIC id.
 
@@ -259,10 +285,13 @@ class QemuMachine:
                  stdout: Callable[[bytes], None] | None = None,
                  stderr: Callable[[bytes], None] | None = None,
                  hugepages: str | None = None, log: Callable[[str], None] | None = None,
-                 disks: Sequence[DiskImage] | None = None) -> None:
+                 shares: Sequence[Share] = (), disks: Sequence[DiskImage] | None = None) -> None:
         """`stdout`/`stderr`: given, the guest gets COM2 and COM3 (see `STREAM_PORTS`),
-        whose output goes to them."""
+        whose output goes to them.  `shares`: host directories exported over virtio-9p.
+        `disks`: the images the caller opened and locked (GuestRun.disks, numavm.api) and
+        closes; without them the machine opens its layout's disks itself and closes them."""
         self.layout = layout
+        self.shares = tuple(shares)
         self.name = name
         self._console = console or (lambda data: None)
         self._streams: dict[str, Callable[[bytes], None]] = {}
@@ -274,6 +303,10 @@ class QemuMachine:
             raise ConfigError("--accel tcg: qemu-system-x86_64 not found (Debian: apt-get install qemu-system-x86)")
         self.binary = binary
         self.smp, self.cpu_devices = check_tcg(layout)  # refuses before anything is allocated
+        if len(layout.pci.bridges) + len(self.shares) > QEMU_PC_MAX_PXB:  # each share: a slot on bus 0 too
+            raise EngineRefusal("--accel tcg", f"QEMU's pc root bus has {QEMU_PC_MAX_PXB} free slots, and this run "
+                                f"needs {len(layout.pci.bridges)} for disks' bridges and {len(self.shares)} "
+                                "for shares", "use fewer shares or --accel kvm")
         self._tmp: Path | None = None
         self._tmpdir: OwnedDir | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -333,6 +366,7 @@ class QemuMachine:
             *[a for dev in self.cpu_devices for a in ("-device", dev)],
             *acpi,
             *pci_args(self.layout.pci, self.disks),
+            *share_args(self.shares),
             "-kernel", str(kernel),
             *(["-initrd", str(initrd)] if initrd else []),
             "-append", cmdline,
@@ -590,7 +624,7 @@ def run_linux(run: GuestRun) -> RunResult:
     from numavm.guest.launch import tcg_cmdline
 
     with QemuMachine(run.layout, console=run.console, stdout=run.stdout, stderr=run.stderr,
-                     hugepages=run.hugepages, log=run.log if run.verbose else None,
+                     hugepages=run.hugepages, log=run.log if run.verbose else None, shares=run.shares,
                      disks=run.disks or None) as m:
         if run.watch is not None:
             run.watch.stop = m.stop
