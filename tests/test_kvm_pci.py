@@ -809,3 +809,37 @@ def test_a_machine_without_devices_has_no_pci_platform() -> None:
         assert m.pci is None and m.disks == [] and 0xCF8 not in m.bus
         rec = run_script(m, [(R32, 0xE000_0000, 0), (W32, 0xC000_0000, 5), (R32, 0xC000_0000, 0)])
     assert rec.values == [0xFFFF_FFFF, 0xFFFF_FFFF]  # nothing decodes: reads float high, writes vanish
+
+
+def test_msi_route_addresses() -> None:
+    from numavm.vmm.kvm.pci import msi_route_address
+
+    assert msi_route_address(0, False) is None  # an unprogrammed vector
+    assert msi_route_address(0xFEB0_0000, False) is None  # not the LAPIC window
+    assert msi_route_address(0xFEE0_1000, False) == 0xFEE0_1000  # APIC id 1, xAPIC
+    assert msi_route_address(0x1_FEE0_1000, False) == 0xFEE0_1000  # the high word means nothing there
+    # x2APIC format (KVM_X2APIC_API): Linux's extended destination id (bits 5-11 = id bits 8-14)
+    # becomes the high word KVM reads (bits 40-63 = id bits 8-31): APIC id 256 + 3
+    assert msi_route_address(0xFEE0_3020, True) == 0x100_FEE0_3000
+    assert msi_route_address(0x100_FEE0_3000, True) == 0x100_FEE0_3000  # already in KVM's form
+    assert msi_route_address(0x1_FEE0_3000, True) is None  # KVM refuses a low byte in the high word
+
+
+def test_the_api_refuses_a_bad_image_before_the_kernel_and_releases_a_good_one(tmp_path: Path) -> None:
+    """Machine.run/check open the images once, before guest assets and memory (exit 2 material),
+    hand them to the engine in GuestRun.disks, and close them however the run ends."""
+    from numavm import Machine
+
+    two = ["id=0,size=64M,cpus=0", "id=1,size=64M,cpus=1"]
+    bad = Machine(cpus=2, domains=two, disks=[f"{tmp_path / 'none.img'},domain=1"])
+    for call in (bad.run, bad.check):
+        with pytest.raises(ConfigError, match=rf"^--disk {tmp_path / 'none.img'}: no such file$"):
+            call(kernel=tmp_path / "no-kernel")  # type: ignore[operator]
+    img = _image(tmp_path)
+    good = Machine(cpus=2, domains=two, disks=[f"{img},domain=1"])
+    fds = _fds()
+    with pytest.raises(ConfigError, match="--kernel"):  # the image was opened, then the kernel refused
+        good.run("true", kernel=tmp_path / "no-kernel")
+    assert _fds() == fds
+    with open_disk(img):  # its lock went with it
+        pass

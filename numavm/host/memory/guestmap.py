@@ -187,6 +187,13 @@ class GuestMemory:
         An empty range is an empty list.  A view pins its segment's mapping: drop it before `close()`."""
         if n == 0:
             return []
+        # A device's buffers are almost always inside one slot: one bisect, one view (the I/O
+        # thread calls this per descriptor buffer).  Anything else, errors too, takes _pieces.
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i >= 0 and n > 0:
+            r = self._routes[i]
+            if gpa + n <= r.end:
+                return [r.segment.view(r.offset + gpa - r.start, n)]
         return [seg.view(off, take) for seg, off, take, _ in self._pieces(gpa, n)]
 
     # ---- for KVM and QEMU

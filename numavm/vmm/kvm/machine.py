@@ -173,13 +173,15 @@ class KvmMachine:
         """The PCI platform (numavm.vmm.kvm.pci) and a virtio-blk function per disk.  Only for a
         machine with devices: one without keeps KVM's default routes and no device threads."""
         from numavm.devices.virtio import VirtioBlk, VirtioPciDevice
-        from numavm.plan.pci import CONFIG_ADDRESS_PORT
+        from numavm.plan.pci import CONFIG_ADDRESS_PORT, VIRTIO_BLK
         from numavm.vmm.kvm.pci import PciPlatform
 
         assert self.kvm is not None and self.vm is not None and self.memory is not None
         self.kvm.require(DEVICE_CAPS, "the machine's PCI devices")
         functions = []
         for dev in self.layout.pci.devices:
+            if dev.kind != VIRTIO_BLK:  # a kind the plan learnt before this engine did
+                raise NumavmError(f"{dev.kind} at {dev.bdf}: the KVM engine has no such device model")
             image = self.disks[dev.index]
             blk = VirtioBlk(image.fd, image.size, readonly=image.readonly, serial=f"numavm{dev.index}")
             fn = VirtioPciDevice(blk, self.memory)

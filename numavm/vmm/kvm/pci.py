@@ -308,7 +308,12 @@ class PciPlatform:
         if self.ecam_start <= addr < self.ecam_end:
             if size == 8:  # a 64-bit access to config space: two dwords, as a bridge splits it
                 return self._ecam_read(addr, 4) | self._ecam_read(addr + 4, 4) << 32
-            return self._ecam_read(addr, size)
+            off = addr - ECAM_BASE
+            dev = self._by_bdf.get((off >> 20, off >> 12 & 0xFF))
+            if dev is None:
+                return (1 << (size << 3)) - 1
+            with dev.lock:
+                return dev.fn.config_read(off & (ECAM_FUNCTION_SIZE - 1), size)
         starts, entries = self._bar_map
         i = bisect.bisect_right(starts, addr) - 1
         if i >= 0:
@@ -363,18 +368,21 @@ class PciPlatform:
             for fd in (*dev.queue_fds, self._stop_fd):
                 poller.register(fd, select.POLLIN)
             stop, read, lock, notify = self._stop_fd, os.eventfd_read, dev.lock, dev.fn.queue_notify  # type: ignore[attr-defined]
+            poll = poller.poll
             while True:
-                ready = poller.poll()
-                for fd, _ in ready:
-                    if fd != stop:
-                        try:
-                            read(fd)
-                        except BlockingIOError:
-                            continue  # another wake-up took it
-                        with lock:
-                            notify(queue_of[fd])
-                if any(fd == stop for fd, _ in ready):
-                    return  # after the kicks that came with it: a notify before the stop is served
+                stopping = False
+                for fd, _ in poll():
+                    if fd == stop:
+                        stopping = True  # after the kicks that came with it: a notify before the stop is served
+                        continue
+                    try:
+                        read(fd)
+                    except BlockingIOError:
+                        continue  # another wake-up took it
+                    with lock:
+                        notify(queue_of[fd])
+                if stopping:
+                    return
         except BaseException as e:  # a model must not raise; if it does, the machine ends with why
             self._on_error(f"{dev.name} ({dev.plan.bdf}) I/O thread: {type(e).__name__}: {e}")
 
