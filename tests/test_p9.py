@@ -13,6 +13,7 @@ reply (or, when a chain cannot carry one, a device error), never an exception an
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -312,10 +313,10 @@ def open_root(path: Path) -> int:
 
 
 def p9_driver(ram: SlotRam, root: Path, *, readonly: bool = False, max_fids: int = p9s.MAX_FIDS,
-              tag: str = "share0") -> P9Driver:
+              tag: str = "share0", cross_mounts: bool = False) -> P9Driver:
     fd = open_root(root)
-    dev = vpci.VirtioPciDevice(vp9.Virtio9p(fd, tag, readonly=readonly, openat2=libc.openat2, max_fids=max_fids),
-                               ram)
+    dev = vpci.VirtioPciDevice(vp9.Virtio9p(fd, tag, readonly=readonly, openat2=libc.openat2, max_fids=max_fids,
+                                            cross_mounts=cross_mounts), ram)
     drv = P9Driver(dev, ram)
     drv.root_fd = fd  # type: ignore[attr-defined]
     drv.setup()
@@ -698,6 +699,110 @@ def test_mounts_inside_the_share_are_not_crossed(c: P9Driver, share: Path) -> No
         assert b"mnt" in [e[3] for e in c.readdir_all(1)]  # listed (its name is the share's), not entered
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+@contextlib.contextmanager
+def tmpfs_at(*where: Path) -> Iterator[None]:
+    """A tmpfs mounted at each of `where` (root only), unmounted after."""
+    done: list[Path] = []
+    try:
+        for w in where:
+            w.mkdir(exist_ok=True)
+            if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "numavm-p9-test", str(w)],
+                                                   capture_output=True).returncode:
+                pytest.skip("cannot mount a tmpfs here")
+            done.append(w)
+        yield
+    finally:
+        for w in reversed(done):
+            subprocess.run(["umount", str(w)], check=True)
+
+
+@pytest.fixture
+def x(ram: SlotRam, share: Path) -> Iterator[P9Driver]:
+    """A share whose server crosses mounts (the KVM engine's, numavm.vmm.kvm.machine)."""
+    drv = p9_driver(ram, share, cross_mounts=True)
+    drv.version()
+    drv.attach(0)
+    yield drv
+    drv.dev.device.close()  # type: ignore[attr-defined]
+    os.close(drv.root_fd)  # type: ignore[attr-defined]
+
+
+def test_mounts_are_crossed_as_the_host_crosses_them(x: P9Driver, share: Path) -> None:
+    """cross_mounts: a walk enters a file system mounted inside the share and reads it; ``..``
+    from its root comes back to the mount point's parent, never above the share's root; two
+    file systems whose roots have one inode number get distinct qid paths (the guest's inode
+    numbers), as they would under QEMU's multidevs=remap."""
+    a, b = share / "dir" / "mnt-a", share / "mnt-b"
+    with tmpfs_at(a, b):
+        (a / "in-a").write_bytes(b"file system a")
+        (b / "in-b").write_bytes(b"file system b")
+        assert os.stat(a).st_ino == os.stat(b).st_ino and os.stat(a).st_dev != os.stat(b).st_dev  # tmpfs roots
+        qa = x.walk(0, 1, "dir", "mnt-a")[-1]
+        qb = x.walk(0, 2, "mnt-b")[-1]
+        assert qa.kind == qb.kind == wire.QT_DIR and qa.path != qb.path
+        assert qa.path >> p9s.QID_INO_BITS and qb.path >> p9s.QID_INO_BITS  # not the share's own file system
+        assert qa.path & ((1 << p9s.QID_INO_BITS) - 1) == os.stat(a).st_ino
+        assert x.getattr(1)["ino"] == qa.path
+        x.walk(1, 3, "in-a")
+        x.lopen(3)
+        assert x.read_all(3) == b"file system a"
+        listed = {e[3]: e[0].path for e in (x.lopen(2), x.readdir_all(2))[1]}
+        assert listed[b"in-b"] == x.walk(0, 4, "mnt-b", "in-b")[-1].path and listed[b"."] == qb.path
+        # up and out of both mounts: the share's directories, then its root, then its root again
+        up = x.walk(1, 5, "..", "..", "..", "..")
+        assert [q.path for q in up] == [os.stat(share / "dir").st_ino] + [os.stat(share).st_ino] * 3
+        assert x.walk(2, 6, "..")[-1].path == os.stat(share).st_ino
+        for fid in (3, 4, 5, 6):
+            x.clunk(fid)
+        x.clunk(1)
+        x.clunk(2)
+
+
+def test_qid_paths_unique_past_the_prefix_bits(share: Path) -> None:
+    """Inode numbers wider than QID_INO_BITS, and file systems past the prefixes, get numbers
+    of their own: distinct, stable, and never one of a prefixed path; the table is bounded."""
+    fd = open_root(share)
+    try:
+        srv = p9s.Server(fd, readonly=True, openat2=libc.openat2, cross_mounts=True)
+        own = os.fstat(fd).st_dev
+        assert srv.qid_path(own, 12345) == 12345 and srv.qid_path(own + 1, 12345) == 1 << p9s.QID_INO_BITS | 12345
+        wide = 1 << 60
+        p, q = srv.qid_path(own, wide), srv.qid_path(own, wide + 1)
+        assert p != q and p >> 63 and q >> 63 and srv.qid_path(own, wide) == p
+        srv._prefixes.update({-k: k for k in range(len(srv._prefixes), p9s.MAX_DEV_PREFIXES)})  # every prefix taken
+        r = srv.qid_path(own + 99, 7)
+        assert r >> 63 and r not in (p, q) and srv.qid_path(own + 99, 7) == r
+        srv._exact.update({(-1, k): p9s.QID_EXACT | k for k in range(len(srv._exact), p9s.MAX_EXACT_QIDS)})
+        h = srv.qid_path(own + 100, 8)
+        assert h >> 62 == 3 and srv.qid_path(own + 100, 8) == h and len(srv._exact) == p9s.MAX_EXACT_QIDS
+    finally:
+        os.close(fd)
+
+
+def test_a_root_share_keeps_proc_and_sys_apart() -> None:
+    """The host's / as the root share serves it (read-only, crossing mounts): /proc, /sys and
+    /dev are distinct directories to the guest, and ``..`` from any of them is the root."""
+    ram = SlotRam([(0, SLOT), (SLOT, SLOT)])
+    drv = p9_driver(ram, Path("/"), readonly=True, cross_mounts=True)
+    try:
+        drv.version()
+        drv.attach(0)
+        seen = {}
+        for fid, name in enumerate(("proc", "sys", "dev"), 1):
+            if not os.path.ismount(f"/{name}"):
+                continue
+            seen[name] = drv.walk(0, fid, name)[-1].path
+            assert drv.walk(fid, 10, "..")[-1].path == os.stat("/").st_ino
+            drv.clunk(10)
+        assert len(set(seen.values())) == len(seen) >= 2, seen
+        if "proc" in seen:  # /proc/self is a symlink the server does not follow: the walk stops at it
+            qids = drv.walk(0, 11, "proc", "self", "fd")
+            assert len(qids) == 2 and qids[-1].kind == wire.QT_SYMLINK and 11 not in drv.server.fids
+    finally:
+        drv.dev.device.close()  # type: ignore[attr-defined]
+        os.close(drv.root_fd)  # type: ignore[attr-defined]
 
 
 def test_append_appends_at_the_real_end(c: P9Driver, share: Path) -> None:
