@@ -41,7 +41,7 @@ from numavm.devices.p9 import wire
 from numavm.devices.p9.confine import PARENT, RESOLVE_NO_XDEV, WALK, Openat2, P9Error, component
 from numavm.devices.p9.wire import Decoder, Encoder, Malformed
 
-__all__ = ["Server", "Unanswerable", "MAX_MSIZE", "MIN_MSIZE", "MAX_FIDS", "MAX_WALK", "IOHDR"]
+__all__ = ["Server", "Unanswerable", "MAX_MSIZE", "MIN_MSIZE", "MAX_FIDS", "MAX_WALK", "IOHDR", "REPLY_ROOM"]
 
 MAX_MSIZE: Final = 512 * 1024  # Linux 6.1's virtio transport stops at 500 KiB (125 pages)
 MIN_MSIZE: Final = 4096  # below this, Linux's own replies (Rgetattr, Rwalk) would not fit
@@ -50,9 +50,23 @@ MAX_WALK: Final = 16  # P9_MAXWELEM
 IOHDR: Final = 11  # size[4] type[1] tag[2] count[4]: the header before Rread's / Rreaddir's data
 TWRITE_HEADER: Final = 23  # size type tag fid[4] offset[8] count[4]
 RLERROR_SIZE: Final = wire.HEADER_SIZE + 4
-# every fixed reply fits this (the largest is Rwalk's 16 qids); a request with less reply room is
-# refused before it runs, so an answer the guest cannot receive never hides a change it made
-SMALL_REPLY_ROOM: Final = wire.HEADER_SIZE + 2 + MAX_WALK * wire.QID_SIZE
+# The room each reply needs, by request: a request with less reply room is refused (EMSGSIZE)
+# before it runs, so an answer the guest cannot receive never hides a change it made.  Linux
+# (6.0+, p9_msg_buf_size) gives each request exactly its reply's largest size, not msize: an
+# Rlopen gets 24 bytes, an Rclunk 11 (an Rlerror's), so these are the replies' own sizes.
+# Twalk's is 9 + 13 per name (checked in `_walk`); Tread and Treaddir fit their count to the
+# room; Treadlink and Tgetlock change nothing and are answered EMSGSIZE after the fact.
+_Q = wire.QID_SIZE
+REPLY_ROOM: Final = {
+    wire.TVERSION: wire.HEADER_SIZE + 4 + 2 + len(wire.VERSION_9P2000_L),  # it ends the session: checked first
+    wire.TATTACH: wire.HEADER_SIZE + _Q,
+    wire.TGETATTR: wire.HEADER_SIZE + 8 + _Q + 3 * 4 + 15 * 8,
+    wire.TLOPEN: wire.HEADER_SIZE + _Q + 4, wire.TLCREATE: wire.HEADER_SIZE + _Q + 4,
+    wire.TMKDIR: wire.HEADER_SIZE + _Q, wire.TMKNOD: wire.HEADER_SIZE + _Q, wire.TSYMLINK: wire.HEADER_SIZE + _Q,
+    wire.TSTATFS: wire.HEADER_SIZE + 4 + 4 + 6 * 8 + 4,
+    wire.TWRITE: wire.HEADER_SIZE + 4, wire.TLOCK: wire.HEADER_SIZE + 1, wire.TXATTRWALK: wire.HEADER_SIZE + 8,
+}
+MAX_REPLY_ROOM: Final = wire.HEADER_SIZE + 2 + MAX_WALK * _Q  # the largest of them: Rwalk's 16 qids
 MAX_FAULTS: Final = 32
 
 # P9_DOTL_* open flags (include/net/9p/9p.h); only these are honoured
@@ -241,7 +255,7 @@ class Server:
             op = self._ops.get(kind)
             if op is None:
                 raise P9Error(errno.EOPNOTSUPP, f"message type {kind}")
-            if room < SMALL_REPLY_ROOM and kind not in (wire.TREAD, wire.TREADDIR):
+            if room < REPLY_ROOM.get(kind, RLERROR_SIZE):
                 raise P9Error(errno.EMSGSIZE, f"reply room of {room} bytes")
             if kind == wire.TWRITE:  # the payload stays in guest memory
                 d = Decoder(_gather(readable, min(size, TWRITE_HEADER)), wire.HEADER_SIZE)
@@ -364,10 +378,12 @@ class Server:
 
     # ------------------------------------------------------------ looking
 
-    def _walk(self, d: Decoder, *_: object) -> bytes:
+    def _walk(self, d: Decoder, _data: object, _writable: object, room: int) -> bytes:
         fid, newfid, n = d.u32(), d.u32(), d.u16()
         if n > MAX_WALK:
             raise Malformed(f"walk of {n} elements")
+        if room < wire.HEADER_SIZE + 2 + n * wire.QID_SIZE:  # REPLY_ROOM: before a fid is made
+            raise P9Error(errno.EMSGSIZE, f"reply room of {room} bytes for a walk of {n}")
         names = [d.string() for _ in range(n)]
         src = self._fid(fid)
         if newfid != fid:
