@@ -1030,6 +1030,41 @@ def test_every_walk_stays_inside(c: P9Driver, share: Path, walks: list[tuple[int
             c.clunk(3)
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(walks=st.lists(st.tuples(st.sampled_from([0, 1, 2]), st.lists(st.sampled_from(
+    ["..", ".", "dir", "mnt", "inner", "out-link", "sub", "deep", "secret", "share", "etc", "hello.txt"]),
+    max_size=6)), min_size=1, max_size=12))
+def test_every_walk_stays_inside_across_mounts(x: P9Driver, share: Path, walks: list[tuple[int, list[str]]]) -> None:
+    """test_every_walk_stays_inside for a server that crosses mounts, with a file system mounted
+    at dir/mnt (holding a directory and a symlink out): every qid is one of the share's files,
+    its mount's included, and ``..`` out of the mount lands in dir, never above the root."""
+    mnt = share / "dir" / "mnt"
+    with tmpfs_at(mnt):
+        (mnt / "inner").mkdir(exist_ok=True)
+        (mnt / "inner" / "deep").write_bytes(b"in the mount")
+        if not (mnt / "out-link").is_symlink():
+            os.symlink("../../../secret", mnt / "out-link")
+        inside = {x.server.qid_path(st.st_dev, st.st_ino) for st in
+                  [os.lstat(share)] + [os.lstat(os.path.join(d, n)) for d, ds, fs in os.walk(share)
+                                       for n in ds + fs]}
+        for fid in (1, 2):
+            if fid in x.server.fids:
+                x.clunk(fid)
+        x.walk(0, 1, "dir", "mnt")
+        x.walk(0, 2, "dir", "mnt", "inner")
+        for src, names in walks:
+            try:
+                qids = x.walk(src, 3, *names)
+            except Remote:
+                continue
+            assert {q.path for q in qids} <= inside
+            if len(qids) == len(names):
+                assert x.getattr(3)["ino"] in inside
+                x.clunk(3)
+        for fid in (1, 2):
+            x.clunk(fid)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(counts=st.lists(st.integers(80, 3000), min_size=1, max_size=8))
 def test_readdir_pages_any_sizes(c: P9Driver, share: Path, counts: list[int]) -> None:
