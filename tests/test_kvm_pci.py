@@ -629,7 +629,8 @@ def test_a_device_interrupt_reaches_the_guest_through_msix_irqfd_and_its_route(t
     layout = _pci_layout(tmp_path, f"{_image(tmp_path)},domain=1")
     (dev,) = layout.pci.devices
     cfg, bar = ecam_address(dev.bus, dev.slot, 0), dev.bar0
-    with KvmMachine(layout, name="msix") as m:
+    logged: list[str] = []
+    with KvmMachine(layout, name="msix", log=logged.append) as m:
         assert m.pci is not None
         fn = m.pci.devices[0].fn
         control = _msix_control(fn)
@@ -647,7 +648,10 @@ def test_a_device_interrupt_reaches_the_guest_through_msix_irqfd_and_its_route(t
         ])
         assert rec.events == [("irq", 0x41), ("value", 0x47)]
         assert m.pci.devices[0].routes == (K.MsiRoute(K.FIRST_MSI_GSI, LAPIC, 0x41),)
-        assert "queue 0 notified but not enabled" in fn.errors[-1]
+        error = fn.errors[-1]
+        assert "queue 0 notified but not enabled" in error
+    assert logged == [f"numavm: virtio-blk {dev.bdf} ({tmp_path / 'disk.img'}): the guest's driver broke the "
+                      f"protocol: {error} (the device waits for a reset)"]
 
 
 DESC, AVAIL, USED, HEADER, STATUS = 0x30000, 0x31000, 0x32000, 0x33000, 0x35000
@@ -847,6 +851,27 @@ def test_the_api_refuses_a_bad_image_before_the_kernel_and_releases_a_good_one(t
     assert _fds() == fds
     with open_disk(img):  # its lock went with it
         pass
+
+
+@needs_kvm
+def test_a_guest_that_overlaps_two_devices_bars_gets_one_of_them_not_a_crash(tmp_path: Path) -> None:
+    """The guest puts disk 1's BAR0 on disk 0's: MMIO there reaches one function, the second
+    notify ioeventfd at the same address is refused by KVM (its writes would exit instead),
+    and moving the BAR away again restores both."""
+    from numavm.vmm.kvm.machine import KvmMachine
+
+    layout = _pci_layout(tmp_path, f"{_image(tmp_path, name='a.img')},domain=1",
+                         f"{_image(tmp_path, name='b.img')},domain=1")
+    d0, d1 = layout.pci.devices
+    with KvmMachine(layout, name="overlap") as m:
+        assert m.pci is not None
+        p0, p1 = m.pci.devices
+        m.pci.config_write(d1.bus, d1.devfn, 0x10, 4, d0.bar0)  # the guest's doing
+        assert p1.bars == p0.bars and p1.notify_at == d0.bar0
+        assert (p0.notify_fallback, p1.notify_fallback) == (0, 1)
+        assert m.pci.mmio_read(d0.bar0 + 0x12, 2) == 1  # num_queues, from one of them
+        m.pci.config_write(d1.bus, d1.devfn, 0x10, 4, d1.bar0)
+        assert p1.notify_fallback == 0 and m.pci.mmio_read(d1.bar0 + 0x12, 2) == 1
 
 
 # ---------------------------------------------------------------- virtio-9p shares (--share on KVM)

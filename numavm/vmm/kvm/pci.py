@@ -27,6 +27,9 @@ numavm.devices.pci / numavm.devices.virtio model the functions (`PciFunction`,
   eventfd, calling `queue_notify(q)` under the device's lock.  The vCPUs take the same lock
   around that device's config and MMIO accesses; a device never waits on the machine's port
   I/O lock, nor the UARTs on a disk.
+- Lock order: the machine's port-I/O lock (CF8/CFC come through the IoBus), then one device's
+  lock, then the platform's BAR-map or routing lock, each held only around its own work;
+  nothing takes them the other way, and no device lock is taken while another is held.
 - Teardown (`close`, idempotent, on every path): threads stopped and joined, ioeventfds and
   irqfds removed, every eventfd closed, each function reset to its power-on state (which drops
   the guest memory views its rings held, so the machine can unmap guest memory next) and then
@@ -241,7 +244,9 @@ class PciPlatform:
 
     def _rebuild_bar_map(self) -> None:
         with self._map_lock:
-            entries = sorted((start, end, index, dev) for dev in self.devices for start, end, index in dev.bars)
+            # by address only: two devices' BARs the guest put at one address must not compare devices
+            entries = sorted(((start, end, index, dev) for dev in self.devices for start, end, index in dev.bars),
+                             key=lambda e: (e[0], e[1], e[2]))
             self._bar_map = ([e[0] for e in entries], entries)
 
     def _move_notify(self, dev: _Device, bar0: int) -> None:
