@@ -164,3 +164,14 @@ def test_a_layout_with_shares_renders_and_checks_its_disks_only() -> None:
     report = GuestReport.from_document({"pci": {}})
     out = compare_devices(lay, report, {0: 0, 1: 1})
     assert [line for line in out if "0000:04" in line] == [] and any("disk 0 (0000:02:00.0" in o for o in out)
+
+
+def test_the_kvm_engine_refuses_shares_that_do_not_fit_in_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from numavm.spec.shares import parse_shares
+    from numavm.vmm.kvm.machine import shares_layout
+
+    full = Machine(cpus=2, domains=TWO, disks=[f"d{k}.img" for k in range(MAX_DEVICES_PER_DOMAIN)])
+    with pytest.raises(ConfigError, match=r"^--share: 1 shares do not fit domain 0's bus beside its 32 disks "
+                                          r"\(32 slots\) on the KVM engine$"):
+        shares_layout(full.layout, parse_shares([str(tmp_path)]))
+    assert shares_layout(full.layout, ()) is full.layout
