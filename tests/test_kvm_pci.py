@@ -984,3 +984,30 @@ def test_a_share_that_went_away_is_refused_before_guest_memory_exists(tmp_path: 
     with pytest.raises(ConfigError, match=rf"^--share {gone}: no such file or directory"):
         KvmMachine(layout, shares=shares)
     assert made == [] and _fds() == fds
+
+
+def test_fid_budget_raises_the_soft_limit_and_puts_it_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RLIMIT_NOFILE's soft limit (often 1024) is raised toward what the shares' fids need, as
+    far as the hard limit goes (further only where numavm may raise that too); the fids per
+    share follow what it allows; too little room is a one-line refusal; the limit goes back."""
+    import resource
+
+    from numavm.host import shares as H
+
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = before[1]
+    low = H._open_fds() + H.FD_RESERVE + 16
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+        fids, old = H.fid_budget(2, 1 << 16)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert old == (low, hard) and soft > low
+        assert H.MIN_FIDS <= fids <= (soft - H.FD_RESERVE) // 4
+        H.restore_nofile(old)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (low, hard)
+        monkeypatch.setattr(H, "_open_fds", lambda: 1 << 40)  # no room whatever the limits
+        with pytest.raises(ConfigError, match=r"^--share: RLIMIT_NOFILE \(\d+\) leaves room for 0 open files"):
+            H.fid_budget(1, 1 << 16)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (low, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, before)

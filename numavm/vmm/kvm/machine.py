@@ -137,10 +137,9 @@ class KvmMachine:
             planned = len(layout.pci.of_kind(VIRTIO_9P))
             if planned != len(self.shares):
                 raise NumavmError(f"{len(self.shares)} shares for {planned} planned 9p devices")
-            from numavm.devices.p9.server import MAX_FIDS
-            from numavm.host.shares import fid_budget, open_roots
+            from numavm.host.shares import WANT_FIDS, fid_budget, open_roots
             self._share_fds = open_roots(self.shares)  # before anything is allocated, as the disks
-            self._max_fids, self._nofile = fid_budget(len(self.shares), MAX_FIDS)
+            self._max_fids, self._nofile = fid_budget(len(self.shares), WANT_FIDS)
         # Memory first: a bad policy is refused before KVM is even opened.
         # Private anonymous memory: no other process maps it, and it gets THP (see `Anonymous`).
         self.memory = GuestMemory(layout, machine=self.name, hugepages=hugepages, shared=False)
