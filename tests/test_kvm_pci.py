@@ -835,15 +835,19 @@ def test_the_api_refuses_a_bad_image_before_the_kernel_and_releases_a_good_one(t
     from numavm import Machine
 
     two = ["id=0,size=64M,cpus=0", "id=1,size=64M,cpus=1"]
+    # a kernel file that passes the input checks (numavm.host.files: kind and size, first of
+    # all) but is no kernel: refused when the assets are read, after the images were opened
+    kernel = tmp_path / "not-a-kernel"
+    kernel.write_bytes(b"not a kernel" * 100)
     bad = Machine(cpus=2, domains=two, disks=[f"{tmp_path / 'none.img'},domain=1"])
-    for call in (bad.run, bad.check):  # no kernel named: the image is refused before one is looked for
+    for call in (bad.run, bad.check):  # the image is refused before the kernel is read
         with pytest.raises(ConfigError, match=rf"^--disk {tmp_path / 'none.img'}: no such file$"):
-            call()  # type: ignore[operator]
+            call(kernel=kernel)  # type: ignore[operator]
     img = _image(tmp_path)
     good = Machine(cpus=2, domains=two, disks=[f"{img},domain=1"])
     fds = _fds()
-    with pytest.raises(ConfigError, match="--kernel"):  # the image was opened, then the kernel refused
-        good.run("true", kernel=tmp_path / "no-kernel")
+    with pytest.raises(ConfigError, match="^--kernel: .*neither a bzImage"):  # the image was opened, then the kernel refused
+        good.run("true", kernel=kernel)
     assert _fds() == fds
     with open_disk(img):  # its lock went with it
         pass
@@ -895,3 +899,140 @@ def test_views_many_is_views_per_buffer() -> None:
                 v.release()
         with pytest.raises(GuestAddressError):
             mem.views_many([0x1000, 2 * edge - 0x800], [0x1000, 0x1000])
+# ---------------------------------------------------------------- virtio-9p shares (--share on KVM)
+
+
+P9_REQ, P9_RESP = 0x38000, 0x3C000  # 16 requests and their replies, clear of the rings
+
+
+def _p9_requests(mem: object, messages: list[bytes]) -> None:
+    """Each 9P message as a two-descriptor chain (the request, then 0x400 bytes for its reply),
+    all offered in the avail ring at once."""
+    write = mem.write  # type: ignore[attr-defined]
+    for i, msg in enumerate(messages):
+        req, resp = P9_REQ + 0x400 * i, P9_RESP + 0x400 * i
+        write(req, msg)
+        write(DESC + 16 * 2 * i, struct.pack("<QIHH", req, len(msg), 1, 2 * i + 1))
+        write(DESC + 16 * (2 * i + 1), struct.pack("<QIHH", resp, 0x400, 2, 0))
+        write(AVAIL + 4 + 2 * i, struct.pack("<H", 2 * i))
+    write(AVAIL, struct.pack("<HH", 0, len(messages)))
+
+
+def _p9_reply(mem: object, i: int) -> tuple[int, bytes]:
+    """Reply i's type and body."""
+    from numavm.devices.p9 import wire
+    raw = mem.read(P9_RESP + 0x400 * i, 0x400)  # type: ignore[attr-defined]
+    size, kind, _tag = wire.HEADER.unpack_from(raw)
+    return kind, raw[wire.HEADER_SIZE:size]
+
+
+@needs_kvm
+def test_virtio_9p_shares_serve_the_host_directories_to_a_guest_driver(tmp_path: Path) -> None:
+    """Two shares on the KVM machine (numavm.plan.layout.with_shares): a guest program brings up
+    the rw one's queue and notifies once for a whole session (version, attach, walk, open, read,
+    create, write, clunk); the replies are the host file's bytes, the write lands on the host,
+    the read-only share's device says its tag.  Every descriptor (roots, fids) and the
+    RLIMIT_NOFILE are back after the machine closes, and its I/O threads are named."""
+    import resource
+
+    from numavm.devices.p9 import wire
+    from numavm.plan.layout import with_shares
+    from numavm.plan.pci import VIRTIO_9P, ecam_address
+    from numavm.spec.shares import parse_shares
+    from numavm.vmm.kvm.machine import KvmMachine
+
+    ro_dir, rw_dir = tmp_path / "ro", tmp_path / "rw"
+    ro_dir.mkdir()
+    rw_dir.mkdir()
+    (rw_dir / "file").write_bytes(b"from the host\n")
+    shares = parse_shares([str(ro_dir), f"{rw_dir}:/data,rw"])
+    layout = with_shares(_pci_layout(tmp_path, f"{_image(tmp_path)},domain=1"), len(shares))
+    d0, d1 = layout.pci.of_kind(VIRTIO_9P)
+    assert (d0.domain, d0.bus, d1.slot) == (0, 4, 1)  # a bridge after the disk's, the boot vCPU's domain
+    cfg, bar = ecam_address(d1.bus, d1.slot, 0), d1.bar0
+    fds, threads, nofile = _fds(), _threads(), resource.getrlimit(resource.RLIMIT_NOFILE)
+    msgs = [wire.message(wire.TVERSION, wire.NOTAG, wire.Encoder().u32(8192).string(b"9P2000.L").bytes()),
+            wire.message(wire.TATTACH, 1, wire.Encoder().u32(0).u32(wire.NOFID).string(b"").string(b"").u32(0).bytes()),
+            wire.message(wire.TWALK, 2, wire.Encoder().u32(0).u32(1).u16(1).string(b"file").bytes()),
+            wire.message(wire.TLOPEN, 3, wire.Encoder().u32(1).u32(0).bytes()),
+            wire.message(wire.TREAD, 4, wire.Encoder().u32(1).u64(0).u32(100).bytes()),
+            wire.message(wire.TWALK, 5, wire.Encoder().u32(0).u32(2).u16(0).bytes()),
+            wire.message(wire.TLCREATE, 6, wire.Encoder().u32(2).string(b"new").u32(2).u32(0o644).u32(0).bytes()),
+            wire.message(wire.TWRITE, 7, wire.Encoder().u32(2).u64(0).u32(6).bytes() + b"guest\n"),
+            wire.message(wire.TCLUNK, 8, wire.Encoder().u32(2).bytes())]
+    seen: set[str] = set()
+    with KvmMachine(layout, name="p9", shares=shares) as m:
+        assert m.pci is not None and m.memory is not None
+        fn0, fn1 = (dev.fn for dev in m.pci.devices[1:])
+        assert [fn0.device.tag, fn1.device.tag] == ["numavm-share0", "numavm-share1"]  # type: ignore[attr-defined]
+        assert fn0.device.readonly and not fn1.device.readonly  # type: ignore[attr-defined]
+        assert fn1.device.server.cross_mounts  # type: ignore[attr-defined]
+        _p9_requests(m.memory, msgs)
+
+        class Spy(Recorder):
+            def read(self, offset: int, size: int) -> int:
+                seen.update(t.name for t in threading.enumerate())  # while the vCPU runs
+                return 0
+
+        m.bus.register(0x94, 3, Spy(m))
+        rec = run_script(m, [(PIN, 0x94, 0), *_virtio_setup(cfg, bar, _msix_control(fn1), 0x43),
+                             (W16, bar + NOTIFY, 0), (WAIT, 0, 0), (R16, USED + 2, 0)])
+        assert rec.events[2:] == [("value", 128), ("irq", 0x43), ("value", len(msgs))]
+        kinds = [_p9_reply(m.memory, i)[0] for i in range(len(msgs))]
+        assert kinds == [k + 1 for k in (wire.TVERSION, wire.TATTACH, wire.TWALK,
+                                         wire.TLOPEN, wire.TREAD, wire.TWALK,
+                                         wire.TLCREATE, wire.TWRITE, wire.TCLUNK)]
+        body = _p9_reply(m.memory, 4)[1]
+        assert body[4:4 + int.from_bytes(body[:4], "little")] == b"from the host\n"
+        assert int.from_bytes(_p9_reply(m.memory, 7)[1], "little") == 6
+    assert (rw_dir / "new").read_bytes() == b"guest\n"
+    assert {"p9-virtio-9p0", "p9-virtio-9p1", "p9-virtio-blk0"} <= seen
+    assert _fds() == fds and _threads() == threads and resource.getrlimit(resource.RLIMIT_NOFILE) == nofile
+
+
+@needs_kvm
+def test_a_share_that_went_away_is_refused_before_guest_memory_exists(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from numavm.host.memory import guestmap
+    from numavm.plan.layout import with_shares
+    from numavm.spec.shares import parse_shares
+    from numavm.vmm.kvm.machine import KvmMachine
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    shares = parse_shares([str(gone)])
+    gone.rmdir()
+    layout = with_shares(_pci_layout(tmp_path), 1)
+    made: list[object] = []
+    monkeypatch.setattr(guestmap.GuestMemory, "__post_init__", lambda self: made.append(self))
+    fds = _fds()
+    with pytest.raises(ConfigError, match=rf"^--share {gone}: no such file or directory"):
+        KvmMachine(layout, shares=shares)
+    assert made == [] and _fds() == fds
+
+
+def test_fid_budget_raises_the_soft_limit_and_puts_it_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RLIMIT_NOFILE's soft limit (often 1024) is raised toward what the shares' fids need, as
+    far as the hard limit goes (further only where numavm may raise that too); the fids per
+    share follow what it allows; too little room is a one-line refusal; the limit goes back."""
+    import resource
+
+    from numavm.host import shares as H
+
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = before[1]
+    low = H._open_fds() + H.FD_RESERVE + 16
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+        fids, old = H.fid_budget(2, 1 << 16)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert old == (low, hard) and soft > low
+        assert H.MIN_FIDS <= fids <= (soft - H.FD_RESERVE) // 4
+        H.restore_nofile(old)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (low, hard)
+        monkeypatch.setattr(H, "_open_fds", lambda: 1 << 40)  # no room whatever the limits
+        with pytest.raises(ConfigError, match=r"^--share: RLIMIT_NOFILE \(\d+\) leaves room for 0 open files"):
+            H.fid_budget(1, 1 << 16)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (low, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, before)

@@ -104,3 +104,74 @@ def test_toml_disks_and_cli_replace_them() -> None:
         loads('[[disk]]\npath = "a"\nreadonly = "yes"\n', "t.toml")
     m = Machine.from_options(["-n", "id=0,size=64M,cpus=0", "--disk", "b.img"])
     assert [d.path for d in m.topology.disks] == ["b.img"]
+
+
+# ---------------------------------------------------------------- a run's shares (KVM engine)
+
+
+def test_shares_after_the_disks_which_keep_their_addresses() -> None:
+    """Shares go on the boot vCPU's domain's bridge, after its disks; a bridge made for them
+    comes after every disk's bridge, so no disk's BDF or BAR moves (and the DSDT/MCFG follow)."""
+    from numavm.plan.acpi import build_tables
+    from numavm.plan.layout import with_shares
+    from numavm.plan.pci import VIRTIO_9P, VIRTIO_BLK
+
+    m = Machine(cpus=2, domains=TWO, disks=["a.img,domain=1", "b.img,domain=1"])
+    lay = with_shares(m.layout, 2)
+    assert lay.pci.devices[:2] == m.layout.pci.devices and lay.pci.bridges[0] == m.layout.pci.bridges[0]
+    assert [(b.domain, b.bus, b.pxm) for b in lay.pci.bridges] == [(1, 2, 1), (0, 4, 0)]
+    assert [(d.kind, d.index, d.bdf, d.domain, d.initiator) for d in lay.pci.of_kind(VIRTIO_9P)] == [
+        (VIRTIO_9P, 0, "0000:04:00.0", 0, False), (VIRTIO_9P, 1, "0000:04:01.0", 0, False)]
+    assert lay.pci.of_kind(VIRTIO_BLK) == m.layout.pci.devices
+    assert lay.pci.devices[2].bar0 == MMIO_BASE + BRIDGE_WINDOW
+    assert lay.pci.ecam is not None and lay.pci.ecam.end == ECAM_BASE + 5 * ECAM_BUS_SIZE
+    assert [e for e in lay.e820 if e.start == ECAM_BASE][0].end == lay.pci.ecam.end
+    assert lay.domains == m.layout.domains and lay.apic_ids == m.layout.apic_ids
+    blobs = build_tables(lay).blobs()  # the DSDT has both bridges, the MCFG buses 0..4
+    assert b"PC02" in blobs["DSDT"] and b"PC04" in blobs["DSDT"]
+    assert with_shares(m.layout, 0) is m.layout
+
+
+def test_shares_join_the_boot_domains_disks_and_skip_a_memory_only_domain_0() -> None:
+    from numavm.plan.layout import with_shares
+
+    m = Machine(cpus=2, domains=TWO, disks=["a.img,domain=0"])
+    lay = with_shares(m.layout, 1)
+    assert [(d.kind, d.bdf) for d in lay.pci.devices] == [("virtio-blk", "0000:02:00.0"), ("virtio-9p", "0000:02:01.0")]
+    assert len(lay.pci.bridges) == 1
+    mem0 = Machine(cpus=1, domains=["id=0,size=128M", "id=1,size=128M,cpus=0"])
+    assert [(b.domain, b.bus) for b in with_shares(mem0.layout, 1).pci.bridges] == [(1, 2)]
+    classic = with_shares(Machine().layout, 3)
+    assert [(b.domain, b.bus, b.pxm) for b in classic.pci.bridges] == [(0, 2, None)]
+    full = Machine(cpus=2, domains=TWO, disks=[f"d{k}.img" for k in range(MAX_DEVICES_PER_DOMAIN - 1)])
+    assert len(with_shares(full.layout, 1).pci.devices) == MAX_DEVICES_PER_DOMAIN
+    with pytest.raises(ValueError, match="2 shares do not fit domain 0's bus beside its 31 disks"):
+        with_shares(full.layout, 2)
+
+
+def test_a_layout_with_shares_renders_and_checks_its_disks_only() -> None:
+    from numavm.check.compare import compare_devices
+    from numavm.check.report import GuestReport
+    from numavm.plan.layout import with_shares
+    from numavm.plan.render import pci_document, pci_text
+
+    m = Machine(cpus=2, domains=TWO, disks=["a.img,domain=1"])
+    lay = with_shares(m.layout, 1)
+    assert pci_document(lay)["devices"][1] == {"kind": "virtio-9p", "bdf": "0000:04:00.0", "domain": 0,
+                                               "bar0": MMIO_BASE + BRIDGE_WINDOW, "initiator": False, "share": 0}
+    assert "    0000:04:00.0  virtio-9p  share 0" in pci_text(lay)
+    # the guest reports no 9p device at all: only the disk is compared
+    report = GuestReport.from_document({"pci": {}})
+    out = compare_devices(lay, report, {0: 0, 1: 1})
+    assert [line for line in out if "0000:04" in line] == [] and any("disk 0 (0000:02:00.0" in o for o in out)
+
+
+def test_the_kvm_engine_refuses_shares_that_do_not_fit_in_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from numavm.spec.shares import parse_shares
+    from numavm.vmm.kvm.machine import shares_layout
+
+    full = Machine(cpus=2, domains=TWO, disks=[f"d{k}.img" for k in range(MAX_DEVICES_PER_DOMAIN)])
+    with pytest.raises(ConfigError, match=r"^--share: 1 shares do not fit domain 0's bus beside its 32 disks "
+                                          r"\(32 slots\) on the KVM engine$"):
+        shares_layout(full.layout, parse_shares([str(tmp_path)]))
+    assert shares_layout(full.layout, ()) is full.layout

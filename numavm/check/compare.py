@@ -431,7 +431,7 @@ def compare_devices(layout: Layout, report: GuestReport, pxm_to_node: Mapping[in
     read-only exactly when the plan's disk is; every module /init loaded; the generic initiator
     nodes.  A machine without devices is checked only for having no generic initiator node."""
     # The class is reported, not compared: QEMU's virtio-blk-pci says 0x010000 (SCSI), numavm's 0x018000.
-    from numavm.plan.pci import VIRTIO_IDS, VIRTIO_PCI_DEVICE_BASE, VIRTIO_VENDOR
+    from numavm.plan.pci import VIRTIO_BLK, VIRTIO_IDS, VIRTIO_PCI_DEVICE_BASE, VIRTIO_VENDOR
 
     out: list[str] = []
     topo = layout.topology
@@ -454,7 +454,10 @@ def compare_devices(layout: Layout, report: GuestReport, pxm_to_node: Mapping[in
         out.append("the guest's report has no PCI devices (pci)")
         return out
     nodes = expected_device_nodes(layout, pmap)
-    for dev, disk in zip(layout.pci.devices, topo.disks):
+    # the disks, by their own index: a run's 9p shares (KVM engine) are PCI functions too, with
+    # no disk to compare them with; their node and ids are the same bridge's and transport's
+    for dev in layout.pci.of_kind(VIRTIO_BLK):
+        disk = topo.disks[dev.index]
         where = f"disk {dev.index} ({dev.bdf}, domain {dev.domain})"
         got = report.pci.get(dev.bdf)
         if got is None:

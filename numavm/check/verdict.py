@@ -23,6 +23,7 @@ from numavm.check.linux_numa import (KernelView, compare_kernel, expected_view, 
 from numavm.check.report import GuestReport
 from numavm.guest.initramfs import parse_guest_report
 from numavm.plan.layout import Layout
+from numavm.plan.pci import VIRTIO_BLK
 from numavm.plan.render import hmat_links, plan_document
 from numavm.spec.units import format_list, format_size
 
@@ -72,7 +73,8 @@ class CheckReport:
         want_nodes = expected_device_nodes(self.layout, p2n)
         pci = (self.guest.pci or {}) if self.guest is not None else {}
         rows = []
-        for dev, disk in zip(self.layout.pci.devices, self.layout.topology.disks):
+        for dev in self.layout.pci.of_kind(VIRTIO_BLK):  # disks only: a run's 9p shares have no disk
+            disk = self.layout.topology.disks[dev.index]
             got = pci.get(dev.bdf)
             rows.append({"address": dev.bdf, "kind": dev.kind, "domain": dev.domain,
                          "node": {"expected": want_nodes[dev.bdf], "observed": got.numa_node if got else None},
@@ -192,7 +194,7 @@ def render(report: CheckReport) -> str:
 def _device_rows(rows: list[tuple[str, str, str]], report: CheckReport) -> None:
     """Each disk's address, node and block device, and the generic initiator nodes."""
     d = report.devices()
-    for dev, row in zip(report.layout.pci.devices, d["pci"]):
+    for dev, row in zip(report.layout.pci.of_kind(VIRTIO_BLK), d["pci"]):
         rows.append((f"disk {dev.index} ({dev.bdf}): node", str(row["node"]["expected"]),
                      "-" if row["node"]["observed"] is None else str(row["node"]["observed"])))
         b = row["block"]["observed"]

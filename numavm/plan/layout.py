@@ -11,6 +11,7 @@ every byte of each domain's size stays usable RAM.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -164,6 +165,17 @@ def plan_layout(topo: Topology) -> Layout:
         ram_top=ram_top,
         pci=pci,
     )
+
+
+def with_shares(layout: Layout, shares: int) -> Layout:
+    """`layout` plus `shares` virtio-9p devices on the KVM engine's bridges (numavm.plan.pci):
+    the PCI layout and the e820 map (its ECAM reservation) change, nothing else; the ACPI
+    tables built from the result (MCFG, DSDT bridges) follow.  The layout itself without
+    shares.  ValueError when they do not fit."""
+    if not shares:
+        return layout
+    pci = plan_pci(layout.topology, shares)
+    return dataclasses.replace(layout, pci=pci, e820=_e820(layout.topology.memory, pci))
 
 
 def _place_ranges(topo: Topology) -> tuple[list[tuple[Slot, ...]], int]:

@@ -11,6 +11,11 @@ and the devices given to the ``pxb`` sit behind that, on bus B + 1 as firmware n
 BDF, one table for both engines.
 
 Devices sit directly on their bridge's bus, function 0, slots 0, 1, ... in ``--disk`` order.
+A run's shares (``--share``, ``--host-root``: virtio-9p, numavm.spec.shares) are not part of
+the machine (`plan` never shows them); the KVM engine, which has no other bus to put them on,
+plans them with `plan_pci(topo, shares=N)`: on the bridge of the boot vCPU's domain
+(`share_domain`), after that bus's disks, and that bridge, when no disk made one, after every
+disk's bridge, so that the disks' bus/device/function numbers never move.
 Config space is reached through ECAM (MCFG; 1 MiB per bus from `ECAM_BASE`, which is bus 0's
 address, reserved in the e820 map because Linux uses MCFG only then) and through ports
 0xCF8/0xCFC.  Each bridge has one 32-bit memory window in the 3-4 GiB hole; numavm assigns
@@ -90,8 +95,8 @@ class HostBridge:
 
 @dataclass(frozen=True)
 class PciDevice:
-    kind: str  # VIRTIO_BLK
-    index: int  # its position among the machine's disks
+    kind: str  # VIRTIO_BLK or VIRTIO_9P
+    index: int  # its position among the machine's disks (VIRTIO_BLK) or the run's shares (VIRTIO_9P)
     domain: int
     bus: int
     slot: int
@@ -135,6 +140,10 @@ class PciLayout:
     def bridge_of(self, domain: int) -> HostBridge | None:
         return next((b for b in self.bridges if b.domain == domain), None)
 
+    def of_kind(self, kind: str) -> tuple[PciDevice, ...]:
+        """The devices of one kind, in their order (a disk's position is its `index`)."""
+        return tuple(d for d in self.devices if d.kind == kind)
+
 
 def pxb_bus_nr(bridge: HostBridge) -> int:
     """The root bus number of the QEMU expander bridge (``pxb``) standing for `bridge`.
@@ -149,9 +158,21 @@ def ecam_address(bus: int, slot: int, function: int, offset: int = 0) -> int:
     return ECAM_BASE + (bus << 20 | slot << 15 | function << 12 | offset)
 
 
-def plan_pci(topo: Topology) -> PciLayout:
-    """Bridges and devices for the machine's disks (`Topology.disks`)."""
-    if not topo.disks:
+def share_domain(topo: Topology) -> int:
+    """The domain whose bridge carries the run's shares: the boot vCPU's (vCPU 0).
+
+    Not simply domain 0, which may be a memory-only domain (a CXL-like tier without CPUs):
+    the boot vCPU's domain always has CPUs, is where /init mounts the shares and starts the
+    command, and on most machines it is domain 0 anyway.  The device's I/O thread is pinned
+    where that domain's vCPUs run (numavm.vmm.kvm.pci)."""
+    return next((d.id for d in topo.domains if 0 in d.cpus), topo.domains[0].id)
+
+
+def plan_pci(topo: Topology, shares: int = 0) -> PciLayout:
+    """Bridges and devices for the machine's disks (`Topology.disks`), then for `shares`
+    virtio-9p devices (a run's --share/--host-root on the KVM engine; see the module docstring).
+    ValueError when the shares do not fit their bus beside its disks."""
+    if not topo.disks and not shares:
         return PciLayout()
     holding = sorted({d.domain for d in topo.disks})
     bridges = {dom: HostBridge(dom, FIRST_BUS + BUS_STRIDE * k,
@@ -166,11 +187,29 @@ def plan_pci(topo: Topology) -> PciLayout:
         used[disk.domain] = slot + 1
         devices.append(PciDevice(VIRTIO_BLK, index, disk.domain, bridge.bus, slot,
                                  bridge.mmio.start + slot * VIRTIO_BAR_SIZE, disk.initiator))
+    if shares:
+        dom = share_domain(topo)
+        if dom not in bridges:  # after the disks' bridges: their buses and windows stay
+            k = len(bridges)
+            bridges[dom] = HostBridge(dom, FIRST_BUS + BUS_STRIDE * k,
+                                      Window(MMIO_BASE + k * BRIDGE_WINDOW, MMIO_BASE + (k + 1) * BRIDGE_WINDOW),
+                                      dom if topo.numa else None)
+            holding.append(dom)
+        first = used.get(dom, 0)
+        if first + shares > SLOTS_PER_BUS:
+            raise ValueError(f"{shares} shares do not fit domain {dom}'s bus beside its {first} disks "
+                             f"({SLOTS_PER_BUS} slots)")
+        bridge = bridges[dom]
+        for index in range(shares):
+            slot = first + index
+            devices.append(PciDevice(VIRTIO_9P, index, dom, bridge.bus, slot,
+                                     bridge.mmio.start + slot * VIRTIO_BAR_SIZE, False))
     return PciLayout(tuple(bridges[d] for d in holding), tuple(devices))
 
 
-# The windows never reach the ECAM range, nor it the IOAPIC (0xFEC00000); a bridge per disk fits the buses.
-assert FIRST_BUS + BUS_STRIDE * (MAX_DISKS - 1) <= 255
+# The windows never reach the ECAM range, nor it the IOAPIC (0xFEC00000); a bridge per disk fits the buses
+# (and one more bridge for the shares).
+assert FIRST_BUS + BUS_STRIDE * MAX_DISKS <= 255
 assert MMIO_BASE + 255 * BRIDGE_WINDOW <= ECAM_BASE
 assert ECAM_BASE + 256 * ECAM_BUS_SIZE <= 0xFEC0_0000
 assert SLOTS_PER_BUS * VIRTIO_BAR_SIZE <= BRIDGE_WINDOW

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from numavm.plan.layout import MAX_XAPIC_ID, Layout
+from numavm.plan.pci import VIRTIO_BLK
 from numavm.check.linux_numa import HMAT_TIERS_FROM, hmat_access, memory_tiers
 from numavm.spec.topology import HMAT_ATTRS, Topology
 from numavm.spec.units import format_list, format_size
@@ -49,9 +50,12 @@ def pci_document(layout: Layout) -> dict[str, Any]:
         "ecam": None if pci.ecam is None else {"start": pci.ecam.start, "end": pci.ecam.end},
         "bridges": [{"domain": b.domain, "bus": b.bus, "uid": b.uid, "pxm": b.pxm,
                      "mmio": {"start": b.mmio.start, "end": b.mmio.end}} for b in pci.bridges],
+        # a plan's devices are its disks; a KVM run's layout adds its shares (numavm.plan.layout.with_shares)
         "devices": [{"kind": d.kind, "bdf": d.bdf, "domain": d.domain, "bar0": d.bar0,
                      "initiator": d.initiator, "path": disks[d.index].path,
-                     "readonly": disks[d.index].readonly} for d in pci.devices],
+                     "readonly": disks[d.index].readonly} if d.kind == VIRTIO_BLK else
+                    {"kind": d.kind, "bdf": d.bdf, "domain": d.domain, "bar0": d.bar0, "initiator": False,
+                     "share": d.index} for d in pci.devices],
     }
 
 
@@ -141,7 +145,9 @@ def pci_text(layout: Layout) -> list[str]:
         lines.append(f"  host bridge for domain {b.domain}: bus {b.bus:#04x}, _UID {b.uid}, {pxm}, "
                      f"window {_hex_range(b.mmio.start, b.mmio.end)}")
         for d in pci.devices:
-            if d.bus == b.bus:
+            if d.bus == b.bus and d.kind != VIRTIO_BLK:
+                lines.append(f"    {d.bdf}  {d.kind}  share {d.index}")
+            elif d.bus == b.bus:
                 disk = disks[d.index]
                 flags = "".join(f", {f}" for f, on in (("read-only", disk.readonly),
                                                       ("generic initiator", d.initiator)) if on)

@@ -24,7 +24,11 @@ its own device), so that one /init serves both:
 * for the root share, the host's mounts inside it crossed as the host's own path lookup
   crosses them (/home, /boot or /usr may be filesystems of their own): the guest must see
   the host's `/` as a user of the host sees it.  A plain share may stop at mount points
-  or not; QEMU crosses them.
+  or not; QEMU crosses them, and so does numavm's own server on the KVM engine
+  (numavm.devices.p9.server, ``cross_mounts``), so a share looks the same on both engines.
+
+On the KVM engine each share is a virtio-9p function of the run's PCI layout
+(numavm.plan.layout.with_shares), its directory opened by numavm.host.shares.
 """
 
 from __future__ import annotations

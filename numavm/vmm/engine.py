@@ -129,7 +129,7 @@ class KvmEngine:
     name: str = "kvm"
     counts_exits: bool = True
     cpus_checked_before_run: bool = False
-    serves_shares: bool = False  # its 9p device is being written (issue 23)
+    serves_shares: bool = True  # its own virtio-9p device and server (numavm.devices.virtio.p9), on its bridges
 
     @property
     def emulates_guest_code(self) -> bool:

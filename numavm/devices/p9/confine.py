@@ -15,8 +15,11 @@ open fid, ``..`` at the root, device nodes).  It rests on four rules, each small
    kernel refuses anything that would leave the directory fd, so a bug in rule 2 is still not
    an escape), RESOLVE_NO_SYMLINKS (no symlink is followed anywhere; with O_PATH | O_NOFOLLOW a
    final symlink is opened as itself, which is how Treadlink reads it), RESOLVE_NO_MAGICLINKS
-   (no /proc-style jumps) and RESOLVE_NO_XDEV (no mount crossing: a mount inside the share is
-   not part of it, and qid paths, which are inode numbers, stay unique).  The other ``*at``
+   (no /proc-style jumps) and, unless the engine asks the server to cross mounts, RESOLVE_NO_XDEV
+   (a mount inside the share is not part of it).  Crossing them confines as well: a walk goes
+   down into a mount with RESOLVE_BENEATH still on, and ``..`` from a mount's root goes to its
+   mount point's parent, as the host's own lookup does, which is inside the share (rule 2); the
+   server folds each file system into its qid paths, so they stay unique.  The other ``*at``
    calls (mkdirat, unlinkat, renameat, symlinkat, fstatat without following, linkat) take one
    checked component and do not follow a final symlink.
 4. Only regular files and directories are ever opened for I/O, decided by ``fstat`` on the

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from typing import Callable, Final, Iterator
 
 from numavm.devices.p9 import wire
-from numavm.devices.p9.confine import PARENT, WALK, Openat2, P9Error, component
+from numavm.devices.p9.confine import PARENT, RESOLVE_NO_XDEV, WALK, Openat2, P9Error, component
 from numavm.devices.p9.wire import Decoder, Encoder, Malformed
 
-__all__ = ["Server", "Unanswerable", "MAX_MSIZE", "MIN_MSIZE", "MAX_FIDS", "MAX_WALK", "IOHDR"]
+__all__ = ["Server", "Unanswerable", "MAX_MSIZE", "MIN_MSIZE", "MAX_FIDS", "MAX_WALK", "IOHDR", "REPLY_ROOM"]
 
 MAX_MSIZE: Final = 512 * 1024  # Linux 6.1's virtio transport stops at 500 KiB (125 pages)
 MIN_MSIZE: Final = 4096  # below this, Linux's own replies (Rgetattr, Rwalk) would not fit
@@ -50,9 +50,23 @@ MAX_WALK: Final = 16  # P9_MAXWELEM
 IOHDR: Final = 11  # size[4] type[1] tag[2] count[4]: the header before Rread's / Rreaddir's data
 TWRITE_HEADER: Final = 23  # size type tag fid[4] offset[8] count[4]
 RLERROR_SIZE: Final = wire.HEADER_SIZE + 4
-# every fixed reply fits this (the largest is Rwalk's 16 qids); a request with less reply room is
-# refused before it runs, so an answer the guest cannot receive never hides a change it made
-SMALL_REPLY_ROOM: Final = wire.HEADER_SIZE + 2 + MAX_WALK * wire.QID_SIZE
+# The room each reply needs, by request: a request with less reply room is refused (EMSGSIZE)
+# before it runs, so an answer the guest cannot receive never hides a change it made.  Linux
+# (6.0+, p9_msg_buf_size) gives each request exactly its reply's largest size, not msize: an
+# Rlopen gets 24 bytes, an Rclunk 11 (an Rlerror's), so these are the replies' own sizes.
+# Twalk's is 9 + 13 per name (checked in `_walk`); Tread and Treaddir fit their count to the
+# room; Treadlink and Tgetlock change nothing and are answered EMSGSIZE after the fact.
+_Q = wire.QID_SIZE
+REPLY_ROOM: Final = {
+    wire.TVERSION: wire.HEADER_SIZE + 4 + 2 + len(wire.VERSION_9P2000_L),  # it ends the session: checked first
+    wire.TATTACH: wire.HEADER_SIZE + _Q,
+    wire.TGETATTR: wire.HEADER_SIZE + 8 + _Q + 3 * 4 + 15 * 8,
+    wire.TLOPEN: wire.HEADER_SIZE + _Q + 4, wire.TLCREATE: wire.HEADER_SIZE + _Q + 4,
+    wire.TMKDIR: wire.HEADER_SIZE + _Q, wire.TMKNOD: wire.HEADER_SIZE + _Q, wire.TSYMLINK: wire.HEADER_SIZE + _Q,
+    wire.TSTATFS: wire.HEADER_SIZE + 4 + 4 + 6 * 8 + 4,
+    wire.TWRITE: wire.HEADER_SIZE + 4, wire.TLOCK: wire.HEADER_SIZE + 1, wire.TXATTRWALK: wire.HEADER_SIZE + 8,
+}
+MAX_REPLY_ROOM: Final = wire.HEADER_SIZE + 2 + MAX_WALK * _Q  # the largest of them: Rwalk's 16 qids
 MAX_FAULTS: Final = 32
 
 # P9_DOTL_* open flags (include/net/9p/9p.h); only these are honoured
@@ -112,14 +126,28 @@ class Placed:
     trailing: int
 
 
-def qid_of(st: os.stat_result) -> bytes:
-    if stat.S_ISDIR(st.st_mode):
-        kind = wire.QT_DIR
-    elif stat.S_ISLNK(st.st_mode):
-        kind = wire.QT_SYMLINK
-    else:
-        kind = wire.QT_FILE
-    return wire.qid(kind, 0, st.st_ino)
+def qid_kind(mode: int) -> int:
+    if stat.S_ISDIR(mode):
+        return wire.QT_DIR
+    if stat.S_ISLNK(mode):
+        return wire.QT_SYMLINK
+    return wire.QT_FILE
+
+
+# Qid paths: the guest's inode numbers (v9fs uses a qid path as st_ino, and cache=loose takes
+# two files with one qid path for one inode).  An inode number is unique only within its file
+# system, and a share that crosses mounts spans several (the root share: /, /proc, /sys, /run,
+# whose roots are inode 1 or 2 each): the file system is folded in, as QEMU's multidevs=remap
+# does.  Each st_dev met gets a prefix in the top bits, the share's own file system 0 (so a
+# share on one file system has qid paths equal to its inode numbers); an inode number too wide
+# for the bits left, or a device past the prefixes, gets a number of its own from a table with
+# bit 63 set; past that table's bound, a hash with bits 63 and 62 set (a collision is then
+# possible, never before).
+QID_INO_BITS: Final = 48
+MAX_DEV_PREFIXES: Final = 1 << (63 - QID_INO_BITS)  # prefixes stay below bit 63
+QID_EXACT: Final = 1 << 63
+QID_HASHED: Final = 1 << 62
+MAX_EXACT_QIDS: Final = 1 << 16
 
 
 def _dotl_open_flags(flags: int) -> int:
@@ -147,7 +175,11 @@ class Server:
     """One share: ``root_fd`` (a directory; the caller keeps it and closes it after `close`)."""
 
     def __init__(self, root_fd: int, *, readonly: bool, openat2: Openat2, max_fids: int = MAX_FIDS,
-                 max_msize: int = MAX_MSIZE) -> None:
+                 max_msize: int = MAX_MSIZE, cross_mounts: bool = False) -> None:
+        """`cross_mounts`: walks enter file systems mounted inside the share, as a path lookup
+        on the host does (and ``..`` leaves them); without it they are refused (EXDEV) and the
+        share is its own file system only.  Either way nothing outside the share is reached
+        (numavm.devices.p9.confine)."""
         st = os.fstat(root_fd)
         if not stat.S_ISDIR(st.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "9p share root is not a directory")
@@ -157,13 +189,18 @@ class Server:
             raise ValueError(f"max fids {max_fids}")
         self.root_fd = root_fd
         self.root_id = (st.st_dev, st.st_ino)
+        self.cross_mounts = cross_mounts
+        self._walk_flags = WALK & ~RESOLVE_NO_XDEV if cross_mounts else WALK
+        self._parent_flags = PARENT & ~RESOLVE_NO_XDEV if cross_mounts else PARENT
+        self._prefixes: dict[int, int] = {st.st_dev: 0}  # st_dev -> qid path prefix; kept across sessions
+        self._exact: dict[tuple[int, int], int] = {}
         try:  # regular files are reopened through /proc/self/fd (confine.py, rule 4): say so now, not per open
             proc = os.stat(f"/proc/self/fd/{root_fd}")
         except OSError as e:
             raise OSError(e.errno, f"9p shares need /proc/self/fd: {e.strerror}") from None
         if (proc.st_dev, proc.st_ino) != self.root_id:
             raise OSError(errno.ENOENT, "9p shares need /proc/self/fd: it names another file")
-        os.close(openat2(root_fd, ".", _O_PATH | os.O_DIRECTORY, 0, WALK))  # ENOSYS before Linux 5.6: now, not per walk
+        os.close(openat2(root_fd, ".", _O_PATH | os.O_DIRECTORY, 0, self._walk_flags))  # ENOSYS before Linux 5.6: now, not per walk
         self.readonly = readonly
         self.openat2 = openat2
         self.max_fids = max_fids
@@ -218,7 +255,7 @@ class Server:
             op = self._ops.get(kind)
             if op is None:
                 raise P9Error(errno.EOPNOTSUPP, f"message type {kind}")
-            if room < SMALL_REPLY_ROOM and kind not in (wire.TREAD, wire.TREADDIR):
+            if room < REPLY_ROOM.get(kind, RLERROR_SIZE):
                 raise P9Error(errno.EMSGSIZE, f"reply room of {room} bytes")
             if kind == wire.TWRITE:  # the payload stays in guest memory
                 d = Decoder(_gather(readable, min(size, TWRITE_HEADER)), wire.HEADER_SIZE)
@@ -280,6 +317,23 @@ class Server:
             f.listing.close()  # type: ignore[attr-defined]
         f.listing, f.pending, f.next_entry = None, None, 0
 
+    def qid_of(self, st: os.stat_result) -> bytes:
+        return wire.qid(qid_kind(st.st_mode), 0, self.qid_path(st.st_dev, st.st_ino))
+
+    def qid_path(self, dev: int, ino: int) -> int:
+        """The guest's inode number for host inode ``ino`` of file system ``dev`` (see QID_INO_BITS)."""
+        prefix = self._prefixes.get(dev)
+        if prefix is None and len(self._prefixes) < MAX_DEV_PREFIXES:
+            prefix = self._prefixes[dev] = len(self._prefixes)
+        if prefix is not None and 0 <= ino < 1 << QID_INO_BITS:
+            return prefix << QID_INO_BITS | ino
+        path = self._exact.get((dev, ino))
+        if path is None:
+            if len(self._exact) >= MAX_EXACT_QIDS:
+                return QID_EXACT | QID_HASHED | hash((dev, ino)) & (QID_HASHED - 1)
+            path = self._exact[(dev, ino)] = QID_EXACT | len(self._exact)
+        return path
+
     def _is_root(self, st: os.stat_result) -> bool:
         return (st.st_dev, st.st_ino) == self.root_id
 
@@ -287,11 +341,11 @@ class Server:
         """An O_PATH descriptor for ``name`` (one walk element) under directory ``fd``."""
         if name == b"..":
             if self._is_root(os.fstat(fd)):
-                return self.openat2(fd, ".", _O_PATH | os.O_DIRECTORY, 0, WALK)  # the root's parent is the root
-            return self.openat2(fd, "..", _O_PATH | os.O_DIRECTORY, 0, PARENT)
+                return self.openat2(fd, ".", _O_PATH | os.O_DIRECTORY, 0, self._walk_flags)  # the root's parent is the root
+            return self.openat2(fd, "..", _O_PATH | os.O_DIRECTORY, 0, self._parent_flags)
         if name == b".":
-            return self.openat2(fd, ".", _O_PATH, 0, WALK)
-        return self.openat2(fd, component(name), _O_PATH, 0, WALK)
+            return self.openat2(fd, ".", _O_PATH, 0, self._walk_flags)
+        return self.openat2(fd, component(name), _O_PATH, 0, self._walk_flags)
 
     # ------------------------------------------------------------ session
 
@@ -310,7 +364,7 @@ class Server:
         fd = os.dup(self.root_fd)  # aname is not a path: every attach is the share's root
         st = os.fstat(fd)
         self.fids[fid] = Fid(fd, st.st_mode)
-        return qid_of(st)
+        return self.qid_of(st)
 
     def _flush(self, d: Decoder, *_: object) -> bytes:
         d.u16()  # oldtag: every request is answered before the next is read, so nothing to cancel
@@ -324,10 +378,12 @@ class Server:
 
     # ------------------------------------------------------------ looking
 
-    def _walk(self, d: Decoder, *_: object) -> bytes:
+    def _walk(self, d: Decoder, _data: object, _writable: object, room: int) -> bytes:
         fid, newfid, n = d.u32(), d.u32(), d.u16()
         if n > MAX_WALK:
             raise Malformed(f"walk of {n} elements")
+        if room < wire.HEADER_SIZE + 2 + n * wire.QID_SIZE:  # REPLY_ROOM: before a fid is made
+            raise P9Error(errno.EMSGSIZE, f"reply room of {room} bytes for a walk of {n}")
         names = [d.string() for _ in range(n)]
         src = self._fid(fid)
         if newfid != fid:
@@ -351,7 +407,7 @@ class Server:
                 cur = nxt
                 st = os.fstat(cur)
                 mode = st.st_mode
-                qids.append(qid_of(st))
+                qids.append(self.qid_of(st))
         except BaseException:
             if cur != src.fd:
                 os.close(cur)
@@ -374,7 +430,7 @@ class Server:
         f = self._fid(d.u32())
         d.u64()  # request_mask: the basic set is always there
         st = os.fstat(f.fd)
-        return (Encoder().u64(STATS_BASIC).qid(qid_of(st)).u32(st.st_mode).u32(st.st_uid).u32(st.st_gid)
+        return (Encoder().u64(STATS_BASIC).qid(self.qid_of(st)).u32(st.st_mode).u32(st.st_uid).u32(st.st_gid)
                 .u64(st.st_nlink).u64(st.st_rdev).u64(st.st_size).u64(st.st_blksize).u64(st.st_blocks)
                 .u64(st.st_atime_ns // 1_000_000_000).u64(st.st_atime_ns % 1_000_000_000)
                 .u64(st.st_mtime_ns // 1_000_000_000).u64(st.st_mtime_ns % 1_000_000_000)
@@ -419,7 +475,7 @@ class Server:
         if stat.S_ISDIR(f.mode):
             if host_flags & os.O_ACCMODE != os.O_RDONLY or host_flags & os.O_TRUNC:
                 raise P9Error(errno.EISDIR)
-            return self.openat2(f.fd, ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0, WALK)
+            return self.openat2(f.fd, ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0, self._walk_flags)
         if stat.S_ISLNK(f.mode):
             raise P9Error(errno.ELOOP, "a symlink is not opened")
         if not stat.S_ISREG(f.mode):
@@ -443,7 +499,7 @@ class Server:
         f.fd, f.access = fd, access
         st = os.fstat(fd)
         f.mode = st.st_mode
-        return Encoder().qid(qid_of(st)).u32(0).bytes()  # iounit 0: msize - 24
+        return Encoder().qid(self.qid_of(st)).u32(0).bytes()  # iounit 0: msize - 24
 
     def _read(self, d: Decoder, _data: list[memoryview], writable: list[memoryview], room: int) -> Placed:
         f = self._fid(d.u32())
@@ -518,9 +574,10 @@ class Server:
     def _listing(self, fd: int) -> Iterator[tuple[bytes, bytes, int]]:
         """``.``, ``..`` (the root's is the root) and the directory's entries, getdents order."""
         st = os.fstat(fd)
-        yield b".", qid_of(st), stat.S_IFDIR >> 12
+        yield b".", self.qid_of(st), stat.S_IFDIR >> 12
+        dev = st.st_dev
         parent = st if self._is_root(st) else os.stat("..", dir_fd=fd, follow_symlinks=False)
-        yield b"..", qid_of(parent), stat.S_IFDIR >> 12
+        yield b"..", self.qid_of(parent), stat.S_IFDIR >> 12
         with os.scandir(fd) as entries:
             for e in entries:
                 if e.is_dir(follow_symlinks=False):
@@ -534,7 +591,9 @@ class Server:
                         dtype, kind = stat.S_IFMT(e.stat(follow_symlinks=False).st_mode) >> 12, wire.QT_FILE
                     except FileNotFoundError:
                         continue  # gone since getdents saw it
-                yield os.fsencode(e.name), wire.qid(kind, 0, e.inode()), dtype
+                # d_ino, on the directory's file system: at a mount point, the directory below
+                # the mount, as the host's own getdents says (a walk there gives the mounted root)
+                yield os.fsencode(e.name), wire.qid(kind, 0, self.qid_path(dev, e.inode())), dtype
 
     # ------------------------------------------------------------ changing
 
@@ -553,7 +612,7 @@ class Server:
         if host & os.O_ACCMODE == DOTL_ACCMODE:
             raise P9Error(errno.EINVAL, "access mode 3")
         try:
-            fd = self.openat2(f.fd, name, host | os.O_CREAT | os.O_EXCL, mode & 0o7777, WALK)
+            fd = self.openat2(f.fd, name, host | os.O_CREAT | os.O_EXCL, mode & 0o7777, self._walk_flags)
         except OSError as e:
             if e.errno != errno.EEXIST or flags & DOTL_EXCL:
                 raise
@@ -567,10 +626,10 @@ class Server:
         os.close(f.fd)
         st = os.fstat(fd)
         f.fd, f.mode, f.access = fd, st.st_mode, host & os.O_ACCMODE
-        return Encoder().qid(qid_of(st)).u32(0).bytes()
+        return Encoder().qid(self.qid_of(st)).u32(0).bytes()
 
     def _created(self, dirfd: int, name: bytes) -> bytes:
-        return qid_of(os.stat(name, dir_fd=dirfd, follow_symlinks=False))
+        return self.qid_of(os.stat(name, dir_fd=dirfd, follow_symlinks=False))
 
     def _mkdir(self, d: Decoder, *_: object) -> bytes:
         f = self._dir(d.u32())

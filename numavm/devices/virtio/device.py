@@ -65,3 +65,7 @@ class VirtioDevice(abc.ABC):
 
     def reset(self) -> None:
         """The driver reset the device (status 0): drop per-session state."""
+
+    def close(self) -> None:
+        """The engine is done with the device (its I/O thread stopped): release what it holds
+        (a 9p share's open fids).  Descriptors it was given stay the engine's to close."""

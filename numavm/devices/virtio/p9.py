@@ -13,8 +13,9 @@ What the engine does with it:
 
 * opens the share's directory, ``os.open(path, O_PATH | O_DIRECTORY | O_CLOEXEC)``, and keeps
   that descriptor until after `close` (the device never closes it);
-* builds ``VirtioPciDevice(Virtio9p(root_fd, tag, readonly=..., openat2=numavm.host.libc.openat2),
-  guest_memory)`` for a plan device of kind ``numavm.plan.pci.VIRTIO_9P``; the constructor
+* builds ``VirtioPciDevice(Virtio9p(root_fd, tag, readonly=..., openat2=numavm.host.libc.openat2,
+  cross_mounts=...), guest_memory)`` for a plan device of kind ``numavm.plan.pci.VIRTIO_9P``
+  (``cross_mounts``: walks enter the host's mounts inside the share; the server's docstring); the constructor
   raises OSError (ENOSYS: a kernel before 5.6 has no openat2; no /proc/self/fd) or ValueError
   (a bad tag) before the guest starts;
 * runs ``queue_notify`` on the device's I/O thread under the device's lock, the lock the vCPUs
@@ -52,13 +53,14 @@ class Virtio9p(VirtioDevice):
     max_segment = MAX_MSIZE  # Linux splits its buffers at pages; a whole message is at most msize
 
     def __init__(self, root_fd: int, tag: str, *, readonly: bool = False, openat2: Openat2,
-                 max_fids: int = MAX_FIDS) -> None:
+                 max_fids: int = MAX_FIDS, cross_mounts: bool = False) -> None:
         raw = tag.encode("utf-8")
         if not raw or len(raw) > MAX_TAG or "\0" in tag or not tag.isprintable() or " " in tag:
             raise ValueError(f"9p mount tag {tag!r}: 1..{MAX_TAG} printable bytes, no spaces")
         self.tag = tag
         self.readonly = readonly
-        self.server = Server(root_fd, readonly=readonly, openat2=openat2, max_fids=max_fids)
+        self.server = Server(root_fd, readonly=readonly, openat2=openat2, max_fids=max_fids,
+                             cross_mounts=cross_mounts)
         self.features = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
                          | (1 << VIRTIO_9P_F_MOUNT_TAG))
         self._config = len(raw).to_bytes(2, "little") + raw

@@ -197,6 +197,11 @@ class VirtioPciDevice(PciFunction):
         self.errors.clear()
         self.reset()
 
+    def close(self) -> None:
+        """The engine is done with the function (after `function_reset`, its I/O thread
+        stopped): the device type releases what it holds."""
+        self.device.close()
+
     # ---- for the engine
 
     @property

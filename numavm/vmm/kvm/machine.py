@@ -34,6 +34,9 @@ from numavm.vmm.run import PANIC_RE, GuestRun, Outcome, RunResult, prefault_for
 
 if TYPE_CHECKING:
     from numavm.host.disk import DiskImage
+    from numavm.devices.virtio.device import VirtioDevice
+    from numavm.plan.pci import PciDevice
+    from numavm.spec.shares import Share
     from numavm.vmm.kvm.pci import PciPlatform
 
 # KVM's private pages for VMX (TSS and identity map), in the 3-4 GiB hole,
@@ -72,6 +75,7 @@ class KvmMachine:
                  pin: bool = True, hugepages: str | None = None,
                  kvm_path: str = "/dev/kvm", cpuid: bool = True,
                  disks: Sequence[DiskImage] | None = None,
+                 shares: Sequence[Share] = (),
                  log: Callable[[str], None] | None = None) -> None:
         """`stdout`/`stderr`: given, the machine gets UARTs at COM2 and COM3 too (the guest
         command's streams, see numavm.guest.initramfs), whose output goes to them.
@@ -79,7 +83,10 @@ class KvmMachine:
         `disks`: the machine's disk images, opened (numavm.host.disk.open_disks), one per
         `layout.topology.disks` in order; the caller keeps them and closes them.  Without
         them a machine whose layout has disks opens them itself, first of all, and closes
-        them with itself.  `log`: numavm's own lines (a device the guest misprogrammed)."""
+        them with itself.  `shares`: the run's shared directories (numavm.spec.shares), one per
+        virtio-9p device of `layout.pci` (numavm.plan.layout.with_shares), served by numavm's
+        own 9p server; the machine opens each directory first of all and closes it last.
+        `log`: numavm's own lines (a device the guest misprogrammed)."""
         self.layout = layout
         self.name = name
         self.pin = pin
@@ -104,6 +111,10 @@ class KvmMachine:
         self.pci: PciPlatform | None = None  # only when the layout has devices
         self.disks: list[DiskImage] = list(disks) if disks is not None else []
         self._own_disks = disks is None
+        self.shares = tuple(shares)
+        self._share_fds: list[int] = []  # O_PATH roots, open from first to last (numavm.host.shares)
+        self._nofile: tuple[int, int] | None = None  # RLIMIT_NOFILE to put back
+        self._max_fids = 0  # each 9p server's, as RLIMIT_NOFILE allows
         self._log = log or (lambda line: None)
         try:
             self._build(hugepages, kvm_path, cpuid)
@@ -121,6 +132,14 @@ class KvmMachine:
             self.disks = open_disks(layout.topology.disks)
         if len(self.disks) != len(layout.topology.disks):
             raise NumavmError(f"{len(self.disks)} disk images for {len(layout.topology.disks)} disks")
+        if self.shares:
+            from numavm.plan.pci import VIRTIO_9P
+            planned = len(layout.pci.of_kind(VIRTIO_9P))
+            if planned != len(self.shares):
+                raise NumavmError(f"{len(self.shares)} shares for {planned} planned 9p devices")
+            from numavm.host.shares import WANT_FIDS, fid_budget, open_roots
+            self._share_fds = open_roots(self.shares)  # before anything is allocated, as the disks
+            self._max_fids, self._nofile = fid_budget(len(self.shares), WANT_FIDS)
         # Memory first: a bad policy is refused before KVM is even opened.
         # Private anonymous memory: no other process maps it, and it gets THP (see `Anonymous`).
         self.memory = GuestMemory(layout, machine=self.name, hugepages=hugepages, shared=False)
@@ -170,27 +189,55 @@ class KvmMachine:
             self._build_pci(x2apic)
 
     def _build_pci(self, x2apic: bool) -> None:
-        """The PCI platform (numavm.vmm.kvm.pci) and a virtio-blk function per disk.  Only for a
-        machine with devices: one without keeps KVM's default routes and no device threads."""
-        from numavm.devices.virtio import VirtioBlk, VirtioPciDevice
-        from numavm.plan.pci import CONFIG_ADDRESS_PORT, VIRTIO_BLK
+        """The PCI platform (numavm.vmm.kvm.pci), a virtio-blk function per disk and a virtio-9p
+        function per share.  Only for a machine with devices: one without keeps KVM's default
+        routes and no device threads."""
+        from numavm.devices.virtio import VirtioPciDevice
+        from numavm.plan.pci import CONFIG_ADDRESS_PORT
         from numavm.vmm.kvm.pci import PciPlatform
 
         assert self.kvm is not None and self.vm is not None and self.memory is not None
         self.kvm.require(DEVICE_CAPS, "the machine's PCI devices")
-        functions = []
-        for dev in self.layout.pci.devices:
-            if dev.kind != VIRTIO_BLK:  # a kind the plan learnt before this engine did
-                raise NumavmError(f"{dev.kind} at {dev.bdf}: the KVM engine has no such device model")
-            image = self.disks[dev.index]
-            blk = VirtioBlk(image.fd, image.size, readonly=image.readonly, serial=f"numavm{dev.index}")
-            fn = VirtioPciDevice(blk, self.memory)
-            fn.on_error = self._device_error_log(f"{dev.kind} {dev.bdf} ({image.path})")
-            functions.append(fn)
-        self.pci = PciPlatform(self.vm, self.layout.pci, functions, name=self.name, x2apic=x2apic,
-                               cpus_of=self._domain_cpus,
-                               on_error=lambda line: self.stop(Outcome.ERROR, line))
+        functions: list[VirtioPciDevice] = []
+        try:
+            for dev in self.layout.pci.devices:
+                device, what = self._device_model(dev)
+                fn = VirtioPciDevice(device, self.memory)
+                fn.on_error = self._device_error_log(f"{dev.kind} {dev.bdf} ({what})")
+                functions.append(fn)
+            self.pci = PciPlatform(self.vm, self.layout.pci, functions, name=self.name, x2apic=x2apic,
+                                   cpus_of=self._domain_cpus,
+                                   on_error=lambda line: self.stop(Outcome.ERROR, line))
+        except BaseException:
+            for fn in functions:  # the platform never took them: what they hold goes here
+                fn.close()
+            raise
         self.bus.register(CONFIG_ADDRESS_PORT, 8, self.pci.config_ports())
+
+    def _device_model(self, dev: PciDevice) -> tuple[VirtioDevice, str]:
+        """The device type for one planned function, and what names it in the log."""
+        from numavm.devices.virtio import VirtioBlk
+        from numavm.plan.pci import VIRTIO_9P, VIRTIO_BLK
+
+        if dev.kind == VIRTIO_BLK:
+            image = self.disks[dev.index]
+            return VirtioBlk(image.fd, image.size, readonly=image.readonly, serial=f"numavm{dev.index}"), str(image.path)
+        if dev.kind == VIRTIO_9P:
+            from numavm.devices.virtio.p9 import Virtio9p
+            from numavm.host.libc import openat2
+            from numavm.host.shares import option_of
+
+            share = self.shares[dev.index]
+            try:
+                # Every share crosses the host's mounts inside it, as the host's own path lookup
+                # does and as QEMU's 9p does under TCG (numavm.spec.shares): one view on both engines.
+                return Virtio9p(self._share_fds[dev.index], share.tag, readonly=not share.rw, openat2=openat2,
+                                max_fids=self._max_fids, cross_mounts=True), share.host
+            except OSError as e:
+                raise NumavmError(f"{option_of(share)}: the KVM engine's 9p server cannot serve it here: "
+                                  f"{e.strerror or e} (it needs openat2, Linux 5.6+, and /proc/self/fd); "
+                                  f"use --accel tcg") from None
+        raise NumavmError(f"{dev.kind} at {dev.bdf}: the KVM engine has no such device model")
 
     def _device_error_log(self, what: str, shown: int = 4) -> Callable[[str], None]:
         """A device's protocol errors (a driver that misprogrammed it) to the log: the first
@@ -558,6 +605,12 @@ class KvmMachine:
             disks, self.disks = self.disks, []
             for disk in disks:
                 disk.close()
+        if self._share_fds or self._nofile is not None:  # after the 9p devices closed their fids
+            from numavm.host.shares import close_roots, restore_nofile
+            fds, self._share_fds = self._share_fds, []
+            close_roots(fds)
+            nofile, self._nofile = self._nofile, None
+            restore_nofile(nofile)
 
     def __enter__(self) -> "KvmMachine":
         return self
@@ -589,19 +642,32 @@ def x2apic_cmdline(layout: Layout, cmdline: str) -> str:
     return f"{cmdline} {X2APIC_IRQ_CMDLINE}".strip()
 
 
+def shares_layout(layout: Layout, shares: Sequence[Share]) -> Layout:
+    """The run's layout on this engine: the machine's, plus a virtio-9p PCI device per share
+    (numavm.plan.layout.with_shares: the e820 map, MCFG and DSDT follow); ConfigError when
+    they do not fit."""
+    from numavm.plan.layout import with_shares
+    try:
+        return with_shares(layout, len(shares))
+    except ValueError as e:
+        from numavm.errors import ConfigError
+        raise ConfigError(f"--share: {e} on the KVM engine") from None
+
+
 def run_linux(run: GuestRun, pin: bool = True) -> RunResult:
     """The KVM engine's run: the run's kernel loaded as numavm.plan.boot plans it, in long mode."""
     from numavm.plan.boot import load_kernel, plan_boot
 
+    layout = shares_layout(run.layout, run.shares)
     kernel = load_kernel(run.kernel)
-    plan = plan_boot(run.layout, kernel, run.initrd, x2apic_cmdline(run.layout, run.cmdline))
+    plan = plan_boot(layout, kernel, run.initrd, x2apic_cmdline(layout, run.cmdline))
     # the boot CPU's page tables, then its GDT: in the scratch area the plan leaves free
     page_tables = plan.scratch.start
     tables = cpumode.identity_page_tables(page_tables)
     gdt = page_tables + 0x6000
     assert page_tables + len(tables) <= gdt and gdt + len(cpumode.gdt_bytes()) <= plan.scratch.end
-    with KvmMachine(run.layout, console=run.console, stdout=run.stdout, stderr=run.stderr, pin=pin,
-                    hugepages=run.hugepages, disks=run.disks or None, log=run.log) as m:
+    with KvmMachine(layout, console=run.console, stdout=run.stdout, stderr=run.stderr, pin=pin,
+                    hugepages=run.hugepages, disks=run.disks or None, shares=run.shares, log=run.log) as m:
         if run.watch is not None:
             run.watch.stop = m.stop
         assert m.memory is not None

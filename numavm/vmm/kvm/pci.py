@@ -32,7 +32,8 @@ numavm.devices.pci / numavm.devices.virtio model the functions (`PciFunction`,
   nothing takes them the other way, and no device lock is taken while another is held.
 - Teardown (`close`, idempotent, on every path): threads stopped and joined, ioeventfds and
   irqfds removed, every eventfd closed, each function reset to its power-on state (which drops
-  the guest memory views its rings held, so the machine can unmap guest memory next).  The
+  the guest memory views its rings held, so the machine can unmap guest memory next) and then
+  closed (`close()`, where the model has one: a 9p share's fids are descriptors).  The
   routes go with the VM.
 """
 
@@ -443,6 +444,10 @@ class PciPlatform:
             if reset is not None:
                 with dev.lock:
                     reset()  # power-on state: the rings' guest memory views go, so memory can be unmapped
+            close = getattr(dev.fn, "close", None)
+            if close is not None:  # what the model holds on the host (a 9p share's open fids)
+                with dev.lock:
+                    close()
         if self._stop_fd >= 0:
             os.close(self._stop_fd)
             self._stop_fd = -1
